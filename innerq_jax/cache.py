@@ -1,0 +1,467 @@
+"""The functional KV cache: immutable pytrees updated by pure functions.
+
+Three layer kinds share one interface (``create`` / ``prefill`` / ``append``):
+
+* :class:`QuantLayer` - InnerQ and OuterQ: bf16 sink window, group-quantized
+  middle (packed codes, scales, zero-points, hybrid mask) and a bf16 recent
+  ring; plus the key normalization (centre, scale) computed at prefill.
+* :class:`DenseLayer` - the bf16 baseline.
+* :class:`Int8Layer` - int8 codes with one scale per (token, head).
+
+:class:`KVCache` stacks one layer pytree per model layer (leading axis L, so a
+model can ``lax.scan`` over layers) and holds per-sequence lengths. Every update
+returns a new cache; under ``jax.jit(..., donate_argnums=...)`` XLA updates the
+buffers in place. Lengths never exceed the capacity: an append to a full
+sequence writes nothing, keeps its length and sets its ``overflow`` flag, and
+every other sequence goes on (host code checks capacity before it starts; see
+:func:`check_capacity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import (
+    QuantizedTensor,
+    empty_quantized,
+    quantize_tokens,
+    quantized_count,
+    recent_slot_tokens,
+    region_sizes,
+)
+
+COMPUTE_DTYPE = jnp.bfloat16
+
+
+def _static(**kw):
+    return dataclasses.field(metadata=dict(static=True), **kw)
+
+
+@functools.cache
+def hadamard(D: int) -> np.ndarray:
+    """Orthonormal, symmetric Sylvester-Hadamard matrix [D, D] (D a power of two)."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < D:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(D)
+
+
+def _scatter_rows(arr: jax.Array, start: jax.Array, new: jax.Array, enabled: jax.Array):
+    """arr[b, :, start[b] + i] = new[b, :, i] where enabled[b]; others untouched.
+
+    arr [B, H, N, ...], start [B], new [B, H, n, ...], enabled [B]. Disabled rows
+    get an out-of-range index and are dropped, so nothing is ever written
+    out of bounds.
+    """
+    B, n, N = arr.shape[0], new.shape[2], arr.shape[2]
+    rows = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
+    rows = jnp.where(enabled[:, None], rows, N)
+    b = jnp.arange(B, dtype=jnp.int32)[:, None]
+    return arr.at[b, :, rows].set(jnp.moveaxis(new, 2, 1).astype(arr.dtype), mode="drop")
+
+
+def _check_kv(k, v, name: str, ndim: int):
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v shapes differ: {k.shape} vs {v.shape}")
+    if k.ndim != ndim:
+        raise ValueError(f"{name}: expected k/v with {ndim} dims, got shape {k.shape}")
+    for x, n in ((k, "k"), (v, "v")):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: {n} must be floating point, got {x.dtype}")
+
+
+# ====================================================================== InnerQ
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantLayer:
+    """One layer of an InnerQ / OuterQ cache (shapes without the layer axis)."""
+
+    k: QuantizedTensor  # grouping cfg.k_grouping, Tq = cfg.quant_capacity tokens
+    v: QuantizedTensor  # grouping cfg.v_grouping
+    sink_k: jax.Array  # [B, H, S, D] bf16, normalized (and rotated) keys
+    sink_v: jax.Array  # [B, H, S, D] bf16
+    recent_k: jax.Array  # [B, H, R + G, D] bf16 ring, rest token j in slot j % (R + G)
+    recent_v: jax.Array  # [B, H, R + G, D] bf16
+    k_centre: jax.Array  # [B, H, D] f32, mu (zero unless key_norm == centre_scale)
+    k_scale: jax.Array  # [B, H, D] f32, sigma (one unless key_norm != none)
+
+    # ------------------------------------------------------------ transforms
+    @staticmethod
+    def key_transform(k: jax.Array, centre, scale, cfg: CacheConfig) -> jax.Array:
+        """(k - mu) [rotated] / sigma; k [B, H, T, D], centre/scale [B, H, D]."""
+        x = k.astype(jnp.float32) - centre[:, :, None, :]
+        if cfg.rotate_keys:
+            x = x @ hadamard(k.shape[-1])
+        return x / scale[:, :, None, :]
+
+    @staticmethod
+    def value_transform(v: jax.Array, cfg: CacheConfig) -> jax.Array:
+        x = v.astype(jnp.float32)
+        return x @ hadamard(v.shape[-1]) if cfg.rotate_values else x
+
+    @staticmethod
+    def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig):
+        """Per (sequence, head, channel) centre and scale over prompt tokens past the sinks."""
+        B, H, T, D = k.shape
+        t = jnp.arange(T)[None, :]
+        use = (t >= cfg.sink) & (t < lengths[:, None])  # [B, T]
+        w = use[:, None, :, None].astype(jnp.float32)
+        n = jnp.sum(w, axis=2)  # [B, 1, D]
+        has = n > 0
+        x = k.astype(jnp.float32)
+        if cfg.key_norm == "centre_scale":
+            centre = jnp.where(has, jnp.sum(x * w, axis=2) / jnp.maximum(n, 1), 0.0)
+        else:
+            centre = jnp.zeros((B, H, D), jnp.float32)
+        centre = jnp.broadcast_to(centre, (B, H, D))
+        if cfg.key_norm == "none":
+            return centre, jnp.ones((B, H, D), jnp.float32)
+        y = x - centre[:, :, None, :]
+        if cfg.rotate_keys:
+            y = y @ hadamard(D)
+        if cfg.key_scale == "absmax":
+            stat = jnp.max(jnp.abs(y) * w, axis=2)
+        else:  # std about the centre (root mean square when uncentred)
+            stat = jnp.sqrt(jnp.sum(jnp.square(y) * w, axis=2) / jnp.maximum(n, 1))
+        scale = jnp.where(has, jnp.maximum(stat, cfg.norm_eps), 1.0)
+        return centre, scale
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def create(cls, B: int, H: int, D: int, cfg: CacheConfig) -> "QuantLayer":
+        S, W, Tq = cfg.sink, cfg.window, cfg.quant_capacity
+        zeros = lambda n: jnp.zeros((B, H, n, D), COMPUTE_DTYPE)  # noqa: E731
+        return cls(
+            k=empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg),
+            v=empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg),
+            sink_k=zeros(S),
+            sink_v=zeros(S),
+            recent_k=zeros(W),
+            recent_v=zeros(W),
+            k_centre=jnp.zeros((B, H, D), jnp.float32),
+            k_scale=jnp.ones((B, H, D), jnp.float32),
+        )
+
+    @classmethod
+    def prefill(cls, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
+        """Builds the layer from a prompt's k, v [B, H, T, D] (ragged: lengths [B])."""
+        B, H, T, D = k.shape
+        S, W, G, Tq = cfg.sink, cfg.window, cfg.group_size, cfg.quant_capacity
+        centre, scale = cls.key_statistics(k, lengths, cfg)
+        kt = cls.key_transform(k, centre, scale, cfg)  # [B, H, T, D] f32
+        vt = cls.value_transform(v, cfg)
+        t = jnp.arange(T)
+
+        def region(x, start, n):  # tokens start .. start + n of x, zero-padded past T
+            pad = max(0, start + n - T)
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+            return jax.lax.slice_in_dim(x, start, start + n, axis=2)
+
+        sizes = region_sizes(lengths, cfg)
+        sink_ok = (t[:S] < sizes.sink[:, None])[:, None, :, None]
+        sink_k = jnp.where(sink_ok, region(kt, 0, S), 0).astype(COMPUTE_DTYPE)
+        sink_v = jnp.where(sink_ok, region(vt, 0, S), 0).astype(COMPUTE_DTYPE)
+
+        # Quantized region: every whole group of the prompt, then the groups a
+        # sequence has not reached are cleared, so no group spans two sequences
+        # and nothing past a sequence's length is ever stored.
+        nq = sizes.quantized  # [B]
+        Tfill = min(Tq, max(0, (T - S) // G * G))
+        k_q = empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg)
+        v_q = empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg)
+        if Tfill:
+            kq_new = quantize_tokens(region(kt, S, Tfill), cfg.k_grouping, cfg)
+            vq_new = quantize_tokens(region(vt, S, Tfill), cfg.v_grouping, cfg)
+            k_q = _place_groups(k_q, kq_new, nq)
+            v_q = _place_groups(v_q, vq_new, nq)
+
+        # Recent ring: slot s holds rest token j(s) when live.
+        j, live = recent_slot_tokens(lengths, cfg)  # [B, W]
+        src = jnp.clip(S + j, 0, T - 1)
+        gather = lambda x: jnp.take_along_axis(x, src[:, None, :, None], axis=2)  # noqa: E731
+        live4 = live[:, None, :, None]
+        recent_k = jnp.where(live4, gather(kt), 0).astype(COMPUTE_DTYPE)
+        recent_v = jnp.where(live4, gather(vt), 0).astype(COMPUTE_DTYPE)
+        return cls(k_q, v_q, sink_k, sink_v, recent_k, recent_v, centre, scale)
+
+    # ----------------------------------------------------------------- decode
+    def append(self, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
+        """Adds one token per sequence (k, v [B, H, D], raw); lengths are before it."""
+        S, W, G = cfg.sink, cfg.window, cfg.group_size
+        full = lengths >= cfg.capacity
+        kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg)
+        vt = self.value_transform(v[:, :, None, :], cfg)  # [B, H, 1, D]
+        kt, vt = kt.astype(COMPUTE_DTYPE), vt.astype(COMPUTE_DTYPE)
+
+        to_sink = (lengths < S) & ~full
+        to_ring = (lengths >= S) & ~full
+        rest_old = jnp.maximum(lengths - S, 0)
+        sink_k = _scatter_rows(self.sink_k, jnp.minimum(lengths, S), kt, to_sink)
+        sink_v = _scatter_rows(self.sink_v, jnp.minimum(lengths, S), vt, to_sink)
+        slot = jnp.mod(rest_old, W)
+        recent_k = _scatter_rows(self.recent_k, slot, kt, to_ring)
+        recent_v = _scatter_rows(self.recent_v, slot, vt, to_ring)
+
+        # Flush: the window reached R + G tokens, so its oldest G leave it.
+        nq_old = quantized_count(rest_old, cfg)
+        nq_new = quantized_count(rest_old + to_ring.astype(jnp.int32), cfg)
+        flush = nq_new > nq_old
+        start_slot = jnp.mod(nq_old, W)  # a multiple of G: groups never wrap
+        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
+        grp_k = take(recent_k, start_slot).astype(jnp.float32)  # [B, H, G, D]
+        grp_v = take(recent_v, start_slot).astype(jnp.float32)
+        new_k = _write_group(self.k, quantize_tokens(grp_k, cfg.k_grouping, cfg), nq_old, flush)
+        new_v = _write_group(self.v, quantize_tokens(grp_v, cfg.v_grouping, cfg), nq_old, flush)
+        return dataclasses.replace(
+            self,
+            k=new_k,
+            v=new_v,
+            sink_k=sink_k,
+            sink_v=sink_v,
+            recent_k=recent_k,
+            recent_v=recent_v,
+        )
+
+
+def _rows_per_group(qt: QuantizedTensor, field: str) -> int:
+    G = qt.group_size
+    if field == "mask":
+        return 1
+    if qt.grouping == "d":
+        return G
+    return G * qt.bits // 32 if field == "codes" else 1
+
+
+def _write_group(qt: QuantizedTensor, grp: QuantizedTensor, token_start, enabled):
+    """Writes one quantized group of G tokens (grp) at token offset token_start [B]."""
+    G = qt.group_size
+    out = {}
+    for f in ("codes", "scale", "zero", "mask"):
+        n = _rows_per_group(qt, f)
+        out[f] = _scatter_rows(getattr(qt, f), token_start // G * n, getattr(grp, f), enabled)
+    return dataclasses.replace(qt, **out)
+
+
+def _place_groups(dst: QuantizedTensor, src: QuantizedTensor, nq: jax.Array):
+    """Copies src's first groups into dst, keeping only groups below nq [B] tokens."""
+    G = dst.group_size
+    out = {}
+    for f in ("codes", "scale", "zero", "mask"):
+        a, b = getattr(dst, f), getattr(src, f)
+        n = _rows_per_group(dst, f)
+        rows = jnp.arange(b.shape[2])
+        keep = (rows // n * G)[None, :] < nq[:, None]  # [B, rows]
+        keep = keep.reshape(keep.shape[0], 1, -1, *([1] * (b.ndim - 3)))
+        out[f] = jax.lax.dynamic_update_slice_in_dim(a, jnp.where(keep, b, 0).astype(a.dtype), 0, 2)
+    return dataclasses.replace(dst, **out)
+
+
+# ======================================================================= dense
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseLayer:
+    """The bf16 baseline: every token in full precision."""
+
+    k: jax.Array  # [B, H, C, D] bf16
+    v: jax.Array  # [B, H, C, D] bf16
+
+    @classmethod
+    def create(cls, B, H, D, cfg):
+        z = jnp.zeros((B, H, cfg.capacity, D), COMPUTE_DTYPE)
+        return cls(z, z)
+
+    @classmethod
+    def prefill(cls, k, v, lengths, cfg):
+        B, H, T, D = k.shape
+        ok = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, :, None]
+        pad = ((0, 0), (0, 0), (0, cfg.capacity - T), (0, 0))
+        put = lambda x: jnp.pad(jnp.where(ok, x, 0), pad).astype(COMPUTE_DTYPE)  # noqa: E731
+        return cls(put(k), put(v))
+
+    def append(self, k, v, lengths, cfg):
+        ok = lengths < cfg.capacity
+        return DenseLayer(
+            _scatter_rows(self.k, lengths, k[:, :, None, :], ok),
+            _scatter_rows(self.v, lengths, v[:, :, None, :], ok),
+        )
+
+
+# ======================================================================== int8
+def _int8_quantize(x):
+    """Symmetric per-(token, head) int8: x [B, H, T, D] -> codes int8, scale [B, H, T]."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = (amax / 127.0).astype(COMPUTE_DTYPE)
+    inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1).astype(jnp.float32), 0.0)
+    codes = jnp.clip(jnp.round(x * inv[..., None]), -127, 127)
+    return jnp.where(jnp.isfinite(codes), codes, 0).astype(jnp.int8), scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Layer:
+    k: jax.Array  # [B, H, C, D] int8
+    v: jax.Array  # [B, H, C, D] int8
+    k_scale: jax.Array  # [B, H, C] bf16
+    v_scale: jax.Array  # [B, H, C] bf16
+
+    @classmethod
+    def create(cls, B, H, D, cfg):
+        c = jnp.zeros((B, H, cfg.capacity, D), jnp.int8)
+        s = jnp.zeros((B, H, cfg.capacity), COMPUTE_DTYPE)
+        return cls(c, c, s, s)
+
+    @classmethod
+    def prefill(cls, k, v, lengths, cfg):
+        dense = DenseLayer.prefill(k, v, lengths, cfg)
+        (kc, ks), (vc, vs) = _int8_quantize(dense.k), _int8_quantize(dense.v)
+        return cls(kc, vc, ks, vs)
+
+    def append(self, k, v, lengths, cfg):
+        ok = lengths < cfg.capacity
+        (kc, ks), (vc, vs) = _int8_quantize(k[:, :, None]), _int8_quantize(v[:, :, None])
+        return Int8Layer(
+            _scatter_rows(self.k, lengths, kc, ok),
+            _scatter_rows(self.v, lengths, vc, ok),
+            _scatter_rows(self.k_scale, lengths, ks, ok),
+            _scatter_rows(self.v_scale, lengths, vs, ok),
+        )
+
+
+LayerCache = Union[QuantLayer, DenseLayer, Int8Layer]
+_LAYER_KIND = {"innerq": QuantLayer, "outerq": QuantLayer, "bf16": DenseLayer, "int8": Int8Layer}
+
+
+def layer_class(cfg: CacheConfig):
+    return _LAYER_KIND[cfg.kind]
+
+
+# ==================================================================== the cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """All layers of a model's cache; layer leaves carry a leading L axis."""
+
+    layers: Any  # a LayerCache whose leaves are [L, ...]
+    lengths: jax.Array  # [B] int32 tokens held per sequence
+    overflow: jax.Array  # [B] bool, set once an append found the sequence full
+    config: CacheConfig = _static()
+    num_kv_heads: int = _static()
+    head_dim: int = _static()
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, config: CacheConfig, num_layers: int, batch: int, num_kv_heads: int,
+               head_dim: int) -> "KVCache":
+        """An empty cache of static capacity ``config.capacity`` tokens per sequence."""
+        _check_sizes(config, num_layers, batch, num_kv_heads, head_dim)
+        one = layer_class(config).create(batch, num_kv_heads, head_dim, config)
+        layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers,) + x.shape), one)
+        return cls(layers, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), config,
+                   num_kv_heads, head_dim)
+
+    @classmethod
+    def from_prefill(cls, config: CacheConfig, k: jax.Array, v: jax.Array,
+                     lengths: jax.Array) -> "KVCache":
+        """Builds a cache from a prompt's k, v [L, B, Hkv, T, D]; lengths [B] (ragged)."""
+        _check_kv(k, v, "KVCache.from_prefill", 5)
+        L, B, H, T, D = k.shape
+        _check_sizes(config, L, B, H, D)
+        lengths = _check_lengths(lengths, B, T, config)
+        build = jax.vmap(lambda kk, vv: layer_class(config).prefill(kk, vv, lengths, config))
+        return cls(build(k, v), lengths, jnp.zeros((B,), bool), config, H, D)
+
+    # ------------------------------------------------------------------ decode
+    def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
+        """Appends one token per sequence to every layer: k, v [L, B, Hkv, D]."""
+        _check_kv(k, v, "KVCache.append", 4)
+        expect = (self.num_layers, self.batch, self.num_kv_heads, self.head_dim)
+        if k.shape != expect:
+            raise ValueError(f"KVCache.append: k/v shape {k.shape} != [L, B, Hkv, D] {expect}")
+        layers = jax.vmap(lambda lay, kk, vv: lay.append(kk, vv, self.lengths, self.config))(
+            self.layers, k, v
+        )
+        return self.with_layers(layers)
+
+    def with_layers(self, layers) -> "KVCache":
+        """The cache after every layer received one token per sequence."""
+        full = self.lengths >= self.config.capacity
+        return dataclasses.replace(
+            self,
+            layers=layers,
+            lengths=jnp.where(full, self.lengths, self.lengths + 1),
+            overflow=self.overflow | full,
+        )
+
+    def layer(self, i: int) -> LayerCache:
+        return jax.tree.map(lambda x: x[i], self.layers)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_layers(self) -> int:
+        return jax.tree.leaves(self.layers)[0].shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def region_sizes(self):
+        return region_sizes(self.lengths, self.config)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of every stored array, by field path (lengths and flags included)."""
+        out = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self):
+            out[jax.tree_util.keystr(path).lstrip(".")] = int(leaf.nbytes)
+        return out
+
+    def total_nbytes(self) -> int:
+        return sum(self.nbytes().values())
+
+    def bf16_nbytes(self) -> int:
+        """Bytes of a dense bf16 K and V cache of the same capacity."""
+        return 2 * 2 * self.num_layers * self.batch * self.num_kv_heads * (
+            self.config.capacity * self.head_dim
+        )
+
+
+def _check_sizes(cfg: CacheConfig, L, B, H, D):
+    for name, val in (("num_layers", L), ("batch", B), ("num_kv_heads", H)):
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name}={val!r} must be a positive int")
+    cfg.validate_head_dim(D)
+
+
+def _check_lengths(lengths, B: int, T: int, cfg: CacheConfig) -> jax.Array:
+    if T > cfg.capacity:
+        raise ValueError(
+            f"prompt of {T} tokens exceeds the cache capacity of {cfg.capacity}; "
+            "raise CacheConfig.capacity"
+        )
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [B]=({B},), got {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+    if not isinstance(lengths, jax.core.Tracer):
+        arr = np.asarray(lengths)
+        if arr.min() < 0 or arr.max() > T:
+            raise ValueError(f"lengths must lie in [0, T={T}], got {arr.tolist()}")
+    return lengths.astype(jnp.int32)
+
+
+def check_capacity(cache: KVCache, new_tokens: int) -> None:
+    """Host-side check that every sequence can take ``new_tokens`` more tokens."""
+    longest = int(np.max(np.asarray(cache.lengths)))
+    if longest + new_tokens > cache.config.capacity:
+        raise ValueError(
+            f"the cache cannot hold {new_tokens} more tokens: the longest sequence has "
+            f"{longest} of capacity {cache.config.capacity}"
+        )

@@ -1,0 +1,235 @@
+"""Cache configuration: one frozen dataclass for every cache kind.
+
+Every InnerQ technique is a field of its own so that each ablation (no hybrid,
+symmetric only, no sinks, no recent window, no key normalization, outer
+grouping, ...) runs through the same code. Invalid values raise ``ValueError``
+naming the field and the allowed range, at construction time; the checks that
+need the head dimension run in :meth:`CacheConfig.validate_head_dim`, which
+every cache constructor calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import jax.numpy as jnp
+
+CacheKind = Literal["innerq", "outerq", "bf16", "int8"]
+HybridPolicy = Literal["hybrid", "asymmetric", "symmetric"]
+KeyNorm = Literal["centre_scale", "scale", "none"]
+KeyScaleStat = Literal["absmax", "std"]
+Rotation = Literal["none", "keys", "keys_values"]
+ScaleDtype = Literal["bfloat16", "float16"]
+
+_KINDS = ("innerq", "outerq", "bf16", "int8")
+_HYBRID = ("hybrid", "asymmetric", "symmetric")
+_KEY_NORM = ("centre_scale", "scale", "none")
+_KEY_SCALE = ("absmax", "std")
+_ROTATION = ("none", "keys", "keys_values")
+_SCALE_DTYPES = ("bfloat16", "float16")
+_GROUP_SIZES = (16, 32, 64, 128)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"CacheConfig.{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the KV cache stores and how.
+
+    kind: ``innerq`` (groups along the reduction dimension: K per token along
+        D, V per channel along T), ``outerq`` (KIVI layout: K per channel along
+        T, V per token along D), ``bf16`` (dense) or ``int8`` (per-token scale).
+    bits: code width of the quantized region (2 or 4).
+    group_size: G, values sharing one scale and zero-point.
+    sink: S, first tokens kept in bf16 (attention sinks).
+    recent: R, most recent tokens kept in bf16; the window holds R..R+G-1
+        tokens and flushes its oldest G when it reaches R+G.
+    hybrid: per-group choice between asymmetric and symmetric quantization.
+    key_norm: per-channel key normalization computed at prefill:
+        ``centre_scale`` stores (k - mu)/sigma, ``scale`` stores k/sigma,
+        ``none`` stores k.
+    key_scale: statistic behind sigma: max |k - mu| (``absmax``) or the
+        standard deviation (``std``).
+    rotation: InnerQ-H, an orthonormal Hadamard rotation along D applied to
+        keys (``keys``) or keys and values (``keys_values``) before grouping.
+    scale_dtype: storage dtype of scales and zero-points.
+    capacity: static number of token slots per sequence.
+    norm_eps: floor of sigma, so a constant channel never divides by zero.
+    """
+
+    kind: CacheKind = "innerq"
+    bits: int = 2
+    group_size: int = 32
+    sink: int = 4
+    recent: int = 128
+    hybrid: HybridPolicy = "hybrid"
+    key_norm: KeyNorm = "centre_scale"
+    key_scale: KeyScaleStat = "absmax"
+    rotation: Rotation = "none"
+    scale_dtype: ScaleDtype = "bfloat16"
+    capacity: int = 4096
+    norm_eps: float = 1e-3
+
+    def __post_init__(self):
+        _choice("kind", self.kind, _KINDS)
+        _choice("hybrid", self.hybrid, _HYBRID)
+        _choice("key_norm", self.key_norm, _KEY_NORM)
+        _choice("key_scale", self.key_scale, _KEY_SCALE)
+        _choice("rotation", self.rotation, _ROTATION)
+        _choice("scale_dtype", self.scale_dtype, _SCALE_DTYPES)
+        if self.bits not in (2, 4):
+            raise ValueError(f"CacheConfig.bits={self.bits!r} is not allowed; choose 2 or 4")
+        if self.group_size not in _GROUP_SIZES:
+            raise ValueError(
+                f"CacheConfig.group_size={self.group_size!r} is not allowed; choose one of "
+                f"{_GROUP_SIZES}"
+            )
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"CacheConfig.sink={self.sink!r} must be a non-negative int")
+        if not isinstance(self.recent, int) or self.recent < 0 or self.recent % self.group_size:
+            raise ValueError(
+                f"CacheConfig.recent={self.recent!r} must be a non-negative multiple of "
+                f"group_size={self.group_size}"
+            )
+        if not isinstance(self.capacity, int) or self.capacity % self.group_size:
+            raise ValueError(
+                f"CacheConfig.capacity={self.capacity!r} must be a multiple of "
+                f"group_size={self.group_size}"
+            )
+        if self.quantized and self.capacity < self.sink + self.recent + self.group_size:
+            raise ValueError(
+                f"CacheConfig.capacity={self.capacity} must be at least sink + recent + "
+                f"group_size = {self.sink + self.recent + self.group_size} for a quantized cache"
+            )
+        if self.capacity <= 0:
+            raise ValueError(f"CacheConfig.capacity={self.capacity} must be positive")
+        if not self.norm_eps > 0:
+            raise ValueError(f"CacheConfig.norm_eps={self.norm_eps!r} must be > 0")
+        if self.kind != "innerq" and self.rotation != "none":
+            # OuterQ and the dense baselines are the paper's comparison points.
+            raise ValueError(
+                f"CacheConfig.rotation={self.rotation!r} is only defined for kind='innerq'"
+            )
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def innerq(cls, **overrides) -> "CacheConfig":
+        """Paper-faithful InnerQ: hybrid, sinks, recent window, centre + scale."""
+        return cls(**{"kind": "innerq", **overrides})
+
+    @classmethod
+    def innerq_h(cls, **overrides) -> "CacheConfig":
+        """InnerQ-H: InnerQ with keys and values Hadamard-rotated."""
+        return cls(**{"kind": "innerq", "rotation": "keys_values", **overrides})
+
+    @classmethod
+    def outerq(cls, **overrides) -> "CacheConfig":
+        """KIVI layout as published: asymmetric, recent window, no sinks, no normalization."""
+        base = {"kind": "outerq", "sink": 0, "hybrid": "asymmetric", "key_norm": "none"}
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def bf16(cls, **overrides) -> "CacheConfig":
+        base = {"kind": "bf16", "sink": 0, "recent": 0, "key_norm": "none"}
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def int8(cls, **overrides) -> "CacheConfig":
+        base = {"kind": "int8", "sink": 0, "recent": 0, "key_norm": "none"}
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes) -> "CacheConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------- derived
+    @property
+    def quantized(self) -> bool:
+        """Whether the cache has a group-quantized region (innerq / outerq)."""
+        return self.kind in ("innerq", "outerq")
+
+    @property
+    def codes_per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def window(self) -> int:
+        """Slots of the recent ring buffer: R + G."""
+        return self.recent + self.group_size
+
+    @property
+    def quant_capacity(self) -> int:
+        """Token slots of the quantized region: the most a full sequence can hold.
+
+        A sequence of ``capacity`` tokens keeps min(S, len) sink tokens and at
+        least R recent ones, so at most capacity - S - R tokens, rounded down to
+        whole groups, are ever quantized.
+        """
+        if not self.quantized:
+            return 0
+        free = self.capacity - self.sink - self.recent
+        return (free // self.group_size) * self.group_size
+
+    @property
+    def scale_jnp_dtype(self):
+        return jnp.bfloat16 if self.scale_dtype == "bfloat16" else jnp.float16
+
+    @property
+    def k_grouping(self) -> Literal["d", "t"]:
+        """Axis along which a key group runs: ``d`` (head_dim) or ``t`` (tokens)."""
+        return "d" if self.kind == "innerq" else "t"
+
+    @property
+    def v_grouping(self) -> Literal["d", "t"]:
+        return "t" if self.kind == "innerq" else "d"
+
+    @property
+    def rotate_keys(self) -> bool:
+        return self.rotation in ("keys", "keys_values")
+
+    @property
+    def rotate_values(self) -> bool:
+        return self.rotation == "keys_values"
+
+    def validate_head_dim(self, head_dim: int) -> None:
+        """Checks that need the model's head dimension D."""
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise ValueError(f"head_dim={head_dim!r} must be a positive int")
+        if not self.quantized:
+            return
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"CacheConfig.group_size={self.group_size} must divide head_dim={head_dim}"
+            )
+        if head_dim % 32:
+            raise ValueError(
+                f"head_dim={head_dim} must be a multiple of 32 for a {self.bits}-bit cache "
+                "(codes and mask bits are packed into 32-bit words)"
+            )
+        if self.rotation != "none" and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"CacheConfig.rotation={self.rotation!r} needs a power-of-two head_dim "
+                f"(Hadamard rotation); got head_dim={head_dim}"
+            )
+
+    def short_name(self) -> str:
+        """A compact label for tables and plots."""
+        if self.kind in ("bf16", "int8"):
+            return self.kind
+        name = "innerq-h" if self.rotation != "none" else self.kind
+        parts = [f"{name}{self.bits}", f"G{self.group_size}", f"S{self.sink}", f"R{self.recent}"]
+        if self.rotation == "keys":
+            parts.append("rotK")
+        if self.hybrid != "hybrid":
+            parts.append(self.hybrid[:4])
+        if self.kind == "innerq" and self.key_norm != "centre_scale":
+            parts.append(f"norm-{self.key_norm}")
+        if self.key_scale != "absmax":
+            parts.append(f"sigma-{self.key_scale}")
+        if self.scale_dtype != "bfloat16":
+            parts.append("fp16scale")
+        return "-".join(parts)

@@ -1,0 +1,202 @@
+"""The one owner of the quantized cache layout.
+
+Per layer, sequence b and kv head h, a sequence of ``len`` tokens is split into
+
+    [ sink: S tokens, bf16 | quantized: Nq tokens, Nq % G == 0 | recent: bf16 ]
+
+Token t >= S is the "rest" token j = t - S. The recent region is a ring of
+W = R + G slots: rest token j lives in slot j % W. Because W is a multiple of
+G and flushes always take the oldest G recent tokens (a whole aligned group of
+slots), the ring never needs shifting. Everything is derived from the
+per-sequence length alone (:func:`region_sizes`, :func:`recent_slot_tokens`).
+
+A quantized tensor (:class:`QuantizedTensor`) has one of two groupings:
+
+* ``"d"``: groups of G consecutive channels of one token (InnerQ keys, OuterQ
+  values). codes [..., T, D*bits/32] uint32 packed along D;
+  scale/zero [..., T, D/G].
+* ``"t"``: groups of G consecutive tokens of one channel (InnerQ values, OuterQ
+  keys). codes [..., T*bits/32, D] uint32 packed along T;
+  scale/zero [..., T/G, D].
+
+In both, the hybrid mask is [..., T/G, D/32] uint32: one bit per group, the D
+bits of a block of G tokens in D/32 words (grouping ``d``: bit t_local*(D/G)+g;
+grouping ``t``: bit d). One flush of G tokens therefore writes exactly one
+row of codes-block, scales and mask in either grouping. Kernels read these
+arrays as they are; the accessors below are what they may rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from innerq_jax.config import CacheConfig
+from innerq_jax.quant import (
+    dequantize_groups,
+    pack_bits,
+    pack_codes,
+    quantize_groups,
+    unpack_bits,
+    unpack_codes,
+)
+
+Grouping = Literal["d", "t"]
+
+
+class RegionSizes(NamedTuple):
+    """Per-sequence token counts of each region ([B] int32 each)."""
+
+    sink: jax.Array  # min(len, S)
+    quantized: jax.Array  # Nq, a multiple of G
+    recent: jax.Array  # len - sink - quantized, in [0, R + G - 1]
+    rest: jax.Array  # len - sink: tokens past the sink window
+
+
+def quantized_count(rest: jax.Array, cfg: CacheConfig) -> jax.Array:
+    """Tokens in whole groups that have left the recent window (capped by capacity)."""
+    G = cfg.group_size
+    n = jnp.maximum(rest - cfg.recent, 0) // G * G
+    return jnp.minimum(n, cfg.quant_capacity)
+
+
+def region_sizes(lengths: jax.Array, cfg: CacheConfig) -> RegionSizes:
+    lengths = jnp.asarray(lengths, jnp.int32)
+    sink = jnp.minimum(lengths, cfg.sink)
+    rest = lengths - sink
+    nq = quantized_count(rest, cfg)
+    return RegionSizes(sink, nq, rest - nq, rest)
+
+
+def recent_slot_tokens(lengths: jax.Array, cfg: CacheConfig) -> tuple[jax.Array, jax.Array]:
+    """Which rest token each ring slot holds, and whether that slot is live.
+
+    Returns (token [B, W] int32, valid [B, W] bool). Slot s holds the newest
+    rest token j < rest with j % W == s; it is live when j is not yet
+    quantized.
+    """
+    W = cfg.window
+    sizes = region_sizes(lengths, cfg)
+    s = jnp.arange(W, dtype=jnp.int32)[None, :]
+    rest = sizes.rest[:, None]
+    j = rest - 1 - jnp.mod(rest - 1 - s, W)
+    valid = (j >= sizes.quantized[:, None]) & (j >= 0)
+    return j, valid
+
+
+# ------------------------------------------------------------ quantized tensor
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed group-quantized [..., T, D] values (see the module docstring)."""
+
+    codes: jax.Array  # "d": [..., T, D*bits/32]  "t": [..., T*bits/32, D]  uint32
+    scale: jax.Array  # "d": [..., T, D/G]        "t": [..., T/G, D]
+    zero: jax.Array  # same shape and dtype as scale
+    mask: jax.Array  # [..., T/G, D/32] uint32, bit set = symmetric group
+    grouping: Grouping = dataclasses.field(metadata=dict(static=True))
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def head_dim(self) -> int:
+        return self.scale.shape[-1] * (self.group_size if self.grouping == "d" else 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mask.shape[-2] * self.group_size
+
+    def nbytes(self) -> dict[str, int]:
+        return {f: getattr(self, f).nbytes for f in ("codes", "scale", "zero", "mask")}
+
+
+def empty_quantized(
+    batch_shape: tuple[int, ...], T: int, D: int, grouping: Grouping, cfg: CacheConfig
+) -> QuantizedTensor:
+    """All-zero storage for T tokens (T a multiple of G)."""
+    b, G = cfg.bits, cfg.group_size
+    if grouping == "d":
+        codes_shape, scale_shape = (T, D * b // 32), (T, D // G)
+    else:
+        codes_shape, scale_shape = (T * b // 32, D), (T // G, D)
+    sdt = cfg.scale_jnp_dtype
+    return QuantizedTensor(
+        codes=jnp.zeros(batch_shape + codes_shape, jnp.uint32),
+        scale=jnp.zeros(batch_shape + scale_shape, sdt),
+        zero=jnp.zeros(batch_shape + scale_shape, sdt),
+        mask=jnp.zeros(batch_shape + (T // G, D // 32), jnp.uint32),
+        grouping=grouping,
+        bits=b,
+        group_size=G,
+    )
+
+
+def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig) -> QuantizedTensor:
+    """Quantizes x [..., T, D] (T a multiple of G) into the packed layout."""
+    *batch, T, D = x.shape
+    G, b = cfg.group_size, cfg.bits
+    if T % G:
+        raise ValueError(f"quantize_tokens needs a whole number of groups: T={T}, G={G}")
+    if grouping == "d":
+        g = x.reshape(*batch, T, D // G, G)
+        q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
+        codes = pack_codes(q.codes.reshape(*batch, T, D), b, axis=-1)
+        scale, zero = q.scale, q.zero  # [..., T, D/G]
+        flags = q.symmetric.reshape(*batch, T // G, G * (D // G))
+    else:
+        g = jnp.swapaxes(x.reshape(*batch, T // G, G, D), -1, -2)  # [..., T/G, D, G]
+        q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
+        c = jnp.swapaxes(q.codes, -1, -2).reshape(*batch, T, D)
+        codes = pack_codes(c, b, axis=-2)
+        scale, zero = q.scale, q.zero  # [..., T/G, D]
+        flags = q.symmetric  # [..., T/G, D]
+    return QuantizedTensor(codes, scale, zero, pack_bits(flags), grouping, b, G)
+
+
+def unpack_tensor_codes(qt: QuantizedTensor) -> jax.Array:
+    """Integer codes [..., T, D] uint8."""
+    axis = -1 if qt.grouping == "d" else -2
+    return unpack_codes(qt.codes, qt.bits, axis=axis)
+
+
+def expand_group_params(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero broadcast to [..., T, D] float32 (for dequantization only)."""
+    G = qt.group_size
+    s, z = qt.scale.astype(jnp.float32), qt.zero.astype(jnp.float32)
+    axis = -1 if qt.grouping == "d" else -2
+    return jnp.repeat(s, G, axis=axis), jnp.repeat(z, G, axis=axis)
+
+
+def dequantize_tensor(qt: QuantizedTensor) -> jax.Array:
+    """Float32 [..., T, D] reconstruction; for tests and analysis, never the hot path."""
+    c = unpack_tensor_codes(qt).astype(jnp.float32)
+    s, z = expand_group_params(qt)
+    return c * s + z
+
+
+def symmetric_flags(qt: QuantizedTensor) -> jax.Array:
+    """The hybrid mask as booleans: "d" -> [..., T, D/G]; "t" -> [..., T/G, D]."""
+    flags = unpack_bits(qt.mask)  # [..., T/G, D]
+    if qt.grouping == "d":
+        *batch, nblk, D = flags.shape
+        return flags.reshape(*batch, nblk * qt.group_size, D // qt.group_size)
+    return flags
+
+
+__all__ = [
+    "QuantizedTensor",
+    "RegionSizes",
+    "dequantize_groups",
+    "dequantize_tensor",
+    "empty_quantized",
+    "expand_group_params",
+    "quantize_tokens",
+    "quantized_count",
+    "recent_slot_tokens",
+    "region_sizes",
+    "symmetric_flags",
+    "unpack_tensor_codes",
+]

@@ -1,0 +1,1 @@
+"""Model-side code: checkpoint loading and the Flax Llama."""
