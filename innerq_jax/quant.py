@@ -13,7 +13,8 @@ Storing the symmetric offset as ``z`` keeps one formula for every group, so the
 kernels never branch on the mode; the one-bit hybrid mask still records which
 mode each group uses. Scales are rounded *up* and asymmetric offsets *down* to
 the storage dtype, so the stored grid always covers the group's range and no
-code is clipped: the error of an in-range value is at most s/2 (the test suite
+code is clipped; a symmetric scale keeps few enough mantissa bits that
+c0 * s is exact, so the stored offset -c0 * s keeps the grid's exact zero: the error of an in-range value is at most s/2 (the test suite
 checks this bound with the stored s).
 
 Non-finite inputs: a group containing NaN or Inf gets a non-finite scale or
@@ -56,6 +57,19 @@ def _round_down(x: jax.Array, dtype) -> jax.Array:
     return jnp.where(r.astype(jnp.float32) > x, drop, r)
 
 
+def _round_up_exact_multiple(x: jax.Array, c0: int, dtype) -> jax.Array:
+    """Rounds x >= 0 up to a value s of ``dtype`` whose multiple c0 * s is exact too.
+
+    With c0 = 7 (4 bits), an 8-bit bf16 mantissa leaves 5 bits for s; then the
+    stored offset -c0 * s is exact and the symmetric grid keeps its exact zero.
+    """
+    mant = 8 if dtype == jnp.bfloat16 else 11
+    keep = mant - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
+    m, e = jnp.frexp(x)  # x = m * 2^e, m in [0.5, 1)
+    quantum = jnp.ldexp(jnp.ones_like(x), e - keep)
+    return (jnp.ceil(x / quantum) * quantum).astype(dtype)
+
+
 def _safe_inverse(s: jax.Array) -> jax.Array:
     # A constant group has s == 0: every code is then 0 (asymmetric: x == z
     # exactly; symmetric: x == 0 exactly), never 0/0.
@@ -76,7 +90,7 @@ def _quantize_asymmetric(x, bits, dtype):
 def _quantize_symmetric(x, bits, dtype):
     c0 = 2 ** (bits - 1) - 1
     amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = _round_up(amax / c0, dtype)
+    scale = _round_up_exact_multiple(amax / c0, c0, dtype)
     inv = _safe_inverse(scale.astype(jnp.float32))
     c = jnp.round(x * inv[..., None]) + c0
     zero = (-c0 * scale.astype(jnp.float32)).astype(dtype)
