@@ -1,0 +1,477 @@
+"""Kernel benchmark: fused quantized decode attention against bf16 / int8 peers.
+
+Run on the GPU machine (one call builds, checks and times everything):
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT            # full suite
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --suite sweep --out $OUT  # tunables
+
+Protocol (docs benchmarks.md): random caches (normal keys with channel
+offsets and outlier channels, never zeros) built through QuantLayer.prefill;
+every variant is checked against its reference before it is timed (a mismatch
+or NaN aborts the run); timing runs ``n_sets`` calls inside one jitted program,
+each on its own copy of the inputs (distinct buffers, together larger than the
+50 MB L2), one sync at the end, median of several repetitions. Bytes are the
+bytes each variant must read (codes, scales, zero-points, windows, q; kernel
+(a) also writes its scores, (b) reads p); GB/s = bytes / median time.
+Writes kernels_<suite>.json and a PNG plot under --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from innerq_jax.attention import decode_attention_layer, prepare_query, quantized_attention_core
+from innerq_jax.cache import QuantLayer
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import region_sizes
+from pallas_kernels.decode import quantized_decode_attention
+from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
+from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
+
+L2_BYTES = 50 * 2**20
+TOL_QUANT = 1e-2  # see tests/test_kernels.py: bf16 MMA operands
+TOL_BF16 = 2e-2  # bf16 peers against an f32 softmax over the same bf16 cache
+
+
+# ------------------------------------------------------------------ data
+def _random_kv(key, B, H, T, D, dtype=jnp.float32):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    offs = 1.5 * jax.random.normal(k2, (D,))
+    outl = jnp.where(jax.random.uniform(k3, (D,)) < 3.0 / D, 8.0, 1.0)
+    k = (jax.random.normal(k1, (B, H, T, D)) + offs) * outl
+    v = jax.random.normal(k4, (B, H, T, D))
+    return k.astype(dtype), v.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(k, v, lengths, cfg):
+    return QuantLayer.prefill(k, v, lengths, cfg)
+
+
+def _copies(tree, n):
+    """n structurally equal trees in distinct device buffers."""
+    return [tree] + [jax.tree.map(lambda x: x.copy(), tree) for _ in range(n - 1)]
+
+
+def _nbytes(tree):
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def _rel(out, ref):
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        raise AssertionError("NaN/Inf in output")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# ------------------------------------------------------------------ peers
+def bf16_xla(q, k, v):
+    """q [B, H, r, D] f32 (softmax scale folded), k, v [B, H, T, D] bf16."""
+    s = jnp.einsum("bhrd,bhtd->bhrt", q.astype(jnp.bfloat16), k, preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhrt,bhtd->bhrd", p.astype(jnp.bfloat16), v, preferred_element_type=jnp.float32)
+
+
+def _pallas_decode_module():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decode_attention is deprecated",
+                                category=DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import decode_attention
+    return decode_attention
+
+
+def bf16_pallas(q, k, v, k_splits=16):
+    """jax's Pallas Triton decode kernel (unbatched) under vmap over B and H; no transposes."""
+    mod = _pallas_decode_module()
+    inner = functools.partial(
+        mod.decode_attn_unbatched, start_idx=None, kv_seq_len=None, sm_scale=1.0, block_h=16,
+        block_k=256, k_splits=k_splits, num_warps=None, num_stages=2, grid=None,
+        interpret=False, debug=False, return_residuals=False, normalize_output=True)
+    f = jax.vmap(jax.vmap(lambda qq, kk, vv: inner(qq, kk, vv)))
+    return f(q.astype(jnp.bfloat16), k, v).astype(jnp.float32)
+
+
+def cudnn(q, k_bthd, v_bthd):
+    """jax.nn.dot_product_attention(cudnn); k, v stored [B, T, H, D] (its layout)."""
+    B, H, r, D = q.shape
+    qq = q.reshape(B, 1, H * r, D).astype(jnp.bfloat16)
+    o = jax.nn.dot_product_attention(qq, k_bthd, v_bthd, scale=1.0, implementation="cudnn")
+    return o.reshape(B, H, r, D).astype(jnp.float32)
+
+
+def int8_xla(q, kc, ks, vc, vs):
+    """Per-token int8 (one scale per token and head), through XLA."""
+    s = jnp.einsum("bhrd,bhtd->bhrt", q.astype(jnp.bfloat16), kc.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32) * ks[:, :, None, :].astype(jnp.float32)
+    p = jax.nn.softmax(s, axis=-1) * vs[:, :, None, :].astype(jnp.float32)
+    return jnp.einsum("bhrt,bhtd->bhrd", p.astype(jnp.bfloat16), vc.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+
+
+def _int8(x):
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+    scale = (amax / 127.0).astype(jnp.bfloat16)
+    inv = jnp.where(scale > 0, 1.0 / scale.astype(jnp.float32), 0.0)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * inv[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def dense_reference(q, k, v):
+    s = jnp.einsum("bhrd,bhtd->bhrt", q, k.astype(jnp.float32), precision="highest")
+    return jnp.einsum("bhrt,bhtd->bhrd", jax.nn.softmax(s, -1), v.astype(jnp.float32),
+                      precision="highest")
+
+
+# ------------------------------------------------------------------ timing
+CALLS = 32  # kernel calls per timed program (one launch of the program, one sync)
+
+
+def time_calls(fn, arg_sets, reps):
+    """Median / min / max ms per call.
+
+    CALLS calls in one jitted program, call i on input set i % len(arg_sets)
+    (distinct buffers) with its own copy of the first argument (the query), so
+    no two calls are identical and XLA cannot merge them.
+    """
+    calls = [(jax.tree.map(lambda x: x.copy(), arg_sets[i % len(arg_sets)][0]),)
+             + tuple(arg_sets[i % len(arg_sets)][1:]) for i in range(CALLS)]
+    multi = jax.jit(lambda cs: [fn(*a) for a in cs])
+    jax.block_until_ready(multi(calls))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(multi(calls))
+        ts.append((time.perf_counter() - t0) * 1e3 / CALLS)
+    return statistics.median(ts), min(ts), max(ts)
+
+
+# ------------------------------------------------------------------ shapes
+class Shape:
+    def __init__(self, B, T, Hq=32, Hkv=8, D=128, bits=2, G=32, label=""):
+        self.B, self.T, self.Hq, self.Hkv, self.D, self.bits, self.G = B, T, Hq, Hkv, D, bits, G
+        self.r = Hq // Hkv
+        self.label = label or f"B{B}-T{T // 1024}k-Hq{Hq}-Hkv{Hkv}-D{D}-b{bits}-G{G}"
+
+    def cfg(self, kind, **kw):
+        make = {"innerq": CacheConfig.innerq, "outerq": CacheConfig.outerq,
+                "innerq-h": CacheConfig.innerq_h}[kind]
+        return make(bits=self.bits, group_size=self.G, capacity=self.T, **kw)
+
+
+def run_shape(shape: Shape, variants, reps, kernel_opts, log):
+    B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
+    key = jax.random.PRNGKey(B * 1000 + T)
+    lengths = jnp.full((B,), T, jnp.int32)
+    k, v = _random_kv(key, B, H, T, D)
+    q = jax.random.normal(jax.random.fold_in(key, 7), (B, H * r, D), jnp.float32)
+    results = {}
+
+    caches = {}
+    for kind in ("innerq", "outerq", "innerq-h"):
+        if any(x.split("@")[0] == f"{kind}_fused" for x in variants) or (kind == "innerq" and
+                                                          any(x.startswith("kernel_") for x in variants)):
+            cfg = shape.cfg(kind)
+            caches[kind] = (cfg, _prefill(k, v, lengths, cfg))
+    qbytes = B * H * r * D * 4
+    bf16_bytes = B * H * T * D * 2 * 2 + qbytes
+    quant_bytes = None
+    if "innerq" in caches:
+        cfg, layer = caches["innerq"]
+        win = (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2
+        quant_bytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
+                          for f in ("codes", "scale", "zero")) + win + qbytes
+    n_sets = int(min(32, max(4, math.ceil(6 * L2_BYTES / (quant_bytes or bf16_bytes / 5)))))
+    # keep the bf16 copies within ~40 GB
+    n_sets = int(max(2, min(n_sets, (40 * 2**30) // bf16_bytes)))
+    log(f"[{shape.label}] n_sets={n_sets} bf16 {bf16_bytes / 1e6:.0f} MB  quant "
+        f"{(quant_bytes or 0) / 1e6:.0f} MB")
+
+    def record(name, fn, arg_sets, check, nbytes, extra=None):
+        try:
+            err = check(fn(*arg_sets[0]))
+            med, lo, hi = time_calls(fn, arg_sets, reps)
+            results[name] = dict(ms=med, min_ms=lo, max_ms=hi, bytes=nbytes,
+                                 gbps=nbytes / med / 1e6, rel_err=err, **(extra or {}))
+            log(f"  {name:28s} {med:8.4f} ms  {nbytes / med / 1e6:7.0f} GB/s  err {err:.1e}")
+        except AssertionError as e:
+            raise SystemExit(f"MISMATCH {shape.label} {name}: {e}")
+        except Exception as e:  # noqa: BLE001 - a peer that does not run is recorded
+            results[name] = dict(error=f"{type(e).__name__}: {e}"[:400])
+            log(f"  {name:28s} FAILED {type(e).__name__}: {str(e)[:200]}")
+            if not name.startswith(("cudnn",)):
+                traceback.print_exc()
+
+    # ---- bf16 peers (scale folded into q: the same qp as the quantized kernels use, minus sigma)
+    scale = 1.0 / math.sqrt(D)
+    qd = (q.reshape(B, H, r, D) * scale)
+    kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    need_dense = any(x in variants for x in ("bf16_xla", "bf16_pallas", "cudnn"))
+    if need_dense:
+        ref_d = dense_reference(qd, kb, vb)
+
+        def check_d(o):
+            e = _rel(o, ref_d)
+            assert e < TOL_BF16, f"rel err {e:.2e}"
+            return e
+
+        sets = _copies((qd, kb, vb), n_sets)
+        if "bf16_xla" in variants:
+            record("bf16_xla", bf16_xla, sets, check_d, bf16_bytes)
+        if "bf16_pallas" in variants:
+            record("bf16_pallas", bf16_pallas, sets, check_d, bf16_bytes)
+        del sets
+        if "cudnn" in variants:
+            kt, vt = jnp.swapaxes(kb, 1, 2), jnp.swapaxes(vb, 1, 2)
+            sets = _copies((qd, kt, vt), n_sets)
+            record("cudnn", cudnn, sets, check_d, bf16_bytes)
+            del sets, kt, vt
+    if "int8_xla" in variants:
+        (kc, ks), (vc, vs) = _int8(k), _int8(v)
+        ref_i = int8_xla(qd, kc, ks, vc, vs)  # checked against the dense f32 reference below
+        ref_f = dense_reference(qd, k, v)
+
+        def check_i(o):
+            e = _rel(o, ref_f)
+            assert e < 5e-2, f"rel err {e:.2e} vs exact K/V"
+            return _rel(o, ref_i)
+
+        sets = _copies((qd, kc, ks, vc, vs), n_sets)
+        record("int8_xla", int8_xla, sets, check_i, _nbytes((kc, ks, vc, vs)) + qbytes)
+        del sets
+
+    # ---- quantized kernels ("innerq_fused@{json options}" runs one tunable point)
+    for kind in ("innerq", "outerq"):
+        points = [v for v in variants if v.split("@")[0] == f"{kind}_fused"]
+        if not points or kind not in caches:
+            continue
+        cfg, layer = caches[kind]
+        qp = prepare_query(q, layer, cfg, scale)
+        ref = quantized_attention_core(qp, layer, lengths, cfg)
+
+        def check_q(o, ref=ref):
+            e = _rel(o, ref)
+            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            return e
+
+        sets = _copies((qp, layer, lengths), n_sets)
+        for name in points:
+            opts = dict(kernel_opts.get(kind, {}))
+            if "@" in name:
+                opts.update(json.loads(name.split("@", 1)[1]))
+            fn = functools.partial(quantized_decode_attention, cfg=cfg, **opts)
+            record(name, lambda qp_, layer_, len_, fn=fn: fn(qp_, layer_, len_), sets, check_q,
+                   quant_bytes, extra=dict(options=opts))
+        del sets, ref
+    if "innerq-h_fused" in variants and "innerq-h" in caches:
+        cfg, layer = caches["innerq-h"]
+        ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+
+        def check_h(o):
+            e = _rel(o, ref)
+            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            return e
+
+        opts = kernel_opts.get("innerq", {})
+        fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas", **opts)
+        sets = _copies((q, layer, lengths), n_sets)
+        record("innerq-h_fused", lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_h,
+               quant_bytes, extra=dict(note="rotations of q and o included"))
+        del sets
+    if "innerq" in caches and ("kernel_a" in variants or "kernel_b" in variants):
+        cfg, layer = caches["innerq"]
+        qp = prepare_query(q, layer, cfg, scale)
+        kb_ = sum(layer.k.nbytes()[f] for f in ("codes", "scale", "zero"))
+        vb_ = sum(layer.v.nbytes()[f] for f in ("codes", "scale", "zero"))
+        Tq = cfg.quant_capacity
+        if "kernel_a" in variants:
+            ref = key_scores_reference(qp, layer.k)
+
+            def check_a(o):
+                e = _rel(o, ref)
+                assert e < TOL_QUANT, f"rel err {e:.2e}"
+                return e
+
+            sets = _copies((qp, layer.k), n_sets)
+            record("kernel_a_key_scores", lambda a, b: quantized_key_scores(a, b), sets, check_a,
+                   kb_ + qbytes + B * H * r * Tq * 4, extra=dict(note="writes [B,H,r,Tq] f32 scores"))
+            del sets, ref
+        if "kernel_b" in variants:
+            n = region_sizes(lengths, cfg).quantized
+            p = jax.nn.softmax(jax.random.normal(key, (B, H, r, Tq)) * 2.0, axis=-1)
+            ref = value_sum_reference(p, layer.v, n)
+
+            def check_b(o):
+                e = _rel(o, ref)
+                assert e < TOL_QUANT, f"rel err {e:.2e}"
+                return e
+
+            sets = _copies((p, layer.v, n), n_sets)
+            record("kernel_b_value_sum", lambda a, b, c: quantized_value_sum(a, b, c), sets,
+                   check_b, vb_ + B * H * r * Tq * 4, extra=dict(note="reads [B,H,r,Tq] f32 p"))
+            del sets
+    del caches, k, v
+    return dict(shape=vars(shape) | {"label": shape.label}, n_sets=n_sets, results=results)
+
+
+# ------------------------------------------------------------------ suites
+ALL = ["bf16_xla", "bf16_pallas", "cudnn", "int8_xla", "innerq_fused", "outerq_fused",
+       "innerq-h_fused", "kernel_a", "kernel_b"]
+
+
+def full_suite():
+    k = 1024
+    shapes = [(Shape(8, 32 * k), ALL), (Shape(1, 128 * k), ALL)]
+    for B, T in [(1, 4 * k), (1, 16 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 4 * k),
+                 (32, 16 * k), (32, 32 * k)]:
+        shapes.append((Shape(B, T), ["bf16_xla", "bf16_pallas", "cudnn", "innerq_fused",
+                                     "outerq_fused"]))
+    for B, T in [(8, 32 * k), (1, 128 * k)]:
+        shapes.append((Shape(B, T, bits=4), ["bf16_pallas", "innerq_fused", "outerq_fused"]))
+        shapes.append((Shape(B, T, G=64), ["bf16_pallas", "innerq_fused", "outerq_fused"]))
+    shapes.append((Shape(8, 32 * k, Hq=32, Hkv=32, label="MHA-B8-T32k"),
+                   ["bf16_xla", "bf16_pallas", "innerq_fused", "outerq_fused"]))
+    shapes.append((Shape(8, 8 * k, Hq=9, Hkv=3, D=64, label="SmolLM2-B8-T8k"),
+                   ["bf16_xla", "bf16_pallas", "innerq_fused", "outerq_fused"]))
+    return shapes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", default="full", choices=["full", "sweep", "quick"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
+    args = ap.parse_args()
+    t_start = time.time()
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    dev = jax.devices()[0]
+    meta = dict(device_kind=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    log(f"device {dev.device_kind}  jax {jax.__version__}")
+    kernel_opts = json.loads(args.options)
+    runs = []
+    if args.suite == "sweep":
+        runs = sweep(log, args.reps)
+    else:
+        shapes = full_suite() if args.suite == "full" else [
+            (Shape(8, 32 * 1024), ALL), (Shape(1, 128 * 1024), ALL)]
+        for shape, variants in shapes:
+            runs.append(run_shape(shape, variants, args.reps, kernel_opts, log))
+            log(f"  (elapsed {time.time() - t_start:.0f} s)")
+    doc = dict(meta=meta, suite=args.suite, kernel_options=kernel_opts, runs=runs,
+               protocol="len(sets) calls per jitted program on distinct input copies, one sync, "
+                        "median of reps")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"kernels_{args.suite}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    if args.suite != "sweep":
+        plot(runs, os.path.join(args.out, f"kernels_{args.suite}.png"), meta)
+        summary(runs, log)
+    log(f"total {time.time() - t_start:.0f} s; wrote {path}")
+
+
+def sweep(log, reps):
+    """Tunables of the fused kernels at the two mandatory shapes."""
+    k = 1024
+    out = []
+    for shape in (Shape(8, 32 * k), Shape(1, 128 * k)):
+        nsplit0 = max(1, round(4 * 132 / (shape.B * shape.Hkv)))
+        pts = []
+        for bt in (256, 512):
+            for nw in (4, 8):
+                for ns in (2, 3):
+                    pts.append(("innerq", dict(block_tokens=bt, num_warps=nw, num_stages=ns)))
+        for f in (0.25, 0.5, 2.0):
+            pts.append(("innerq", dict(num_splits=max(1, int(nsplit0 * f)))))
+        pts.append(("innerq", dict(num_stages=1)))
+        for bt in (128, 256):
+            for nw in (4, 8):
+                pts.append(("outerq", dict(block_tokens=bt, num_warps=nw)))
+        names = ["bf16_pallas", "innerq_fused", "outerq_fused"]
+        names += [f"{kind}_fused@{json.dumps(o)}" for kind, o in pts]
+        res = run_shape(shape, names, reps, {}, log)
+        out.append(res)
+        log("  sweep " + shape.label)
+        for name, v in sorted(res["results"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
+            if "ms" in v:
+                log(f"    {v['ms']:8.4f} ms {v['gbps']:6.0f} GB/s  {name}")
+            else:
+                log(f"    FAILED {name}: {v}")
+    return out
+
+
+def summary(runs, log):
+    log("")
+    log(f"{'shape':34s} {'variant':20s} {'ms':>8s} {'GB/s':>6s} {'vs bf16':>8s} {'vs outerq':>9s}")
+    for run in runs:
+        res = run["results"]
+        peers = [res[p]["ms"] for p in ("bf16_xla", "bf16_pallas", "cudnn") if "ms" in res.get(p, {})]
+        best = min(peers) if peers else None
+        oq = res.get("outerq_fused", {}).get("ms")
+        for name, v in res.items():
+            if "ms" not in v:
+                log(f"{run['shape']['label']:34s} {name:20s} {'failed':>8s}")
+                continue
+            sp = f"{best / v['ms']:7.2f}x" if best else ""
+            so = f"{oq / v['ms']:8.2f}x" if oq and name.startswith("innerq") else ""
+            log(f"{run['shape']['label']:34s} {name:20s} {v['ms']:8.4f} {v['gbps']:6.0f} {sp:>8s} {so:>9s}")
+
+
+def plot(runs, path, meta):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, B in zip(axes, (1, 8)):
+        series = {}
+        for run in runs:
+            sh = run["shape"]
+            if sh["B"] != B or sh["Hkv"] != 8 or sh["D"] != 128 or sh["bits"] != 2 or sh["G"] != 32:
+                continue
+            res = run["results"]
+            peers = [res[p]["ms"] for p in ("bf16_xla", "bf16_pallas", "cudnn") if "ms" in res.get(p, {})]
+            if not peers:
+                continue
+            for name in ("innerq_fused", "outerq_fused", "innerq-h_fused", "int8_xla", "bf16_xla",
+                         "cudnn"):
+                if "ms" in res.get(name, {}):
+                    series.setdefault(name, []).append((sh["T"], min(peers) / res[name]["ms"]))
+        for name, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (k tokens)")
+        ax.set_title(f"B={B}, Hq 32 / Hkv 8, D 128, 2-bit G32")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup vs fastest bf16 peer")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{meta['device_kind']}, jax {meta['jax']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Two Pallas primitives the Triton lowering lacks, each with a plain-jnp meaning.
+
+* :func:`dot_acc` - ``acc + a @ b`` lowered to one ``tt.dot(a, b, acc)``. Pallas
+  lowers ``acc + jnp.dot(a, b)`` to a dot with a zero accumulator followed by an
+  elementwise add, and Triton 3.6 no longer fuses the two: a chain of 16
+  partial dots then costs an FADD per accumulator element per dot (measured
+  offline: 2 FADD per code). With the accumulator inside the MMA that cost is 0.
+* :func:`unpack_codes_bf16` - splits every packed uint32 word into its ``32 //
+  bits`` codes, each as the bf16 value ``128 + code * 2**e_j`` (the
+  "magic-number" conversion: a code placed in the mantissa of the bf16 128.0).
+  On the GPU this is one inline-PTX block per pair of words: two ``prmt``, a
+  few shifts and one ``lop3`` per output register (two codes), no I2F. The
+  offset 128 and the power of two ``2**e_j`` are exact and are folded into the
+  other operand of the dot and into the per-group zero-point term.
+
+Both are ordinary elementwise/contracting primitives for interpret mode (CPU),
+so the kernels run the same code there. The Triton lowering rules use jax
+internals (``jax._src.pallas.triton.lowering``); they are checked against
+jax 0.11.2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax._src import core as jax_core
+from jax._src import dispatch
+from jax.interpreters import mlir
+
+try:  # the Triton lowering registry; absent on jax builds without Pallas Triton
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas.triton import lowering as triton_lowering
+except ImportError:  # pragma: no cover - interpret mode still works
+    triton_lowering = None
+
+_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_triton_deprecation():
+    """Silences exactly the Pallas Triton backend deprecation warning (jax 0.11)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+        yield
+
+
+# The warning is raised when the pallas_call is *lowered*, which under an outer
+# jit happens long after the call returned. ``call_quietly`` binds a primitive
+# whose lowering rule lowers the kernel inside ``quiet_triton_deprecation``, so
+# the filter covers exactly this kernel's lowering, eager or jitted.
+quiet_call_p = jax_core.Primitive("innerq_quiet_pallas_call")
+quiet_call_p.multiple_results = True
+quiet_call_p.def_impl(functools.partial(dispatch.apply_primitive, quiet_call_p))
+
+
+@quiet_call_p.def_abstract_eval
+def _quiet_call_abstract(*avals, fn):
+    out = jax.eval_shape(fn, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+    return [jax_core.ShapedArray(o.shape, o.dtype) for o in out]
+
+
+def _quiet_call_lowering(ctx, *args, fn):
+    with quiet_triton_deprecation():
+        return mlir.lower_fun(lambda *xs: list(fn(*xs)), multiple_results=True)(ctx, *args)
+
+
+mlir.register_lowering(quiet_call_p, _quiet_call_lowering)
+
+
+def call_quietly(fn, *args):
+    """fn(*args) (fn returns a sequence of arrays; keep fn identical across calls for caching)."""
+    return quiet_call_p.bind(*args, fn=fn)
+
+
+# ------------------------------------------------------------------ dot_acc
+dot_acc_p = jax_core.Primitive("innerq_dot_acc")
+
+
+def _dot_acc_impl(acc, a, b):
+    return acc + jnp.dot(a, b, preferred_element_type=acc.dtype)
+
+
+def _dot_acc_abstract(acc, a, b):
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"dot_acc: bad operand shapes {a.shape} @ {b.shape}")
+    if acc.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"dot_acc: accumulator {acc.shape} != {(a.shape[0], b.shape[1])}")
+    return jax_core.ShapedArray(acc.shape, acc.dtype)
+
+
+dot_acc_p.def_impl(_dot_acc_impl)
+dot_acc_p.def_abstract_eval(_dot_acc_abstract)
+mlir.register_lowering(dot_acc_p, mlir.lower_fun(_dot_acc_impl, multiple_results=False))
+
+
+def dot_acc(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``acc + a @ b`` (f32 accumulator) with the accumulation inside the MMA."""
+    return dot_acc_p.bind(acc, a, b)
+
+
+# ------------------------------------------------------------------- unpack
+@functools.cache
+def unpack_plan(bits: int) -> tuple[tuple[int, int, int], ...]:
+    """For code j of a word: (half, shift, e).
+
+    The code is taken from 16-bit half ``half`` of the word, shifted right by
+    ``shift`` so that it lands at mantissa bit ``e`` of a bf16 (bits 0..6), and
+    becomes the value 128 + code * 2**e.
+    """
+    plan = []
+    if bits == 2:  # 8 codes per half at bits 2k; mantissa slots 0, 2, 4
+        for j in range(16):
+            half, k = divmod(j, 8)
+            shift = 6 * (k // 3)
+            plan.append((half, shift, 2 * k - shift))
+    elif bits == 4:  # 4 codes per half at bits 4k; mantissa slots 0 and 3
+        for j in range(8):
+            half, k = divmod(j, 4)
+            shift = (0, 1, 8, 9)[k]
+            plan.append((half, shift, 4 * k - shift))
+    else:
+        raise ValueError(f"bits={bits}; the kernels support 2 and 4")
+    return tuple(plan)
+
+
+def code_exponents(bits: int) -> tuple[int, ...]:
+    """e_j of :func:`unpack_plan`: code j unpacks to 128 + code * 2**e_j."""
+    return tuple(e for _, _, e in unpack_plan(bits))
+
+
+unpack_p = jax_core.Primitive("innerq_unpack_bf16")
+unpack_p.multiple_results = True
+
+
+def _unpack_impl(words, *, bits):
+    w = words.astype(jnp.uint32)
+    mask = jnp.uint32((1 << bits) - 1)
+    out = []
+    for j, e in enumerate(code_exponents(bits)):
+        c = ((w >> jnp.uint32(bits * j)) & mask).astype(jnp.float32)
+        out.append((128.0 + c * float(2**e)).astype(jnp.bfloat16))
+    return out
+
+
+def _unpack_abstract(words, *, bits):
+    if words.dtype != jnp.uint32:
+        raise ValueError(f"unpack_codes_bf16 needs uint32 words, got {words.dtype}")
+    return [jax_core.ShapedArray(words.shape, jnp.bfloat16)] * (32 // bits)
+
+
+unpack_p.def_impl(_unpack_impl)
+unpack_p.def_abstract_eval(_unpack_abstract)
+mlir.register_lowering(unpack_p, mlir.lower_fun(_unpack_impl, multiple_results=True))
+
+
+@functools.cache
+def _unpack_ptx(bits: int) -> str:
+    """PTX for one pair of words ($n, $n+1) -> n registers of two bf16 codes each.
+
+    prmt gathers the same 16-bit half of both words into one register, so every
+    lop3 ((x & mask) | 0x43004300) yields code j of both words at once: element
+    0 of the pair in the low half, element 1 in the high half. The result is
+    elementwise whatever layout Triton gives the pair.
+    """
+    n = 32 // bits
+    m = (1 << bits) - 1
+    a, b = f"${n}", f"${n + 1}"
+    plan = unpack_plan(bits)
+    shifted = sorted({(h, s) for h, s, _ in plan if s})
+    regs = ", ".join(["x0", "x1"] + [f"y{h}_{s}" for h, s in shifted])
+    lines = [
+        "{",
+        f".reg .b32 {regs};",
+        f"prmt.b32 x0, {a}, {b}, 0x5410;",
+        f"prmt.b32 x1, {a}, {b}, 0x7632;",
+    ]
+    lines += [f"shr.u32 y{h}_{s}, x{h}, {s};" for h, s in shifted]
+    for j, (h, s, e) in enumerate(plan):
+        src = f"y{h}_{s}" if s else f"x{h}"
+        mask = (m << e) * 0x10001
+        lines.append(f"lop3.b32 ${j}, {src}, {mask:#x}, 0x43004300, 0xea;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def unpack_codes_bf16(words: jax.Array, bits: int) -> list[jax.Array]:
+    """uint32 words [...] -> 32 // bits bf16 arrays [...]: 128 + code_j * 2**e_j."""
+    return unpack_p.bind(words, bits=bits)
+
+
+if triton_lowering is not None:
+
+    @triton_lowering.register_lowering(dot_acc_p)
+    def _dot_acc_triton(ctx, acc, a, b):
+        del ctx
+        return tt_dialect.dot(a, b, acc)
+
+    @triton_lowering.register_lowering(unpack_p)
+    def _unpack_triton(ctx, words, *, bits):
+        n = 32 // bits
+        out_types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
+        constraints = ",".join(["=r"] * n + ["r", "r"])
+        res = tt_dialect.elementwise_inline_asm(
+            out_types, _unpack_ptx(bits), constraints=constraints, pure=True,
+            packed_element=2, args=[words],
+        )
+        return [res] if isinstance(res, ir.Value) else list(res)

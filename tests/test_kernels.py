@@ -1,0 +1,186 @@
+"""Pallas kernels (interpret mode on the CPU) against their references.
+
+Tolerance. The reference is f32 throughout. The kernels feed the tensor cores
+bf16 operands: q * 2**-e for the key scores and p * 2**-e for the value sum
+(the codes themselves are exact in bf16). Rounding an operand to bf16 changes
+it by at most 2**-9 relative (~1.1e-3 RMS); through the softmax and the
+weighted sum this gives relative L2 errors of 1e-3..4e-3 here, so the bound
+is 1e-2 (relative L2 over the whole output). Where the rounding is the only
+difference (kernel (a) fed a bf16-exact query) the kernel must agree to 2e-5.
+NaN never passes (assert_allclose and the norm both propagate it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from innerq_jax import CacheConfig, KVCache
+from innerq_jax.attention import decode_attention_layer, prepare_query, quantized_attention_core
+from innerq_jax.layout import region_sizes
+from pallas_kernels.decode import quantized_decode_attention
+from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
+from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
+
+TOL = 1e-2
+# The default suite runs the kernels in interpret mode on the CPU. On the GPU
+# machine, INNERQ_KERNEL_TESTS=gpu runs the same checks through the compiled
+# Triton kernels (the inline PTX and the MMA layouts only exist there).
+INTERPRET = os.environ.get("INNERQ_KERNEL_TESTS", "interpret") != "gpu"
+
+
+def _rel(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out)), "kernel output has NaN/Inf"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _kv(rng, B, H, T, D):
+    """Keys with channel offsets and a few outlier channels, values normal."""
+    k = rng.standard_normal((1, B, H, T, D)) + 1.5 * rng.standard_normal(D)
+    for c in rng.choice(D, 3, replace=False):
+        k[..., c] *= 8.0
+    v = rng.standard_normal((1, B, H, T, D))
+    v[..., rng.integers(D)] *= 4.0
+    return k, v
+
+
+def _cache(cfg, B, H, D, lengths, appends=0, seed=0):
+    """Prefill to ``lengths - appends`` then append one token at a time.
+
+    Appends run through the cache's own flush logic: a sequence whose recent
+    window reaches R + G during the appends moves a group into the quantized region.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths)
+    assert lengths.min() >= appends, "every sequence receives every appended token"
+    T = int(lengths.max())
+    k, v = _kv(rng, B, H, T, D)
+    pre = np.maximum(lengths - appends, 0)
+    Tp = max(int(pre.max()), 1)
+    cache = KVCache.from_prefill(cfg, jnp.asarray(k[..., :Tp, :], jnp.float32),
+                                 jnp.asarray(v[..., :Tp, :], jnp.float32), pre)
+    step = jax.jit(lambda c, kk, vv: c.append(kk, vv))
+    for i in range(appends):
+        idx = np.minimum(pre + i, T - 1)
+        kn = np.stack([k[0, b, :, idx[b]] for b in range(B)])[None]
+        vn = np.stack([v[0, b, :, idx[b]] for b in range(B)])[None]
+        cache = step(cache, jnp.asarray(kn, jnp.float32), jnp.asarray(vn, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    return cache
+
+
+def _query(cache, Hq, seed=1):
+    layer = cache.layer(0)
+    D = cache.head_dim
+    q = jax.random.normal(jax.random.PRNGKey(seed), (cache.batch, Hq, D), jnp.float32)
+    return q, prepare_query(q, layer, cache.config, 1.0 / math.sqrt(D))
+
+
+# name: (config, D, Hq, Hkv, lengths, appends, kernel options)
+FUSED = {
+    # capacity 640 -> 480 quantized slots: not a multiple of the 256-token block;
+    # lengths: full, inside the sink, recent only (no quantized token), one group,
+    # and one (197) whose window flushes a group during the appends
+    "innerq2-G32-D128-gqa4": (CacheConfig.innerq(capacity=640), 128, 8, 2,
+                             [630, 3, 140, 4 + 128 + 32 + 5, 197], 3, {}),
+    "innerq2-G32-D128-gqa4-splits3": (CacheConfig.innerq(capacity=640), 128, 8, 2,
+                                     [630, 520, 300], 0, {"num_splits": 3}),
+    "innerq4-G64-D64-smollm": (CacheConfig.innerq(bits=4, group_size=64, recent=64, capacity=512),
+                               64, 9, 3, [500, 2, 200], 2, {}),
+    "innerq2-G32-D64-smollm": (CacheConfig.innerq(capacity=512), 64, 9, 3, [510, 300, 1], 1, {}),
+    "innerq2-G64-D128-mha": (CacheConfig.innerq(group_size=64, capacity=512), 128, 2, 2,
+                             [512, 250, 70], 3, {}),
+    "innerq4-G32-D128-gqa4": (CacheConfig.innerq(bits=4, capacity=512), 128, 8, 2,
+                              [505, 180, 0], 0, {}),
+    "innerq2-nosink": (CacheConfig.innerq(sink=0, capacity=512), 64, 4, 1, [480, 33], 3, {}),
+    "outerq2-G32-D128-gqa4": (CacheConfig.outerq(capacity=640), 128, 8, 2,
+                              [630, 3, 140, 300], 3, {}),
+    "outerq4-G64-D64-smollm": (CacheConfig.outerq(bits=4, group_size=64, recent=64, capacity=512),
+                               64, 9, 3, [500, 1, 260], 1, {}),
+    "outerq2-sinks-mha": (CacheConfig.outerq(sink=4, capacity=512), 64, 2, 2, [400, 2], 2,
+                          {"num_splits": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_equals_reference(name):
+    cfg, D, Hq, Hkv, lengths, appends, opts = FUSED[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    layer = cache.layer(0)
+    _, qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    out = quantized_decode_attention(qp, layer, cache.lengths, cfg, interpret=INTERPRET, **opts)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert _rel(out, ref) < TOL
+    # sequences with no token at all give zeros, as the reference does
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+def test_regions_exercised():
+    """The fused configs cover a sequence inside the sink, one with no quantized token,
+    one with exactly one quantized group, and full ones."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = FUSED["innerq2-G32-D128-gqa4"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    sizes = region_sizes(cache.lengths, cfg)
+    nq = np.asarray(sizes.quantized)
+    assert nq[1] == 0 and np.asarray(sizes.sink)[1] == 3
+    assert nq[2] == 0 and np.asarray(sizes.recent)[2] > 0
+    assert nq[3] == cfg.group_size
+    assert nq[0] > 256  # more than one block, and a partial last block
+    # the last sequence flushed a group during the appends
+    pre = region_sizes(jnp.asarray(lengths) - appends, cfg).quantized
+    assert nq[4] > int(pre[4])
+
+
+@pytest.mark.parametrize("rotation", ["keys_values", "keys"])
+def test_innerq_h_through_dispatch(rotation):
+    cfg = CacheConfig.innerq(rotation=rotation, capacity=512)
+    lengths = [500, 150, 6]
+    cache = _cache(cfg, 3, 2, 64, lengths, appends=4)
+    q, _ = _query(cache, 8)
+    layer = cache.layer(0)
+    ref = decode_attention_layer(q, layer, cache.lengths, cfg, backend="reference")
+    out = decode_attention_layer(q, layer, cache.lengths, cfg, backend="interpret" if INTERPRET else "pallas")
+    assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("bits,G,D", [(2, 32, 128), (4, 64, 64), (2, 64, 64)])
+def test_key_scores_kernel(bits, G, D):
+    cfg = CacheConfig.innerq(bits=bits, group_size=G, capacity=512)
+    cache = _cache(cfg, 2, 2, D, [500, 200])
+    layer = cache.layer(0)
+    _, qp = _query(cache, 8)
+    out = quantized_key_scores(qp, layer.k, interpret=INTERPRET)
+    assert _rel(out, key_scores_reference(qp, layer.k)) < TOL
+    # with a bf16-exact query the only rounding left is f32 accumulation
+    qb = qp.astype(jnp.bfloat16).astype(jnp.float32)
+    out_b = quantized_key_scores(qb, layer.k, interpret=INTERPRET)
+    assert _rel(out_b, key_scores_reference(qb, layer.k)) < 2e-5
+
+
+@pytest.mark.parametrize("bits,G,D,r", [(2, 32, 128, 4), (4, 32, 64, 3)])
+def test_value_sum_kernel(bits, G, D, r):
+    cfg = CacheConfig.innerq(bits=bits, group_size=G, capacity=512)
+    cache = _cache(cfg, 2, 2, D, [500, 200])
+    layer = cache.layer(0)
+    n = region_sizes(cache.lengths, cfg).quantized
+    Tq = cfg.quant_capacity
+    p = jax.random.uniform(jax.random.PRNGKey(3), (2, 2, r, Tq)) ** 4  # peaked weights
+    out = quantized_value_sum(p, layer.v, n, interpret=INTERPRET)
+    assert _rel(out, value_sum_reference(p, layer.v, n)) < TOL
+
+
+def test_rejects_bad_options():
+    cfg = CacheConfig.innerq(capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    _, qp = _query(cache, 1)
+    with pytest.raises(ValueError, match="block_tokens"):
+        quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg, interpret=INTERPRET,
+                                   block_tokens=96)
