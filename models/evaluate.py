@@ -1,0 +1,526 @@
+"""Fidelity evaluation of KV-cache configurations: perplexity, divergence, GSM8K, passkey.
+
+Perplexity protocol (the one of ``docs/innerq.md``, "Reference measurements"):
+each window holds ``P + Nd`` tokens. The first ``P`` are prefilled into the
+cache; the remaining ``Nd`` are scored. The prediction of token ``P`` comes
+from the prefill's last logits (prefill attends over exact keys and values,
+so this one prediction is the same for every cache), and tokens ``P+1 ..
+P+Nd-1`` are predicted by ``Nd - 1`` teacher-forced decode steps through the
+cache, each feeding the true previous token. All decode steps of a window run
+in one ``lax.scan`` inside one ``jax.jit`` with the cache(s) carried.
+
+Divergence: the configurations of one run share the scan: configuration 0
+(by default the bf16 cache) is the reference, and at every step the KL
+divergence KL(ref || cfg) of the next-token distributions and the top-1
+agreement are reduced inside the scan, so nothing of size [steps, V] is kept.
+
+GSM8K: 8-shot chain of thought with the first 8 problems of
+``gsm8k/train.jsonl`` as fixed exemplars ("Question: ...\\nAnswer: <solution>"
+with the "#### n" line rewritten as "The answer is n."), greedy decoding, the
+completion cut at the first blank line or "Question:".
+
+Passkey: a 5-digit number hidden at a relative depth of repeated filler text
+of L tokens; the model must repeat it.
+
+CLI: ``python -m models.evaluate {ppl,gsm8k,passkey} --set main ...``
+(see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from innerq_jax import CacheConfig, KVCache
+from models.llama import Llama, decode_step, prefill
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "benchmarks", "results")
+DATA_DIR = "/work/shared/data"
+BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured
+
+
+# ============================================================== named sets
+def named_set(name: str) -> list[tuple[str, CacheConfig]]:
+    """(label, config) rows of a named set; the first row is the reference (bf16)."""
+    if name == "main":
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("int8", CacheConfig.int8()),
+            ("innerq2", CacheConfig.innerq()),
+            ("innerq-h2 keys", CacheConfig.innerq_h(rotation="keys")),
+            ("innerq-h2 keys+values", CacheConfig.innerq_h()),
+            ("outerq2", CacheConfig.outerq()),
+            ("outerq2+sinks", CacheConfig.outerq(sink=4)),
+            ("innerq4", CacheConfig.innerq(bits=4)),
+            ("innerq-h4 keys", CacheConfig.innerq_h(bits=4, rotation="keys")),
+            ("outerq4", CacheConfig.outerq(bits=4)),
+        ]
+    if name == "core":  # the minimum for a second text
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("innerq2", CacheConfig.innerq()),
+            ("innerq-h2 keys+values", CacheConfig.innerq_h()),
+            ("outerq2+sinks", CacheConfig.outerq(sink=4)),
+        ]
+    if name == "ablations":
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("innerq2", CacheConfig.innerq()),
+            ("innerq2 asymmetric only", CacheConfig.innerq(hybrid="asymmetric")),
+            ("innerq2 symmetric only", CacheConfig.innerq(hybrid="symmetric")),
+            ("innerq2 no sinks", CacheConfig.innerq(sink=0)),
+            ("innerq2 no recent", CacheConfig.innerq(recent=0)),
+            ("innerq2 no centre", CacheConfig.innerq(key_norm="scale")),
+            ("innerq2 no key norm", CacheConfig.innerq(key_norm="none")),
+            ("innerq2 G16", CacheConfig.innerq(group_size=16)),
+            ("innerq2 G64", CacheConfig.innerq(group_size=64, recent=128)),
+            ("innerq2 sigma std", CacheConfig.innerq(key_scale="std")),
+        ]
+    raise ValueError(f"unknown set {name!r}; choose main, core or ablations")
+
+
+def bytes_per_element(model_cfg, cfg: CacheConfig, capacity: int = BYTES_CAPACITY,
+                      batch: int = 1) -> float:
+    """Bytes of all cache arrays at ``capacity`` / (L * B * Hkv * 2 * capacity * D).
+
+    Measured from the arrays of an empty cache (their shapes are static), so
+    scales, zero-points, masks, sink and recent windows and lengths all count.
+    """
+    c = cfg.replace(capacity=capacity)
+    shapes = jax.eval_shape(lambda: KVCache.create(c, model_cfg.num_layers, batch,
+                                                    model_cfg.num_kv_heads, model_cfg.head_dim))
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves(shapes))
+    elems = model_cfg.num_layers * batch * model_cfg.num_kv_heads * 2 * capacity * model_cfg.head_dim
+    return total / elems
+
+
+def _with_capacity(cfg: CacheConfig, need: int) -> CacheConfig:
+    g = cfg.group_size
+    cap = max(need, cfg.sink + cfg.recent + g if cfg.quantized else need)
+    cap = -(-cap // g) * g
+    return cfg.replace(capacity=cap)
+
+
+# ============================================================ perplexity
+@functools.partial(jax.jit, static_argnames=("configs", "prefill_len", "backend"))
+def _score_windows(model, tokens, configs, prefill_len, backend="reference"):
+    """tokens [B, P + Nd] -> per config: nll [B, Nd], kl [B, Nd], agree [B, Nd].
+
+    Column 0 is the prefill's prediction of token P; column j > 0 is decode
+    step j (fed token P + j - 1, predicting token P + j). KL and agreement are
+    against configs[0].
+    """
+    B, W = tokens.shape
+    P = prefill_len
+    lengths = jnp.full((B,), P, jnp.int32)
+    caches, first = [], None
+    for cfg in configs:
+        logits, cache = prefill(model, tokens[:, :P], lengths, cfg)
+        caches.append(cache)
+        first = logits  # identical for every config (prefill uses exact k, v)
+
+    def scores(logits_list, target):
+        lps = [jax.nn.log_softmax(l.astype(jnp.float32), axis=-1) for l in logits_list]
+        ref = lps[0]
+        pref = jnp.exp(ref)
+        top_ref = jnp.argmax(ref, axis=-1)
+        nll = jnp.stack([-jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0] for lp in lps])
+        kl = jnp.stack([jnp.sum(pref * (ref - lp), axis=-1) for lp in lps])
+        agree = jnp.stack([(jnp.argmax(lp, axis=-1) == top_ref) for lp in lps])
+        return nll, kl, agree  # each [C, B]
+
+    s0 = scores([first] * len(configs), tokens[:, P])
+
+    def step(caches, inp):
+        tok, target = inp
+        outs = [decode_step(model, c, tok, backend=backend) for c in caches]
+        s = scores([o[0] for o in outs], target)
+        return tuple(o[1] for o in outs), s
+
+    xs = (jnp.swapaxes(tokens[:, P:W - 1], 0, 1), jnp.swapaxes(tokens[:, P + 1:W], 0, 1))
+    _, (nll, kl, agree) = jax.lax.scan(step, tuple(caches), xs)  # [Nd-1, C, B]
+    cat = lambda a, b: jnp.concatenate([a[None], b], 0).transpose(1, 2, 0)  # [C, B, Nd]
+    return cat(s0[0], nll), cat(s0[1], kl), cat(s0[2], agree)
+
+
+def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig], *,
+                     prefill_len: int = 512, decode_len: int = 1024, batch: int = 8,
+                     backend: str = "reference", progress=None) -> list[dict]:
+    """Runs all ``configs`` side by side over the windows; configs[0] is the reference.
+
+    Returns one dict per config: nll_sum, count, perplexity, mean_kl (vs
+    configs[0]), top1_agreement, and per-step mean NLL / KL curves (length Nd).
+    """
+    w = np.asarray(token_windows)
+    W = prefill_len + decode_len
+    if w.ndim != 2 or w.shape[1] < W:
+        raise ValueError(f"token_windows must be [N, >= P + Nd = {W}], got {w.shape}")
+    w = w[:, :W].astype(np.int32)
+    cfgs = tuple(_with_capacity(c, W) for c in configs)
+    nll_sum = np.zeros(len(cfgs)); kl_sum = np.zeros(len(cfgs)); agree_sum = np.zeros(len(cfgs))
+    nll_step = np.zeros((len(cfgs), decode_len)); kl_step = np.zeros((len(cfgs), decode_len))
+    count = 0
+    for s in range(0, len(w), batch):
+        chunk = w[s:s + batch]
+        nll, kl, agree = jax.device_get(
+            _score_windows(model, jnp.asarray(chunk), cfgs, prefill_len, backend))
+        nll_sum += nll.sum((1, 2)); kl_sum += kl.sum((1, 2)); agree_sum += agree.sum((1, 2))
+        nll_step += nll.sum(1); kl_step += kl.sum(1)
+        count += chunk.shape[0] * decode_len
+        if progress is not None:
+            progress(chunk.shape[0])
+    n_win = len(w)
+    return [dict(nll_sum=float(nll_sum[i]), count=count,
+                 perplexity=float(math.exp(nll_sum[i] / count)),
+                 mean_kl=float(kl_sum[i] / count), top1_agreement=float(agree_sum[i] / count),
+                 nll_per_step=(nll_step[i] / n_win).tolist(),
+                 kl_per_step=(kl_step[i] / n_win).tolist())
+            for i in range(len(cfgs))]
+
+
+def decode_perplexity(model: Llama, token_windows, cache_config: CacheConfig, *,
+                      prefill_len: int = 512, decode_len: int = 1024, batch: int = 8,
+                      reference: CacheConfig | None = None, backend: str = "reference") -> dict:
+    """Teacher-forced decode perplexity of one cache configuration.
+
+    With ``reference`` (e.g. ``CacheConfig.bf16()``) the reference cache runs
+    in the same scan and the result also carries mean_kl / top1_agreement
+    against it; without, those fields compare the config with itself (0, 1).
+    """
+    configs = [reference, cache_config] if reference is not None else [cache_config]
+    res = evaluate_configs(model, token_windows, configs, prefill_len=prefill_len,
+                           decode_len=decode_len, batch=batch, backend=backend)
+    return res[-1]
+
+
+def divergence(model: Llama, token_windows, cache_config: CacheConfig,
+               reference: CacheConfig | None = None, **kw) -> dict:
+    """Mean KL(reference || cache_config) per scored token and top-1 agreement."""
+    reference = reference or CacheConfig.bf16()
+    r = decode_perplexity(model, token_windows, cache_config, reference=reference, **kw)
+    return dict(mean_kl=r["mean_kl"], top1_agreement=r["top1_agreement"], count=r["count"])
+
+
+def text_windows(tokenizer, path: str | None = None, *, text: str | None = None,
+                 window: int = 1536, n: int | None = None) -> np.ndarray:
+    """Tokenizes a text (no special tokens) and cuts consecutive windows [N, window]."""
+    if text is None:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    N = len(ids) // window
+    if n is not None:
+        N = min(N, n)
+    return ids[: N * window].reshape(N, window)
+
+
+def gsm8k_document(split: str = "train") -> str:
+    """GSM8K solutions joined into one document (the second perplexity text)."""
+    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", f"{split}.jsonl"))
+    return "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows)
+
+
+# ================================================================ GSM8K
+_NUM = re.compile(r"-?\$?\s?-?\d[\d,]*(?:\.\d+)?")
+
+
+def _norm_number(s: str) -> str | None:
+    neg = s.strip().startswith("-") or "$-" in s or "-$" in s
+    s = s.replace("$", "").replace(",", "").replace("-", "").strip()
+    if not s or not any(ch.isdigit() for ch in s):
+        return None
+    if "." in s:
+        s = s.rstrip("0").rstrip(".") or "0"
+    s = s.lstrip("0") or "0"
+    if s.startswith("."):
+        s = "0" + s
+    return ("-" + s) if neg and s != "0" else s
+
+
+def extract_answer(text: str) -> str | None:
+    """The final number of a GSM8K answer or completion, normalized; None if none.
+
+    Prefers the number after "####", then after "answer is", else the last
+    number in the text. Commas, dollar signs and trailing ".0" are removed;
+    a leading minus is kept ("#### -3" -> "-3"; "$1,234.50" -> "1234.5").
+    """
+    if text is None:
+        return None
+    for marker in (r"####", r"[Tt]he (?:final )?answer is"):
+        m = re.search(marker + r"[:\s]*(" + _NUM.pattern + ")", text)
+        if m:
+            return _norm_number(m.group(1))
+    nums = _NUM.findall(text)
+    for s in reversed(nums):
+        v = _norm_number(s)
+        if v is not None:
+            return v
+    return None
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _exemplar(row) -> str:
+    sol, _, ans = row["answer"].partition("####")
+    sol = re.sub(r"<<[^>]*>>", "", sol).strip()
+    return f"Question: {row['question']}\nAnswer: {sol} The answer is {ans.strip()}."
+
+
+def gsm8k_prompt(question: str, shots: int = 8) -> str:
+    """Few-shot prompt; exemplars are the first ``shots`` problems of train.jsonl."""
+    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", "train.jsonl"))[:shots]
+    return "\n\n".join([_exemplar(r) for r in rows] + [f"Question: {question}\nAnswer:"])
+
+
+def _cut(text: str) -> str:
+    for stop in ("\n\n", "Question:"):
+        i = text.find(stop)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def gsm8k_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig], n: int = 20,
+               shots: int = 8, *, max_new_tokens: int = 192, batch: int = 4,
+               eos_ids: Sequence[int] = (), progress=None) -> list[dict]:
+    """Accuracy of greedy 8-shot CoT on the first ``n`` test problems, per config.
+
+    Agreement: fraction of problems whose extracted answer equals the one of
+    cache_configs[0] (the reference).
+    """
+    from models.generate import generate
+
+    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", "test.jsonl"))[:n]
+    prompts = [tokenizer.encode(gsm8k_prompt(r["question"], shots), add_special_tokens=False).ids
+               for r in rows]
+    golds = [extract_answer(r["answer"]) for r in rows]
+    need = max(len(p) for p in prompts) + max_new_tokens
+    answers = []
+    for cfg in cache_configs:
+        cfg = _with_capacity(cfg, need)
+        preds = []
+        for s in range(0, len(prompts), batch):
+            g = generate(model, prompts[s:s + batch], cfg, max_new_tokens=max_new_tokens,
+                         eos_ids=tuple(eos_ids), backend="reference")
+            for toks, ln in zip(g.tokens, g.lengths):
+                preds.append(extract_answer(_cut(tokenizer.decode(list(toks[:ln])))))
+            if progress is not None:
+                progress(len(prompts[s:s + batch]))
+        answers.append(preds)
+    out = []
+    for preds in answers:
+        acc = float(np.mean([p is not None and p == g for p, g in zip(preds, golds)]))
+        agr = float(np.mean([p == r for p, r in zip(preds, answers[0])]))
+        out.append(dict(accuracy=acc, agreement=agr, n=len(rows), answers=preds))
+    return out
+
+
+# ============================================================== passkey
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+           "There and back again. ")
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
+    """~``length`` tokens of filler with the pass key at relative ``depth``."""
+    head = ("There is an important pass key hidden inside a lot of irrelevant text. "
+            "Find it and memorize it.\n")
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    tail = "\nWhat is the pass key? The pass key is"
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
+    fill = enc(_FILLER)
+    budget = length - len(enc(head)) - len(enc(needle)) - len(enc(tail))
+    reps = max(1, budget // len(fill))
+    before = int(round(reps * depth))
+    return enc(head) + fill * before + enc(needle) + fill * (reps - before) + enc(tail)
+
+
+def passkey_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig],
+                 lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), trials: int = 2,
+                 seed: int = 0, progress=None) -> list[dict]:
+    """Success rate (the 5-digit key appears in the greedy continuation) per length/depth."""
+    from models.generate import generate
+
+    rng = np.random.default_rng(seed)
+    cases = [(L, d, int(rng.integers(10000, 100000))) for L in lengths for d in depths
+             for _ in range(trials)]
+    out = []
+    for cfg in cache_configs:
+        per = {}
+        for L in lengths:
+            sub = [c for c in cases if c[0] == L]
+            prompts = [passkey_prompt(tokenizer, L, d, k) for _, d, k in sub]
+            c2 = _with_capacity(cfg, max(len(p) for p in prompts) + 8)
+            g = generate(model, prompts, c2, max_new_tokens=8, backend="reference")
+            for (_, d, k), toks, ln in zip(sub, g.tokens, g.lengths):
+                ok = str(k) in tokenizer.decode(list(toks[:ln]))
+                per.setdefault(f"L{L}_d{d}", []).append(ok)
+            if progress is not None:
+                progress(1)
+        rates = {k: float(np.mean(v)) for k, v in per.items()}
+        rates["overall"] = float(np.mean([x for v in per.values() for x in v]))
+        out.append(rates)
+    return out
+
+
+# ================================================================= output
+def _write(stem: str, payload: dict, table: str):
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, stem + ".json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(RESULTS_DIR, stem + ".md"), "w") as f:
+        f.write(table)
+
+
+def _ppl_table(payload) -> str:
+    rows = payload["rows"]
+    ref = rows[0]["perplexity"]
+    lines = [f"# {payload['title']}", "",
+             f"text: {payload['text']}; windows: {payload['windows']} ({payload['first_window']}.."
+             f"{payload['first_window'] + payload['windows'] - 1}); P={payload['prefill_len']}, "
+             f"Nd={payload['decode_len']}; scored tokens: {rows[0]['count']}; "
+             f"wall time {payload['seconds']:.0f} s", "",
+             "| label | config | B/elem | perplexity | vs bf16 | mean KL | top-1 agree |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['short_name']} | {r['bytes_per_element']:.4f} | "
+                     f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref - 1):+.1f}% | "
+                     f"{r['mean_kl']:.4f} | {r['top1_agreement']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(stem: str, payload):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r["bytes_per_element"] for r in rows]
+    ys = [r["perplexity"] for r in rows]
+    ax.scatter(xs, ys)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    pts = sorted(zip(xs, ys))
+    front, best = [], float("inf")
+    for x, y in pts:
+        if y < best:
+            front.append((x, y)); best = y
+    ax.plot(*zip(*front), "--", alpha=0.5, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("cache bytes per cached element (capacity 2048)")
+    ax.set_ylabel("decode perplexity")
+    ax.set_title(payload["title"], fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS_DIR, stem + ".png"), dpi=120)
+    plt.close(fig)
+
+
+def _load_model(dtype):
+    from models.weights import load_checkpoint
+
+    ckpt = load_checkpoint(None)
+    return Llama.from_checkpoint(ckpt, dtype=dtype), ckpt
+
+
+def main(argv=None) -> int:
+    """innerq eval {ppl,gsm8k,passkey} --set NAME [--text PATH|gsm8k] [--windows N] ..."""
+    from tqdm import tqdm
+
+    ap = argparse.ArgumentParser(prog="innerq eval")
+    ap.add_argument("task", choices=("ppl", "gsm8k", "passkey"))
+    ap.add_argument("--set", default="main")
+    ap.add_argument("--only", default=None, help="comma-separated labels to keep (bf16 always)")
+    ap.add_argument("--text", default=os.path.join(DATA_DIR, "wikitext-2-raw", "wiki.test.raw"),
+                    help="a text file, or 'gsm8k' for GSM8K train solutions as one document")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--first-window", type=int, default=0)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--n", type=int, default=20, help="GSM8K problems")
+    ap.add_argument("--lengths", default="1024,2048", help="passkey lengths")
+    ap.add_argument("--tag", default=None, help="output file stem suffix")
+    ap.add_argument("--dtype", default="bfloat16")
+    a = ap.parse_args(argv)
+
+    rows = named_set(a.set)
+    if a.only:
+        keep = set(a.only.split(","))
+        rows = [r for i, r in enumerate(rows) if i == 0 or r[0] in keep]
+    model, ckpt = _load_model(jnp.dtype(a.dtype))
+    tok = ckpt.tokenizer
+    t0 = time.time()
+    tag = a.tag or a.set
+    if a.task == "ppl":
+        text_name = "gsm8k-train-solutions" if a.text == "gsm8k" else os.path.basename(a.text)
+        src = dict(text=gsm8k_document()) if a.text == "gsm8k" else dict(path=a.text)
+        W = a.prefill + a.decode
+        wins = text_windows(tok, window=W, n=a.first_window + a.windows, **src)[a.first_window:]
+        bar = tqdm(total=len(wins), desc=f"ppl {a.set} ({len(rows)} caches side by side)")
+        res = evaluate_configs(model, wins, [c for _, c in rows], prefill_len=a.prefill,
+                               decode_len=a.decode, batch=a.batch, progress=bar.update)
+        bar.close()
+        out_rows = []
+        for (label, cfg), r in zip(rows, res):
+            out_rows.append(dict(label=label, short_name=cfg.short_name(),
+                                 bytes_per_element=bytes_per_element(model.cfg, cfg), **r))
+        payload = dict(title=f"decode perplexity, set {a.set}, {text_name}", text=text_name,
+                       windows=len(wins), first_window=a.first_window, prefill_len=a.prefill,
+                       decode_len=a.decode, seconds=time.time() - t0, rows=out_rows)
+        stem = f"fidelity_ppl_{tag}_{text_name.split('.')[0]}"
+        _write(stem, payload, _ppl_table(payload))
+        _plot(stem, payload)
+        print(_ppl_table(payload))
+    elif a.task == "gsm8k":
+        bar = tqdm(total=a.n * len(rows), desc="gsm8k")
+        res = gsm8k_eval(model, tok, [c for _, c in rows], n=a.n, eos_ids=ckpt.eos_token_ids,
+                         progress=bar.update)
+        bar.close()
+        out_rows = [dict(label=l, short_name=c.short_name(),
+                         bytes_per_element=bytes_per_element(model.cfg, c), **r)
+                    for (l, c), r in zip(rows, res)]
+        payload = dict(task="gsm8k", n=a.n, shots=8, seconds=time.time() - t0, rows=out_rows)
+        lines = [f"# GSM8K 8-shot CoT, first {a.n} test problems (greedy), "
+                 f"{payload['seconds']:.0f} s", "",
+                 "| label | config | B/elem | accuracy | agreement with bf16 |",
+                 "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['label']} | {r['short_name']} | {r['bytes_per_element']:.4f} | "
+                  f"{r['accuracy']:.3f} | {r['agreement']:.3f} |" for r in out_rows]
+        _write(f"fidelity_gsm8k_{tag}", payload, "\n".join(lines) + "\n")
+        print("\n".join(lines))
+    else:
+        lengths = tuple(int(x) for x in a.lengths.split(","))
+        bar = tqdm(total=len(lengths) * len(rows), desc="passkey")
+        res = passkey_eval(model, tok, [c for _, c in rows], lengths=lengths, progress=bar.update)
+        bar.close()
+        out_rows = [dict(label=l, short_name=c.short_name(), **r) for (l, c), r in zip(rows, res)]
+        payload = dict(task="passkey", lengths=lengths, seconds=time.time() - t0, rows=out_rows)
+        keys = [k for k in out_rows[0] if k.startswith("L")] + ["overall"]
+        lines = [f"# Passkey retrieval (5-digit key), {payload['seconds']:.0f} s", "",
+                 "| label | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        lines += [f"| {r['label']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |"
+                  for r in out_rows]
+        _write(f"fidelity_passkey_{tag}", payload, "\n".join(lines) + "\n")
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

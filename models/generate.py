@@ -1,0 +1,142 @@
+"""Jit-compiled generation: prefill, then a ``lax.while_loop`` of decode steps.
+
+The whole loop is one compiled program (no Python loop per token). Streaming
+is a host callback per step, only when a callback is given. Capacity is
+checked before the loop starts: a prompt plus ``max_new_tokens`` that does not
+fit the cache is a ``ValueError``, never a silent overwrite.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from innerq_jax import CacheConfig
+from models.llama import Llama, decode_step, prefill
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] f32 -> token ids [B]."""
+    if s.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(x, s.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if s.top_p < 1:
+        srt = jnp.sort(x, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+        # smallest set whose mass reaches top_p: keep tokens whose preceding mass < top_p
+        keep = (cum - jax.nn.softmax(srt, axis=-1)) < s.top_p
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # [B, max_new_tokens] generated ids (after a stop: pad)
+    lengths: np.ndarray  # [B] tokens generated per sequence, the stop token included
+    cache: object  # the final KVCache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
+                     "stream"),
+)
+def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
+              backend, stream):
+    B = tokens.shape[0]
+    logits, cache = prefill(model, tokens, lengths, cache_config)
+    key = jax.random.PRNGKey(sampling.seed)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    out = jnp.zeros((B, max_new_tokens), jnp.int32)
+
+    def emit(i, tok, done):
+        if stream is not None:
+            jax.debug.callback(stream, i, tok, done, ordered=True)
+
+    def cond(state):
+        i, _, _, done, _, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, cache, done, out, n, key = state
+        out = out.at[:, i].set(jnp.where(done, 0, tok))
+        n = n + (~done).astype(jnp.int32)
+        emit(i, tok, done)
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        logits, cache = decode_step(model, cache, tok, backend=backend)
+        key, sub = jax.random.split(key)
+        return i + 1, sample(logits, sub, sampling), cache, done, out, n, key
+
+    key, sub = jax.random.split(key)
+    first = sample(logits, sub, sampling)
+    state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
+             key)
+    _, _, cache, _, out, n, _ = jax.lax.while_loop(cond, body, state)
+    return out, n, cache
+
+
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    cache_config: CacheConfig,
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    eos_ids: Sequence[int] = (),
+    backend: str = "auto",
+    stream: Callable | None = None,
+) -> Generation:
+    """Generates for a batch of token-id prompts of different lengths.
+
+    ``stream(step, tokens [B], done [B])`` is called on the host after each
+    step when given (used by the CLI to print text as it comes).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    # the last sampled token is never appended, so the cache must hold prompt + new - 1
+    need = int(lengths.max()) + max_new_tokens - 1
+    if need > cache_config.capacity:
+        raise ValueError(
+            f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) needs "
+            f"{need} cache slots but the cache capacity is {cache_config.capacity}; raise the "
+            "capacity or lower max_new_tokens"
+        )
+    if need > model.cfg.max_positions:
+        raise ValueError(f"{need} positions exceed the model's context of {model.cfg.max_positions}")
+    T = int(lengths.max())
+    tokens = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    out, n, cache = _generate(model, jnp.asarray(tokens), jnp.asarray(lengths), cache_config,
+                              max_new_tokens, sampling, tuple(eos_ids), backend, stream)
+    return Generation(np.asarray(out), np.asarray(n), cache)
