@@ -147,6 +147,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "e2e_decode.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    plot(os.path.join(args.out, "e2e_decode.json"), os.path.join(args.out, "e2e_decode.png"))
     print(f"\n{meta}")
     print(f"{'model':28s} {'cache':8s} {'B':>3s} {'ctx':>6s} {'ms/step':>9s} {'tok/s':>9s} "
           f"{'vs bf16':>8s}")
@@ -164,6 +165,34 @@ def main():
     for r in rows:
         if "max_batch_at_32k" in r:
             print(f"max batch @32k  {r['model']:28s} {r['cache']:8s} {r['max_batch_at_32k']}")
+
+
+
+def plot(json_path: str, png_path: str) -> None:
+    """Tokens/s per cache kind and shape, from a result JSON (run anywhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.load(open(json_path))
+    rows = [r for r in data["rows"] if r.get("step_ms")]
+    groups = sorted({(r["model"], r["B"], r["context"]) for r in rows})
+    kinds = ["bf16", "int8", "outerq2", "innerq2"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    w = 0.2
+    for i, kind in enumerate(kinds):
+        ys = [next((r["tokens_per_s"] for r in rows if (r["model"], r["B"], r["context"]) == g
+                    and r["cache"] == kind), 0) for g in groups]
+        ax.bar(np.arange(len(groups)) + (i - 1.5) * w, ys, w, label=kind)
+    ax.set_xticks(np.arange(len(groups)),
+                  [f"{m.split('(')[0]}\nB={b} ctx={c // 1024}k" for m, b, c in groups], fontsize=7)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decode throughput, {data['meta']['device']}, jax {data['meta']['jax']} "
+                 "(random weights, real shapes)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
 
 
 if __name__ == "__main__":
