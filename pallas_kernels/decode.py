@@ -13,8 +13,9 @@ One ``pallas_call`` with grid (splits + 1, Hkv, B):
   the probability-weighted values, K and V of a block in the same iteration;
 * program (splits, h, b) covers the sink and recent windows (bf16, with a
   hi/lo bf16 split of q and p so they keep f32 accuracy);
-* each program writes its unnormalised output, running max and sum; a small
-  jnp combine (``_combine``) merges them.
+* each program writes its unnormalised output, running max and sum to a
+  scratch output and bumps a per-(b, h) counter (atomic); the last program of
+  (b, h) merges the partials (``_combine_partials``), so one launch does all.
 
 Per-block math: :mod:`pallas_kernels.innerq_blocks` (InnerQ) and
 :mod:`pallas_kernels.outerq_blocks` (OuterQ, same fused structure). The
@@ -24,7 +25,6 @@ quantized region's offsets come from :mod:`innerq_jax.layout`.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from innerq_jax.config import CacheConfig
 from innerq_jax.layout import recent_slot_tokens, region_sizes
 from pallas_kernels import innerq_blocks as ib
 from pallas_kernels import outerq_blocks as ob
-from pallas_kernels.innerq_blocks import LOG2E, NEG, Geometry, next_pow2
+from pallas_kernels.innerq_blocks import NEG, Geometry, next_pow2
 from pallas_kernels.triton_ext import call_quietly, dot_acc
 
 NUM_SMS = 132  # H100 / H200 SXM; only used by the default split count
@@ -55,63 +55,78 @@ def _hi_lo(x):
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _window_part(q_ref, nh_q, k_refs, v_refs, valids, D):
-    """Softmax pieces of dense bf16 windows: (o [NH, D], m [NH], l [NH]).
+def _window_part(q_ref, windows, D, chunk=32):
+    """Online softmax over dense bf16 windows: (o [NH, D], m [NH], l [NH]).
 
-    k_refs / v_refs: window refs [n_i, D]; valids: per window a function
-    rows -> bool [rows, 1] (rows = iota of the padded window).
+    windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window
+    row indices [rows, 1] to bool. Rows go through in chunks of ``chunk`` so the
+    window tiles stay small (shared memory and registers are sized by the
+    quantized loop, which runs in the other programs).
     """
     NH = _WINDOW_HEADS
     dd = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 0)
     hh = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 1)
-    qt = plgpu.load(q_ref.at[jnp.minimum(hh, nh_q - 1), dd], mask=hh < nh_q, other=0.0)
+    qt = ib.load_q(q_ref, hh, dd)
     q_hi, q_lo = _hi_lo(qt)  # [D, NH]
-    scores, vals, oks = [], [], []
-    for k_ref, v_ref, valid in zip(k_refs, v_refs, valids):
-        n = k_ref.shape[0]
-        npad = max(16, next_pow2(n))
-        rows = jax.lax.broadcasted_iota(jnp.int32, (npad, D), 0)
-        cols = jax.lax.broadcasted_iota(jnp.int32, (npad, D), 1)
-        inb = rows < n
-        rr = jnp.minimum(rows, n - 1)
-        k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
-        v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
-        s = jnp.zeros((npad, NH), jnp.float32)
-        s = dot_acc(dot_acc(s, k, q_hi), k, q_lo)
-        ok = valid(jax.lax.broadcasted_iota(jnp.int32, (npad, 1), 0))
-        scores.append(jnp.where(ok, s, NEG))
-        vals.append(v)
-        oks.append(ok)
-    m = functools.reduce(jnp.maximum, [jnp.max(s, axis=0) for s in scores])
-    o = jnp.zeros((NH, D), jnp.float32)
+    m = jnp.full((NH,), NEG, jnp.float32)
     l = jnp.zeros((NH,), jnp.float32)
-    for s, v, ok in zip(scores, vals, oks):
-        p = jnp.where(ok, jnp.exp2(s - m[None, :]), 0.0)
-        l = l + jnp.sum(p, axis=0)
-        p_hi, p_lo = _hi_lo(p.T)
-        o = dot_acc(dot_acc(o, p_hi, v), p_lo, v)
+    o = jnp.zeros((NH, D), jnp.float32)
+    for k_ref, v_ref, valid in windows:
+        n = k_ref.shape[0]
+        c = min(chunk, max(16, next_pow2(n)))
+        for c0 in range(0, n, c):
+            rows = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, D), 0)
+            cols = jax.lax.broadcasted_iota(jnp.int32, (c, D), 1)
+            inb = rows < n
+            rr = jnp.minimum(rows, n - 1)
+            k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
+            v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
+            s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
+            ok = valid(c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)) & (
+                c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) < n)
+            s = jnp.where(ok, s, NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=0))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.where(ok, jnp.exp2(s - m_new[None, :]), 0.0)
+            l = alpha * l + jnp.sum(p, axis=0)
+            p_hi, p_lo = _hi_lo(p.T)
+            o = dot_acc(dot_acc(alpha[:, None] * o, p_hi, v), p_lo, v)
+            m = m_new
     return o, m, l
 
 
 # ------------------------------------------------------------------- kernels
-def _fused_kernel(*refs, cfg: CacheConfig, geo, num_splits: int, chunk: int, has_sink: bool,
-                  part):
-    """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop."""
+def _fused_kernel(*refs, geo, num_splits: int, chunk: int, has_sink: bool, part, interpret: bool):
+    """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
+
+    Every program stores its partial (o, running max m, sum l) in slot s of
+    the scratch outputs, then counts itself done on a per-(b, h) counter; the
+    last of the num_splits + 1 programs of (b, h) merges the partials and writes
+    the output (no separate combine launch).
+    """
     it = iter(refs)
     q_ref, nq_ref, sink_len_ref, live_ref = (next(it) for _ in range(4))
     quant_refs = [next(it) for _ in range(6)]
     sk_ref, sv_ref = (next(it), next(it)) if has_sink else (None, None)
     rk_ref, rv_ref = next(it), next(it)
-    oq_ref, mq_ref, lq_ref, ow_ref, mw_ref, lw_ref = (next(it) for _ in range(6))
-    s, b = pl.program_id(0), pl.program_id(2)
+    _cnt_in = next(it)  # aliased with cnt_ref
+    o_ref, po_ref, pm_ref, pl_ref, cnt_ref = (next(it) for _ in range(5))
+    s, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    NR, D = geo.NR, geo.D
+
+    def store_partial(o, m, l, rows):
+        rr = jax.lax.broadcasted_iota(jnp.int32, (rows, D), 0)
+        cc = jax.lax.broadcasted_iota(jnp.int32, (rows, D), 1)
+        plgpu.store(po_ref.at[s, rr, cc], o, mask=rr < NR)
+        r1 = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+        plgpu.store(pm_ref.at[s, r1], m, mask=r1 < NR)
+        plgpu.store(pl_ref.at[s, r1], l, mask=r1 < NR)
 
     @pl.when(s < num_splits)
     def _quantized():
         nq = nq_ref[b]
         o, m, l = part(q_ref, quant_refs, nq, s * chunk, chunk, geo)
-        oq_ref[...] = o
-        mq_ref[...] = m
-        lq_ref[...] = l
+        store_partial(o, m, l, NR)
 
     @pl.when(s == num_splits)
     def _windows():
@@ -123,16 +138,54 @@ def _fused_kernel(*refs, cfg: CacheConfig, geo, num_splits: int, chunk: int, has
                             mask=rows < W, other=0)
             return (rows < W) & (lv != 0)
 
-        k_refs, v_refs, valids = [rk_ref], [rv_ref], [live]
+        windows = [(rk_ref, rv_ref, live)]
         if has_sink:
             sink_len = sink_len_ref[b]
-            k_refs.insert(0, sk_ref)
-            v_refs.insert(0, sv_ref)
-            valids.insert(0, lambda rows: rows < sink_len)
-        o, m, l = _window_part(q_ref, q_ref.shape[0], k_refs, v_refs, valids, q_ref.shape[1])
-        ow_ref[...] = o
-        mw_ref[...] = m
-        lw_ref[...] = l
+            windows.insert(0, (sk_ref, sv_ref, lambda rows: rows < sink_len))
+        o, m, l = _window_part(q_ref, windows, D)
+        store_partial(o, m, l, _WINDOW_HEADS)
+
+    if not interpret:  # (interpret mode runs programs one at a time)
+        plgpu.debug_barrier()  # every thread's partial stores precede the (release) atomic
+    done = plgpu.atomic_add(cnt_ref, (h, b), jnp.ones((), jnp.int32))
+
+    @pl.when(done == num_splits)
+    def _combine():
+        _combine_partials(po_ref, pm_ref, pl_ref, o_ref, num_splits + 1, NR, D)
+
+
+def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
+    """o = sum_s w_s o_s / sum_s w_s l_s, w_s = 2**(m_s - max m); 0 where nothing is held.
+
+    The partials come from other CTAs: volatile loads (past L1, which is not
+    coherent across SMs; jax 0.11's ".cg" cache modifier string is broken).
+    """
+    def load(ref, idx, ok, other):
+        return plgpu.load(ref.at[idx], mask=ok, other=other, volatile=True)
+
+    def split_rows(s0, shape):
+        ss = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+        return jnp.minimum(ss, n - 1), ss < n
+
+    h2 = jax.lax.broadcasted_iota(jnp.int32, (step, NR), 1)
+    h3 = jax.lax.broadcasted_iota(jnp.int32, (step, NR, D), 1)
+    d3 = jax.lax.broadcasted_iota(jnp.int32, (step, NR, D), 2)
+    m_max = jnp.full((NR,), NEG, jnp.float32)
+    for s0 in range(0, n, step):
+        sc, ok = split_rows(s0, (step, NR))
+        m_max = jnp.maximum(m_max, jnp.max(load(pm_ref, (sc, h2), ok, NEG), axis=0))
+    l_tot = jnp.zeros((NR,), jnp.float32)
+    o_tot = jnp.zeros((NR, D), jnp.float32)
+    for s0 in range(0, n, step):
+        sc, ok = split_rows(s0, (step, NR))
+        w = jnp.where(ok, jnp.exp2(load(pm_ref, (sc, h2), ok, NEG) - m_max[None, :]), 0.0)
+        l_tot = l_tot + jnp.sum(w * load(pl_ref, (sc, h2), ok, 0.0), axis=0)
+        s3, ok3 = split_rows(s0, (step, NR, D))
+        o_tot = o_tot + jnp.sum(w[:, :, None] * load(po_ref, (s3, h3, d3), ok3, 0.0), axis=0)
+    out = jnp.where(l_tot[:, None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[:, None], 0.0)
+    hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
+    dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
+    plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])
 
 
 def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
@@ -164,65 +217,41 @@ def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     return o.T, m, jnp.sum(lacc, axis=0)
 
 
-# ------------------------------------------------------------------- combine
-def _combine(oq, mq, lq, ow, mw, lw, r):
-    """Merges the split partials: o [B, H, r, D] f32 (rows of all-empty sequences are 0)."""
-    NR = oq.shape[3]
-    ow, mw, lw = ow[:, :, None, :NR], mw[:, :, None, :NR], lw[:, :, None, :NR]
-    o = jnp.concatenate([oq, ow], axis=2)
-    m = jnp.concatenate([mq, mw], axis=2)
-    l = jnp.concatenate([lq, lw], axis=2)
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp2(m - m_max)
-    l_tot = jnp.sum(w * l, axis=2)
-    o_tot = jnp.sum(w[..., None] * o, axis=2)
-    out = jnp.where(l_tot[..., None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[..., None], 0.0)
-    return out[:, :, :r]
-
-
 # ------------------------------------------------------------------- wrapper
 @functools.lru_cache(maxsize=64)
 def _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
-    B, H, NR, D = shapes[0][0]
-    S = cfg.sink
-    full = lambda shape: pl.BlockSpec(shape, lambda s, h, b: (0,) * len(shape))  # noqa: E731
-    per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
+    B, H, r, D = shapes[0][0]
+    NR, NP = geo.NR, NS + 1
+    full = lambda shape: pl.BlockSpec(shape, lambda s, h, b: (0,) * len(shape))
+    per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda s, h, b: (b, h) + (0,) * (len(shape) - 2))
     in_specs = [per_bh(shapes[0][0])] + [full(sh) for sh, _ in shapes[1:4]]
-    in_specs += [per_bh(sh) for sh, _ in shapes[4:]]
-    last = lambda s: jnp.minimum(s, NS - 1)  # noqa: E731
-    NH = _WINDOW_HEADS
+    in_specs += [per_bh(sh) for sh, _ in shapes[4:-1]] + [full(shapes[-1][0])]
     out_shape = [
-        jax.ShapeDtypeStruct((B, H, NS, NR, D), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NS, NR), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NS, NR), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NH, D), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NH), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NH), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, r, D), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, NP, NR, D), jnp.float32),  # partials (scratch)
+        jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
+        jax.ShapeDtypeStruct(shapes[-1][0], jnp.int32),  # done-counter, aliased
     ]
-    out_specs = [
-        pl.BlockSpec((None, None, None, NR, D), lambda s, h, b: (b, h, last(s), 0, 0)),
-        pl.BlockSpec((None, None, None, NR), lambda s, h, b: (b, h, last(s), 0)),
-        pl.BlockSpec((None, None, None, NR), lambda s, h, b: (b, h, last(s), 0)),
-        pl.BlockSpec((None, None, NH, D), lambda s, h, b: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, NH), lambda s, h, b: (b, h, 0)),
-        pl.BlockSpec((None, None, NH), lambda s, h, b: (b, h, 0)),
-    ]
+    out_specs = [per_bh(s.shape) for s in out_shape[:4]] + [full(shapes[-1][0])]
     kernel = functools.partial(
-        _fused_kernel, cfg=cfg, geo=geo, num_splits=NS, chunk=chunk, has_sink=S > 0,
-        part=_innerq_part if cfg.kind == "innerq" else ob.outerq_part,
+        _fused_kernel, geo=geo, num_splits=NS, chunk=chunk, has_sink=cfg.sink > 0,
+        part=_innerq_part if cfg.kind == "innerq" else ob.outerq_part, interpret=interpret,
     )
-    return pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
-        grid=(NS + 1, H, B),
+        grid=(NP, H, B),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases={len(shapes) - 1: 4},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"{cfg.kind}_decode_attention",
     )
+    return lambda *args: call(*args)[:1]
 
 
 def _default_splits(B, H, n_blocks):
@@ -239,43 +268,48 @@ def quantized_decode_attention(
     block_tokens: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
+    unpack_chunk: int = 0,
+    max_registers: int | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).
 
     qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in);
     lengths [B] int32. Tunables: ``block_tokens`` (tokens per loop iteration),
     ``num_splits`` (programs per sequence and head over the quantized region;
-    default fills the GPU), ``num_warps``, ``num_stages`` (Triton).
+    default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
+    (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
+    thread cap, 0 = ptxas decides, None = the layout's default; see
+    :func:`pallas_kernels.triton_ext.unpack_codes_bf16`). Defaults are the
+    fastest points of the H200 sweep in benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):
         raise ValueError(f"quantized_decode_attention needs an innerq/outerq cache, got {cfg.kind!r}")
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
-    G, bits, S, W, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.window, cfg.quant_capacity
+    G, bits, S, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.quant_capacity
     inner = cfg.kind == "innerq"
     mod = ib if inner else ob
     BT = block_tokens or mod.default_block_tokens(bits, G)
-    geo = mod.Geometry(bits=bits, G=G, D=D, n_rep=r, BT=BT)
+    if max_registers is None:
+        max_registers = mod.DEFAULT_MAX_REGISTERS
+    geo = mod.Geometry(bits=bits, G=G, D=D, n_rep=r, BT=BT, unpack_chunk=unpack_chunk,
+                       max_registers=max_registers)
     geo.validate()
-    NR = geo.NR
-    n_blocks = max(1, -(-Tq // BT))
+    n_blocks = max(1, pl.cdiv(Tq, BT))
     NS = num_splits or _default_splits(B, H, n_blocks)
-    chunk = -(-(-(-Tq // NS)) // BT) * BT
-    NS = max(1, -(-Tq // chunk))
+    chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
+    NS = max(1, pl.cdiv(Tq, chunk))
 
     lengths = jnp.asarray(lengths, jnp.int32)
     sizes = region_sizes(lengths, cfg)
     _, live = recent_slot_tokens(lengths, cfg)
-    q2 = jnp.pad(qp.astype(jnp.float32) * LOG2E, ((0, 0), (0, 0), (0, NR - r), (0, 0)))
     quant = mod.kernel_operands(layer, geo)
-
-    inputs = [q2, sizes.quantized, sizes.sink, live.astype(jnp.int32), *quant]
+    inputs = [qp.astype(jnp.float32), sizes.quantized, sizes.sink, live.astype(jnp.int32), *quant]
     if S:
         inputs += [layer.sink_k, layer.sink_v]
-    inputs += [layer.recent_k, layer.recent_v]
+    inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret)
-    oq, mq, lq, ow, mw, lw = call_quietly(call, *inputs)
-    return _combine(oq, mq, lq, ow, mw, lw, r)
+    return call_quietly(call, *inputs)[0]

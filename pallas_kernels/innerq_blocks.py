@@ -1,32 +1,37 @@
 """The per-block math of the InnerQ kernels, shared by kernels (a), (b) and (c).
 
-Inner grouping lets every packed word be split into its ``cpw = 32 // bits``
-codes *without changing the tensor's shape*: code j of every word of a tile is
-one elementwise function of the tile (:func:`unpack_codes_bf16`). Because the
-codes of a word sit along the reduction axis (K: D, V: T), the products of one
-code position j are a partial dot product, and the cpw partial dots accumulate
-in one MMA accumulator. Triton then loads the words straight into the MMA
-operand layout and never moves the unpacked codes through shared memory.
+Inner grouping lets every packed word be split into its codes *without
+changing the tile's layout*: code pair j (codes j and j + cpw/2, one in each
+16-bit half of the word) of every word of a tile is one ``lop3`` of the tile
+joined with itself (:func:`pallas_kernels.triton_ext.unpack_pairs_bf16`).
+Because the codes of a word sit along the reduction axis (K: D, V: T), the
+products of one pair are a partial dot product, and the cpw/2 partial dots
+accumulate in one MMA accumulator. Triton loads the words straight into the
+wgmma register-operand layout; the unpacked codes never go through shared
+memory (a full unpack into a [tokens, D] tile does, see outerq_blocks).
 
-Keys (grouping ``d``), a block of BT tokens:
-    words [BT/P, P*nw]: P tokens per row, so that the MMA's K dimension is 16
-    acc[row, (p, h, g)] = -koff + sum_j A_j[row, :] @ Qexp_j   (one MMA chain)
-    A_j = 128 + c_j * 2**e_j (bf16, exact); Qexp_j[(p', w), (p, h, g)] =
-    q[h, w*cpw + j] * 2**-e_j where p' == p and channel w*cpw+j is in group g.
-    koff = 128 * sum_j,k Qexp_j (the codes' offset, in the accumulator's initial value)
+Keys (grouping ``d``), a block of BT tokens (cpw codes per word, nw words per
+token, P = max(1, 8 // nw) tokens per row so the MMA K dimension 2*P*nw >= 16):
+    A_j [BT/P, 2*P*nw]: 128 + code * 2**e_j (bf16, exact), column 2k + i holding
+        code j + i*cpw/2 of word k of the row
+    acc[row, (p, h, g)] = -koff + sum_j A_j @ Qexp_j          (one MMA chain)
+    Qexp_j[2k + i, (p, h, g)] = q[h, channel] * 2**-e_j if word k belongs to
+        token p of the row and the channel is in group g, else 0
+    koff = 128 * sum_j,k Qexp_j: the codes' offset, the accumulator's initial value
     score[t, h] = sum_g s[t, g] * acc + z[t, g] * sum(q_g)
-  The per-group query sums and the offset are computed once per program; each
+  Qexp, koff and the per-group query sums are built once per program; each
   group's scale is applied once per (token, head, group).
 
 Values (grouping ``t``), the same BT tokens (R = BT / cpw word rows):
-    words^T [D, R]; A_j^T = 128 + c_j * 2**e_j for token cpw*r + j
-    accV[d, (h, g)] = sum_j A_j^T @ Pexp_j,  Pexp_j[r, (h, g)] =
-    bf16(p[cpw*r + j, h] * 2**-e_j) if token cpw*r+j is in group g, else 0
-    o[d, h] = sum_g s[g, d] * (accV - 128 * poff[g, h]) + z[g, d] * psum[g, h]
-  The per-group sums of p (psum, and poff of the bf16 operand) are computed
-  once per block and shared by every channel.
+    A_j^T [D, 2R]: column 2r + i holds token cpw*r + i*cpw/2 + j
+    accV[d, (h, g)] = -128 * poff + sum_j A_j^T @ Pexp_j
+    Pexp_j[2r + i, (h, g)] = bf16(p[token, h] * 2**-e_j) if the token is in
+        group g of the block, else 0
+    o[d, h] = sum_g s[g, d] * accV[d, (h, g)] + z[g, d] * psum[g, h]
+  psum (and poff, the same sum over the bf16 operand) are computed once per
+  block and shared by every channel.
 
-Scores are in log2 units (the wrapper multiplies q by log2(e)), so the
+Scores are in log2 units (q is multiplied by log2(e) as it is loaded), so the
 softmax uses exp2.
 """
 
@@ -40,11 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton_ext import (
-    code_exponents,
-    dot_acc,
-    unpack_codes_bf16,
-)
+from pallas_kernels.triton_ext import dot_acc, pair_exponents, unpack_pairs_bf16
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": exp2(NEG - m) == 0 and NEG - NEG is not NaN
@@ -63,6 +64,8 @@ class Geometry:
     D: int
     n_rep: int
     BT: int  # tokens per block
+    unpack_chunk: int = 0  # codes per inline-asm unpack (0: cpw // 2); fewer = fewer live registers
+    max_registers: int = 0  # cap on registers per thread (0: ptxas decides), see triton_ext
 
     @property
     def cpw(self) -> int:  # codes per uint32 word
@@ -73,8 +76,12 @@ class Geometry:
         return self.D // self.cpw
 
     @property
-    def P(self) -> int:  # tokens per K row, so the MMA K dimension is >= 16
-        return max(1, 16 // self.nw)
+    def half(self) -> int:  # code pairs per word: (j, j + cpw/2), see triton_ext.pair_plan
+        return self.cpw // 2
+
+    @property
+    def P(self) -> int:  # tokens per K row, so the MMA K dimension (2 * P * nw) is >= 16
+        return max(1, 8 // self.nw)
 
     @property
     def Kd(self) -> int:
@@ -111,17 +118,31 @@ class Geometry:
     def validate(self) -> None:
         if self.D % self.G or self.D % 32:
             raise ValueError(f"head_dim={self.D} must be a multiple of 32 and of G={self.G}")
-        if self.BT % self.G or self.BT % (16 * self.cpw) or self.BT & (self.BT - 1):
+        if self.BT % self.G or self.BT % (8 * self.cpw) or self.BT & (self.BT - 1):
             raise ValueError(
                 f"block_tokens={self.BT} must be a power of two and a multiple of "
-                f"G={self.G} and of 16 * codes_per_word = {16 * self.cpw}"
+                f"G={self.G} and of 8 * codes_per_word = {8 * self.cpw}"
             )
         if self.Kd & (self.Kd - 1):
             raise ValueError(f"head_dim={self.D} gives {self.nw} key words per token; need a power of two")
 
 
 def default_block_tokens(bits: int, G: int) -> int:
-    return max(256 if bits == 2 else 128, G)
+    # H200 sweep (benchmarks/KERNEL_NOTES.md): 128 tokens with 128 registers per
+    # thread (4 CTAs per SM) beat 256 at B=8, T=32k and tie at B=1, T=128k
+    return max(128, G)
+
+
+DEFAULT_MAX_REGISTERS = 128
+
+
+def load_q(q_ref, rows, cols, scale=LOG2E):
+    """q' [r, D] (the caller's rows, unpadded) gathered at [rows, cols], times ``scale``
+    (log2(e): scores in log2 units for exp2). Rows >= r (padding up to NR heads) read 0.
+    """
+    r = q_ref.shape[0]
+    q = plgpu.load(q_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0.0)
+    return q * scale if scale != 1.0 else q
 
 
 def _per_position(values: tuple, n: int, dtype) -> jax.Array:
@@ -133,23 +154,35 @@ def _per_position(values: tuple, n: int, dtype) -> jax.Array:
     return out
 
 
-# --------------------------------------------------------------------- keys
-def expanded_query(q_ref, geo: Geometry):
-    """Per-program query operands: ([Qexp_j] bf16 [Kd, NK], koff [NK], qsum_cols [NK]).
+def unpack_chunks(geo) -> list[tuple[int, ...]]:
+    """Code pairs unpacked by one inline-asm call (consecutive ones share shifts).
 
-    q_ref: [NR, D] f32 (log2-scaled). qsum_cols[(p, h, g)] = sum of q[h] over group g.
+    Each pair of a [BT, nw] word tile is 16 live registers per thread, so a
+    chunk of 4 pairs keeps 64 live, all 8 would keep 128.
+    """
+    u = geo.unpack_chunk or 4
+    return [tuple(range(i, min(i + u, geo.half))) for i in range(0, geo.half, u)]
+
+
+# --------------------------------------------------------------------- keys
+def expanded_query(q_ref, geo: Geometry, scale=LOG2E):
+    """Per-program query operands: ([Qexp_j] bf16 [2Kd, NK], koff [NK], qsum_cols [NK]).
+
+    Row 2k + i of Qexp_j meets code j + i * cpw/2 of word k of a K row.
+    q_ref: [r, D] f32 q', times ``scale``. qsum_cols[(p, h, g)] = sum of q[h] over group g.
     """
     Kd, NK, nw, cpw, ng, NR, G = geo.Kd, geo.NK, geo.nw, geo.cpw, geo.ng, geo.NR, geo.G
-    k = jax.lax.broadcasted_iota(jnp.int32, (Kd, NK), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (Kd, NK), 1)
+    kk = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 1)
+    k, i = kk // 2, kk % 2
     w, pk = k % nw, k // nw
     h, g, pc = (col // ng) % NR, col % ng, col // (NR * ng)
-    exps = code_exponents(geo.bits)
+    exps = pair_exponents(geo.bits)
     qexp = []
-    total = jnp.zeros((Kd, NK), jnp.float32)
-    for j in range(cpw):
-        ch = w * cpw + j
-        vals = q_ref[h, ch]  # gather [Kd, NK]
+    total = jnp.zeros((2 * Kd, NK), jnp.float32)
+    for j in range(geo.half):
+        ch = w * cpw + j + i * geo.half
+        vals = load_q(q_ref, h, ch, scale)  # gather [2Kd, NK]
         use = (pk == pc) & (ch // G == g)
         qj = jnp.where(use, vals * (2.0 ** -exps[j]), 0.0).astype(jnp.bfloat16)
         total = total + qj.astype(jnp.float32)
@@ -158,7 +191,7 @@ def expanded_query(q_ref, geo: Geometry):
     # sum of q over each group, laid out like the accumulator columns
     dd = jax.lax.broadcasted_iota(jnp.int32, (G, NK), 0)
     c2 = jax.lax.broadcasted_iota(jnp.int32, (G, NK), 1)
-    qg = q_ref[(c2 // ng) % NR, (c2 % ng) * G + dd]  # [G, NK]
+    qg = load_q(q_ref, (c2 // ng) % NR, (c2 % ng) * G + dd, scale)  # [G, NK]
     qsum_cols = jnp.sum(qg, axis=0)
     return qexp, koff, qsum_cols
 
@@ -170,12 +203,12 @@ def block_key_scores(kw, ks, kz, qexp, koff, qsum_cols, geo: Geometry) -> jax.Ar
     """
     P, NR, ng, NK, BT = geo.P, geo.NR, geo.ng, geo.NK, geo.BT
     rows = BT // P
-    codes = unpack_codes_bf16(kw, geo.bits)
     # the accumulator starts at -128 * sum_j,k Qexp_j: the codes' offset costs nothing
     acc = jnp.broadcast_to(-koff[None, :], (rows, NK))
-    for j, a in enumerate(codes):
-        acc = dot_acc(acc, a, qexp[j])
-    bcast = lambda x: jnp.broadcast_to(  # noqa: E731  [rows, P*ng] -> [rows, NK]
+    for which in unpack_chunks(geo):
+        for j, a in zip(which, unpack_pairs_bf16(kw, geo.bits, which, geo.max_registers)):
+            acc = dot_acc(acc, a.reshape(rows, 2 * geo.Kd), qexp[j])
+    bcast = lambda x: jnp.broadcast_to(
         x.astype(jnp.float32).reshape(rows, P, 1, ng), (rows, P, NR, ng)
     ).reshape(rows, NK)
     x = bcast(ks) * acc + bcast(kz) * qsum_cols[None, :]
@@ -186,18 +219,20 @@ def block_key_scores(kw, ks, kz, qexp, koff, qsum_cols, geo: Geometry) -> jax.Ar
 # ------------------------------------------------------------------- values
 def value_operands(p: jax.Array, geo: Geometry):
     """From p [BT, NR] f32: ([Pexp_j] bf16 [R, NV], psum [ngv, NR], poff [ngv, NR])."""
-    BT, NR, R, cpw, ngv, G = geo.BT, geo.NR, geo.R, geo.cpw, geo.ngv, geo.G
-    esc = _per_position(tuple(2.0 ** -e for e in code_exponents(geo.bits)), BT, jnp.float32)
+    BT, NR, R, cpw, ngv, G, half = geo.BT, geo.NR, geo.R, geo.cpw, geo.ngv, geo.G, geo.half
+    # token t = cpw * r + i * half + j meets pair j, element i: scale 2**-e_j, j = t % half
+    esc = _per_position(tuple(2.0 ** -e for e in pair_exponents(geo.bits)), BT, jnp.float32)
     pb = (p * esc[:, None]).astype(jnp.bfloat16)  # [BT, NR]
     psum = jnp.sum(p.reshape(ngv, G, NR), axis=1)
     poff = jnp.sum(pb.astype(jnp.float32).reshape(ngv, G, NR), axis=1)
-    parts = jnp.split(jnp.swapaxes(pb.reshape(R, cpw, NR), 1, 2), cpw, axis=-1)
-    r_idx = jax.lax.broadcasted_iota(jnp.int32, (R, NR, ngv), 0)
-    g_idx = jax.lax.broadcasted_iota(jnp.int32, (R, NR, ngv), 2)
+    parts = jnp.split(jnp.transpose(pb.reshape(R, 2, half, NR), (0, 1, 3, 2)), half, axis=-1)
+    r_idx = jax.lax.broadcasted_iota(jnp.int32, (2 * R, NR, ngv), 0) // 2
+    g_idx = jax.lax.broadcasted_iota(jnp.int32, (2 * R, NR, ngv), 2)
     in_group = r_idx // (G // cpw) == g_idx
     zero = jnp.zeros((), jnp.bfloat16)
     pexp = [
-        jnp.where(in_group, x.reshape(R, NR)[:, :, None], zero).reshape(R, geo.NV) for x in parts
+        jnp.where(in_group, x.reshape(2 * R, NR)[:, :, None], zero).reshape(2 * R, geo.NV)
+        for x in parts
     ]
     return pexp, psum, poff
 
@@ -208,10 +243,10 @@ def block_value_sum(vwt, vst, vzt, pexp, psum, poff, geo: Geometry) -> jax.Array
     vwt [D, R] uint32 words (transposed); vst, vzt [D, ngv] scale / zero.
     """
     D, NR, ngv = geo.D, geo.NR, geo.ngv
-    codes = unpack_codes_bf16(vwt, geo.bits)
     acc = jnp.broadcast_to(-128.0 * poff.T.reshape(1, geo.NV), (D, geo.NV))
-    for j, a in enumerate(codes):
-        acc = dot_acc(acc, a, pexp[j])
+    for which in unpack_chunks(geo):
+        for j, a in zip(which, unpack_pairs_bf16(vwt, geo.bits, which, geo.max_registers)):
+            acc = dot_acc(acc, a.reshape(D, 2 * geo.R), pexp[j])
     vst = vst.astype(jnp.float32)[:, None, :]
     vzt = vzt.astype(jnp.float32)[:, None, :]
     x = vst * acc.reshape(D, NR, ngv) + vzt * psum.T[None]
@@ -258,5 +293,5 @@ def kernel_operands(layer, geo: Geometry) -> list[jax.Array]:
     P = geo.P
     if Tq % P:
         raise ValueError(f"quant_capacity={Tq} must be a multiple of {P}")
-    view = lambda x: x.reshape(B, H, Tq // P, -1)  # noqa: E731
+    view = lambda x: x.reshape(B, H, Tq // P, -1)
     return [view(k.codes), view(k.scale), view(k.zero), v.codes, v.scale, v.zero]

@@ -33,7 +33,7 @@ def key_scores_reference(qp: jax.Array, k: QuantizedTensor) -> jax.Array:
 def _kernel(q_ref, kw_ref, ks_ref, kz_ref, o_ref, *, geo: ib.Geometry, Tq: int):
     blk = pl.program_id(0)
     base = blk * geo.BT
-    qexp, koff, qsum_cols = ib.expanded_query(q_ref, geo)
+    qexp, koff, qsum_cols = ib.expanded_query(q_ref, geo, scale=1.0)  # natural units
     kw, ks, kz = ib.load_key_block(kw_ref, ks_ref, kz_ref, base, Tq, geo)
     s = ib.block_key_scores(kw, ks, kz, qexp, koff, qsum_cols, geo)  # [BT, NR]
     hh = jax.lax.broadcasted_iota(jnp.int32, (geo.NR, geo.BT), 0)
@@ -42,13 +42,13 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, o_ref, *, geo: ib.Geometry, Tq: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _build(geo, B, H, Tq, kshape, sshape, num_warps, num_stages, interpret):
-    per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
+def _build(geo, B, H, r, Tq, kshape, sshape, num_warps, num_stages, interpret):
+    per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda i, h, b: (b, h) + (0,) * (len(shape) - 2))
     return pl.pallas_call(
         functools.partial(_kernel, geo=geo, Tq=Tq),
         grid=(-(-Tq // geo.BT), H, B),
-        in_specs=[per_bh((B, H, geo.NR, geo.D)), per_bh(kshape), per_bh(sshape), per_bh(sshape)],
+        in_specs=[per_bh((B, H, r, geo.D)), per_bh(kshape), per_bh(sshape), per_bh(sshape)],
         out_specs=pl.BlockSpec((None, None, geo.NR, Tq), lambda i, h, b: (b, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, geo.NR, Tq), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -68,10 +68,10 @@ def quantized_key_scores(qp: jax.Array, k: QuantizedTensor, *, interpret: bool =
     geo = ib.Geometry(bits=k.bits, G=k.group_size, D=D, n_rep=r, BT=BT)
     geo.validate()
     Tq = k.codes.shape[2]
-    view = lambda x: x.reshape(B, H, Tq // geo.P, -1)  # noqa: E731
+    view = lambda x: x.reshape(B, H, Tq // geo.P, -1)
     kw, ks, kz = view(k.codes), view(k.scale), view(k.zero)
-    q = jnp.pad(qp.astype(jnp.float32), ((0, 0), (0, 0), (0, geo.NR - r), (0, 0)))
-    call = _build(geo, B, H, Tq, kw.shape, ks.shape, num_warps, num_stages, interpret)
+    q = qp.astype(jnp.float32)
+    call = _build(geo, B, H, r, Tq, kw.shape, ks.shape, num_warps, num_stages, interpret)
     out = call_quietly(_as_list(call), q, kw, ks, kz)[0]
     return out[:, :, :r] if geo.NR != r else out
 

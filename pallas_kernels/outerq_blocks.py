@@ -26,10 +26,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl  # noqa: F401  (kept for symmetry with innerq_blocks)
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.innerq_blocks import NEG, _per_position, next_pow2
+from pallas_kernels.innerq_blocks import NEG, _per_position, load_q, next_pow2
 from pallas_kernels.triton_ext import code_exponents, dot_acc, unpack_codes_bf16
 
 
@@ -40,6 +40,8 @@ class Geometry:
     D: int
     n_rep: int
     BT: int
+    unpack_chunk: int = 0  # unused: the outer layout unpacks whole words
+    max_registers: int = 0
 
     @property
     def cpw(self) -> int:
@@ -80,6 +82,9 @@ def default_block_tokens(bits: int, G: int) -> int:
     return max(128, G)
 
 
+DEFAULT_MAX_REGISTERS = 0  # ptxas decides (the natural-tile path needs its registers)
+
+
 def kernel_operands(layer, geo: Geometry) -> list[jax.Array]:
     k, v = layer.k, layer.v
     if k.grouping != "t" or v.grouping != "d":
@@ -112,7 +117,7 @@ def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     exps = code_exponents(geo.bits)
     dd = jax.lax.broadcasted_iota(jnp.int32, (D, NR), 0)
     hh = jax.lax.broadcasted_iota(jnp.int32, (D, NR), 1)
-    qt = q_ref[hh, dd]  # [D, NR]
+    qt = load_q(q_ref, hh, dd)  # [D, NR] log2 units
     t_row, j_row = _row_token(geo, BT)  # [BT, 1]
     esc_row = _per_position(tuple(2.0 ** -e for e in exps), cpw, jnp.float32)  # [cpw] by code j
     jj = jax.lax.broadcasted_iota(jnp.int32, (BT, cpw), 1)
@@ -131,7 +136,7 @@ def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
         r = base // cpw + jax.lax.broadcasted_iota(jnp.int32, (R, D), 0)
         dk = jax.lax.broadcasted_iota(jnp.int32, (R, D), 1)
         kw = plgpu.load(kw_ref.at[r, dk], mask=r * cpw < nq, other=0)  # [R, D]
-        codes = _interleave(unpack_codes_bf16(kw, geo.bits))  # [R, D, cpw]
+        codes = _interleave(unpack_codes_bf16(kw, geo.bits, None, geo.max_registers))  # [R, D, cpw]
         codes = jnp.transpose(codes, (2, 0, 1)).reshape(BT, D)
         g = base // G + jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 1)
         dg = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 0)
@@ -154,7 +159,7 @@ def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
         okt = tok < nq
         cw = jax.lax.broadcasted_iota(jnp.int32, (BT, nw), 1)
         vw = plgpu.load(vw_ref.at[tok + 0 * cw, cw], mask=okt & (cw >= 0), other=0)  # [BT, nw]
-        vcodes = _interleave(unpack_codes_bf16(vw, geo.bits)).reshape(BT, D)
+        vcodes = _interleave(unpack_codes_bf16(vw, geo.bits, None, geo.max_registers)).reshape(BT, D)
         cg = jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 1)
         vs = plgpu.load(vs_ref.at[tok + 0 * cg, cg], mask=okt & (cg >= 0), other=0).astype(jnp.float32)
         vz = plgpu.load(vz_ref.at[tok + 0 * cg, cg], mask=okt & (cg >= 0), other=0).astype(jnp.float32)

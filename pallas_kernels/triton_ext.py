@@ -1,22 +1,27 @@
-"""Two Pallas primitives the Triton lowering lacks, each with a plain-jnp meaning.
+"""Pallas primitives the Triton lowering lacks, each with a plain-jnp meaning.
 
 * :func:`dot_acc` - ``acc + a @ b`` lowered to one ``tt.dot(a, b, acc)``. Pallas
   lowers ``acc + jnp.dot(a, b)`` to a dot with a zero accumulator followed by an
-  elementwise add, and Triton 3.6 no longer fuses the two: a chain of 16
-  partial dots then costs an FADD per accumulator element per dot (measured
-  offline: 2 FADD per code). With the accumulator inside the MMA that cost is 0.
-* :func:`unpack_codes_bf16` - splits every packed uint32 word into its ``32 //
-  bits`` codes, each as the bf16 value ``128 + code * 2**e_j`` (the
-  "magic-number" conversion: a code placed in the mantissa of the bf16 128.0).
-  On the GPU this is one inline-PTX block per pair of words: two ``prmt``, a
-  few shifts and one ``lop3`` per output register (two codes), no I2F. The
-  offset 128 and the power of two ``2**e_j`` are exact and are folded into the
-  other operand of the dot and into the per-group zero-point term.
+  elementwise add, and Triton 3.6 no longer fuses the two: a chain of partial
+  dots then costs an FADD per accumulator element per dot (measured offline:
+  2 FADD per code). With the accumulator inside the MMA that cost is 0.
+* :func:`unpack_pairs_bf16` (InnerQ) - code j and code j + cpw/2 of every word
+  as a bf16 pair ``128 + code * 2**e_j`` (the "magic-number" conversion: the
+  code placed in the mantissa of the bf16 128.0): one ``lop3`` per pair, no I2F,
+  no PRMT, and the pair stays in the MMA operand layout. The offset 128 and
+  ``2**e_j`` are exact and are folded into the other operand of the dot and into
+  the per-group zero-point term.
+* :func:`unpack_codes_bf16` (OuterQ) - all codes of a word, for natural tiles.
+* ``max_registers`` on the unpack primitives sets Triton's ``ttg.maxnreg``
+  (registers per thread), which jax's ``CompilerParams`` cannot.
+* :func:`call_quietly` - lowers a ``pallas_call`` inside a filter for exactly
+  the Pallas Triton deprecation warning (raised at lowering time, so the filter
+  must sit around the lowering, also under an outer jit).
 
-Both are ordinary elementwise/contracting primitives for interpret mode (CPU),
-so the kernels run the same code there. The Triton lowering rules use jax
-internals (``jax._src.pallas.triton.lowering``); they are checked against
-jax 0.11.2.
+All are ordinary primitives for interpret mode (CPU), so the kernels run the
+same code there. The Triton lowering rules use jax internals
+(``jax._src.pallas.triton.lowering``, ``jax._src.lib.triton``); they were
+checked against jax 0.11.2 (the version the project pins).
 """
 
 from __future__ import annotations
@@ -137,20 +142,24 @@ unpack_p = jax_core.Primitive("innerq_unpack_bf16")
 unpack_p.multiple_results = True
 
 
-def _unpack_impl(words, *, bits):
+def _unpack_impl(words, *, bits, which, max_registers):
+    del max_registers
     w = words.astype(jnp.uint32)
     mask = jnp.uint32((1 << bits) - 1)
+    exps = code_exponents(bits)
     out = []
-    for j, e in enumerate(code_exponents(bits)):
+    for j in which:
+        e = exps[j]
         c = ((w >> jnp.uint32(bits * j)) & mask).astype(jnp.float32)
         out.append((128.0 + c * float(2**e)).astype(jnp.bfloat16))
     return out
 
 
-def _unpack_abstract(words, *, bits):
+def _unpack_abstract(words, *, bits, which, max_registers):
+    del max_registers
     if words.dtype != jnp.uint32:
         raise ValueError(f"unpack_codes_bf16 needs uint32 words, got {words.dtype}")
-    return [jax_core.ShapedArray(words.shape, jnp.bfloat16)] * (32 // bits)
+    return [jax_core.ShapedArray(words.shape, jnp.bfloat16)] * len(which)
 
 
 unpack_p.def_impl(_unpack_impl)
@@ -159,7 +168,7 @@ mlir.register_lowering(unpack_p, mlir.lower_fun(_unpack_impl, multiple_results=T
 
 
 @functools.cache
-def _unpack_ptx(bits: int) -> str:
+def _unpack_ptx(bits: int, which: tuple[int, ...]) -> str:
     """PTX for one pair of words ($n, $n+1) -> n registers of two bf16 codes each.
 
     prmt gathers the same 16-bit half of both words into one register, so every
@@ -167,30 +176,118 @@ def _unpack_ptx(bits: int) -> str:
     0 of the pair in the low half, element 1 in the high half. The result is
     elementwise whatever layout Triton gives the pair.
     """
-    n = 32 // bits
+    n = len(which)
     m = (1 << bits) - 1
     a, b = f"${n}", f"${n + 1}"
-    plan = unpack_plan(bits)
+    plan = [unpack_plan(bits)[j] for j in which]
+    halves = sorted({h for h, _, _ in plan})
     shifted = sorted({(h, s) for h, s, _ in plan if s})
-    regs = ", ".join(["x0", "x1"] + [f"y{h}_{s}" for h, s in shifted])
-    lines = [
-        "{",
-        f".reg .b32 {regs};",
-        f"prmt.b32 x0, {a}, {b}, 0x5410;",
-        f"prmt.b32 x1, {a}, {b}, 0x7632;",
-    ]
+    regs = ", ".join([f"x{h}" for h in halves] + [f"y{h}_{s}" for h, s in shifted])
+    lines = ["{", f".reg .b32 {regs};"]
+    lines += [f"prmt.b32 x{h}, {a}, {b}, {(0x5410, 0x7632)[h]:#x};" for h in halves]
     lines += [f"shr.u32 y{h}_{s}, x{h}, {s};" for h, s in shifted]
-    for j, (h, s, e) in enumerate(plan):
+    for i, (h, s, e) in enumerate(plan):
         src = f"y{h}_{s}" if s else f"x{h}"
         mask = (m << e) * 0x10001
-        lines.append(f"lop3.b32 ${j}, {src}, {mask:#x}, 0x43004300, 0xea;")
+        lines.append(f"lop3.b32 ${i}, {src}, {mask:#x}, 0x43004300, 0xea;")
     lines.append("}")
     return "\n".join(lines)
 
 
-def unpack_codes_bf16(words: jax.Array, bits: int) -> list[jax.Array]:
-    """uint32 words [...] -> 32 // bits bf16 arrays [...]: 128 + code_j * 2**e_j."""
-    return unpack_p.bind(words, bits=bits)
+def unpack_codes_bf16(words: jax.Array, bits: int, which=None,
+                      max_registers: int = 0) -> list[jax.Array]:
+    """uint32 words [...] -> bf16 arrays [...], one per code j in ``which`` (default all):
+    128 + code_j * 2**e_j. Unpacking a few codes at a time keeps fewer registers live.
+
+    max_registers > 0 caps the registers per thread of the whole kernel (Triton's
+    ``ttg.maxnreg`` module attribute, which jax's CompilerParams cannot set; ptxas
+    otherwise takes up to 255, and the kernel then runs one or two CTAs per SM).
+    """
+    which = tuple(range(32 // bits)) if which is None else tuple(which)
+    return unpack_p.bind(words, bits=bits, which=which, max_registers=int(max_registers))
+
+
+# -------------------------------------------------------------- pair unpack
+@functools.cache
+def pair_plan(bits: int) -> tuple[tuple[int, int], ...]:
+    """For code pair j = (code j, code j + cpw/2) of a word: (shift, e).
+
+    Code j sits in the word's low 16-bit half at bit bits*j and code j + cpw/2 at
+    the same place of the high half, so one ``lop3`` of the word, shifted right by
+    ``shift``, gives both as bf16 128 + code * 2**e (low half, high half).
+    """
+    if bits == 2:  # 8 pairs; mantissa slots 0, 2, 4
+        return tuple((6 * (j // 3), 2 * j - 6 * (j // 3)) for j in range(8))
+    if bits == 4:  # 4 pairs; mantissa slots 0, 3
+        return tuple(zip((0, 1, 8, 9), (0, 3, 0, 3)))
+    raise ValueError(f"bits={bits}; the kernels support 2 and 4")
+
+
+unpack_pairs_p = jax_core.Primitive("innerq_unpack_pairs_bf16")
+unpack_pairs_p.multiple_results = True
+
+
+def _unpack_pairs_impl(words2, *, bits, which, max_registers):
+    del max_registers
+    w = words2.astype(jnp.uint32)
+    half = 16 // bits
+    i = jax.lax.broadcasted_iota(jnp.uint32, w.shape, w.ndim - 1)  # 0: code j, 1: code j + cpw/2
+    mask = jnp.uint32((1 << bits) - 1)
+    plan = pair_plan(bits)
+    out = []
+    for j in which:
+        c = ((w >> (jnp.uint32(bits * j) + i * jnp.uint32(bits * half))) & mask).astype(jnp.float32)
+        out.append((128.0 + c * float(2 ** plan[j][1])).astype(jnp.bfloat16))
+    return out
+
+
+def _unpack_pairs_abstract(words2, *, bits, which, max_registers):
+    del max_registers
+    if words2.dtype != jnp.uint32 or words2.shape[-1] != 2:
+        raise ValueError(f"unpack_pairs_bf16 needs uint32 words [..., 2], got {words2.dtype}{words2.shape}")
+    return [jax_core.ShapedArray(words2.shape, jnp.bfloat16)] * len(which)
+
+
+unpack_pairs_p.def_impl(_unpack_pairs_impl)
+unpack_pairs_p.def_abstract_eval(_unpack_pairs_abstract)
+mlir.register_lowering(unpack_pairs_p, mlir.lower_fun(_unpack_pairs_impl, multiple_results=True))
+
+
+@functools.cache
+def _unpack_pairs_ptx(bits: int, which: tuple[int, ...]) -> str:
+    """PTX for one element pair (the same word twice: $n, $n+1) -> one register per j."""
+    n = len(which)
+    m = (1 << bits) - 1
+    plan = pair_plan(bits)
+    shifts = sorted({plan[j][0] for j in which if plan[j][0]})
+    lines = ["{"]
+    if shifts:
+        lines.append(".reg .b32 " + ", ".join(f"y{s}" for s in shifts) + ";")
+        lines += [f"shr.u32 y{s}, ${n}, {s};" for s in shifts]
+    for k, j in enumerate(which):
+        sh, e = plan[j]
+        src = f"y{sh}" if sh else f"${n}"
+        lines.append(f"lop3.b32 ${k}, {src}, {(m << e) * 0x10001:#x}, 0x43004300, 0xea;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def unpack_pairs_bf16(words: jax.Array, bits: int, which, max_registers: int = 0) -> list[jax.Array]:
+    """uint32 words [...] -> per pair j in ``which`` a bf16 array [..., 2]:
+    [..., 0] = 128 + code_j * 2**e_j, [..., 1] = 128 + code_{j+cpw/2} * 2**e_j.
+
+    The pair axis is a ``join`` of the words with themselves; Triton keeps it in
+    the thread, so after a reshape to [..., 2n] the codes are already in the
+    MMA operand layout (no shared-memory round trip), and each pair costs one
+    ``lop3`` (plus a shared shift). ``max_registers``: see :func:`unpack_codes_bf16`.
+    """
+    words2 = jnp.stack([words, words], axis=-1)
+    return unpack_pairs_p.bind(words2, bits=bits, which=tuple(which),
+                               max_registers=int(max_registers))
+
+
+def pair_exponents(bits: int) -> tuple[int, ...]:
+    return tuple(e for _, e in pair_plan(bits))
 
 
 if triton_lowering is not None:
@@ -200,13 +297,35 @@ if triton_lowering is not None:
         del ctx
         return tt_dialect.dot(a, b, acc)
 
+    def _set_maxnreg(n: int) -> None:
+        """Caps the kernel's registers per thread (module attribute ttg.maxnreg)."""
+        op = ir.InsertionPoint.current.block.owner
+        while op is not None and op.name != "builtin.module":
+            op = op.parent
+        if op is not None:
+            op.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), n)
+
+    @triton_lowering.register_lowering(unpack_pairs_p)
+    def _unpack_pairs_triton(ctx, words2, *, bits, which, max_registers):
+        if max_registers:
+            _set_maxnreg(max_registers)
+        n = len(which)
+        out_types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
+        res = tt_dialect.elementwise_inline_asm(
+            out_types, _unpack_pairs_ptx(bits, which), constraints=",".join(["=r"] * n + ["r", "r"]),
+            pure=True, packed_element=2, args=[words2],
+        )
+        return [res] if isinstance(res, ir.Value) else list(res)
+
     @triton_lowering.register_lowering(unpack_p)
-    def _unpack_triton(ctx, words, *, bits):
-        n = 32 // bits
+    def _unpack_triton(ctx, words, *, bits, which, max_registers):
+        if max_registers:
+            _set_maxnreg(max_registers)
+        n = len(which)
         out_types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
         constraints = ",".join(["=r"] * n + ["r", "r"])
         res = tt_dialect.elementwise_inline_asm(
-            out_types, _unpack_ptx(bits), constraints=constraints, pure=True,
+            out_types, _unpack_ptx(bits, which), constraints=constraints, pure=True,
             packed_element=2, args=[words],
         )
         return [res] if isinstance(res, ir.Value) else list(res)

@@ -37,7 +37,7 @@ def _kernel(n_ref, p_ref, vw_ref, vs_ref, vz_ref, o_ref, *, geo: ib.Geometry, ch
     nq = n_ref[b]
     start = split * chunk
     BT, NR, D = geo.BT, geo.NR, geo.D
-    Tq = p_ref.shape[1]
+    Tq = p_ref.shape[1]  # p rows past Tq are never read (mask below)
     tt = jax.lax.broadcasted_iota(jnp.int32, (BT, NR), 0)
     hh = jax.lax.broadcasted_iota(jnp.int32, (BT, NR), 1)
 
@@ -56,8 +56,8 @@ def _kernel(n_ref, p_ref, vw_ref, vs_ref, vz_ref, o_ref, *, geo: ib.Geometry, ch
 
 @functools.lru_cache(maxsize=32)
 def _build(geo, NS, chunk, shapes, num_warps, num_stages, interpret):
-    (B,), (_, H, NR, Tq) = shapes[0], shapes[1]
-    per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
+    (B,), (_, H, NR, _) = shapes[0], shapes[1]
+    per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda s, h, b: (b, h) + (0,) * (len(shape) - 2))
     call = pl.pallas_call(
         functools.partial(_kernel, geo=geo, chunk=chunk),
@@ -75,7 +75,7 @@ def _build(geo, NS, chunk, shapes, num_warps, num_stages, interpret):
 def quantized_value_sum(p: jax.Array, v: QuantizedTensor, n: jax.Array, *,
                         interpret: bool = False, block_tokens: int | None = None,
                         num_splits: int | None = None, num_warps: int = 4,
-                        num_stages: int = 2) -> jax.Array:
+                        num_stages: int = 3) -> jax.Array:
     """InnerQ value sum [B, H, r, D] f32 (equals :func:`value_sum_reference`).
 
     p [B, H, r, Tq] f32 probabilities (any non-negative weights), n [B] tokens
@@ -88,10 +88,10 @@ def quantized_value_sum(p: jax.Array, v: QuantizedTensor, n: jax.Array, *,
     BT = block_tokens or ib.default_block_tokens(v.bits, v.group_size)
     geo = ib.Geometry(bits=v.bits, G=v.group_size, D=D, n_rep=r, BT=BT)
     geo.validate()
-    n_blocks = max(1, -(-Tq // BT))
+    n_blocks = max(1, pl.cdiv(Tq, BT))
     NS = num_splits or max(1, min(n_blocks, round(4 * 132 / (B * H))))
-    chunk = -(-(-(-Tq // NS)) // BT) * BT
-    NS = max(1, -(-Tq // chunk))
+    chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
+    NS = max(1, pl.cdiv(Tq, chunk))
     pp = jnp.pad(p.astype(jnp.float32), ((0, 0), (0, 0), (0, geo.NR - r), (0, 0)))
     args = [jnp.asarray(n, jnp.int32), pp, v.codes, v.scale, v.zero]
     shapes = tuple(tuple(a.shape) for a in args)

@@ -126,7 +126,7 @@ def test_fused_equals_reference(name):
 def test_regions_exercised():
     """The fused configs cover a sequence inside the sink, one with no quantized token,
     one with exactly one quantized group, and full ones."""
-    cfg, D, Hq, Hkv, lengths, appends, _ = FUSED["innerq2-G32-D128-gqa4"]
+    cfg, D, _, Hkv, lengths, appends, _ = FUSED["innerq2-G32-D128-gqa4"]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     sizes = region_sizes(cache.lengths, cfg)
     nq = np.asarray(sizes.quantized)
