@@ -215,10 +215,16 @@ class QuantLayer:
         flush = nq_new > nq_old
         start_slot = jnp.mod(nq_old, W)  # a multiple of G: groups never wrap
         take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
-        grp_k = take(recent_k, start_slot).astype(jnp.float32)  # [B, H, G, D]
-        grp_v = take(recent_v, start_slot).astype(jnp.float32)
-        new_k = _write_group(self.k, quantize_tokens(grp_k, cfg.k_grouping, cfg), nq_old, flush)
-        new_v = _write_group(self.v, quantize_tokens(grp_v, cfg.v_grouping, cfg), nq_old, flush)
+
+        def flush_groups(kv):
+            grp_k = take(recent_k, start_slot).astype(jnp.float32)  # [B, H, G, D]
+            grp_v = take(recent_v, start_slot).astype(jnp.float32)
+            return (_write_group(kv[0], quantize_tokens(grp_k, cfg.k_grouping, cfg), nq_old, flush),
+                    _write_group(kv[1], quantize_tokens(grp_v, cfg.v_grouping, cfg), nq_old, flush))
+
+        # A flush happens once every G steps per sequence: skip the group
+        # quantization on the other steps (under a layer scan this is a real branch).
+        new_k, new_v = jax.lax.cond(jnp.any(flush), flush_groups, lambda kv: kv, (self.k, self.v))
         return dataclasses.replace(
             self,
             k=new_k,
