@@ -1,45 +1,118 @@
-"""Fidelity runs on the real model (CPU): wraps ``python -m models.evaluate``.
+"""The whole fidelity plan on the real model, one step after another.
 
-Runs, in order, writing each result under benchmarks/results/fidelity_* as it
-completes (so a partial run leaves what it finished):
+Each step is one ``innerq eval`` command (``models/evaluate.py``); each writes
+its JSON / markdown table / plot under ``benchmarks/results/`` (or under
+``$INNERQ_RESULTS_DIR``) as soon as it finishes, so a partial run keeps what it
+finished. Steps (``--steps``, comma-separated, in this order):
 
-1. the ``main`` set on WikiText-2 (``--windows`` windows, P=512, Nd=1024);
-2. the ``core`` set (bf16, innerq2, innerq-h2 keys+values, outerq2+sinks) on
-   GSM8K train solutions joined into one document;
-3. the ``ablations`` set on WikiText-2;
-4. GSM8K 8-shot (``--gsm8k-n`` problems) and passkey at 1k/2k for the core set.
+* ``check``: the ``main`` set on window 0 with 64 decode steps; run it on two
+  devices (CPU here, GPU there) and compare the files to show both give the same
+  numbers (``--compare``).
+* ``main`` / ``main2``: the ``main`` set on WikiText-2 / on the second text
+  (GSM8K train solutions as one document), ``--windows`` windows, P=512, Nd=1024.
+* ``ablations`` / ``ablations2``: the InnerQ ablations on both texts.
+* ``search``: inner-grouped 2-bit candidates at no more bytes than the
+  paper-faithful configuration (``named_set("search")``) on WikiText-2; then
+  ``search2`` runs the three best of them, with the bars, on the second text.
+* ``gsm8k``: 8-shot CoT on the first ``--gsm8k-n`` test problems.
+* ``passkey``: passkey retrieval at 1k, 2k and 4k tokens.
 
-Usage: PYTHONPATH=. .venv/bin/python benchmarks/run_fidelity.py [--windows 1] [--decode 1024]
+Then ``python benchmarks/fidelity_summary.py`` builds the summary tables.
+
+Usage (CPU, hours):  .venv/bin/python benchmarks/run_fidelity.py
+Usage (GPU machine): PYTHONPATH=$PWD python3 benchmarks/run_fidelity.py --model M.gguf \
+                       --gen-batch 100
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 
-from models.evaluate import main as evaluate
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import evaluate as ev  # noqa: E402
+
+STEPS = ("check", "main", "main2", "ablations", "ablations2", "search", "search2", "gsm8k",
+         "passkey")
+SEARCH_BARS = ("innerq2", "outerq2+sinks", "innerq-h2 keys+values")
+
+
+def best_search_labels(results_dir: str, k: int = 3) -> list[str]:
+    """The ``k`` lowest-perplexity candidates of the WikiText-2 search, bars excluded."""
+    with open(os.path.join(results_dir, "fidelity_ppl_search_wiki.json")) as f:
+        rows = json.load(f)["rows"]
+    cands = [r for r in rows[1:] if r["label"] not in SEARCH_BARS]
+    return [r["label"] for r in sorted(cands, key=lambda r: r["perplexity"])[:k]]
+
+
+def compare(a_path: str, b_path: str, rtol: float = 0.01) -> bool:
+    """Same perplexity (within ``rtol``) for every row of two ``check`` files."""
+    with open(a_path) as f:
+        a = {r["label"]: r["perplexity"] for r in json.load(f)["rows"]}
+    with open(b_path) as f:
+        b = {r["label"]: r["perplexity"] for r in json.load(f)["rows"]}
+    ok = True
+    for label in a:
+        d = abs(a[label] / b[label] - 1)
+        ok &= d <= rtol
+        print(f"{label:28s} {a[label]:9.4f} {b[label]:9.4f}  {100 * d:.3f}%")
+    print("same within", rtol, ":", ok)
+    return ok
 
 
 def run(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", default=",".join(s for s in STEPS if s != "check"))
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--decode", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--gsm8k-n", type=int, default=20)
-    ap.add_argument("--steps", default="main,second,ablations,gsm8k,passkey")
+    ap.add_argument("--batch", type=int, default=8, help="windows per compiled scan")
+    ap.add_argument("--gsm8k-n", type=int, default=100)
+    ap.add_argument("--gen-batch", type=int, default=4)
+    ap.add_argument("--passkey-trials", type=int, default=4)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--check-tag", default="check_cpu")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                    help="compare two check files and exit")
     a = ap.parse_args(argv)
-    common = ["--windows", str(a.windows), "--decode", str(a.decode), "--batch", str(a.batch)]
+    if a.compare:
+        return 0 if compare(*a.compare) else 1
     steps = a.steps.split(",")
-    if "main" in steps:
-        evaluate(["ppl", "--set", "main", *common])
-    if "second" in steps:
-        evaluate(["ppl", "--set", "core", "--text", "gsm8k", *common])
-    if "ablations" in steps:
-        evaluate(["ppl", "--set", "ablations", *common])
-    if "gsm8k" in steps:
-        evaluate(["gsm8k", "--set", "core", "--n", str(a.gsm8k_n)])
-    if "passkey" in steps:
-        evaluate(["passkey", "--set", "core", "--lengths", "1024,2048"])
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        ap.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
+    model = ["--model", a.model] if a.model else []
+    ppl = ["--windows", str(a.windows), "--decode", str(a.decode), "--batch", str(a.batch),
+           *model]
+    gen = ["--gen-batch", str(a.gen_batch), *model]
+    plan = {
+        "check": ["ppl", "--set", "main", "--windows", "1", "--decode", "64", "--batch", "1",
+                  "--tag", a.check_tag, *model],
+        "main": ["ppl", "--set", "main", *ppl],
+        "main2": ["ppl", "--set", "main", "--text", "gsm8k", *ppl],
+        "ablations": ["ppl", "--set", "ablations", *ppl],
+        "ablations2": ["ppl", "--set", "ablations", "--text", "gsm8k", *ppl],
+        "search": ["ppl", "--set", "search", *ppl],
+        "gsm8k": ["gsm8k", "--set", "generation", "--n", str(a.gsm8k_n), *gen],
+        "passkey": ["passkey", "--set", "generation", "--lengths", "1024,2048,4096",
+                    "--trials", str(a.passkey_trials), *gen],
+    }
+    for step in STEPS:
+        if step not in steps:
+            continue
+        if step == "search2":
+            keep = best_search_labels(ev.RESULTS_DIR) + list(SEARCH_BARS)
+            argv_step = ["ppl", "--set", "search", "--text", "gsm8k", "--only", ",".join(keep),
+                         *ppl]
+        else:
+            argv_step = plan[step]
+        t0 = time.time()
+        print(f"[run_fidelity] {step}: innerq eval {' '.join(argv_step)}", flush=True)
+        ev.main(argv_step)
+        print(f"[run_fidelity] {step} done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 

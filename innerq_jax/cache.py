@@ -83,8 +83,8 @@ def _check_kv(k, v, name: str, ndim: int):
 class QuantLayer:
     """One layer of an InnerQ / OuterQ cache (shapes without the layer axis)."""
 
-    k: QuantizedTensor  # grouping cfg.k_grouping, Tq = cfg.quant_capacity tokens
-    v: QuantizedTensor  # grouping cfg.v_grouping
+    k: QuantizedTensor  # grouping cfg.k_grouping, packed along D; Tq = cfg.quant_capacity
+    v: QuantizedTensor  # grouping cfg.v_grouping, packed along T
     sink_k: jax.Array  # [B, H, S, D] bf16, normalized (and rotated) keys
     sink_v: jax.Array  # [B, H, S, D] bf16
     recent_k: jax.Array  # [B, H, R + G, D] bf16 ring, rest token j in slot j % (R + G)
@@ -139,8 +139,8 @@ class QuantLayer:
         S, W, Tq = cfg.sink, cfg.window, cfg.quant_capacity
         zeros = lambda n: jnp.zeros((B, H, n, D), COMPUTE_DTYPE)  # noqa: E731
         return cls(
-            k=empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg),
-            v=empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg),
+            k=empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d"),
+            v=empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t"),
             sink_k=zeros(S),
             sink_v=zeros(S),
             recent_k=zeros(W),
@@ -174,11 +174,11 @@ class QuantLayer:
         # and nothing past a sequence's length is ever stored.
         nq = sizes.quantized  # [B]
         Tfill = min(Tq, max(0, (T - S) // G * G))
-        k_q = empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg)
-        v_q = empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg)
+        k_q = empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d")
+        v_q = empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t")
         if Tfill:
-            kq_new = quantize_tokens(region(kt, S, Tfill), cfg.k_grouping, cfg)
-            vq_new = quantize_tokens(region(vt, S, Tfill), cfg.v_grouping, cfg)
+            kq_new = quantize_tokens(region(kt, S, Tfill), cfg.k_grouping, cfg, packing="d")
+            vq_new = quantize_tokens(region(vt, S, Tfill), cfg.v_grouping, cfg, packing="t")
             k_q = _place_groups(k_q, kq_new, nq)
             v_q = _place_groups(v_q, vq_new, nq)
 
@@ -219,8 +219,10 @@ class QuantLayer:
         def flush_groups(kv):
             grp_k = take(recent_k, start_slot).astype(jnp.float32)  # [B, H, G, D]
             grp_v = take(recent_v, start_slot).astype(jnp.float32)
-            return (_write_group(kv[0], quantize_tokens(grp_k, cfg.k_grouping, cfg), nq_old, flush),
-                    _write_group(kv[1], quantize_tokens(grp_v, cfg.v_grouping, cfg), nq_old, flush))
+            return (_write_group(kv[0], quantize_tokens(grp_k, cfg.k_grouping, cfg, packing="d"),
+                                 nq_old, flush),
+                    _write_group(kv[1], quantize_tokens(grp_v, cfg.v_grouping, cfg, packing="t"),
+                                 nq_old, flush))
 
         # A flush happens once every G steps per sequence: skip the group
         # quantization on the other steps (under a layer scan this is a real branch).
@@ -237,12 +239,13 @@ class QuantLayer:
 
 
 def _rows_per_group(qt: QuantizedTensor, field: str) -> int:
+    """Rows (axis 2) of ``field`` that one group of G tokens occupies."""
     G = qt.group_size
     if field == "mask":
         return 1
-    if qt.grouping == "d":
-        return G
-    return G * qt.bits // 32 if field == "codes" else 1
+    if field == "codes":
+        return G if qt.packing == "d" else G * qt.bits // 32
+    return G if qt.grouping == "d" else 1
 
 
 def _write_group(qt: QuantizedTensor, grp: QuantizedTensor, token_start, enabled):

@@ -13,11 +13,20 @@ per-sequence length alone (:func:`region_sizes`, :func:`recent_slot_tokens`).
 A quantized tensor (:class:`QuantizedTensor`) has one of two groupings:
 
 * ``"d"``: groups of G consecutive channels of one token (InnerQ keys, OuterQ
-  values). codes [..., T, D*bits/32] uint32 packed along D;
-  scale/zero [..., T, D/G].
+  values). scale/zero [..., T, D/G].
 * ``"t"``: groups of G consecutive tokens of one channel (InnerQ values, OuterQ
-  keys). codes [..., T*bits/32, D] uint32 packed along T;
-  scale/zero [..., T/G, D].
+  keys). scale/zero [..., T/G, D].
+
+and, independently, one of two packings of its codes:
+
+* ``"d"``: codes [..., T, D*bits/32] uint32, packed along D (keys);
+* ``"t"``: codes [..., T*bits/32, D] uint32, packed along T (values).
+
+The cache packs keys along D and values along T, the reduction axes of
+q.K^T and p.V, for both layouts: a kernel then splits a word into codes
+that are partial sums of one dot product. For InnerQ the packing axis is the
+grouping axis; for OuterQ (KIVI) the groups cross the packing axis, and its
+scales fold into the other operand instead.
 
 In both, the hybrid mask is [..., T/G, D/32] uint32: one bit per group, the D
 bits of a block of G tokens in D/32 words (grouping ``d``: bit t_local*(D/G)+g;
@@ -93,13 +102,14 @@ def recent_slot_tokens(lengths: jax.Array, cfg: CacheConfig) -> tuple[jax.Array,
 class QuantizedTensor:
     """Packed group-quantized [..., T, D] values (see the module docstring)."""
 
-    codes: jax.Array  # "d": [..., T, D*bits/32]  "t": [..., T*bits/32, D]  uint32
+    codes: jax.Array  # packing "d": [..., T, D*bits/32]  "t": [..., T*bits/32, D]  uint32
     scale: jax.Array  # "d": [..., T, D/G]        "t": [..., T/G, D]
     zero: jax.Array  # same shape and dtype as scale
     mask: jax.Array  # [..., T/G, D/32] uint32, bit set = symmetric group
     grouping: Grouping = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
+    packing: Grouping = dataclasses.field(metadata=dict(static=True))  # axis the codes pack along
 
     @property
     def head_dim(self) -> int:
@@ -113,15 +123,23 @@ class QuantizedTensor:
         return {f: getattr(self, f).nbytes for f in ("codes", "scale", "zero", "mask")}
 
 
+def _check_axes(grouping, packing) -> Grouping:
+    packing = grouping if packing is None else packing
+    for name, v in (("grouping", grouping), ("packing", packing)):
+        if v not in ("d", "t"):
+            raise ValueError(f"{name}={v!r}; allowed: 'd' (along D) or 't' (along T)")
+    return packing
+
+
 def empty_quantized(
-    batch_shape: tuple[int, ...], T: int, D: int, grouping: Grouping, cfg: CacheConfig
+    batch_shape: tuple[int, ...], T: int, D: int, grouping: Grouping, cfg: CacheConfig,
+    packing: Grouping | None = None,
 ) -> QuantizedTensor:
-    """All-zero storage for T tokens (T a multiple of G)."""
+    """All-zero storage for T tokens (T a multiple of G); packing defaults to grouping."""
     b, G = cfg.bits, cfg.group_size
-    if grouping == "d":
-        codes_shape, scale_shape = (T, D * b // 32), (T, D // G)
-    else:
-        codes_shape, scale_shape = (T * b // 32, D), (T // G, D)
+    packing = _check_axes(grouping, packing)
+    codes_shape = (T, D * b // 32) if packing == "d" else (T * b // 32, D)
+    scale_shape = (T, D // G) if grouping == "d" else (T // G, D)
     sdt = cfg.scale_jnp_dtype
     return QuantizedTensor(
         codes=jnp.zeros(batch_shape + codes_shape, jnp.uint32),
@@ -131,11 +149,18 @@ def empty_quantized(
         grouping=grouping,
         bits=b,
         group_size=G,
+        packing=packing,
     )
 
 
-def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig) -> QuantizedTensor:
-    """Quantizes x [..., T, D] (T a multiple of G) into the packed layout."""
+def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig,
+                    packing: Grouping | None = None) -> QuantizedTensor:
+    """Quantizes x [..., T, D] (T a multiple of G) into the packed layout.
+
+    ``grouping`` says which values share a scale; ``packing`` (default: the
+    grouping) which axis the codes are packed along.
+    """
+    packing = _check_axes(grouping, packing)
     *batch, T, D = x.shape
     G, b = cfg.group_size, cfg.bits
     if T % G:
@@ -143,22 +168,22 @@ def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig) -> Quant
     if grouping == "d":
         g = x.reshape(*batch, T, D // G, G)
         q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
-        codes = pack_codes(q.codes.reshape(*batch, T, D), b, axis=-1)
+        c = q.codes.reshape(*batch, T, D)
         scale, zero = q.scale, q.zero  # [..., T, D/G]
         flags = q.symmetric.reshape(*batch, T // G, G * (D // G))
     else:
         g = jnp.swapaxes(x.reshape(*batch, T // G, G, D), -1, -2)  # [..., T/G, D, G]
         q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
         c = jnp.swapaxes(q.codes, -1, -2).reshape(*batch, T, D)
-        codes = pack_codes(c, b, axis=-2)
         scale, zero = q.scale, q.zero  # [..., T/G, D]
         flags = q.symmetric  # [..., T/G, D]
-    return QuantizedTensor(codes, scale, zero, pack_bits(flags), grouping, b, G)
+    codes = pack_codes(c, b, axis=-1 if packing == "d" else -2)
+    return QuantizedTensor(codes, scale, zero, pack_bits(flags), grouping, b, G, packing)
 
 
 def unpack_tensor_codes(qt: QuantizedTensor) -> jax.Array:
     """Integer codes [..., T, D] uint8."""
-    axis = -1 if qt.grouping == "d" else -2
+    axis = -1 if qt.packing == "d" else -2
     return unpack_codes(qt.codes, qt.bits, axis=axis)
 
 

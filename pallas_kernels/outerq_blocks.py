@@ -1,23 +1,28 @@
-"""OuterQ (KIVI layout) per-block math for the fused kernel: same structure, outer groups.
+"""OuterQ (KIVI layout) per-block math for the fused kernel, with InnerQ's tile trick.
 
-K is grouped per channel across G tokens and packed along T; V is grouped per
-token across G channels and packed along D. In both the scale varies along the
-dot product's reduction axis, so it cannot be applied once per partial dot as
-InnerQ does. It is folded into the *other* operand instead, never into the
-codes (no dequantization), as the reference does:
+K is grouped per channel across G tokens, V per token across G channels. The
+cache still packs K along D and V along T (the reduction axes, see
+:mod:`innerq_jax.layout`), so the unpack is InnerQ's: code pair j of every word
+is one ``lop3`` and every pair is a partial dot product of one MMA chain
+(:mod:`pallas_kernels.innerq_blocks`). What outer grouping changes is where the
+scale goes. It varies along the reduction axis, so it cannot multiply a
+finished group dot; it folds into the *other* operand, once per block:
 
-    keys:   score[t, h] = 2**-e_t * sum_d c[t, d] * (s[g_t, d] q[h, d])  + sum_d z[g_t, d] q[h, d]
-    values: o[h, d]    = 2**-e_d * sum_t (p[h, t] s[t, g_d]) * c[t, d]  + sum_t p[h, t] z[t, g_d]
+Keys, a block of BT tokens in ``ngv = BT / G`` token groups (P tokens per row):
+    Qexp_j[2k + i, (p, h, gt)] = q[h, ch] * s[gt, ch] * 2**-e_j      (built per block)
+    acc[row, (p, h, gt)] = -128 * sum Qexp + sum_j A_j @ Qexp_j
+    score[t, h] = acc[t, (h, g_t)] + sum_d q[h, d] z[g_t, d]
+Values, the block's ``ng = D / G`` channel groups:
+    Pexp_j[2r + i, (h, gd)] = bf16(p[t, h] * s[t, gd] * 2**-e_j)    (no block-diagonal mask)
+    accV[d, (h, gd)] = -128 * sum Pexp + sum_j A_j^T @ Pexp_j
+    o[d, h] = accV[d, (h, g_d)] + sum_t p[t, h] z[t, g_d]
 
-with the same inline-PTX unpack (codes 128 + c * 2**e) and the same online
-softmax. The folded operand is block-diagonal: columns (h, token group) for
-keys, rows (h, channel group) for values, of which each token / channel uses
-one. Why not the InnerQ tile trick: splitting a word into its codes splits the
-*output* axis here (tokens for K, channels for V), not the reduction axis, so
-the per-code products are not partial sums of one accumulator; the codes are
-interleaved back into a natural [tokens, D] tile (``_interleave``), which Triton
-moves through shared memory before the MMA. That extra traffic is the price of
-outer grouping in this kernel family.
+So both layouts run the same MMAs on the same unpacked tiles. The difference
+is InnerQ's: its expanded query is built once per program and its scales are
+applied to the [BT, heads x groups] accumulator, while OuterQ rebuilds the
+expanded query from the block's scales in every block (cpw/2 gathers and
+products of a [2*Kd, NK] tile, plus their shared-memory operand stores) and
+scales p per (token, channel group).
 """
 
 from __future__ import annotations
@@ -29,150 +34,165 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.innerq_blocks import NEG, _per_position, load_q, next_pow2
-from pallas_kernels.triton_ext import code_exponents, dot_acc, unpack_codes_bf16
+from pallas_kernels import innerq_blocks as ib
+from pallas_kernels.innerq_blocks import LOG2E, NEG, _per_position, load_q, next_pow2
+from pallas_kernels.triton_ext import dot_acc, pair_exponents, unpack_pairs_bf16
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
-    bits: int
-    G: int
-    D: int
-    n_rep: int
-    BT: int
-    unpack_chunk: int = 0  # unused: the outer layout unpacks whole words
-    max_registers: int = 0
-
-    @property
-    def cpw(self) -> int:
-        return 32 // self.bits
-
-    @property
-    def nw(self) -> int:  # V words per token
-        return self.D // self.cpw
-
-    @property
-    def R(self) -> int:  # K word rows per block
-        return self.BT // self.cpw
-
-    @property
-    def ngv(self) -> int:  # key (token) groups per block
-        return self.BT // self.G
-
-    @property
-    def ng(self) -> int:  # value (channel) groups per token
-        return self.D // self.G
+class Geometry(ib.Geometry):
+    """InnerQ's tile geometry with the accumulator columns of the outer layout:
+    K columns (p, h, token group), V columns (h, channel group)."""
 
     @property
     def NR(self) -> int:
         nr = next_pow2(self.n_rep)
-        nr = max(nr, next_pow2(-(-16 // self.ngv)))
+        nr = max(nr, next_pow2(-(-16 // (self.P * self.ngv))))
         return max(nr, next_pow2(-(-16 // self.ng)))
 
-    def validate(self) -> None:
-        if self.D % self.G or self.D % 32:
-            raise ValueError(f"head_dim={self.D} must be a multiple of 32 and of G={self.G}")
-        if self.BT % self.G or self.BT & (self.BT - 1) or self.BT < 16:
-            raise ValueError(f"block_tokens={self.BT} must be a power of two multiple of G={self.G}")
-        if self.nw & (self.nw - 1):
-            raise ValueError(f"head_dim={self.D} gives {self.nw} value words per token; need a power of two")
+    @property
+    def NK(self) -> int:
+        return self.P * self.NR * self.ngv
+
+    @property
+    def NV(self) -> int:
+        return self.NR * self.ng
 
 
 def default_block_tokens(bits: int, G: int) -> int:
-    return max(128, G)
+    return ib.default_block_tokens(bits, G)
 
 
-DEFAULT_MAX_REGISTERS = 0  # ptxas decides (the natural-tile path needs its registers)
+DEFAULT_MAX_REGISTERS = ib.DEFAULT_MAX_REGISTERS
 
 
 def kernel_operands(layer, geo: Geometry) -> list[jax.Array]:
+    """K: codes [B, H, Tq/P, P*nw] (packed along D), scale / zero [B, H, Tq/G, D];
+    V: codes [B, H, Tq/cpw, D] (packed along T), scale / zero [B, H, Tq, D/G]."""
     k, v = layer.k, layer.v
-    if k.grouping != "t" or v.grouping != "d":
-        raise ValueError(f"OuterQ kernels need K grouping 't' and V grouping 'd', got {k.grouping}/{v.grouping}")
-    return [k.codes, k.scale, k.zero, v.codes, v.scale, v.zero]
+    if (k.grouping, k.packing, v.grouping, v.packing) != ("t", "d", "d", "t"):
+        raise ValueError(
+            "OuterQ kernels need K grouped along T and packed along D, V grouped along D and "
+            f"packed along T; got K {k.grouping}/{k.packing}, V {v.grouping}/{v.packing}")
+    B, H, Tq, _ = k.codes.shape
+    if Tq % geo.P:
+        raise ValueError(f"quant_capacity={Tq} must be a multiple of {geo.P}")
+    return [k.codes.reshape(B, H, Tq // geo.P, -1), k.scale, k.zero, v.codes, v.scale, v.zero]
 
 
-def _interleave(parts):
-    """cpw arrays [..., n] -> [..., n, cpw] with part j at index j (a join tree)."""
-    if len(parts) == 1:
-        return parts[0][..., None]
-    if len(parts) == 2:
-        return jnp.stack(parts, axis=-1)
-    return jnp.stack([_interleave(parts[0::2]), _interleave(parts[1::2])], axis=-1).reshape(
-        parts[0].shape + (len(parts),)
-    )
+def _query_tiles(q_ref, geo: Geometry):
+    """Per program: the query part of each Qexp_j, [2Kd, NK] f32 (times 2**-e_j, zero off
+    the row's token), the channel / token-group index of each entry, and q as [D, NR]."""
+    Kd, NK, nw, cpw, NR, ngv = geo.Kd, geo.NK, geo.nw, geo.cpw, geo.NR, geo.ngv
+    kk = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 1)
+    k, i = kk // 2, kk % 2
+    w, pk = k % nw, k // nw
+    h, gt, pc = (col // ngv) % NR, col % ngv, col // (NR * ngv)
+    tiles, chans = [], []
+    for j, e in enumerate(pair_exponents(geo.bits)):
+        ch = w * cpw + j + i * geo.half
+        tiles.append(jnp.where(pk == pc, load_q(q_ref, h, ch) * (2.0 ** -e), 0.0))
+        chans.append(ch)
+    dd = jax.lax.broadcasted_iota(jnp.int32, (geo.D, NR), 0)
+    hh = jax.lax.broadcasted_iota(jnp.int32, (geo.D, NR), 1)
+    return tiles, chans, gt, load_q(q_ref, hh, dd)
 
 
-def _row_token(geo: Geometry, n: int):
-    """Row i of a block tile holds token cpw * (i % R) + i // R (code-major order)."""
-    i = jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0)
-    return geo.cpw * (i % geo.R) + i // geo.R, i // geo.R
+def block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo: Geometry):
+    """Scores [BT, NR] (log2 units) of tokens [base, base + BT)."""
+    P, NR, ngv, NK, BT, G, D = geo.P, geo.NR, geo.ngv, geo.NK, geo.BT, geo.G, geo.D
+    rows = BT // P
+    g0 = base // G
+    ok = (g0 + gt) * G < nq
+    qexp, total = [], jnp.zeros(qtiles[0].shape, jnp.float32)
+    for qj, ch in zip(qtiles, chans):
+        s = plgpu.load(ks_ref.at[g0 + gt, ch], mask=ok, other=0).astype(jnp.float32)
+        e = (qj * s).astype(jnp.bfloat16)
+        total = total + e.astype(jnp.float32)
+        qexp.append(e)
+    acc = jnp.broadcast_to(-128.0 * jnp.sum(total, axis=0)[None, :], (rows, NK))
+    for which in ib.unpack_chunks(geo):
+        for j, a in zip(which, unpack_pairs_bf16(kw, geo.bits, which, geo.max_registers)):
+            acc = dot_acc(acc, a.reshape(rows, 2 * geo.Kd), qexp[j])
+    # sum_d q[h, d] z[gt, d] for the block's token groups
+    dz = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 0)
+    gz = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 1)
+    z = plgpu.load(kz_ref.at[g0 + gz, dz], mask=(g0 + gz) * G < nq, other=0).astype(jnp.float32)
+    zq = jnp.sum(qt[:, :, None] * z[:, None, :], axis=0)  # [NR, ngv]
+    x = acc.reshape(rows, P, NR, ngv) + zq[None, None]
+    tok = (jax.lax.broadcasted_iota(jnp.int32, (rows, P, NR, ngv), 0) * P
+           + jax.lax.broadcasted_iota(jnp.int32, (rows, P, NR, ngv), 1))
+    gsel = jax.lax.broadcasted_iota(jnp.int32, (rows, P, NR, ngv), 3)
+    s = jnp.sum(jnp.where(tok // G == gsel, x, 0.0), axis=-1)  # [rows, P, NR]
+    return s.reshape(BT, NR)
+
+
+def block_value_sum(vwt, vs, vz, p, geo: Geometry):
+    """sum_t p_t v_hat_t of one block, [D, NR] f32.
+
+    vwt [D, R] uint32 words (transposed); vs, vz [BT, ng] the tokens' scales / zeros;
+    p [BT, NR] f32 (0 past the sequence).
+    """
+    BT, NR, R, D, G, ng, NV, half = geo.BT, geo.NR, geo.R, geo.D, geo.G, geo.ng, geo.NV, geo.half
+    esc = _per_position(tuple(2.0 ** -e for e in pair_exponents(geo.bits)), BT, jnp.float32)
+    ps = p[:, :, None] * vs.astype(jnp.float32)[:, None, :]  # [BT, NR, ng]
+    pb = (ps * esc[:, None, None]).astype(jnp.bfloat16).reshape(BT, NV)
+    poff = jnp.sum(pb.astype(jnp.float32), axis=0)  # [NV]
+    parts = jnp.split(jnp.transpose(pb.reshape(R, 2, half, NV), (0, 1, 3, 2)), half, axis=-1)
+    acc = jnp.broadcast_to(-128.0 * poff[None, :], (D, NV))
+    for which in ib.unpack_chunks(geo):
+        for j, a in zip(which, unpack_pairs_bf16(vwt, geo.bits, which, geo.max_registers)):
+            acc = dot_acc(acc, a.reshape(D, 2 * R), parts[j].reshape(2 * R, NV))
+    zs = jnp.sum(p[:, :, None] * vz.astype(jnp.float32)[:, None, :], axis=0)  # [NR, ng]
+    x = acc.reshape(D, NR, ng) + zs[None]
+    gsel = jax.lax.broadcasted_iota(jnp.int32, (D, NR, ng), 2)
+    dch = jax.lax.broadcasted_iota(jnp.int32, (D, NR, ng), 0)
+    return jnp.sum(jnp.where(dch // G == gsel, x, 0.0), axis=-1)
+
+
+def _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
+    D, R, cpw, BT, ng = geo.D, geo.R, geo.cpw, geo.BT, geo.ng
+    d = jax.lax.broadcasted_iota(jnp.int32, (D, R), 0)
+    r = base // cpw + jax.lax.broadcasted_iota(jnp.int32, (D, R), 1)
+    vwt = plgpu.load(vw_ref.at[r, d], mask=r * cpw < nq, other=0)
+    t = base + jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 0)
+    g = jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 1)
+    vs = plgpu.load(vs_ref.at[t, g], mask=t < nq, other=0)
+    vz = plgpu.load(vz_ref.at[t, g], mask=t < nq, other=0)
+    return vwt, vs, vz
 
 
 def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     """Online softmax over the quantized tokens [start, min(start + chunk, nq)), OuterQ layout."""
     kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref = refs
-    BT, NR, D, G, cpw, R, ngv, ng, nw = (geo.BT, geo.NR, geo.D, geo.G, geo.cpw, geo.R,
-                                          geo.ngv, geo.ng, geo.nw)
-    exps = code_exponents(geo.bits)
-    dd = jax.lax.broadcasted_iota(jnp.int32, (D, NR), 0)
-    hh = jax.lax.broadcasted_iota(jnp.int32, (D, NR), 1)
-    qt = load_q(q_ref, hh, dd)  # [D, NR] log2 units
-    t_row, j_row = _row_token(geo, BT)  # [BT, 1]
-    esc_row = _per_position(tuple(2.0 ** -e for e in exps), cpw, jnp.float32)  # [cpw] by code j
-    jj = jax.lax.broadcasted_iota(jnp.int32, (BT, cpw), 1)
-    esc_k = jnp.sum(jnp.where(jj == j_row, esc_row[None, :], 0.0), axis=1)[:, None]  # [BT, 1]
-    g_row = t_row // G  # local key group of each row
-    gk = jax.lax.broadcasted_iota(jnp.int32, (BT, NR, ngv), 2)
-    dcol = jax.lax.broadcasted_iota(jnp.int32, (NR, ng, D), 2)
-    gcol = jax.lax.broadcasted_iota(jnp.int32, (NR, ng, D), 1)
-    esc_d = _per_position(tuple(2.0 ** -e for e in exps), D, jnp.float32)  # channel d -> 2**-e
+    BT, NR, D, P = geo.BT, geo.NR, geo.D, geo.P
+    qtiles, chans, gt, qt = _query_tiles(q_ref, geo)
     n = jnp.clip(nq - start, 0, chunk)
+    tok = jax.lax.broadcasted_iota(jnp.int32, (BT, 1), 0)
+    rows = BT // P
 
     def body(i, carry):
         m, lacc, o = carry
         base = start + i * BT
-        # ---- keys: codes [BT, D] (rows in code-major order) @ (q * s) [D, (h, g)]
-        r = base // cpw + jax.lax.broadcasted_iota(jnp.int32, (R, D), 0)
-        dk = jax.lax.broadcasted_iota(jnp.int32, (R, D), 1)
-        kw = plgpu.load(kw_ref.at[r, dk], mask=r * cpw < nq, other=0)  # [R, D]
-        codes = _interleave(unpack_codes_bf16(kw, geo.bits, None, geo.max_registers))  # [R, D, cpw]
-        codes = jnp.transpose(codes, (2, 0, 1)).reshape(BT, D)
-        g = base // G + jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 1)
-        dg = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 0)
-        okg = g * G < nq
-        kst = plgpu.load(ks_ref.at[g, dg], mask=okg, other=0).astype(jnp.float32)  # [D, ngv]
-        kzt = plgpu.load(kz_ref.at[g, dg], mask=okg, other=0).astype(jnp.float32)
-        qs = (qt[:, :, None] * kst[:, None, :]).astype(jnp.bfloat16).reshape(D, NR * ngv)
-        koff = 128.0 * jnp.sum(qs.astype(jnp.float32), axis=0)  # [NR*ngv]
-        acc = dot_acc(jnp.broadcast_to(-koff[None, :], (BT, NR * ngv)), codes, qs)
-        zterm = jnp.sum(qt[:, :, None] * kzt[:, None, :], axis=0)  # [NR, ngv]
-        x = acc.reshape(BT, NR, ngv) * esc_k[:, :, None] + zterm[None]
-        s = jnp.sum(jnp.where(gk == g_row[:, :, None], x, 0.0), axis=-1)  # [BT, NR]
-        tok = base + t_row
-        s = jnp.where(tok < nq, s, NEG)
+        r0 = base // P
+        okr = (r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * P < nq
+        kw = plgpu.load(kw_ref.at[pl.ds(r0, rows), :],
+                        mask=jnp.broadcast_to(okr, (rows, geo.Kd)), other=0)
+        s = block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo)
+        s = jnp.where(base + tok < nq, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=0))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[None, :])  # [BT, NR]
+        p = jnp.exp2(s - m_new[None, :])
         lacc = alpha[None, :] * lacc + p
-        # ---- values: (p * s) [(h, g), BT] @ codes [BT, D]
-        okt = tok < nq
-        cw = jax.lax.broadcasted_iota(jnp.int32, (BT, nw), 1)
-        vw = plgpu.load(vw_ref.at[tok + 0 * cw, cw], mask=okt & (cw >= 0), other=0)  # [BT, nw]
-        vcodes = _interleave(unpack_codes_bf16(vw, geo.bits, None, geo.max_registers)).reshape(BT, D)
-        cg = jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 1)
-        vs = plgpu.load(vs_ref.at[tok + 0 * cg, cg], mask=okt & (cg >= 0), other=0).astype(jnp.float32)
-        vz = plgpu.load(vz_ref.at[tok + 0 * cg, cg], mask=okt & (cg >= 0), other=0).astype(jnp.float32)
-        ps = (p[:, :, None] * vs[:, None, :]).astype(jnp.bfloat16).reshape(BT, NR * ng).T
-        poff = 128.0 * jnp.sum(ps.astype(jnp.float32), axis=1)  # [NR*ng]
-        accv = dot_acc(jnp.broadcast_to(-poff[:, None], (NR * ng, D)), ps, vcodes)
-        zt = jnp.sum(p[:, :, None] * vz[:, None, :], axis=0)  # [NR, ng]
-        y = accv.reshape(NR, ng, D) * esc_d[None, None, :] + zt[:, :, None]
-        ob = jnp.sum(jnp.where(gcol == dcol // G, y, 0.0), axis=1)  # [NR, D]
-        o = alpha[:, None] * o + ob
+        vwt, vs, vz = _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo)
+        o = alpha[None, :] * o + block_value_sum(vwt, vs, vz, p, geo)
         return m_new, lacc, o
 
     init = (jnp.full((NR,), NEG, jnp.float32), jnp.zeros((BT, NR), jnp.float32),
-            jnp.zeros((NR, D), jnp.float32))
+            jnp.zeros((D, NR), jnp.float32))
     m, lacc, o = jax.lax.fori_loop(0, pl.cdiv(n, BT), body, init)
-    return o, m, jnp.sum(lacc, axis=0)
+    return o.T, m, jnp.sum(lacc, axis=0)
+
+
+__all__ = ["Geometry", "LOG2E", "default_block_tokens", "kernel_operands", "outerq_part"]

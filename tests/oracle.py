@@ -78,11 +78,11 @@ def unpack_words(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
 
 def dequant_region(qt) -> np.ndarray:
     """Float64 [..., T, D] from a QuantizedTensor's stored arrays."""
-    axis = -1 if qt.grouping == "d" else -2
-    c = unpack_words(np.asarray(qt.codes), qt.bits, axis)
+    c = unpack_words(np.asarray(qt.codes), qt.bits, -1 if qt.packing == "d" else -2)
     s = np.asarray(qt.scale, np.float64)
     z = np.asarray(qt.zero, np.float64)
     G = qt.group_size
+    axis = -1 if qt.grouping == "d" else -2
     s, z = np.repeat(s, G, axis=axis), np.repeat(z, G, axis=axis)
     return c * s + z
 

@@ -118,24 +118,30 @@ def test_non_finite_input_stays_in_its_group():
     np.testing.assert_array_equal(np.delete(np.asarray(q.codes), [3, 5], 0), np.asarray(clean.codes))
 
 
-@pytest.mark.parametrize("grouping", ["d", "t"])
+@pytest.mark.parametrize("grouping,packing", [("d", "d"), ("t", "t"), ("t", "d"), ("d", "t")])
 @pytest.mark.parametrize("bits,G", [(2, 32), (4, 64), (2, 16)])
-def test_quantize_tokens_layout(grouping, bits, G):
-    """Packed storage decodes (by the documented layout) to the oracle's quantization."""
+def test_quantize_tokens_layout(grouping, packing, bits, G):
+    """Packed storage decodes (by the documented layout) to the oracle's quantization.
+
+    Grouping and packing are independent: ("t", "d") are OuterQ keys and
+    ("d", "t") OuterQ values as the cache stores them.
+    """
     cfg = CacheConfig.innerq(bits=bits, group_size=G, capacity=1024)
     T, D = 4 * G, 128
     x = _groups(bits * G, (2, T, D))
-    qt = quantize_tokens(jnp.asarray(x), grouping, cfg)
+    qt = quantize_tokens(jnp.asarray(x), grouping, cfg, packing=packing)
     x64 = x.astype(np.float64)
     # groups as the spec defines them: along D per token, or along T per channel
     if grouping == "d":
         g = x64.reshape(2, T, D // G, G)
-        assert qt.codes.shape == (2, T, D * bits // 32)
         assert qt.scale.shape == (2, T, D // G)
     else:
         g = np.swapaxes(x64.reshape(2, T // G, G, D), -1, -2)
-        assert qt.codes.shape == (2, T * bits // 32, D)
         assert qt.scale.shape == (2, T // G, D)
+    if packing == "d":
+        assert qt.codes.shape == (2, T, D * bits // 32)
+    else:
+        assert qt.codes.shape == (2, T * bits // 32, D)
     assert qt.mask.shape == (2, T // G, D // 32)
     ea = ((oracle.recon(*oracle.quantize_asym(g, bits)) - g) ** 2).sum(-1)
     es = ((oracle.recon(*oracle.quantize_sym(g, bits)) - g) ** 2).sum(-1)
@@ -149,6 +155,15 @@ def test_quantize_tokens_layout(grouping, bits, G):
     assert np.all(np.abs(xhat - x64) <= s_full / 2 * (1 + 1e-2) + 1e-6)
     codes = np.asarray(unpack_tensor_codes(qt))
     assert codes.shape == (2, T, D) and codes.max() <= 2**bits - 1
+
+
+def test_bad_grouping_or_packing_is_rejected():
+    cfg = CacheConfig.innerq(capacity=1024)
+    x = jnp.asarray(_groups(3, (64, 128)))
+    with pytest.raises(ValueError, match="packing='x'"):
+        quantize_tokens(x, "d", cfg, packing="x")
+    with pytest.raises(ValueError, match="grouping='q'"):
+        quantize_tokens(x, "q", cfg)
 
 
 def test_mask_and_codes_really_packed():
