@@ -45,10 +45,12 @@ import numpy as np
 from innerq_jax import CacheConfig, KVCache
 from models.llama import Llama, decode_step, prefill
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "benchmarks", "results")
-DATA_DIR = "/work/shared/data"
-BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Both can be moved with environment variables (a GPU machine gets the data as a copy).
+RESULTS_DIR = os.environ.get("INNERQ_RESULTS_DIR", os.path.join(_ROOT, "benchmarks", "results"))
+DATA_DIR = os.environ.get("INNERQ_DATA_DIR", os.path.join(os.path.dirname(_ROOT), "shared", "data"))
+BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured (the eval's context)
+LONG_CAPACITY = 32768  # a long context, where the bf16 windows are amortized
 
 
 # ============================================================== named sets
@@ -66,6 +68,14 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
             ("innerq4", CacheConfig.innerq(bits=4)),
             ("innerq-h4 keys", CacheConfig.innerq_h(bits=4, rotation="keys")),
             ("outerq4", CacheConfig.outerq(bits=4)),
+        ]
+    if name == "generation":  # GSM8K and passkey
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("innerq2", CacheConfig.innerq()),
+            ("innerq-h2 keys+values", CacheConfig.innerq_h()),
+            ("outerq2", CacheConfig.outerq()),
+            ("outerq2+sinks", CacheConfig.outerq(sink=4)),
         ]
     if name == "core":  # the minimum for a second text
         return [
@@ -88,7 +98,31 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
             ("innerq2 G64", CacheConfig.innerq(group_size=64, recent=128)),
             ("innerq2 sigma std", CacheConfig.innerq(key_scale="std")),
         ]
-    raise ValueError(f"unknown set {name!r}; choose main, core or ablations")
+    if name == "search":
+        # Inner-grouped 2-bit candidates at the paper-faithful configuration's bytes or
+        # fewer (S + R <= 132 tokens of bf16 windows, G >= 32), one knob at a time from
+        # InnerQ-H (keys and values rotated), plus the bars to beat.
+        h = CacheConfig.innerq_h()
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("innerq2", CacheConfig.innerq()),
+            ("outerq2+sinks", CacheConfig.outerq(sink=4)),
+            ("innerq-h2 keys+values", h),
+            ("h-kv std", h.replace(key_scale="std")),
+            ("h-kv fp16", h.replace(scale_dtype="float16")),
+            ("h-kv std+fp16", h.replace(key_scale="std", scale_dtype="float16")),
+            ("h-kv S36 R96", h.replace(sink=36, recent=96)),
+            ("h-kv S68 R64", h.replace(sink=68, recent=64)),
+            ("h-kv asymmetric only", h.replace(hybrid="asymmetric")),
+            ("h-kv symmetric only", h.replace(hybrid="symmetric")),
+            ("h-kv no centre", h.replace(key_norm="scale")),
+            ("h-kv no key norm", h.replace(key_norm="none")),
+            ("h-kv G64", h.replace(group_size=64)),
+            ("h-k std", h.replace(rotation="keys", key_scale="std")),
+            ("innerq2 std", CacheConfig.innerq(key_scale="std")),
+            ("innerq2 fp16", CacheConfig.innerq(scale_dtype="float16")),
+        ]
+    raise ValueError(f"unknown set {name!r}; choose main, core, ablations, search or generation")
 
 
 def bytes_per_element(model_cfg, cfg: CacheConfig, capacity: int = BYTES_CAPACITY,
@@ -162,7 +196,8 @@ def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig]
     """Runs all ``configs`` side by side over the windows; configs[0] is the reference.
 
     Returns one dict per config: nll_sum, count, perplexity, mean_kl (vs
-    configs[0]), top1_agreement, and per-step mean NLL / KL curves (length Nd).
+    configs[0]), top1_agreement, the NLL sum of each window (so a subset of
+    windows can be re-aggregated) and per-step mean NLL / KL curves (length Nd).
     """
     w = np.asarray(token_windows)
     W = prefill_len + decode_len
@@ -173,12 +208,15 @@ def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig]
     nll_sum = np.zeros(len(cfgs)); kl_sum = np.zeros(len(cfgs)); agree_sum = np.zeros(len(cfgs))
     nll_step = np.zeros((len(cfgs), decode_len)); kl_step = np.zeros((len(cfgs), decode_len))
     count = 0
+    nll_win = [[] for _ in cfgs]
     for s in range(0, len(w), batch):
         chunk = w[s:s + batch]
         nll, kl, agree = jax.device_get(
             _score_windows(model, jnp.asarray(chunk), cfgs, prefill_len, backend))
         nll_sum += nll.sum((1, 2)); kl_sum += kl.sum((1, 2)); agree_sum += agree.sum((1, 2))
         nll_step += nll.sum(1); kl_step += kl.sum(1)
+        for i in range(len(cfgs)):
+            nll_win[i] += nll[i].sum(1).tolist()
         count += chunk.shape[0] * decode_len
         if progress is not None:
             progress(chunk.shape[0])
@@ -186,6 +224,7 @@ def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig]
     return [dict(nll_sum=float(nll_sum[i]), count=count,
                  perplexity=float(math.exp(nll_sum[i] / count)),
                  mean_kl=float(kl_sum[i] / count), top1_agreement=float(agree_sum[i] / count),
+                 nll_per_window=nll_win[i],
                  nll_per_step=(nll_step[i] / n_win).tolist(),
                  kl_per_step=(kl_step[i] / n_win).tolist())
             for i in range(len(cfgs))]
@@ -352,7 +391,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
 
 def passkey_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig],
                  lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), trials: int = 2,
-                 seed: int = 0, progress=None) -> list[dict]:
+                 seed: int = 0, batch: int = 64, progress=None) -> list[dict]:
     """Success rate (the 5-digit key appears in the greedy continuation) per length/depth."""
     from models.generate import generate
 
@@ -366,10 +405,12 @@ def passkey_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig],
             sub = [c for c in cases if c[0] == L]
             prompts = [passkey_prompt(tokenizer, L, d, k) for _, d, k in sub]
             c2 = _with_capacity(cfg, max(len(p) for p in prompts) + 8)
-            g = generate(model, prompts, c2, max_new_tokens=8, backend="reference")
-            for (_, d, k), toks, ln in zip(sub, g.tokens, g.lengths):
-                ok = str(k) in tokenizer.decode(list(toks[:ln]))
-                per.setdefault(f"L{L}_d{d}", []).append(ok)
+            for s in range(0, len(sub), batch):
+                g = generate(model, prompts[s:s + batch], c2, max_new_tokens=8,
+                             backend="reference")
+                for (_, d, k), toks, ln in zip(sub[s:s + batch], g.tokens, g.lengths):
+                    ok = str(k) in tokenizer.decode(list(toks[:ln]))
+                    per.setdefault(f"L{L}_d{d}", []).append(ok)
             if progress is not None:
                 progress(1)
         rates = {k: float(np.mean(v)) for k, v in per.items()}
@@ -395,10 +436,13 @@ def _ppl_table(payload) -> str:
              f"{payload['first_window'] + payload['windows'] - 1}); P={payload['prefill_len']}, "
              f"Nd={payload['decode_len']}; scored tokens: {rows[0]['count']}; "
              f"wall time {payload['seconds']:.0f} s", "",
-             "| label | config | B/elem | perplexity | vs bf16 | mean KL | top-1 agree |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| label | config | B/elem (2k) | B/elem (32k) | perplexity | vs bf16 | mean KL "
+             "| top-1 agree |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        b32 = r.get("bytes_per_element_32k", float("nan"))
         lines.append(f"| {r['label']} | {r['short_name']} | {r['bytes_per_element']:.4f} | "
+                     f"{b32:.4f} | "
                      f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref - 1):+.1f}% | "
                      f"{r['mean_kl']:.4f} | {r['top1_agreement']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -432,10 +476,10 @@ def _plot(stem: str, payload):
     plt.close(fig)
 
 
-def _load_model(dtype):
+def _load_model(dtype, path=None):
     from models.weights import load_checkpoint
 
-    ckpt = load_checkpoint(None)
+    ckpt = load_checkpoint(path)
     return Llama.from_checkpoint(ckpt, dtype=dtype), ckpt
 
 
@@ -446,7 +490,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="innerq eval")
     ap.add_argument("task", choices=("ppl", "gsm8k", "passkey"))
     ap.add_argument("--set", default="main")
-    ap.add_argument("--only", default=None, help="comma-separated labels to keep (bf16 always)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated labels to keep (the first row is always kept)")
     ap.add_argument("--text", default=os.path.join(DATA_DIR, "wikitext-2-raw", "wiki.test.raw"),
                     help="a text file, or 'gsm8k' for GSM8K train solutions as one document")
     ap.add_argument("--windows", type=int, default=8)
@@ -454,8 +499,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n", type=int, default=20, help="GSM8K problems")
-    ap.add_argument("--lengths", default="1024,2048", help="passkey lengths")
+    ap.add_argument("--n", type=int, default=100, help="GSM8K problems")
+    ap.add_argument("--gen-batch", type=int, default=4,
+                    help="prompts generated together (GSM8K, passkey)")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="passkey lengths")
+    ap.add_argument("--depths", default="0.1,0.5,0.9", help="passkey relative depths")
+    ap.add_argument("--trials", type=int, default=2, help="passkey trials per length and depth")
+    ap.add_argument("--model", default=None, help=".gguf file or HF directory (default SmolLM2)")
     ap.add_argument("--tag", default=None, help="output file stem suffix")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args(argv)
@@ -463,8 +513,12 @@ def main(argv=None) -> int:
     rows = named_set(a.set)
     if a.only:
         keep = set(a.only.split(","))
+        missing = keep - {label for label, _ in rows}
+        if missing:
+            ap.error(f"--only names {sorted(missing)}, not in set {a.set!r}: "
+                     f"{[label for label, _ in rows]}")
         rows = [r for i, r in enumerate(rows) if i == 0 or r[0] in keep]
-    model, ckpt = _load_model(jnp.dtype(a.dtype))
+    model, ckpt = _load_model(jnp.dtype(a.dtype), a.model)
     tok = ckpt.tokenizer
     t0 = time.time()
     tag = a.tag or a.set
@@ -480,7 +534,9 @@ def main(argv=None) -> int:
         out_rows = []
         for (label, cfg), r in zip(rows, res):
             out_rows.append(dict(label=label, short_name=cfg.short_name(),
-                                 bytes_per_element=bytes_per_element(model.cfg, cfg), **r))
+                                 bytes_per_element=bytes_per_element(model.cfg, cfg),
+                                 bytes_per_element_32k=bytes_per_element(model.cfg, cfg,
+                                                                         LONG_CAPACITY), **r))
         payload = dict(title=f"decode perplexity, set {a.set}, {text_name}", text=text_name,
                        windows=len(wins), first_window=a.first_window, prefill_len=a.prefill,
                        decode_len=a.decode, seconds=time.time() - t0, rows=out_rows)
@@ -491,7 +547,7 @@ def main(argv=None) -> int:
     elif a.task == "gsm8k":
         bar = tqdm(total=a.n * len(rows), desc="gsm8k")
         res = gsm8k_eval(model, tok, [c for _, c in rows], n=a.n, eos_ids=ckpt.eos_token_ids,
-                         progress=bar.update)
+                         batch=a.gen_batch, progress=bar.update)
         bar.close()
         out_rows = [dict(label=l, short_name=c.short_name(),
                          bytes_per_element=bytes_per_element(model.cfg, c), **r)
@@ -508,10 +564,13 @@ def main(argv=None) -> int:
     else:
         lengths = tuple(int(x) for x in a.lengths.split(","))
         bar = tqdm(total=len(lengths) * len(rows), desc="passkey")
-        res = passkey_eval(model, tok, [c for _, c in rows], lengths=lengths, progress=bar.update)
+        depths = tuple(float(x) for x in a.depths.split(","))
+        res = passkey_eval(model, tok, [c for _, c in rows], lengths=lengths, depths=depths,
+                           trials=a.trials, batch=a.gen_batch, progress=bar.update)
         bar.close()
         out_rows = [dict(label=l, short_name=c.short_name(), **r) for (l, c), r in zip(rows, res)]
-        payload = dict(task="passkey", lengths=lengths, seconds=time.time() - t0, rows=out_rows)
+        payload = dict(task="passkey", lengths=lengths, depths=depths, trials=a.trials,
+                       seconds=time.time() - t0, rows=out_rows)
         keys = [k for k in out_rows[0] if k.startswith("L")] + ["overall"]
         lines = [f"# Passkey retrieval (5-digit key), {payload['seconds']:.0f} s", "",
                  "| label | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
