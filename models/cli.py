@@ -20,12 +20,15 @@ def _cache_config(args):
         return CacheConfig.bf16(**common)
     if args.cache == "int8":
         return CacheConfig.int8(**common)
-    quant = dict(bits=args.bits, group_size=args.group_size, recent=args.recent, **common)
-    if args.sink is not None:
-        quant["sink"] = args.sink
+    quant = dict(bits=args.bits, group_size=args.group_size, **common)
+    for name in ("sink", "recent", "rotation"):
+        if getattr(args, name) is not None:
+            quant[name] = getattr(args, name)
     if args.cache == "outerq":
         return CacheConfig.outerq(**quant)
-    return CacheConfig.innerq(rotation=args.rotation, **quant)
+    if args.cache == "recommended":
+        return CacheConfig.recommended(**quant)
+    return CacheConfig.innerq(**quant)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -104,13 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default=None,
                    help="GGUF file or Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--cache", choices=["innerq", "bf16", "outerq", "int8"], default="innerq")
+    g.add_argument("--cache", choices=["recommended", "innerq", "bf16", "outerq", "int8"],
+                   default="recommended",
+                   help="recommended: InnerQ-H with S 36 / R 96 (CacheConfig.recommended); "
+                        "innerq: paper-faithful InnerQ; bf16, outerq (KIVI), int8: baselines")
     g.add_argument("--bits", type=int, default=2, choices=[2, 4])
     g.add_argument("--group-size", type=int, default=32)
-    g.add_argument("--sink", type=int, default=None, help="sink tokens (default: 4; OuterQ 0)")
-    g.add_argument("--recent", type=int, default=128)
-    g.add_argument("--rotation", choices=["none", "keys", "keys_values"], default="none",
-                   help="InnerQ-H Hadamard rotation (default none: paper-faithful InnerQ)")
+    g.add_argument("--sink", type=int, default=None,
+                   help="sink tokens (default: the preset's: recommended 36, innerq 4, outerq 0)")
+    g.add_argument("--recent", type=int, default=None,
+                   help="recent tokens (default: the preset's: recommended 96, else 128)")
+    g.add_argument("--rotation", choices=["none", "keys", "keys_values"], default=None,
+                   help="Hadamard rotation (default: the preset's: recommended keys_values, "
+                        "innerq none)")
     g.add_argument("--capacity", type=int, default=1024)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
