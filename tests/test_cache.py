@@ -258,3 +258,26 @@ def test_create_matches_prefill_of_nothing():
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.shape == y.shape and x.dtype == y.dtype
     assert isinstance(a.layers, QuantLayer)
+
+
+def test_recommended_preset_and_cli_mapping():
+    """The recommended preset costs exactly what paper-faithful InnerQ costs, and the
+    CLI's presets keep their own defaults unless a flag overrides them."""
+    import argparse
+
+    from models.cli import _cache_config
+
+    rec, faithful = CacheConfig.recommended(capacity=2048), CacheConfig.innerq(capacity=2048)
+    assert (rec.kind, rec.rotation, rec.sink, rec.recent) == ("innerq", "keys_values", 36, 96)
+    shapes = lambda c: jax.eval_shape(lambda: KVCache.create(c, 2, 1, 2, 64))
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+    assert nbytes(shapes(rec)) == nbytes(shapes(faithful))
+    ns = argparse.Namespace(cache="recommended", capacity=1024, bits=2, group_size=32,
+                            sink=None, recent=None, rotation=None)
+    assert _cache_config(ns) == CacheConfig.recommended(capacity=1024)
+    ns.cache = "innerq"
+    assert _cache_config(ns) == CacheConfig.innerq(capacity=1024)
+    ns.sink, ns.recent = 8, 64
+    assert _cache_config(ns) == CacheConfig.innerq(capacity=1024, sink=8, recent=64)
+    ns.cache, ns.sink = "outerq", None
+    assert _cache_config(ns) == CacheConfig.outerq(capacity=1024, recent=64)
