@@ -280,7 +280,7 @@ def quantized_decode_attention(
     default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
     thread cap, 0 = ptxas decides, None = the layout's default; see
-    :func:`pallas_kernels.triton_ext.unpack_codes_bf16`). Defaults are the
+    :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`). Defaults are the
     fastest points of the H200 sweep in benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):

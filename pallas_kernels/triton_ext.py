@@ -5,14 +5,15 @@
   elementwise add, and Triton 3.6 no longer fuses the two: a chain of partial
   dots then costs an FADD per accumulator element per dot (measured offline:
   2 FADD per code). With the accumulator inside the MMA that cost is 0.
-* :func:`unpack_pairs_bf16` (InnerQ) - code j and code j + cpw/2 of every word
+* :func:`unpack_pairs_bf16` - code j and code j + cpw/2 of every word
   as a bf16 pair ``128 + code * 2**e_j`` (the "magic-number" conversion: the
   code placed in the mantissa of the bf16 128.0): one ``lop3`` per pair, no I2F,
   no PRMT, and the pair stays in the MMA operand layout. The offset 128 and
   ``2**e_j`` are exact and are folded into the other operand of the dot and into
   the per-group zero-point term.
-* :func:`unpack_codes_bf16` (OuterQ) - all codes of a word, for natural tiles.
-* ``max_registers`` on the unpack primitives sets Triton's ``ttg.maxnreg``
+  Both layouts pack their codes along the dot product's reduction axis, so the
+  InnerQ and OuterQ kernels share this one unpack.
+* ``max_registers`` on the unpack primitive sets Triton's ``ttg.maxnreg``
   (registers per thread), which jax's ``CompilerParams`` cannot.
 * :func:`call_quietly` - lowers a ``pallas_call`` inside a filter for exactly
   the Pallas Triton deprecation warning (raised at lowering time, so the filter
@@ -108,105 +109,6 @@ def dot_acc(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return dot_acc_p.bind(acc, a, b)
 
 
-# ------------------------------------------------------------------- unpack
-@functools.cache
-def unpack_plan(bits: int) -> tuple[tuple[int, int, int], ...]:
-    """For code j of a word: (half, shift, e).
-
-    The code is taken from 16-bit half ``half`` of the word, shifted right by
-    ``shift`` so that it lands at mantissa bit ``e`` of a bf16 (bits 0..6), and
-    becomes the value 128 + code * 2**e.
-    """
-    plan = []
-    if bits == 2:  # 8 codes per half at bits 2k; mantissa slots 0, 2, 4
-        for j in range(16):
-            half, k = divmod(j, 8)
-            shift = 6 * (k // 3)
-            plan.append((half, shift, 2 * k - shift))
-    elif bits == 4:  # 4 codes per half at bits 4k; mantissa slots 0 and 3
-        for j in range(8):
-            half, k = divmod(j, 4)
-            shift = (0, 1, 8, 9)[k]
-            plan.append((half, shift, 4 * k - shift))
-    else:
-        raise ValueError(f"bits={bits}; the kernels support 2 and 4")
-    return tuple(plan)
-
-
-def code_exponents(bits: int) -> tuple[int, ...]:
-    """e_j of :func:`unpack_plan`: code j unpacks to 128 + code * 2**e_j."""
-    return tuple(e for _, _, e in unpack_plan(bits))
-
-
-unpack_p = jax_core.Primitive("innerq_unpack_bf16")
-unpack_p.multiple_results = True
-
-
-def _unpack_impl(words, *, bits, which, max_registers):
-    del max_registers
-    w = words.astype(jnp.uint32)
-    mask = jnp.uint32((1 << bits) - 1)
-    exps = code_exponents(bits)
-    out = []
-    for j in which:
-        e = exps[j]
-        c = ((w >> jnp.uint32(bits * j)) & mask).astype(jnp.float32)
-        out.append((128.0 + c * float(2**e)).astype(jnp.bfloat16))
-    return out
-
-
-def _unpack_abstract(words, *, bits, which, max_registers):
-    del max_registers
-    if words.dtype != jnp.uint32:
-        raise ValueError(f"unpack_codes_bf16 needs uint32 words, got {words.dtype}")
-    return [jax_core.ShapedArray(words.shape, jnp.bfloat16)] * len(which)
-
-
-unpack_p.def_impl(_unpack_impl)
-unpack_p.def_abstract_eval(_unpack_abstract)
-mlir.register_lowering(unpack_p, mlir.lower_fun(_unpack_impl, multiple_results=True))
-
-
-@functools.cache
-def _unpack_ptx(bits: int, which: tuple[int, ...]) -> str:
-    """PTX for one pair of words ($n, $n+1) -> n registers of two bf16 codes each.
-
-    prmt gathers the same 16-bit half of both words into one register, so every
-    lop3 ((x & mask) | 0x43004300) yields code j of both words at once: element
-    0 of the pair in the low half, element 1 in the high half. The result is
-    elementwise whatever layout Triton gives the pair.
-    """
-    n = len(which)
-    m = (1 << bits) - 1
-    a, b = f"${n}", f"${n + 1}"
-    plan = [unpack_plan(bits)[j] for j in which]
-    halves = sorted({h for h, _, _ in plan})
-    shifted = sorted({(h, s) for h, s, _ in plan if s})
-    regs = ", ".join([f"x{h}" for h in halves] + [f"y{h}_{s}" for h, s in shifted])
-    lines = ["{", f".reg .b32 {regs};"]
-    lines += [f"prmt.b32 x{h}, {a}, {b}, {(0x5410, 0x7632)[h]:#x};" for h in halves]
-    lines += [f"shr.u32 y{h}_{s}, x{h}, {s};" for h, s in shifted]
-    for i, (h, s, e) in enumerate(plan):
-        src = f"y{h}_{s}" if s else f"x{h}"
-        mask = (m << e) * 0x10001
-        lines.append(f"lop3.b32 ${i}, {src}, {mask:#x}, 0x43004300, 0xea;")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def unpack_codes_bf16(words: jax.Array, bits: int, which=None,
-                      max_registers: int = 0) -> list[jax.Array]:
-    """uint32 words [...] -> bf16 arrays [...], one per code j in ``which`` (default all):
-    128 + code_j * 2**e_j. Unpacking a few codes at a time keeps fewer registers live.
-
-    max_registers > 0 caps the registers per thread of the whole kernel (Triton's
-    ``ttg.maxnreg`` module attribute, which jax's CompilerParams cannot set; ptxas
-    otherwise takes up to 255, and the kernel then runs one or two CTAs per SM).
-    """
-    which = tuple(range(32 // bits)) if which is None else tuple(which)
-    return unpack_p.bind(words, bits=bits, which=which, max_registers=int(max_registers))
-
-
 # -------------------------------------------------------------- pair unpack
 @functools.cache
 def pair_plan(bits: int) -> tuple[tuple[int, int], ...]:
@@ -279,7 +181,11 @@ def unpack_pairs_bf16(words: jax.Array, bits: int, which, max_registers: int = 0
     The pair axis is a ``join`` of the words with themselves; Triton keeps it in
     the thread, so after a reshape to [..., 2n] the codes are already in the
     MMA operand layout (no shared-memory round trip), and each pair costs one
-    ``lop3`` (plus a shared shift). ``max_registers``: see :func:`unpack_codes_bf16`.
+    ``lop3`` (plus a shared shift).
+
+    max_registers > 0 caps the registers per thread of the whole kernel (Triton's
+    ``ttg.maxnreg`` module attribute, which jax's CompilerParams cannot set; ptxas
+    otherwise takes up to 255, and the kernel then runs one or two CTAs per SM).
     """
     words2 = jnp.stack([words, words], axis=-1)
     return unpack_pairs_p.bind(words2, bits=bits, which=tuple(which),
@@ -314,18 +220,5 @@ if triton_lowering is not None:
         res = tt_dialect.elementwise_inline_asm(
             out_types, _unpack_pairs_ptx(bits, which), constraints=",".join(["=r"] * n + ["r", "r"]),
             pure=True, packed_element=2, args=[words2],
-        )
-        return [res] if isinstance(res, ir.Value) else list(res)
-
-    @triton_lowering.register_lowering(unpack_p)
-    def _unpack_triton(ctx, words, *, bits, which, max_registers):
-        if max_registers:
-            _set_maxnreg(max_registers)
-        n = len(which)
-        out_types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
-        constraints = ",".join(["=r"] * n + ["r", "r"])
-        res = tt_dialect.elementwise_inline_asm(
-            out_types, _unpack_ptx(bits, which), constraints=constraints, pure=True,
-            packed_element=2, args=[words],
         )
         return [res] if isinstance(res, ir.Value) else list(res)
