@@ -191,30 +191,18 @@ def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
 def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     """Online softmax over the quantized tokens [start, min(start + chunk, nq))."""
     kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref = refs
-    BT, NR, D = geo.BT, geo.NR, geo.D
     qexp, koff, qsum_cols = ib.expanded_query(q_ref, geo)
-    n = jnp.clip(nq - start, 0, chunk)
-    tok = jax.lax.broadcasted_iota(jnp.int32, (BT, 1), 0)
 
-    def body(i, carry):
-        m, lacc, o = carry
-        base = start + i * BT
+    def scores(base):
         kw, ks, kz = ib.load_key_block(kw_ref, ks_ref, kz_ref, base, nq, geo)
-        s = ib.block_key_scores(kw, ks, kz, qexp, koff, qsum_cols, geo)  # [BT, NR]
-        s = jnp.where(base + tok < nq, s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=0))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[None, :])
-        lacc = alpha[None, :] * lacc + p
+        return ib.block_key_scores(kw, ks, kz, qexp, koff, qsum_cols, geo)  # [BT, NR]
+
+    def values(base, p):
         pexp, psum, poff = ib.value_operands(p, geo)
         vwt, vst, vzt = ib.load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo)
-        o = alpha[None, :] * o + ib.block_value_sum(vwt, vst, vzt, pexp, psum, poff, geo)
-        return m_new, lacc, o
+        return ib.block_value_sum(vwt, vst, vzt, pexp, psum, poff, geo)
 
-    init = (jnp.full((NR,), NEG, jnp.float32), jnp.zeros((BT, NR), jnp.float32),
-            jnp.zeros((D, NR), jnp.float32))
-    m, lacc, o = jax.lax.fori_loop(0, pl.cdiv(n, BT), body, init)
-    return o.T, m, jnp.sum(lacc, axis=0)
+    return ib.online_softmax_loop(start, nq, chunk, geo, scores, values)
 
 
 # ------------------------------------------------------------------- wrapper

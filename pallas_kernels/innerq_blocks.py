@@ -253,6 +253,35 @@ def block_value_sum(vwt, vst, vzt, pexp, psum, poff, geo: Geometry) -> jax.Array
     return jnp.sum(x, axis=-1)
 
 
+# ----------------------------------------------------------- online softmax
+def online_softmax_loop(start, nq, chunk, geo, scores, values):
+    """Flash-decoding over the quantized tokens [start, min(start + chunk, nq)).
+
+    ``scores(base)`` gives the [BT, NR] scores (log2 units) of tokens
+    [base, base + BT); ``values(base, p)`` the [D, NR] sum of p-weighted values of
+    the same block. Shared by both layouts; returns (o [NR, D], m [NR], l [NR]).
+    """
+    BT, NR, D = geo.BT, geo.NR, geo.D
+    n = jnp.clip(nq - start, 0, chunk)
+    tok = jax.lax.broadcasted_iota(jnp.int32, (BT, 1), 0)
+
+    def body(i, carry):
+        m, lacc, o = carry
+        base = start + i * BT
+        s = jnp.where(base + tok < nq, scores(base), NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=0))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[None, :])
+        lacc = alpha[None, :] * lacc + p
+        o = alpha[None, :] * o + values(base, p)
+        return m_new, lacc, o
+
+    init = (jnp.full((NR,), NEG, jnp.float32), jnp.zeros((BT, NR), jnp.float32),
+            jnp.zeros((D, NR), jnp.float32))
+    m, lacc, o = jax.lax.fori_loop(0, pl.cdiv(n, BT), body, init)
+    return o.T, m, jnp.sum(lacc, axis=0)
+
+
 # -------------------------------------------------------------------- loads
 def load_key_block(kw_ref, ks_ref, kz_ref, base, nq, geo: Geometry):
     """Words / scales / zeros of tokens [base, base + BT); rows past nq read as 0."""

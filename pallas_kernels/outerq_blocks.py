@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import innerq_blocks as ib
-from pallas_kernels.innerq_blocks import LOG2E, NEG, _per_position, load_q, next_pow2
+from pallas_kernels.innerq_blocks import LOG2E, _per_position, load_q, next_pow2
 from pallas_kernels.triton_ext import dot_acc, pair_exponents, unpack_pairs_bf16
 
 
@@ -166,33 +166,21 @@ def _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
 def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     """Online softmax over the quantized tokens [start, min(start + chunk, nq)), OuterQ layout."""
     kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref = refs
-    BT, NR, D, P = geo.BT, geo.NR, geo.D, geo.P
+    P, rows = geo.P, geo.BT // geo.P
     qtiles, chans, gt, qt = _query_tiles(q_ref, geo)
-    n = jnp.clip(nq - start, 0, chunk)
-    tok = jax.lax.broadcasted_iota(jnp.int32, (BT, 1), 0)
-    rows = BT // P
 
-    def body(i, carry):
-        m, lacc, o = carry
-        base = start + i * BT
+    def scores(base):
         r0 = base // P
         okr = (r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * P < nq
         kw = plgpu.load(kw_ref.at[pl.ds(r0, rows), :],
                         mask=jnp.broadcast_to(okr, (rows, geo.Kd)), other=0)
-        s = block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo)
-        s = jnp.where(base + tok < nq, s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=0))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[None, :])
-        lacc = alpha[None, :] * lacc + p
-        vwt, vs, vz = _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo)
-        o = alpha[None, :] * o + block_value_sum(vwt, vs, vz, p, geo)
-        return m_new, lacc, o
+        return block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo)
 
-    init = (jnp.full((NR,), NEG, jnp.float32), jnp.zeros((BT, NR), jnp.float32),
-            jnp.zeros((D, NR), jnp.float32))
-    m, lacc, o = jax.lax.fori_loop(0, pl.cdiv(n, BT), body, init)
-    return o.T, m, jnp.sum(lacc, axis=0)
+    def values(base, p):
+        vwt, vs, vz = _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo)
+        return block_value_sum(vwt, vs, vz, p, geo)
+
+    return ib.online_softmax_loop(start, nq, chunk, geo, scores, values)
 
 
 __all__ = ["Geometry", "LOG2E", "default_block_tokens", "kernel_operands", "outerq_part"]
