@@ -359,7 +359,11 @@ def full_suite():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="full", choices=["full", "sweep", "quick", "profile", "trace"])
+    ap.add_argument("--suite", default="full",
+                    choices=["full", "sweep", "quick", "profile", "trace", "points"])
+    ap.add_argument("--points", default="[]",
+                    help='points suite: JSON [[B, T, {Shape kwargs}, [variants]], ...]')
+    ap.add_argument("--tag", default="", help="suffix of the output files (kernels_<suite><tag>.*)")
     ap.add_argument("--ncu", action="store_true", help="profile suite: full kernel only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=7)
@@ -374,7 +378,8 @@ def main():
 
     dev = jax.devices()[0]
     meta = {"device_kind": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "env": {k: v for k, v in os.environ.items() if k in ("DISABLE_MMA_V3", "XLA_FLAGS")}}
     log(f"device {dev.device_kind}  jax {jax.__version__}")
     kernel_opts = json.loads(args.options) if args.suite not in ("profile", "trace") else {}
     runs = []
@@ -386,8 +391,12 @@ def main():
         runs = profile(log, args.reps, args)
         kernel_opts = {}
     else:
-        shapes = full_suite() if args.suite == "full" else [
-            (Shape(8, 32 * 1024), ALL), (Shape(1, 128 * 1024), ALL)]
+        if args.suite == "points":
+            shapes = [(Shape(B, T, **kw), names) for B, T, kw, names in json.loads(args.points)]
+        elif args.suite == "full":
+            shapes = full_suite()
+        else:
+            shapes = [(Shape(8, 32 * 1024), ALL), (Shape(1, 128 * 1024), ALL)]
         for shape, variants in shapes:
             runs.append(run_shape(shape, variants, args.reps, kernel_opts, log))
             log(f"  (elapsed {time.time() - t_start:.0f} s)")
@@ -396,18 +405,18 @@ def main():
                "protocol": "len(sets) calls per jitted program on distinct input copies, one sync, "
                         "median of reps"}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels_{args.suite}.json")
+    path = os.path.join(args.out, f"kernels_{args.suite}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     if args.suite not in ("sweep", "profile", "trace"):
-        plot(runs, os.path.join(args.out, f"kernels_{args.suite}.png"), meta)
+        plot(runs, os.path.join(args.out, f"kernels_{args.suite}{args.tag}.png"), meta)
         summary(runs, log)
     log(f"total {time.time() - t_start:.0f} s; wrote {path}")
 
 
 def _write(args, meta, kernel_opts, runs):
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"kernels_{args.suite}.json"), "w") as f:
+    with open(os.path.join(args.out, f"kernels_{args.suite}{args.tag}.json"), "w") as f:
         json.dump({"meta": meta, "suite": args.suite, "kernel_options": kernel_opts, "runs": runs,
                        "partial": True}, f, indent=1)
 
