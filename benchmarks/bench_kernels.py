@@ -342,10 +342,9 @@ def full_suite():
     peer measured there (jax's Pallas decode kernel) against the fused kernels.
     """
     k = 1024
-    # OuterQ tunables beside its defaults (InnerQ's were swept in kernels_sweep.json)
-    outer_pts = [f"outerq_fused@{json.dumps(o)}" for o in (
-        {"max_registers": 0}, {"max_registers": 168}, {"block_tokens": 256, "max_registers": 0})]
-    shapes = [(Shape(8, 32 * k), ALL + outer_pts), (Shape(1, 128 * k), ALL + outer_pts)]
+    # (tunables of both kernels: kernels_sweep.json, kernels_full.json of round 2,
+    # kernels_points_*.json of round 3)
+    shapes = [(Shape(8, 32 * k), ALL), (Shape(1, 128 * k), ALL)]
     for B, T in [(1, 4 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 16 * k)]:
         shapes.append((Shape(B, T), ["bf16_pallas", "innerq_fused", "outerq_fused"]))
     shapes.append((Shape(8, 32 * k, bits=4), ["bf16_pallas", "innerq_fused", "outerq_fused"]))

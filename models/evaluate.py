@@ -76,6 +76,7 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
             ("innerq-h2 keys+values", CacheConfig.innerq_h()),
             ("outerq2", CacheConfig.outerq()),
             ("outerq2+sinks", CacheConfig.outerq(sink=4)),
+            ("recommended", CacheConfig.recommended()),
         ]
     if name == "core":  # the minimum for a second text
         return [

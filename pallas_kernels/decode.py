@@ -243,7 +243,10 @@ def _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
 
 
 def _default_splits(B, H, n_blocks):
-    return int(max(1, min(n_blocks, round(4 * NUM_SMS / (B * H)))))
+    """About 4 programs per SM, and at least 2 blocks per program: at B=1, T=4k one
+    block per program spent more on the per-program set-up than on the tokens
+    (H200: 16 splits 0.0445 ms vs 32 splits 0.0531, benchmarks/KERNEL_NOTES.md)."""
+    return int(max(1, min(n_blocks // 2, round(4 * NUM_SMS / (B * H)))))
 
 
 def quantized_decode_attention(
