@@ -70,9 +70,9 @@ def run(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--decode", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8, help="windows per compiled scan")
-    ap.add_argument("--gsm8k-n", type=int, default=100)
+    ap.add_argument("--gsm8k-n", type=int, default=200)
     ap.add_argument("--gen-batch", type=int, default=4)
-    ap.add_argument("--passkey-trials", type=int, default=4)
+    ap.add_argument("--passkey-trials", type=int, default=8)
     ap.add_argument("--model", default=None)
     ap.add_argument("--check-tag", default="check_cpu")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
