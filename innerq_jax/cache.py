@@ -153,11 +153,10 @@ class QuantLayer:
     def prefill(cls, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
         """Builds the layer from a prompt's k, v [B, H, T, D] (ragged: lengths [B])."""
         B, H, T, D = k.shape
-        S, W, G, Tq = cfg.sink, cfg.window, cfg.group_size, cfg.quant_capacity
+        S, G, Tq = cfg.sink, cfg.group_size, cfg.quant_capacity
         centre, scale = cls.key_statistics(k, lengths, cfg)
         kt = cls.key_transform(k, centre, scale, cfg)  # [B, H, T, D] f32
         vt = cls.value_transform(v, cfg)
-        t = jnp.arange(T)
 
         def region(x, start, n):  # tokens start .. start + n of x, zero-padded past T
             pad = max(0, start + n - T)

@@ -35,7 +35,6 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import jax

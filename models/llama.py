@@ -287,7 +287,6 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
 
 def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str = "auto"):
     """One decode step: tokens [B] at positions cache.lengths -> (logits [B, V], new cache)."""
-    cfg = model.cfg
     B = tokens.shape[0]
     pos = cache.lengths[:, None]  # [B, 1]
     x = model.embed[...][tokens][:, None, :]  # [B, 1, E]
