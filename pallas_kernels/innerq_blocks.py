@@ -100,20 +100,28 @@ class Geometry:
         return self.BT // self.G
 
     @property
+    def k_col_groups(self) -> int:  # groups per K accumulator column block (inner: channel groups)
+        return self.ng
+
+    @property
+    def v_col_groups(self) -> int:  # groups per V accumulator column block (inner: token groups)
+        return self.ngv
+
+    @property
     def NR(self) -> int:
         """Query heads per kv head, padded to a power of two so that both MMA
-        N dimensions (K: P*NR*ng, V: NR*ngv) are at least 16."""
+        N dimensions (K: P*NR*k_col_groups, V: NR*v_col_groups) are at least 16."""
         nr = next_pow2(self.n_rep)
-        nr = max(nr, next_pow2(-(-16 // (self.P * self.ng))))
-        return max(nr, next_pow2(-(-16 // self.ngv)))
+        nr = max(nr, next_pow2(-(-16 // (self.P * self.k_col_groups))))
+        return max(nr, next_pow2(-(-16 // self.v_col_groups)))
 
     @property
     def NK(self) -> int:
-        return self.P * self.NR * self.ng
+        return self.P * self.NR * self.k_col_groups
 
     @property
     def NV(self) -> int:
-        return self.NR * self.ngv
+        return self.NR * self.v_col_groups
 
     def validate(self) -> None:
         if self.D % self.G or self.D % 32:

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import innerq_blocks as ib
-from pallas_kernels.innerq_blocks import LOG2E, _per_position, load_q, next_pow2
+from pallas_kernels.innerq_blocks import LOG2E, _per_position, load_q
 from pallas_kernels.triton_ext import dot_acc, pair_exponents, unpack_pairs_bf16
 
 
@@ -45,18 +45,12 @@ class Geometry(ib.Geometry):
     K columns (p, h, token group), V columns (h, channel group)."""
 
     @property
-    def NR(self) -> int:
-        nr = next_pow2(self.n_rep)
-        nr = max(nr, next_pow2(-(-16 // (self.P * self.ngv))))
-        return max(nr, next_pow2(-(-16 // self.ng)))
+    def k_col_groups(self) -> int:  # token groups of the block
+        return self.ngv
 
     @property
-    def NK(self) -> int:
-        return self.P * self.NR * self.ngv
-
-    @property
-    def NV(self) -> int:
-        return self.NR * self.ng
+    def v_col_groups(self) -> int:  # channel groups
+        return self.ng
 
 
 def default_block_tokens(bits: int, G: int) -> int:
