@@ -368,6 +368,17 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
     args = ap.parse_args()
+    if (args.suite == "points") != (args.points != "[]"):
+        ap.error("--points is required by --suite points and used by no other suite")
+    if args.suite == "points":
+        try:
+            points = [(Shape(B, T, **kw), list(names)) for B, T, kw, names in json.loads(args.points)]
+        except (ValueError, TypeError) as e:
+            ap.error(f"--points must be JSON [[B, T, {{Shape kwargs}}, [variants]], ...]: {e}")
+        bad = sorted({n for _, names in points for n in names if n.split("@")[0] not in ALL})
+        if bad:
+            ap.error(f"--points: unknown variants {bad}; variants are {ALL} "
+                     "(a fused kernel may carry options: innerq_fused@{json})")
     t_start = time.time()
     lines = []
 
@@ -391,7 +402,7 @@ def main():
         kernel_opts = {}
     else:
         if args.suite == "points":
-            shapes = [(Shape(B, T, **kw), names) for B, T, kw, names in json.loads(args.points)]
+            shapes = points
         elif args.suite == "full":
             shapes = full_suite()
         else:

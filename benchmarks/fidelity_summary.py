@@ -22,6 +22,10 @@ import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from innerq_jax import CacheConfig  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TEXTS = (("wiki", "WikiText-2 test"), ("gsm8k-train-solutions", "GSM8K train solutions"))
 SEARCH_BARS = ("bf16", "innerq2", "outerq2+sinks")
@@ -131,6 +135,10 @@ def recommend():
              f"Best on WikiText-2: `{best_a}`; best on GSM8K solutions: `{best_b}`."]
     if best_a == best_b:
         r = wa[best_a]
+        preset = CacheConfig.recommended().short_name()
+        if r["short_name"] != preset:
+            raise SystemExit(f"the search's winner {r['short_name']} is not "
+                             f"CacheConfig.recommended() ({preset}): update the preset")
         lines += ["", f"**Recommended: `{best_a}` (`{r['short_name']}`, "
                   "`CacheConfig.recommended()`)**, the winner on both texts:", "",
                   "| text | recommended | InnerQ-H 2-bit (S4 R128) | paper-faithful InnerQ 2-bit | "

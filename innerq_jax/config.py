@@ -136,8 +136,7 @@ class CacheConfig:
         8 windows of WikiText-2 and of GSM8K solutions): the lowest perplexity among the
         inner-grouped candidates at <= 0.40 B per quantized element on both texts.
         """
-        return cls(**{"kind": "innerq", "rotation": "keys_values", "sink": 36, "recent": 96,
-                      **overrides})
+        return cls.innerq_h(**{"sink": 36, "recent": 96, **overrides})
 
     @classmethod
     def outerq(cls, **overrides) -> "CacheConfig":

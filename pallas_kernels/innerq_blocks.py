@@ -291,12 +291,24 @@ def online_softmax_loop(start, nq, chunk, geo, scores, values):
 
 
 # -------------------------------------------------------------------- loads
-def load_key_block(kw_ref, ks_ref, kz_ref, base, nq, geo: Geometry):
-    """Words / scales / zeros of tokens [base, base + BT); rows past nq read as 0."""
+def _key_rows(base, nq, geo: Geometry):
+    """(first row, rows, [rows, 1] in-range mask) of the K word rows of tokens [base, base + BT)."""
     rows = geo.BT // geo.P
     r0 = base // geo.P
-    ok = (r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * geo.P < nq
-    kw = plgpu.load(kw_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, (rows, geo.Kd)), other=0)
+    return r0, rows, (r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * geo.P < nq
+
+
+def load_key_words(kw_ref, base, nq, geo: Geometry):
+    """K words [BT/P, Kd] of tokens [base, base + BT) (both layouts pack K along D)."""
+    r0, rows, ok = _key_rows(base, nq, geo)
+    return plgpu.load(kw_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, (rows, geo.Kd)),
+                      other=0)
+
+
+def load_key_block(kw_ref, ks_ref, kz_ref, base, nq, geo: Geometry):
+    """Words / scales / zeros of tokens [base, base + BT); rows past nq read as 0."""
+    r0, rows, ok = _key_rows(base, nq, geo)
+    kw = load_key_words(kw_ref, base, nq, geo)
     sc = (rows, geo.P * geo.ng)
     ks = plgpu.load(ks_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, sc), other=0)
     kz = plgpu.load(kz_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, sc), other=0)

@@ -31,7 +31,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import innerq_blocks as ib
@@ -160,14 +159,10 @@ def _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
 def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     """Online softmax over the quantized tokens [start, min(start + chunk, nq)), OuterQ layout."""
     kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref = refs
-    P, rows = geo.P, geo.BT // geo.P
     qtiles, chans, gt, qt = _query_tiles(q_ref, geo)
 
     def scores(base):
-        r0 = base // P
-        okr = (r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * P < nq
-        kw = plgpu.load(kw_ref.at[pl.ds(r0, rows), :],
-                        mask=jnp.broadcast_to(okr, (rows, geo.Kd)), other=0)
+        kw = ib.load_key_words(kw_ref, base, nq, geo)
         return block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo)
 
     def values(base, p):
