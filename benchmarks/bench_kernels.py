@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from innerq_jax.attention import decode_attention_layer, prepare_query, quantized_attention_core
+from innerq_jax.attention import decode_attention_layer
+from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes

@@ -1,7 +1,7 @@
 """Fused decode attention over a quantized cache (flash-decoding), kernel (c).
 
 ``quantized_decode_attention(qp, layer, lengths, cfg)`` equals
-``innerq_jax.attention.quantized_attention_core`` (the reference): softmax over
+``innerq_jax.reference.quantized_attention_core`` (the reference): softmax over
 the bf16 sink window, the packed quantized region and the bf16 recent ring,
 then the probability-weighted values.
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from innerq_jax.attention import quantized_attention_core
+from innerq_jax.reference import quantized_attention_core
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import recent_slot_tokens, region_sizes
@@ -45,7 +45,7 @@ _WINDOW_HEADS = 16  # query rows of the window MMAs (>= 16)
 
 
 def quantized_decode_attention_reference(qp, layer, lengths, cfg):
-    """The contract: innerq_jax.attention.quantized_attention_core."""
+    """The contract: innerq_jax.reference.quantized_attention_core."""
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 

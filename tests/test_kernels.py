@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from innerq_jax import CacheConfig, KVCache
-from innerq_jax.attention import decode_attention_layer, prepare_query, quantized_attention_core
+from innerq_jax.attention import decode_attention_layer
+from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.layout import region_sizes
 from pallas_kernels.decode import quantized_decode_attention
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
