@@ -306,6 +306,8 @@ def _int8_quantize(x):
     """Symmetric per-(token, head) int8: x [B, H, T, D] -> codes int8, scale [B, H, T]."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
+    # A NaN scale keeps a non-finite row non-finite (XLA's CPU max can drop a NaN).
+    amax = jnp.where(jnp.all(jnp.isfinite(x), axis=-1), amax, jnp.nan)
     scale = (amax / 127.0).astype(COMPUTE_DTYPE)
     inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1).astype(jnp.float32), 0.0)
     codes = jnp.clip(jnp.round(x * inv[..., None]), -127, 127)

@@ -17,9 +17,10 @@ code is clipped; a symmetric scale keeps few enough mantissa bits that
 c0 * s is exact, so the stored offset -c0 * s keeps the grid's exact zero: the error of an in-range value is at most s/2 (the test suite
 checks this bound with the stored s).
 
-Non-finite inputs: a group containing NaN or Inf gets a non-finite scale or
-offset and reconstructs as non-finite; nothing leaks into other groups, other
-heads or other sequences (tested).
+Non-finite inputs: a group containing NaN or Inf gets a NaN scale and
+reconstructs as NaN on every backend (set explicitly: XLA's CPU max reduction
+can drop a NaN, which would leave the group finite and wrong); nothing leaks
+into other groups, other heads or other sequences (tested).
 
 Packing: ``32 // bits`` codes per uint32 word, code ``i`` of a word at bits
 [bits*i, bits*(i+1)). ``pack_codes`` packs along any axis, so the cache can pack
@@ -125,6 +126,7 @@ def quantize_groups(
         raise ValueError(f"policy={policy!r}; choose 'hybrid', 'asymmetric' or 'symmetric'")
     # NaN codes (non-finite input) become 0; the group's scale carries the NaN.
     c = jnp.where(jnp.isfinite(c), c, 0).astype(jnp.uint8)
+    s = jnp.where(jnp.all(jnp.isfinite(x), axis=-1), s, jnp.nan).astype(s.dtype)
     return QuantizedGroups(c, s, z, sym)
 
 

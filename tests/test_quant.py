@@ -182,3 +182,29 @@ def test_jit_quantization_matches_eager():
     jitted = jax.jit(quantize_groups, static_argnums=(1, 2))(x, 2, "hybrid")
     for a, b in zip(eager, jitted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("grouping", ["d", "t"])
+@pytest.mark.parametrize("policy", ["hybrid", "asymmetric", "symmetric"])
+def test_non_finite_group_stays_non_finite_at_any_size(grouping, policy):
+    """A group holding NaN or Inf reconstructs as non-finite, every other group as if
+    the bad values were absent. At these sizes XLA's CPU max reduction drops a NaN,
+    so a wrong implementation gives a finite, wrong group here."""
+    cfg = CacheConfig.innerq(hybrid=policy, capacity=1024)
+    x = _groups(12, (2, 4, 64, 64))
+    bad = {(1, 2, 40, 9): np.nan, (0, 3, 5, 33): np.inf, (1, 0, 63, 0): -np.inf}
+    for idx, val in bad.items():
+        x[idx] = val
+    got = np.asarray(dequantize_tensor(quantize_tokens(jnp.asarray(x), grouping, cfg)))
+    G = cfg.group_size
+    expect_bad = np.zeros(x.shape, bool)
+    for b, h, t, d in bad:
+        if grouping == "d":  # the G channels of token t
+            expect_bad[b, h, t, d // G * G:(d // G + 1) * G] = True
+        else:  # the G tokens of channel d
+            expect_bad[b, h, t // G * G:(t // G + 1) * G, d] = True
+    np.testing.assert_array_equal(~np.isfinite(got), expect_bad)
+    clean = x.copy()
+    clean[expect_bad] = 0.5
+    want = np.asarray(dequantize_tensor(quantize_tokens(jnp.asarray(clean), grouping, cfg)))
+    np.testing.assert_array_equal(got[~expect_bad], want[~expect_bad])
