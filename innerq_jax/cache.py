@@ -108,16 +108,20 @@ class QuantLayer:
 
     @staticmethod
     def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig):
-        """Per (sequence, head, channel) centre and scale over prompt tokens past the sinks."""
+        """Per (sequence, head, channel) centre and scale over prompt tokens past the sinks.
+
+        Tokens outside that range are masked with ``where``, never multiplied by a zero
+        weight: NaN * 0 is NaN, so padding or a NaN sink token would poison the statistics.
+        """
         B, H, T, D = k.shape
         t = jnp.arange(T)[None, :]
-        use = (t >= cfg.sink) & (t < lengths[:, None])  # [B, T]
-        w = use[:, None, :, None].astype(jnp.float32)
-        n = jnp.sum(w, axis=2)  # [B, 1, D]
+        use = ((t >= cfg.sink) & (t < lengths[:, None]))[:, None, :, None]  # [B, 1, T, 1]
+        n = jnp.sum(use, axis=2, dtype=jnp.float32)  # [B, 1, 1]
         has = n > 0
         x = k.astype(jnp.float32)
         if cfg.key_norm == "centre_scale":
-            centre = jnp.where(has, jnp.sum(x * w, axis=2) / jnp.maximum(n, 1), 0.0)
+            total = jnp.sum(jnp.where(use, x, 0.0), axis=2)
+            centre = jnp.where(has, total / jnp.maximum(n, 1), 0.0)
         else:
             centre = jnp.zeros((B, H, D), jnp.float32)
         centre = jnp.broadcast_to(centre, (B, H, D))
@@ -127,9 +131,12 @@ class QuantLayer:
         if cfg.rotate_keys:
             y = y @ hadamard(D)
         if cfg.key_scale == "absmax":
-            stat = jnp.max(jnp.abs(y) * w, axis=2)
+            stat = jnp.max(jnp.where(use, jnp.abs(y), 0.0), axis=2)
+            # as in quant.py: a non-finite prompt key stays visible (the CPU max may drop NaN)
+            finite = jnp.all(jnp.where(use, jnp.isfinite(y), True), axis=2)
+            stat = jnp.where(finite, stat, jnp.nan)
         else:  # std about the centre (root mean square when uncentred)
-            stat = jnp.sqrt(jnp.sum(jnp.square(y) * w, axis=2) / jnp.maximum(n, 1))
+            stat = jnp.sqrt(jnp.sum(jnp.where(use, jnp.square(y), 0.0), axis=2) / jnp.maximum(n, 1))
         scale = jnp.where(has, jnp.maximum(stat, cfg.norm_eps), 1.0)
         return centre, scale
 

@@ -1,5 +1,7 @@
 """The functional cache: life cycle properties, capacity, jit, memory, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +126,52 @@ def test_key_statistics_match_oracle():
     # no tokens past the sinks: identity normalization
     short = KVCache.from_prefill(cfg, k[:, :, :, :3], v[:, :, :, :3], np.array([3, 2])).layer(0)
     assert np.all(np.asarray(short.k_centre) == 0) and np.all(np.asarray(short.k_scale) == 1)
+
+
+@pytest.mark.parametrize("key_scale", ["absmax", "std"])
+def test_padding_never_matters(key_scale):
+    """NaN and Inf past a sequence's length change nothing: not the key statistics,
+    not a stored array, not the attention (the repro: NaN at token 310 of a 300-token
+    sequence made the whole output NaN)."""
+    cfg = CacheConfig.innerq(capacity=352, key_scale=key_scale)
+    k, v = _kv(6, (1, 2, 2, 352, 64))
+    lengths = np.array([300, 200])
+    clean = KVCache.from_prefill(cfg, k, v, lengths)
+    k_bad = k.at[0, 0, 0, 310, 5].set(jnp.nan).at[0, 1, :, 200:].set(jnp.inf)
+    v_bad = v.at[0, 0, :, 300:].set(jnp.nan).at[0, 1, 1, 250, 3].set(-jnp.inf)
+    dirty = KVCache.from_prefill(cfg, k_bad, v_bad, lengths)
+    for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(dirty)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 64))
+    out = np.asarray(decode_attention(q, dirty, backend="reference"))
+    assert np.all(np.isfinite(out))
+
+
+def test_nan_sink_token_touches_only_its_own_attention():
+    """Sink tokens are outside the key statistics, so a NaN there leaves the statistics and
+    every other stored token alone; only the attention that reads it (its sequence and
+    kv head) turns NaN."""
+    cfg = CacheConfig.innerq(capacity=352)
+    k, v = _kv(7, (1, 2, 2, 300, 64))
+    lengths = np.array([300, 250])
+    clean = KVCache.from_prefill(cfg, k, v, lengths)
+    dirty = KVCache.from_prefill(cfg, k.at[0, 0, 0, 1, 5].set(jnp.nan), v, lengths)
+    a, b = clean.layer(0), dirty.layer(0)
+    np.testing.assert_array_equal(np.asarray(a.k_centre), np.asarray(b.k_centre))
+    np.testing.assert_array_equal(np.asarray(a.k_scale), np.asarray(b.k_scale))
+    nan_at = np.zeros(a.sink_k.shape, bool)
+    nan_at[0, 0, 1, 5] = True
+    np.testing.assert_array_equal(np.isnan(np.asarray(b.sink_k, np.float32)), nan_at)
+    np.testing.assert_array_equal(np.asarray(a.sink_k)[~nan_at], np.asarray(b.sink_k)[~nan_at])
+    for x, y in zip(jax.tree.leaves(dataclasses.replace(a, sink_k=None)),
+                    jax.tree.leaves(dataclasses.replace(b, sink_k=None))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    q = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 64))
+    got = np.array(decode_attention(q, dirty, backend="reference")).reshape(2, 2, 2, 64)
+    want = np.asarray(decode_attention(q, clean, backend="reference")).reshape(2, 2, 2, 64)
+    assert np.all(np.isnan(got[0, 0]))
+    got[0, 0] = want[0, 0]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_append_at_capacity_never_writes():
