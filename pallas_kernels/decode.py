@@ -155,7 +155,8 @@ def _fused_kernel(*refs, geo, num_splits: int, chunk: int, has_sink: bool, part,
 
 
 def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
-    """o = sum_s w_s o_s / sum_s w_s l_s, w_s = 2**(m_s - max m); 0 where nothing is held.
+    """o = sum_s w_s o_s / sum_s w_s l_s, w_s = 2**(m_s - max m); 0 where nothing is held,
+    NaN where a partial is NaN (as the reference gives).
 
     The partials come from other CTAs: volatile loads (past L1, which is not
     coherent across SMs; jax 0.11's ".cg" cache modifier string is broken).
@@ -182,7 +183,10 @@ def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
         l_tot = l_tot + jnp.sum(w * load(pl_ref, (sc, h2), ok, 0.0), axis=0)
         s3, ok3 = split_rows(s0, (step, NR, D))
         o_tot = o_tot + jnp.sum(w[:, :, None] * load(po_ref, (s3, h3, d3), ok3, 0.0), axis=0)
-    out = jnp.where(l_tot[:, None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[:, None], 0.0)
+    # Zero only where nothing is held (l_tot == 0); a NaN l_tot (a non-finite key or
+    # value) must reach the output, as in the reference.
+    empty = l_tot[:, None] == 0
+    out = jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[:, None]))
     hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
     dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
     plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])

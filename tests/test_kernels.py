@@ -185,3 +185,31 @@ def test_rejects_bad_options():
     with pytest.raises(ValueError, match="block_tokens"):
         quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg, interpret=INTERPRET,
                                    block_tokens=96)
+
+
+@pytest.mark.parametrize("kind", ["innerq", "outerq"])
+def test_fused_agrees_with_reference_on_non_finite_keys(kind):
+    """NaN in a sink key, a recent key or a quantized group: the kernel gives NaN exactly
+    where the reference does (never a silent zero), and the clean heads stay close."""
+    cfg = (CacheConfig.innerq if kind == "innerq" else CacheConfig.outerq)(sink=4, capacity=512)
+    B, H, D, Hq = 3, 2, 64, 4
+    rng = np.random.default_rng(5)
+    k, v = _kv(rng, B, H, 400, D)
+    lengths = np.array([400, 300, 250])
+    k[0, 0, 0, 1, 5] = np.nan  # sink of sequence 0, kv head 0
+    k[0, 1, 1, 290, 7] = np.nan  # recent window of sequence 1, kv head 1
+    v[0, 2, 0, 40, 3] = np.inf  # a quantized value group of sequence 2, kv head 0
+    k[0, 2, 1, 60, 9] = np.nan  # a quantized key group of sequence 2, kv head 1
+    cache = KVCache.from_prefill(cfg, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
+                                 lengths)
+    assert int(region_sizes(cache.lengths, cfg).quantized[2]) > 60
+    layer = cache.layer(0)
+    _, qp = _query(cache, Hq)
+    ref = np.asarray(quantized_attention_core(qp, layer, cache.lengths, cfg))
+    out = np.asarray(quantized_decode_attention(qp, layer, cache.lengths, cfg,
+                                                interpret=INTERPRET))
+    bad = ~np.isfinite(ref)
+    assert bad[0, 0].all() and bad[1, 1].all() and bad[2, 1].all() and bad[2, 0, :, 3].all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_array_equal(~np.isfinite(out), bad)
+    assert _rel(out[~bad], ref[~bad]) < TOL
