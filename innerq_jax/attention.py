@@ -12,9 +12,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from innerq_jax.cache import DenseLayer, Int8Layer, KVCache, QuantLayer
-from innerq_jax.config import CacheConfig
+from innerq_jax.config import CacheConfig, is_int
 from innerq_jax.reference import (
     dense_attention,
     finish_output,
@@ -28,6 +29,16 @@ Backend = Literal["auto", "reference", "pallas", "interpret"]
 
 
 # ------------------------------------------------------------------ dispatch
+def _check_lengths(lengths, B: int, capacity: int) -> None:
+    """Shape and dtype always; values when given on the host (numpy, lists), before an
+    int32 cast could wrap them (jax arrays are int32 already, and are not synced here)."""
+    arr = lengths if isinstance(lengths, jax.Array) else np.asarray(lengths)
+    if arr.shape != (B,) or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers of shape [B]=({B},), got {arr.dtype}{arr.shape}")
+    if isinstance(arr, np.ndarray) and (arr.min() < 0 or arr.max() > capacity):
+        raise ValueError(f"lengths must lie in [0, {capacity}], got {arr.tolist()}")
+
+
 @functools.cache
 def _default_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
@@ -50,6 +61,9 @@ def decode_attention_layer(
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be floating point, got {q.dtype}")
+    _check_lengths(lengths, q.shape[0], cfg.capacity)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     if backend not in ("auto", "reference", "pallas", "interpret"):
@@ -90,8 +104,8 @@ def decode_attention(q: jax.Array, cache: KVCache, layer: int = 0, *,
                      backend: Backend = "auto", softmax_scale: float | None = None,
                      **kernel_options) -> jax.Array:
     """Decode attention of q [B, Hq, D] over layer ``layer`` of ``cache``."""
-    if not 0 <= layer < cache.num_layers:
-        raise ValueError(f"layer={layer} out of range [0, {cache.num_layers})")
+    if not is_int(layer) or not 0 <= layer < cache.num_layers:
+        raise ValueError(f"layer={layer!r} must be an int in [0, {cache.num_layers})")
     return decode_attention_layer(
         q, cache.layer(layer), cache.lengths, cache.config, backend=backend,
         softmax_scale=softmax_scale, **kernel_options,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from innerq_jax.config import CacheConfig
+from innerq_jax.config import CacheConfig, is_int
 from innerq_jax.layout import (
     QuantizedTensor,
     empty_quantized,
@@ -368,7 +368,8 @@ class KVCache:
 
     layers: Any  # a LayerCache whose leaves are [L, ...]
     lengths: jax.Array  # [B] int32 tokens held per sequence
-    overflow: jax.Array  # [B] bool, set once an append found the sequence full
+    overflow: jax.Array  # [B] bool: an append found the sequence full, or a traced
+    #                      prefill length outside [0, T] was clamped
     config: CacheConfig = _static()
     num_kv_heads: int = _static()
     head_dim: int = _static()
@@ -378,7 +379,8 @@ class KVCache:
     def create(cls, config: CacheConfig, num_layers: int, batch: int, num_kv_heads: int,
                head_dim: int) -> "KVCache":
         """An empty cache of static capacity ``config.capacity`` tokens per sequence."""
-        _check_sizes(config, num_layers, batch, num_kv_heads, head_dim)
+        num_layers, batch, num_kv_heads, head_dim = _check_sizes(
+            config, num_layers, batch, num_kv_heads, head_dim)
         one = layer_class(config).create(batch, num_kv_heads, head_dim, config)
         layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers,) + x.shape), one)
         return cls(layers, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), config,
@@ -391,9 +393,8 @@ class KVCache:
         _check_kv(k, v, "KVCache.from_prefill", 5)
         L, B, H, T, D = k.shape
         _check_sizes(config, L, B, H, D)
-        lengths = _check_lengths(lengths, B, T, config)
-        return cls(_prefill_layers(k, v, lengths, config), lengths, jnp.zeros((B,), bool),
-                   config, H, D)
+        lengths, clamped = _check_lengths(lengths, B, T, config)
+        return cls(_prefill_layers(k, v, lengths, config), lengths, clamped, config, H, D)
 
     # ------------------------------------------------------------------ decode
     def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
@@ -458,29 +459,42 @@ def _append_layers(layers, k, v, lengths, cfg: CacheConfig):
     return jax.vmap(lambda lay, kk, vv: lay.append(kk, vv, lengths, cfg))(layers, k, v)
 
 
-def _check_sizes(cfg: CacheConfig, L, B, H, D):
+def _check_sizes(cfg: CacheConfig, L, B, H, D) -> tuple[int, int, int, int]:
+    """The sizes as Python ints (numpy integers are fine; bools and floats are not)."""
     for name, val in (("num_layers", L), ("batch", B), ("num_kv_heads", H)):
-        if not isinstance(val, int) or val <= 0:
+        if not is_int(val) or val <= 0:
             raise ValueError(f"{name}={val!r} must be a positive int")
     cfg.validate_head_dim(D)
+    return int(L), int(B), int(H), int(D)
 
 
-def _check_lengths(lengths, B: int, T: int, cfg: CacheConfig) -> jax.Array:
+def _check_lengths(lengths, B: int, T: int, cfg: CacheConfig) -> tuple[jax.Array, jax.Array]:
+    """lengths [B] as int32, and [B] bool: which were outside [0, T].
+
+    Concrete lengths outside [0, T] raise. Traced ones cannot, so they are clamped to
+    [0, T] and flagged (the cache sets those sequences' ``overflow``): a cache is never
+    built from an impossible length.
+    """
+    if T < 1:
+        raise ValueError("the prompt has T=0 tokens; from_prefill needs T >= 1 "
+                         "(KVCache.create makes an empty cache)")
     if T > cfg.capacity:
         raise ValueError(
             f"prompt of {T} tokens exceeds the cache capacity of {cfg.capacity}; "
             "raise CacheConfig.capacity"
         )
-    lengths = jnp.asarray(lengths)
+    if not isinstance(lengths, jax.core.Tracer):
+        lengths = np.asarray(lengths)  # checked before any cast: int64 must not wrap to int32
     if lengths.shape != (B,):
         raise ValueError(f"lengths must have shape [B]=({B},), got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be integers, got {lengths.dtype}")
-    if not isinstance(lengths, jax.core.Tracer):
-        arr = np.asarray(lengths)
-        if arr.min() < 0 or arr.max() > T:
-            raise ValueError(f"lengths must lie in [0, T={T}], got {arr.tolist()}")
-    return lengths.astype(jnp.int32)
+    if isinstance(lengths, np.ndarray):
+        if lengths.min() < 0 or lengths.max() > T:
+            raise ValueError(f"lengths must lie in [0, T={T}], got {lengths.tolist()}")
+        return jnp.asarray(lengths, jnp.int32), jnp.zeros((B,), bool)
+    lengths = lengths.astype(jnp.int32)
+    return jnp.clip(lengths, 0, T), (lengths < 0) | (lengths > T)
 
 
 def check_capacity(cache: KVCache, new_tokens: int) -> None:

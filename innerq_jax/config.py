@@ -11,10 +11,13 @@ every cache constructor calls.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 CacheKind = Literal["innerq", "outerq", "bf16", "int8"]
 HybridPolicy = Literal["hybrid", "asymmetric", "symmetric"]
@@ -35,6 +38,11 @@ _GROUP_SIZES = (16, 32, 64, 128)
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"CacheConfig.{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer; bools are not sizes (True would count as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,16 @@ class CacheConfig:
     norm_eps: float = 1e-3
 
     def __post_init__(self):
+        for name in ("bits", "group_size", "sink", "recent", "capacity"):
+            value = getattr(self, name)
+            if not is_int(value):
+                raise ValueError(f"CacheConfig.{name}={value!r} must be an int")
+            object.__setattr__(self, name, int(value))  # numpy ints hash and print as ints
+        eps = self.norm_eps
+        if (isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real)
+                or not (math.isfinite(eps) and eps > 0)):
+            raise ValueError(f"CacheConfig.norm_eps={eps!r} must be a finite float > 0")
+        object.__setattr__(self, "norm_eps", float(eps))
         _choice("kind", self.kind, _KINDS)
         _choice("hybrid", self.hybrid, _HYBRID)
         _choice("key_norm", self.key_norm, _KEY_NORM)
@@ -89,14 +107,14 @@ class CacheConfig:
                 f"CacheConfig.group_size={self.group_size!r} is not allowed; choose one of "
                 f"{_GROUP_SIZES}"
             )
-        if not isinstance(self.sink, int) or self.sink < 0:
+        if self.sink < 0:
             raise ValueError(f"CacheConfig.sink={self.sink!r} must be a non-negative int")
-        if not isinstance(self.recent, int) or self.recent < 0 or self.recent % self.group_size:
+        if self.recent < 0 or self.recent % self.group_size:
             raise ValueError(
                 f"CacheConfig.recent={self.recent!r} must be a non-negative multiple of "
                 f"group_size={self.group_size}"
             )
-        if not isinstance(self.capacity, int) or self.capacity % self.group_size:
+        if self.capacity % self.group_size:
             raise ValueError(
                 f"CacheConfig.capacity={self.capacity!r} must be a multiple of "
                 f"group_size={self.group_size}"
@@ -108,8 +126,6 @@ class CacheConfig:
             )
         if self.capacity <= 0:
             raise ValueError(f"CacheConfig.capacity={self.capacity} must be positive")
-        if not self.norm_eps > 0:
-            raise ValueError(f"CacheConfig.norm_eps={self.norm_eps!r} must be > 0")
         if self.kind != "innerq" and self.rotation != "none":
             # OuterQ and the dense baselines are the paper's comparison points.
             raise ValueError(
@@ -208,7 +224,7 @@ class CacheConfig:
 
     def validate_head_dim(self, head_dim: int) -> None:
         """Checks that need the model's head dimension D."""
-        if not isinstance(head_dim, int) or head_dim <= 0:
+        if not is_int(head_dim) or head_dim <= 0:
             raise ValueError(f"head_dim={head_dim!r} must be a positive int")
         if not self.quantized:
             return

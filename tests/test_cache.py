@@ -10,7 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from innerq_jax import CacheConfig, KVCache, check_capacity, decode_attention
+from innerq_jax import (
+    CacheConfig,
+    KVCache,
+    check_capacity,
+    decode_attention,
+    decode_attention_layer,
+)
 from innerq_jax.cache import QuantLayer
 
 
@@ -253,6 +259,14 @@ def test_memory_llama3_8b_shape_32k():
         (dict(kind="fp8"), "kind='fp8'"),
         (dict(norm_eps=0.0), "norm_eps"),
         (dict(kind="outerq", rotation="keys"), "only defined for kind='innerq'"),
+        (dict(bits=4.0), r"bits=4\.0"),
+        (dict(group_size=32.0), r"group_size=32\.0"),
+        (dict(sink=True), "sink=True"),
+        (dict(recent=128.0), r"recent=128\.0"),
+        (dict(capacity=np.float64(4096)), "capacity="),
+        (dict(norm_eps=float("inf")), "norm_eps=inf"),
+        (dict(norm_eps=float("nan")), "norm_eps=nan"),
+        (dict(norm_eps=True), "norm_eps=True"),
     ],
 )
 def test_invalid_config(kwargs, match):
@@ -290,12 +304,67 @@ def test_bad_shapes_raise_clear_errors():
         decode_attention(q, cache)
     with pytest.raises(ValueError, match="does not match the cache"):
         decode_attention(jnp.ones((2, 4, 32)), cache)
-    with pytest.raises(ValueError, match="layer=3 out of range"):
+    with pytest.raises(ValueError, match=r"layer=3 must be an int in \[0, 1\)"):
         decode_attention(jnp.ones((2, 4, 64)), cache, layer=3)
     with pytest.raises(ValueError, match="backend='cuda'"):
         decode_attention(jnp.ones((2, 4, 64)), cache, backend="cuda")
     with pytest.raises(ValueError, match="q must be"):
         decode_attention(jnp.ones((2, 4, 64, 1)), cache)
+
+
+def test_lengths_under_jit_are_clamped_and_flagged():
+    """Under jit lengths cannot raise: each out-of-range one is clamped to [0, T] and its
+    sequence's overflow flag set, and the cache is the one of the clamped lengths (never
+    300 "recent" tokens in a 160-slot ring or a negative sink). Outside jit they raise."""
+    cfg = CacheConfig.innerq(capacity=256)
+    k, v = _kv(8, (1, 3, 2, 200, 64))
+    build = jax.jit(lambda k, v, n: KVCache.from_prefill(cfg, k, v, n))
+    got = build(k, v, jnp.array([400, -3, 150]))
+    assert got.lengths.tolist() == [200, 0, 150]
+    assert got.overflow.tolist() == [True, True, False]
+    want = KVCache.from_prefill(cfg, k, v, np.array([200, 0, 150]))
+    assert want.overflow.tolist() == [False, False, False]
+    for a, b in zip(jax.tree.leaves(got.layers), jax.tree.leaves(want.layers)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=200\], got \[400, -3, 150\]"):
+        KVCache.from_prefill(cfg, k, v, np.array([400, -3, 150]))
+
+
+def test_odd_inputs_get_clear_errors():
+    cfg = CacheConfig.innerq(capacity=512)
+    k, v = _kv(9, (1, 2, 2, 100, 64))
+    # int64 lengths are checked before any conversion to int32 (2**32 + 5 is not 5)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=100\], got \[4294967301, 5\]"):
+        KVCache.from_prefill(cfg, k, v, np.array([2**32 + 5, 5], np.int64))
+    with pytest.raises(ValueError, match="lengths must be integers, got bool"):
+        KVCache.from_prefill(cfg, k, v, np.array([True, True]))
+    with pytest.raises(ValueError, match="T=0 tokens"):
+        KVCache.from_prefill(cfg, k[:, :, :, :0], v[:, :, :, :0], np.array([0, 0]))
+    cache = KVCache.from_prefill(cfg, k, v, np.array([100, 7]))
+    q = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 64))
+    with pytest.raises(ValueError, match="q must be floating point, got int32"):
+        decode_attention(q.astype(jnp.int32), cache)
+    for bad in (0.5, True, "0"):
+        with pytest.raises(ValueError, match=f"layer={bad!r} must be an int in \\[0, 1\\)"):
+            decode_attention(q, cache, layer=bad)
+    np.testing.assert_array_equal(np.asarray(decode_attention(q, cache, layer=np.int64(0))),
+                                  np.asarray(decode_attention(q, cache, layer=0)))
+    layer = cache.layer(0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 512\], got \[4294967301, 5\]"):
+        decode_attention_layer(q, layer, np.array([2**32 + 5, 5], np.int64), cfg)
+
+
+def test_numpy_integer_sizes_accepted_bools_rejected():
+    cfg = CacheConfig.innerq(capacity=np.int64(512), sink=np.int32(4), bits=np.int8(2))
+    assert cfg == CacheConfig.innerq(capacity=512)
+    assert type(cfg.capacity) is int and type(cfg.sink) is int and type(cfg.bits) is int
+    cache = KVCache.create(cfg, np.int64(2), np.int64(1), np.int64(2), np.int64(64))
+    assert (cache.num_layers, cache.batch, cache.num_kv_heads, cache.head_dim) == (2, 1, 2, 64)
+    assert type(cache.head_dim) is int and type(cache.num_kv_heads) is int
+    with pytest.raises(ValueError, match="batch=True must be a positive int"):
+        KVCache.create(cfg, 1, True, 1, 64)
+    with pytest.raises(ValueError, match=r"head_dim=64\.0 must be a positive int"):
+        KVCache.create(cfg, 1, 1, 1, 64.0)
 
 
 def test_create_matches_prefill_of_nothing():
