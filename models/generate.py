@@ -76,20 +76,23 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
 
-    def emit(i, tok, done):
+    def record(i, tok, done, out, n):
+        """Token i of every sequence not yet stopped: stored, counted, streamed."""
+        out = out.at[:, i].set(jnp.where(done, 0, tok))
+        n = n + (~done).astype(jnp.int32)
         if stream is not None:
             jax.debug.callback(stream, i, tok, done, ordered=True)
+        return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
+    # Token i + 1 needs token i in the cache, so the loop appends tokens 0 .. N - 2;
+    # the last token's logits would never be used, so it is recorded, not appended.
     def cond(state):
         i, _, _, done, _, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (i < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state):
         i, tok, cache, done, out, n, key = state
-        out = out.at[:, i].set(jnp.where(done, 0, tok))
-        n = n + (~done).astype(jnp.int32)
-        emit(i, tok, done)
-        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        out, n, done = record(i, tok, done, out, n)
         logits, cache = decode_step(model, cache, tok, backend=backend)
         key, sub = jax.random.split(key)
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key
@@ -98,7 +101,14 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
     first = sample(logits, sub, sampling)
     state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
              key)
-    _, _, cache, _, out, n, _ = jax.lax.while_loop(cond, body, state)
+    i, tok, cache, done, out, n, _ = jax.lax.while_loop(cond, body, state)
+
+    def last(args):
+        out, n, _ = record(i, tok, done, *args)
+        return out, n
+
+    # (skipped when every sequence stopped early: then nothing is left to record)
+    out, n = jax.lax.cond(jnp.all(done), lambda args: args, last, (out, n))
     return out, n, cache
 
 

@@ -186,6 +186,26 @@ def test_capacity_checked_before_the_loop(tiny):
         generate(tiny, [[]], cfg)
 
 
+def test_last_token_never_enters_the_cache(tiny):
+    """The final token's logits are never used, so it is never appended: at the documented
+    minimum capacity (prompt + new - 1) nothing overflows, the tokens are those of a roomy
+    cache, and the stream still sees every token once."""
+    cfg = CacheConfig.innerq(group_size=16, recent=16, capacity=64)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 97, size=40).tolist(), rng.integers(0, 97, size=11).tolist()]
+    seen = []
+    gen = generate(tiny, prompts, cfg, max_new_tokens=25, backend="reference",
+                   stream=lambda i, tok, done: seen.append((int(i), np.asarray(tok).tolist())))
+    assert gen.cache.lengths.tolist() == [64, 35]
+    assert gen.cache.overflow.tolist() == [False, False]
+    roomy = generate(tiny, prompts, cfg.replace(capacity=128), max_new_tokens=25,
+                     backend="reference")
+    np.testing.assert_array_equal(gen.tokens, roomy.tokens)
+    assert gen.lengths.tolist() == [25, 25]
+    assert [i for i, _ in seen] == list(range(25))
+    np.testing.assert_array_equal(np.array([t for _, t in seen]).T, gen.tokens)
+
+
 def test_non_llama_config_rejected():
     from transformers import LlamaConfig
 
