@@ -2,12 +2,16 @@
 
     innerq generate "The capital of France is"
     innerq generate --cache bf16 --max-new-tokens 64 "Tell me a joke"
-    innerq eval ppl --set main          (see models/evaluate.py)
+    innerq eval ppl --set main --text wiki.test.raw     (see models/evaluate.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
+import subprocess
 import sys
 import time
 
@@ -39,64 +43,192 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def render_chat(template: str, prompt: str) -> str:
+    """The model's chat template applied to one user message.
+
+    The template comes with the model (tokenizer_config.json, GGUF metadata), so it is
+    untrusted code: it renders in jinja2's immutable sandbox, with the options and
+    helpers transformers gives chat templates.
+    """
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
+                                                              indent=indent)
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+    except TemplateError as err:  # SecurityError included
+        raise ValueError(f"the model's chat template failed ({type(err).__name__}: {err}); "
+                         "--raw skips it") from err
+
+
+class TextStream:
+    """Writes generated text as the tokenizer finishes decoding it.
+
+    A character split over several tokens (emoji, CJK: several UTF-8 bytes) is written
+    once complete, never as U+FFFD halves (tokenizers' DecodeStream holds it back).
+    """
+
+    def __init__(self, tokenizer, out):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer, self.out = tokenizer, out
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.written = ""
+
+    def __call__(self, step, tokens, done):
+        if bool(done[0]):
+            return
+        self.ids.append(int(tokens[0]))
+        self._write(self.decoder.step(self.tokenizer, self.ids[-1]))
+
+    def finish(self):
+        """Whatever is still held back once generation has ended (a byte sequence the
+        model never completed is then shown as it decodes)."""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.startswith(self.written):
+            self._write(full[len(self.written):])
+
+    def _write(self, text):
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.written += text
+
+
+def _gpu_visible() -> bool:
+    """Whether nvidia-smi lists a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        r = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and "GPU" in r.stdout
+
+
+def device_line() -> str:
+    """What jax runs on, e.g. "gpu (NVIDIA H200), 1 device, jax 0.11.2"."""
+    import jax
+
+    dev, n = jax.devices()[0], jax.device_count()
+    kind = "" if dev.device_kind.lower() == dev.platform else f" ({dev.device_kind})"
+    return f"{dev.platform}{kind}, {n} device{'s' if n > 1 else ''}, jax {jax.__version__}"
+
+
+def check_device() -> None:
+    """Warns on stderr when a GPU is visible but jax runs on the CPU (a CPU-only jaxlib)."""
+    import jax
+
+    if jax.default_backend() == "cpu" and _gpu_visible():
+        print("[innerq] warning: nvidia-smi sees a GPU, but jax has only the CPU (a CPU-only "
+              "jax is installed). Install the GPU build: bash setup.sh --gpu "
+              "(or pip install 'innerq-jax[gpu]')", file=sys.stderr)
+
+
+def _sampling(args):
+    from models.generate import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed)
+
+
 def cmd_generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from models.generate import Sampling, generate
+    from models.generate import generate
     from models.llama import Llama
     from models.weights import load_checkpoint
 
+    # Everything the arguments decide is checked before the model loads (seconds).
     cfg = _cache_config(args)
+    sampling = _sampling(args)
+    if args.max_new_tokens > cfg.capacity:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} needs a cache of at least "
+                         f"{args.max_new_tokens} tokens; --capacity is {cfg.capacity}")
+    check_device()
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.model)
-    model = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
     tok = ckpt.tokenizer
     text = args.prompt
     if ckpt.chat_template and not args.raw:
-        from jinja2 import Template
-
-        text = Template(ckpt.chat_template).render(
-            messages=[{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        text = render_chat(ckpt.chat_template, args.prompt)
     ids = tok.encode(text, add_special_tokens=False).ids
+    model = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
     print(f"[innerq] model {ckpt.source} loaded in {time.perf_counter() - t0:.1f}s; "
           f"prompt {len(ids)} tokens; cache {cfg.short_name()}", file=sys.stderr)
 
-    pieces: list[int] = []
-    printed = [""]
-
-    def stream(step, tokens, done):
-        if bool(done[0]):
-            return
-        pieces.append(int(tokens[0]))
-        full = tok.decode(pieces, skip_special_tokens=True)
-        sys.stdout.write(full[len(printed[0]):])
-        sys.stdout.flush()
-        printed[0] = full
-
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed)
+    stream = None if args.no_stream else TextStream(tok, sys.stdout)
     t1 = time.perf_counter()
     gen = generate(model, [ids], cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   eos_ids=ckpt.eos_token_ids, backend=args.backend,
-                   stream=None if args.no_stream else stream)
+                   eos_ids=ckpt.eos_token_ids, backend=args.backend, stream=stream)
     dt = time.perf_counter() - t1
     n = int(gen.lengths[0])
-    if args.no_stream:
+    if stream is None:
         sys.stdout.write(tok.decode(gen.tokens[0, :n].tolist(), skip_special_tokens=True))
+    else:
+        stream.finish()
     print()
+    sys.stdout.flush()
     cache = gen.cache
     sizes = cache.region_sizes()
     total, dense = cache.total_nbytes(), cache.bf16_nbytes()
-    print("--- report ---")
-    print(f"tokens generated   {n} in {dt:.2f}s ({n / dt:.1f} tokens/s, compile included)")
-    print(f"cache              {cfg.short_name()}  capacity {cfg.capacity} tokens/sequence")
-    print(f"cache bytes        {_fmt_bytes(total)} vs bf16 {_fmt_bytes(dense)} "
-          f"({total / dense:.3f}x, {dense / total:.1f}x smaller)")
-    print(f"tokens in regions  sink {int(sizes.sink[0])} / quantized {int(sizes.quantized[0])} "
-          f"/ recent {int(sizes.recent[0])}  (total {int(np.asarray(cache.lengths)[0])})")
-    print(f"config             {cfg}")
+    report = [
+        "--- report ---",
+        f"device             {device_line()}",
+        f"tokens generated   {n} in {dt:.2f}s ({n / dt:.1f} tokens/s, compile included)",
+        f"cache              {cfg.short_name()}  capacity {cfg.capacity} tokens/sequence",
+        f"cache bytes        {_fmt_bytes(total)} vs bf16 {_fmt_bytes(dense)} "
+        f"({total / dense:.3f}x, {dense / total:.1f}x smaller)",
+        f"tokens in regions  sink {int(sizes.sink[0])} / quantized {int(sizes.quantized[0])} "
+        f"/ recent {int(sizes.recent[0])}  (total {int(np.asarray(cache.lengths)[0])})",
+        f"config             {cfg}",
+    ]
+    print("\n".join(report), file=sys.stderr)
     return 0
+
+
+def _int_at_least(low: int):
+    """An argparse type: an int >= low, the error naming the value and the bound."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} must be an int >= {low}")
+        return n
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _temperature(text: str) -> float:
+    x = _float(text)
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 is greedy)")
+    return x
+
+
+def _top_p(text: str) -> float:
+    x = _float(text)
+    if not 0 < x <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} must lie in (0, 1] (1 disables it)")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,19 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recommended: InnerQ-H with S 36 / R 96 (CacheConfig.recommended); "
                         "innerq: paper-faithful InnerQ; bf16, outerq (KIVI), int8: baselines")
     g.add_argument("--bits", type=int, default=2, choices=[2, 4])
-    g.add_argument("--group-size", type=int, default=32)
-    g.add_argument("--sink", type=int, default=None,
+    g.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128])
+    g.add_argument("--sink", type=_int_at_least(0), default=None,
                    help="sink tokens (default: the preset's: recommended 36, innerq 4, outerq 0)")
-    g.add_argument("--recent", type=int, default=None,
+    g.add_argument("--recent", type=_int_at_least(0), default=None,
                    help="recent tokens (default: the preset's: recommended 96, else 128)")
     g.add_argument("--rotation", choices=["none", "keys", "keys_values"], default=None,
                    help="Hadamard rotation (default: the preset's: recommended keys_values, "
                         "innerq none)")
-    g.add_argument("--capacity", type=int, default=1024)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--capacity", type=_int_at_least(1), default=1024)
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
+    g.add_argument("--temperature", type=_temperature, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 disables it")
+    g.add_argument("--top-p", type=_top_p, default=1.0, help="in (0, 1]; 1 disables it")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", choices=["auto", "reference", "pallas", "interpret"],
                    default="auto")
@@ -142,7 +274,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"innerq: error: {err}", file=sys.stderr)
         return 2
 

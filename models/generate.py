@@ -9,6 +9,7 @@ fit the cache is a ``ValueError``, never a silent overwrite.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from innerq_jax import CacheConfig
+from innerq_jax.config import is_int
 from models.llama import Llama, decode_step, prefill
 
 
@@ -30,12 +32,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:  # NaN fails too
             raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        if not is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r} must be an int")
 
 
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:

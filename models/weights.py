@@ -32,17 +32,39 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-# Only transformers' LlamaConfig is used (it works without torch; transformers logs
-# a one-line notice at import when torch is absent).
-import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers import models as tokenizer_models
+
+if TYPE_CHECKING:
+    import transformers
+
+
+def _llama_config_class():
+    """transformers.LlamaConfig, imported on first use.
+
+    Only this config class is used, and it needs no torch; transformers would log
+    "PyTorch was not found" at import, so the import runs with its own switch for
+    such advisory notices set (then restored).
+    """
+    if "transformers" not in sys.modules:
+        key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+        saved = os.environ.get(key)
+        os.environ[key] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if saved is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = saved
+    return sys.modules["transformers"].LlamaConfig
+
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
@@ -400,7 +422,7 @@ def _gguf_config(
         value = meta.get(key)
         return None if value is None else int(value)
 
-    return transformers.LlamaConfig(
+    return _llama_config_class()(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(meta.require("llama.feed_forward_length")),
@@ -563,7 +585,7 @@ def load_hf_directory(path: str | os.PathLike) -> Checkpoint:
             f"{source}: config.json has model_type {raw_config.get('model_type')!r}; "
             "only 'llama' is supported"
         )
-    config = transformers.LlamaConfig.from_json_file(str(config_path))
+    config = _llama_config_class().from_json_file(str(config_path))
 
     index_path = path / "model.safetensors.index.json"
     if index_path.is_file():
