@@ -1,9 +1,10 @@
 """The whole fidelity plan on the real model, one step after another.
 
-Each step is one ``innerq eval`` command (``models/evaluate.py``); each writes
-its JSON / markdown table / plot under ``benchmarks/results/`` (or under
-``$INNERQ_RESULTS_DIR``) as soon as it finishes, so a partial run keeps what it
-finished. Steps (``--steps``, comma-separated, in this order):
+Each step is one ``innerq eval`` command (``models/evaluate.py``), given
+``--data-dir`` (WikiText-2 and GSM8K; default ``../shared/data`` beside the
+project) and ``--out`` (default ``benchmarks/results/``) explicitly; each writes
+its JSON / markdown table / plot as soon as it finishes, so a partial run keeps
+what it finished. Steps (``--steps``, comma-separated, in this order):
 
 * ``check``: the ``main`` set on window 0 with 64 decode steps; run it on two
   devices (CPU here, GPU there) and compare the files to show both give the same
@@ -32,7 +33,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from models import evaluate as ev  # noqa: E402
 
@@ -74,6 +76,10 @@ def run(argv=None) -> int:
     ap.add_argument("--gen-batch", type=int, default=4)
     ap.add_argument("--passkey-trials", type=int, default=8)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
+                    help="holds wikitext-2-raw/wiki.test.raw and gsm8k/{train,test}.jsonl")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                    help="directory for the results")
     ap.add_argument("--check-tag", default="check_cpu")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                     help="compare two check files and exit")
@@ -85,6 +91,7 @@ def run(argv=None) -> int:
     if unknown:
         ap.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
     model = ["--model", a.model] if a.model else []
+    model += ["--data-dir", a.data_dir, "--out", a.out]
     ppl = ["--windows", str(a.windows), "--decode", str(a.decode), "--batch", str(a.batch),
            *model]
     gen = ["--gen-batch", str(a.gen_batch), *model]
@@ -104,7 +111,7 @@ def run(argv=None) -> int:
         if step not in steps:
             continue
         if step == "search2":
-            keep = best_search_labels(ev.RESULTS_DIR) + list(SEARCH_BARS)
+            keep = best_search_labels(a.out) + list(SEARCH_BARS)
             argv_step = ["ppl", "--set", "search", "--text", "gsm8k", "--only", ",".join(keep),
                          *ppl]
         else:

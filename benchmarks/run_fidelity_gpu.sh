@@ -33,11 +33,12 @@ echo "$(cut -d' ' -f1 .model_b/sha256)  $model" | sha256sum -c - || exit 4
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 5
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export INNERQ_DATA_DIR=$PWD/.evaldata INNERQ_RESULTS_DIR=$OUT/results
-mkdir -p "$INNERQ_RESULTS_DIR"
+results=$OUT/results
+mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${FIDELITY_TIMEOUT:-540}" python3 benchmarks/run_fidelity.py --steps "$steps" \
-  --model "$model" --check-tag check_gpu "$@" 2>&1 | tee "$INNERQ_RESULTS_DIR/log_${steps//,/_}.txt"
+  --model "$model" --data-dir "$PWD/.evaldata" --out "$results" --check-tag check_gpu "$@" \
+  2>&1 | tee "$results/log_${steps//,/_}.txt"
 rc=$?
-tar -C "$OUT" -czf "$OUT/fidelity_results.tar.gz" results && rm -rf "$INNERQ_RESULTS_DIR"
+tar -C "$OUT" -czf "$OUT/fidelity_results.tar.gz" results && rm -rf "$results"
 exit $rc

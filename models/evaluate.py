@@ -22,14 +22,18 @@ completion cut at the first blank line or "Question:".
 Passkey: a 5-digit number hidden at a relative depth of repeated filler text
 of L tokens; the model must repeat it.
 
-CLI: ``python -m models.evaluate {ppl,gsm8k,passkey} --set main ...``
-(see :func:`main`).
+CLI: ``innerq eval {ppl,gsm8k,passkey} --set main ...`` (see :func:`main`). The
+texts come by flag (``--text FILE``, or ``--data-dir DIR`` holding
+``wikitext-2-raw/wiki.test.raw`` and ``gsm8k/{train,test}.jsonl``); the results
+(JSON, markdown table, plot) go to ``--out DIR``, by default the working directory.
+Plots and progress bars need the ``[eval]`` extra (matplotlib, tqdm).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import math
 import os
@@ -44,10 +48,15 @@ import numpy as np
 from innerq_jax import CacheConfig, KVCache
 from models.llama import Llama, decode_step, prefill
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Both can be moved with environment variables (a GPU machine gets the data as a copy).
-RESULTS_DIR = os.environ.get("INNERQ_RESULTS_DIR", os.path.join(_ROOT, "benchmarks", "results"))
-DATA_DIR = os.environ.get("INNERQ_DATA_DIR", os.path.join(os.path.dirname(_ROOT), "shared", "data"))
+WIKITEXT = os.path.join("wikitext-2-raw", "wiki.test.raw")  # under --data-dir
+GSM8K = "gsm8k"  # under --data-dir: train.jsonl, test.jsonl
+WHERE_TO_GET = (
+    "WikiText-2: the raw test split of wikitext-2-raw-v1 "
+    "(https://huggingface.co/datasets/Salesforce/wikitext), saved as "
+    f"DIR/{WIKITEXT}; GSM8K: train.jsonl and test.jsonl of "
+    "https://github.com/openai/grade-school-math (grade_school_math/data/), saved in "
+    f"DIR/{GSM8K}/; then pass --data-dir DIR (or --text FILE for any text)"
+)
 BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured (the eval's context)
 LONG_CAPACITY = 32768  # a long context, where the bf16 windows are amortized
 
@@ -266,9 +275,9 @@ def text_windows(tokenizer, path: str | None = None, *, text: str | None = None,
     return ids[: N * window].reshape(N, window)
 
 
-def gsm8k_document(split: str = "train") -> str:
+def gsm8k_document(data_dir: str, split: str = "train") -> str:
     """GSM8K solutions joined into one document (the second perplexity text)."""
-    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", f"{split}.jsonl"))
+    rows = _read_jsonl(os.path.join(data_dir, GSM8K, f"{split}.jsonl"))
     return "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows)
 
 
@@ -321,9 +330,9 @@ def _exemplar(row) -> str:
     return f"Question: {row['question']}\nAnswer: {sol} The answer is {ans.strip()}."
 
 
-def gsm8k_prompt(question: str, shots: int = 8) -> str:
+def gsm8k_prompt(question: str, data_dir: str, shots: int = 8) -> str:
     """Few-shot prompt; exemplars are the first ``shots`` problems of train.jsonl."""
-    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", "train.jsonl"))[:shots]
+    rows = _read_jsonl(os.path.join(data_dir, GSM8K, "train.jsonl"))[:shots]
     return "\n\n".join([_exemplar(r) for r in rows] + [f"Question: {question}\nAnswer:"])
 
 
@@ -336,7 +345,7 @@ def _cut(text: str) -> str:
 
 
 def gsm8k_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig], n: int = 20,
-               shots: int = 8, *, max_new_tokens: int = 192, batch: int = 4,
+               shots: int = 8, *, data_dir: str, max_new_tokens: int = 192, batch: int = 4,
                eos_ids: Sequence[int] = (), progress=None) -> list[dict]:
     """Accuracy of greedy 8-shot CoT on the first ``n`` test problems, per config.
 
@@ -345,9 +354,9 @@ def gsm8k_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig], n:
     """
     from models.generate import generate
 
-    rows = _read_jsonl(os.path.join(DATA_DIR, "gsm8k", "test.jsonl"))[:n]
-    prompts = [tokenizer.encode(gsm8k_prompt(r["question"], shots), add_special_tokens=False).ids
-               for r in rows]
+    rows = _read_jsonl(os.path.join(data_dir, GSM8K, "test.jsonl"))[:n]
+    prompts = [tokenizer.encode(gsm8k_prompt(r["question"], data_dir, shots),
+                                add_special_tokens=False).ids for r in rows]
     golds = [extract_answer(r["answer"]) for r in rows]
     need = max(len(p) for p in prompts) + max_new_tokens
     answers = []
@@ -420,11 +429,21 @@ def passkey_eval(model: Llama, tokenizer, cache_configs: Sequence[CacheConfig],
 
 
 # ================================================================= output
-def _write(stem: str, payload: dict, table: str):
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, stem + ".json"), "w") as f:
+def require_eval_extra(module: str):
+    """Imports what only evaluation needs (matplotlib, tqdm), naming the extra if absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"innerq eval needs {module.split('.')[0]}, part of the [eval] "
+                          "extra: pip install 'innerq-jax[eval]' (bash setup.sh --dev "
+                          "installs it too)") from err
+
+
+def _write(out_dir: str, stem: str, payload: dict, table: str):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(payload, f, indent=1)
-    with open(os.path.join(RESULTS_DIR, stem + ".md"), "w") as f:
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(table)
 
 
@@ -448,10 +467,9 @@ def _ppl_table(payload) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(stem: str, payload):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(out_dir: str, stem: str, payload):
+    require_eval_extra("matplotlib").use("Agg")
+    plt = require_eval_extra("matplotlib.pyplot")
 
     rows = payload["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -472,7 +490,7 @@ def _plot(stem: str, payload):
     ax.set_title(payload["title"], fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS_DIR, stem + ".png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, stem + ".png"), dpi=120)
     plt.close(fig)
 
 
@@ -483,17 +501,39 @@ def _load_model(dtype, path=None):
     return Llama.from_checkpoint(ckpt, dtype=dtype), ckpt
 
 
-def main(argv=None) -> int:
-    """innerq eval {ppl,gsm8k,passkey} --set NAME [--text PATH|gsm8k] [--windows N] ..."""
-    from tqdm import tqdm
+def _find_text(a) -> tuple[str, dict]:
+    """(name, text_windows source) of the perplexity text; checked before the model loads."""
+    if a.text == "gsm8k":
+        _need_gsm8k(a.data_dir, "train")
+        return "gsm8k-train-solutions", dict(text=gsm8k_document(a.data_dir))
+    path = a.text or os.path.join(a.data_dir, WIKITEXT)
+    if not os.path.isfile(path):
+        given = f"--text {a.text}" if a.text else f"--data-dir {a.data_dir} (no {WIKITEXT})"
+        raise FileNotFoundError(f"no text to score: {given} is not a file. {WHERE_TO_GET}")
+    return os.path.basename(path), dict(path=path)
 
+
+def _need_gsm8k(data_dir: str, *splits: str) -> None:
+    for split in splits:
+        if not os.path.isfile(os.path.join(data_dir, GSM8K, f"{split}.jsonl")):
+            raise FileNotFoundError(f"no GSM8K {split} split in --data-dir {data_dir} "
+                                    f"({GSM8K}/{split}.jsonl). {WHERE_TO_GET}")
+
+
+def main(argv=None) -> int:
+    """innerq eval {ppl,gsm8k,passkey} --set NAME [--text PATH|gsm8k] [--data-dir DIR]
+    [--out DIR] [--windows N] ..."""
     ap = argparse.ArgumentParser(prog="innerq eval")
     ap.add_argument("task", choices=("ppl", "gsm8k", "passkey"))
     ap.add_argument("--set", default="main")
     ap.add_argument("--only", default=None,
                     help="comma-separated labels to keep (the first row is always kept)")
-    ap.add_argument("--text", default=os.path.join(DATA_DIR, "wikitext-2-raw", "wiki.test.raw"),
-                    help="a text file, or 'gsm8k' for GSM8K train solutions as one document")
+    ap.add_argument("--text", default=None,
+                    help="a text file, or 'gsm8k' for GSM8K train solutions as one document "
+                         f"(default: {WIKITEXT} under --data-dir)")
+    ap.add_argument("--data-dir", default=".",
+                    help=f"holds {WIKITEXT} and {GSM8K}/{{train,test}}.jsonl (default: .)")
+    ap.add_argument("--out", default=".", help="directory for the results (default: .)")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--first-window", type=int, default=0)
     ap.add_argument("--prefill", type=int, default=512)
@@ -518,13 +558,17 @@ def main(argv=None) -> int:
             ap.error(f"--only names {sorted(missing)}, not in set {a.set!r}: "
                      f"{[label for label, _ in rows]}")
         rows = [r for i, r in enumerate(rows) if i == 0 or r[0] in keep]
+    tqdm = require_eval_extra("tqdm").tqdm
+    if a.task == "ppl":
+        require_eval_extra("matplotlib")
+        text_name, src = _find_text(a)
+    elif a.task == "gsm8k":
+        _need_gsm8k(a.data_dir, "train", "test")
     model, ckpt = _load_model(jnp.dtype(a.dtype), a.model)
     tok = ckpt.tokenizer
     t0 = time.time()
     tag = a.tag or a.set
     if a.task == "ppl":
-        text_name = "gsm8k-train-solutions" if a.text == "gsm8k" else os.path.basename(a.text)
-        src = dict(text=gsm8k_document()) if a.text == "gsm8k" else dict(path=a.text)
         W = a.prefill + a.decode
         wins = text_windows(tok, window=W, n=a.first_window + a.windows, **src)[a.first_window:]
         bar = tqdm(total=len(wins), desc=f"ppl {a.set} ({len(rows)} caches side by side)")
@@ -541,13 +585,13 @@ def main(argv=None) -> int:
                        windows=len(wins), first_window=a.first_window, prefill_len=a.prefill,
                        decode_len=a.decode, seconds=time.time() - t0, rows=out_rows)
         stem = f"fidelity_ppl_{tag}_{text_name.split('.')[0]}"
-        _write(stem, payload, _ppl_table(payload))
-        _plot(stem, payload)
+        _write(a.out, stem, payload, _ppl_table(payload))
+        _plot(a.out, stem, payload)
         print(_ppl_table(payload))
     elif a.task == "gsm8k":
         bar = tqdm(total=a.n * len(rows), desc="gsm8k")
-        res = gsm8k_eval(model, tok, [c for _, c in rows], n=a.n, eos_ids=ckpt.eos_token_ids,
-                         batch=a.gen_batch, progress=bar.update)
+        res = gsm8k_eval(model, tok, [c for _, c in rows], n=a.n, data_dir=a.data_dir,
+                         eos_ids=ckpt.eos_token_ids, batch=a.gen_batch, progress=bar.update)
         bar.close()
         out_rows = [dict(label=l, short_name=c.short_name(),
                          bytes_per_element=bytes_per_element(model.cfg, c), **r)
@@ -559,7 +603,7 @@ def main(argv=None) -> int:
                  "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['label']} | {r['short_name']} | {r['bytes_per_element']:.4f} | "
                   f"{r['accuracy']:.3f} | {r['agreement']:.3f} |" for r in out_rows]
-        _write(f"fidelity_gsm8k_{tag}", payload, "\n".join(lines) + "\n")
+        _write(a.out, f"fidelity_gsm8k_{tag}", payload, "\n".join(lines) + "\n")
         print("\n".join(lines))
     else:
         lengths = tuple(int(x) for x in a.lengths.split(","))
@@ -576,7 +620,7 @@ def main(argv=None) -> int:
                  "| label | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         lines += [f"| {r['label']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |"
                   for r in out_rows]
-        _write(f"fidelity_passkey_{tag}", payload, "\n".join(lines) + "\n")
+        _write(a.out, f"fidelity_passkey_{tag}", payload, "\n".join(lines) + "\n")
         print("\n".join(lines))
     return 0
 

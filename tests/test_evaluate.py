@@ -10,7 +10,10 @@ must agree to 0.5% (relative) on this model.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from test_weights import _random_hf_tensors, write_tiny_hf_directory
+
 from innerq_jax import CacheConfig
+from models import cli, evaluate
 from models.evaluate import (
     bytes_per_element,
     decode_perplexity,
@@ -110,3 +116,67 @@ def test_named_sets_and_bytes(tiny):
     q2 = bytes_per_element(model.cfg, CacheConfig.innerq())
     assert bf == pytest.approx(2.0, rel=1e-3)  # plus the lengths / flags
     assert 0.3 < q2 < 0.7
+
+
+# ------------------------------------------------------------------ the eval CLI
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "_load_model", never)
+
+
+@pytest.mark.parametrize("argv", [["ppl"], ["ppl", "--text", "missing.txt"],
+                                  ["ppl", "--text", "gsm8k"], ["gsm8k"]])
+def test_eval_without_data_says_where_to_get_it(tmp_path, monkeypatch, capsys, no_model, argv):
+    """No text given and none found (nothing is read from outside the flags and the
+    working directory): a clear error before the model loads."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "innerq: error: no " in err
+    assert "huggingface.co/datasets/Salesforce/wikitext" in err
+    assert "github.com/openai/grade-school-math" in err and "--data-dir" in err
+
+
+def test_eval_without_the_extra_names_it(monkeypatch, capsys, no_model):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli.main(["eval", "passkey"]) == 2
+    assert "pip install 'innerq-jax[eval]'" in capsys.readouterr().err
+
+
+def _tree_state(path: pathlib.Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in path.rglob("*") if p.is_file()}
+
+
+def test_eval_reads_and_writes_only_where_told(tmp_path, monkeypatch, capsys):
+    """Perplexity of a tiny checkpoint on a given text: results land in --out (or the
+    working directory), never in the source tree."""
+    model = tmp_path / "tiny"
+    write_tiny_hf_directory(model, _random_hf_tensors(np.random.default_rng(3), tied=True))
+    rng = np.random.default_rng(4)
+    words = ["the", "hello", "tell", "he", "lo", "ll", "ot", "et"]
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(rng.choice(words, size=400)))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    source = _tree_state(ROOT / "benchmarks") | _tree_state(ROOT / "models")
+    argv = ["eval", "ppl", "--set", "main", "--only", "bf16", "--text", str(text), "--model",
+            str(model), "--prefill", "16", "--decode", "16", "--windows", "2", "--batch", "2",
+            "--dtype", "float32"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    stems = {p.name for p in (tmp_path / "out").iterdir()}
+    assert stems == {f"fidelity_ppl_main_story.{ext}" for ext in ("json", "md", "png")}
+    assert list(cwd.iterdir()) == []
+    assert cli.main(argv) == 0
+    assert {p.name for p in cwd.iterdir()} == stems
+    assert _tree_state(ROOT / "benchmarks") | _tree_state(ROOT / "models") == source
+    rows = json.loads((cwd / "fidelity_ppl_main_story.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["bf16"] and rows[0]["count"] == 2 * 16
+    assert math.isfinite(rows[0]["perplexity"]) and rows[0]["perplexity"] > 1
+    capsys.readouterr()
