@@ -170,10 +170,10 @@ def main():
 
 def plot(json_path: str, png_path: str) -> None:
     """Tokens/s per cache kind and shape, from a result JSON (run anywhere)."""
-    import matplotlib
+    from models.evaluate import require_eval_extra
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require_eval_extra("matplotlib").use("Agg")
+    plt = require_eval_extra("matplotlib.pyplot")
 
     data = json.load(open(json_path))
     rows = [r for r in data["rows"] if r.get("step_ms")]

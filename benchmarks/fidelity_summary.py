@@ -187,9 +187,10 @@ def generation_sections():
 
 
 def pareto_plot(path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from models.evaluate import require_eval_extra
+
+    require_eval_extra("matplotlib").use("Agg")
+    plt = require_eval_extra("matplotlib.pyplot")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, (text, title) in zip(axes, TEXTS):
