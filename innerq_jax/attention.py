@@ -39,6 +39,20 @@ def _check_lengths(lengths, B: int, capacity: int) -> None:
         raise ValueError(f"lengths must lie in [0, {capacity}], got {arr.tolist()}")
 
 
+def _fused_kernel():
+    """The Pallas kernel, or an ImportError naming the jax it was checked with."""
+    try:
+        from pallas_kernels.decode import quantized_decode_attention
+    except ImportError as err:
+        from pallas_kernels.triton_ext import CHECKED_JAX
+
+        raise ImportError(
+            f"the Pallas kernels need jax's Pallas Triton backend, checked with jax "
+            f"{CHECKED_JAX}; this jax {jax.__version__} cannot load it ({err}). Install jax "
+            f"{CHECKED_JAX} or use backend='reference'") from err
+    return quantized_decode_attention
+
+
 @functools.cache
 def _default_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
@@ -80,9 +94,7 @@ def decode_attention_layer(
         if backend == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
         else:
-            from pallas_kernels.decode import quantized_decode_attention
-
-            o = quantized_decode_attention(
+            o = _fused_kernel()(
                 qp, layer, lengths, cfg, interpret=backend == "interpret", **kernel_options
             )
         return finish_output(o, cfg, q.dtype)

@@ -22,7 +22,9 @@
 All are ordinary primitives for interpret mode (CPU), so the kernels run the
 same code there. The Triton lowering rules use jax internals
 (``jax._src.pallas.triton.lowering``, ``jax._src.lib.triton``); they were
-checked against jax 0.11.2 (the version the project pins).
+checked against jax 0.11.2 (the version the project pins). A jax without them
+still imports this module and runs interpret mode; the first compiled kernel
+launch then raises, naming the jax version the kernels need.
 """
 
 from __future__ import annotations
@@ -33,16 +35,49 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax._src import core as jax_core
-from jax._src import dispatch
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-try:  # the Triton lowering registry; absent on jax builds without Pallas Triton
+CHECKED_JAX = "0.11.2"  # the jax whose internals the Triton lowering rules were checked on
+
+try:
     from jax._src.lib.mlir import ir
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas.triton import lowering as triton_lowering
-except ImportError:  # pragma: no cover - interpret mode still works
-    triton_lowering = None
+
+    register_triton_lowering = triton_lowering.register_lowering
+    missing_internals: Exception | None = None
+except (ImportError, AttributeError) as err:
+    # Not fatal here: interpret mode needs none of it. A compiled launch reports it.
+    missing_internals = err
+
+
+class MissingJaxInternals(RuntimeError):
+    """The installed jax lacks the internals the compiled Triton kernels use."""
+
+    def __init__(self, err: Exception):
+        super().__init__(
+            f"the compiled Pallas Triton kernels use jax internals checked with jax "
+            f"{CHECKED_JAX}, which this jax {jax.__version__} does not provide "
+            f"({type(err).__name__}: {err}). Install jax {CHECKED_JAX} (bash setup.sh --gpu, "
+            f"or pip install 'jax[cuda13]=={CHECKED_JAX}'), or run with backend='reference' "
+            "or 'interpret'")
+
+
+@contextlib.contextmanager
+def _explain_missing_internals():
+    """Lowers a kernel; without the internals (no lowering rules for these primitives)
+    a compiled lowering fails, and the error then says which jax the kernels need."""
+    try:
+        yield
+    except MissingJaxInternals:
+        raise
+    except Exception as err:
+        if missing_internals is None:
+            raise
+        raise MissingJaxInternals(missing_internals) from err
+
 
 _TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 
@@ -59,19 +94,24 @@ def quiet_triton_deprecation():
 # jit happens long after the call returned. ``call_quietly`` binds a primitive
 # whose lowering rule lowers the kernel inside ``quiet_triton_deprecation``, so
 # the filter covers exactly this kernel's lowering, eager or jitted.
-quiet_call_p = jax_core.Primitive("innerq_quiet_pallas_call")
+quiet_call_p = Primitive("innerq_quiet_pallas_call")
 quiet_call_p.multiple_results = True
-quiet_call_p.def_impl(functools.partial(dispatch.apply_primitive, quiet_call_p))
+
+
+@quiet_call_p.def_impl
+def _quiet_call_impl(*args, fn):  # eager: the kernel compiles right here
+    with quiet_triton_deprecation(), _explain_missing_internals():
+        return list(fn(*args))
 
 
 @quiet_call_p.def_abstract_eval
 def _quiet_call_abstract(*avals, fn):
     out = jax.eval_shape(fn, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
-    return [jax_core.ShapedArray(o.shape, o.dtype) for o in out]
+    return [ShapedArray(o.shape, o.dtype) for o in out]
 
 
 def _quiet_call_lowering(ctx, *args, fn):
-    with quiet_triton_deprecation():
+    with quiet_triton_deprecation(), _explain_missing_internals():
         return mlir.lower_fun(lambda *xs: list(fn(*xs)), multiple_results=True)(ctx, *args)
 
 
@@ -84,7 +124,7 @@ def call_quietly(fn, *args):
 
 
 # ------------------------------------------------------------------ dot_acc
-dot_acc_p = jax_core.Primitive("innerq_dot_acc")
+dot_acc_p = Primitive("innerq_dot_acc")
 
 
 def _dot_acc_impl(acc, a, b):
@@ -96,7 +136,7 @@ def _dot_acc_abstract(acc, a, b):
         raise ValueError(f"dot_acc: bad operand shapes {a.shape} @ {b.shape}")
     if acc.shape != (a.shape[0], b.shape[1]):
         raise ValueError(f"dot_acc: accumulator {acc.shape} != {(a.shape[0], b.shape[1])}")
-    return jax_core.ShapedArray(acc.shape, acc.dtype)
+    return ShapedArray(acc.shape, acc.dtype)
 
 
 dot_acc_p.def_impl(_dot_acc_impl)
@@ -125,7 +165,7 @@ def pair_plan(bits: int) -> tuple[tuple[int, int], ...]:
     raise ValueError(f"bits={bits}; the kernels support 2 and 4")
 
 
-unpack_pairs_p = jax_core.Primitive("innerq_unpack_pairs_bf16")
+unpack_pairs_p = Primitive("innerq_unpack_pairs_bf16")
 unpack_pairs_p.multiple_results = True
 
 
@@ -147,7 +187,7 @@ def _unpack_pairs_abstract(words2, *, bits, which, max_registers):
     del max_registers
     if words2.dtype != jnp.uint32 or words2.shape[-1] != 2:
         raise ValueError(f"unpack_pairs_bf16 needs uint32 words [..., 2], got {words2.dtype}{words2.shape}")
-    return [jax_core.ShapedArray(words2.shape, jnp.bfloat16)] * len(which)
+    return [ShapedArray(words2.shape, jnp.bfloat16)] * len(which)
 
 
 unpack_pairs_p.def_impl(_unpack_pairs_impl)
@@ -196,9 +236,21 @@ def pair_exponents(bits: int) -> tuple[int, ...]:
     return tuple(e for _, e in pair_plan(bits))
 
 
-if triton_lowering is not None:
+def _with_checked_internals(rule):
+    """A lowering rule whose use of jax internals fails with the jax version it needs."""
+    @functools.wraps(rule)
+    def wrapped(*args, **kwargs):
+        try:
+            return rule(*args, **kwargs)
+        except (AttributeError, TypeError) as err:
+            raise MissingJaxInternals(err) from err
+    return wrapped
 
-    @triton_lowering.register_lowering(dot_acc_p)
+
+if missing_internals is None:
+
+    @register_triton_lowering(dot_acc_p)
+    @_with_checked_internals
     def _dot_acc_triton(ctx, acc, a, b):
         del ctx
         return tt_dialect.dot(a, b, acc)
@@ -211,7 +263,8 @@ if triton_lowering is not None:
         if op is not None:
             op.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), n)
 
-    @triton_lowering.register_lowering(unpack_pairs_p)
+    @register_triton_lowering(unpack_pairs_p)
+    @_with_checked_internals
     def _unpack_pairs_triton(ctx, words2, *, bits, which, max_registers):
         if max_registers:
             _set_maxnreg(max_registers)

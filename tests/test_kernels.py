@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +214,53 @@ def test_fused_agrees_with_reference_on_non_finite_keys(kind):
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
     np.testing.assert_array_equal(~np.isfinite(out), bad)
     assert _rel(out[~bad], ref[~bad]) < TOL
+
+
+_WITHOUT_INTERNALS = """
+import jax.experimental.pallas.triton  # jax's own Pallas Triton, complete
+import jax._src.pallas.triton.lowering as lowering
+del lowering.register_lowering  # then as if a jax release had moved what triton_ext uses
+import math, jax, jax.numpy as jnp, numpy as np
+import pallas_kernels.decode as dec
+from innerq_jax import CacheConfig, KVCache
+from innerq_jax.reference import prepare_query, quantized_attention_core
+from pallas_kernels.triton_ext import MissingJaxInternals
+cfg = CacheConfig.innerq(sink=0, recent=0, capacity=64)
+rng = np.random.default_rng(0)
+k, v = (jnp.asarray(rng.standard_normal((1, 1, 1, 64, 64)), jnp.float32) for _ in "kv")
+cache = KVCache.from_prefill(cfg, k, v, np.array([64]))
+q = jnp.asarray(rng.standard_normal((1, 2, 64)), jnp.float32)
+qp = prepare_query(q, cache.layer(0), cfg, 1 / math.sqrt(64))
+ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+out = dec.quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg, interpret=True)
+assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-2
+try:
+    dec.quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg, interpret=False)
+except MissingJaxInternals as err:
+    print("RAISED", err)
+"""
+
+
+def test_missing_jax_internals_fail_at_the_kernel_naming_the_version():
+    """Without the internals the Triton rules need, the package still imports and
+    interpret mode still runs; a compiled launch raises, naming the jax version needed."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_INTERNALS], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "RAISED the compiled Pallas Triton kernels use jax internals checked with jax " \
+           "0.11.2" in r.stdout
+    assert f"this jax {jax.__version__} does not provide" in r.stdout
+
+
+def test_missing_pallas_triton_names_the_version(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pallas_kernels.decode", None)
+    cfg = CacheConfig.innerq(capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    q, _ = _query(cache, 2)
+    with pytest.raises(ImportError, match=r"checked with jax 0\.11\.2; this jax"):
+        decode_attention_layer(q, cache.layer(0), cache.lengths, cfg, backend="interpret")
