@@ -206,9 +206,11 @@ def pareto_plot(path):
         front, best = [], float("inf")
         for x, y in sorted(pts.values()):
             if y < best:
-                front.append((x, y)); best = y
+                front.append((x, y))
+                best = y
         ax.plot(*zip(*front), "--", alpha=0.5, label="Pareto front")
-        ax.set_xscale("log"); ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("cache bytes per cached element (capacity 2048, windows included)")
         ax.set_ylabel("decode perplexity (8 windows, P 512, Nd 1024)")
         ax.set_title(f"SmolLM2-135M-Instruct, {title}", fontsize=9)

@@ -214,16 +214,19 @@ def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig]
         raise ValueError(f"token_windows must be [N, >= P + Nd = {W}], got {w.shape}")
     w = w[:, :W].astype(np.int32)
     cfgs = tuple(_with_capacity(c, W) for c in configs)
-    nll_sum = np.zeros(len(cfgs)); kl_sum = np.zeros(len(cfgs)); agree_sum = np.zeros(len(cfgs))
-    nll_step = np.zeros((len(cfgs), decode_len)); kl_step = np.zeros((len(cfgs), decode_len))
+    nll_sum, kl_sum, agree_sum = (np.zeros(len(cfgs)) for _ in range(3))
+    nll_step, kl_step = (np.zeros((len(cfgs), decode_len)) for _ in range(2))
     count = 0
     nll_win = [[] for _ in cfgs]
     for s in range(0, len(w), batch):
         chunk = w[s:s + batch]
         nll, kl, agree = jax.device_get(
             _score_windows(model, jnp.asarray(chunk), cfgs, prefill_len, backend))
-        nll_sum += nll.sum((1, 2)); kl_sum += kl.sum((1, 2)); agree_sum += agree.sum((1, 2))
-        nll_step += nll.sum(1); kl_step += kl.sum(1)
+        nll_sum += nll.sum((1, 2))
+        kl_sum += kl.sum((1, 2))
+        agree_sum += agree.sum((1, 2))
+        nll_step += nll.sum(1)
+        kl_step += kl.sum(1)
         for i in range(len(cfgs)):
             nll_win[i] += nll[i].sum(1).tolist()
         count += chunk.shape[0] * decode_len
@@ -482,7 +485,8 @@ def _plot(out_dir: str, stem: str, payload):
     front, best = [], float("inf")
     for x, y in pts:
         if y < best:
-            front.append((x, y)); best = y
+            front.append((x, y))
+            best = y
     ax.plot(*zip(*front), "--", alpha=0.5, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per cached element (capacity 2048)")
