@@ -30,6 +30,8 @@ from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
 from innerq_jax.cache import layer_class
+from innerq_jax.sharding import MODEL, on_mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         q, k, v = self.qkv(x, positions, inv_freq)
+        cfg = ctx.config
         if layer_cache is None:
             r = c.num_heads // c.num_kv_heads
             qg = q.reshape(B, T, c.num_kv_heads, r, c.head_dim)
@@ -188,14 +191,19 @@ class Attention(nnx.Module):
             s = jnp.where(causal[:, None, None], s, -1e30)
             p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
             o = jnp.einsum("bhrqk,bkhd->bqhrd", p, v).reshape(B, T, -1)
-            # cache layout: [B, Hkv, T, D]
-            layer_cache = layer_class(ctx.config).prefill(
-                jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), ctx.lengths, ctx.config)
+            # cache layout: [B, Hkv, T, D]; each device builds its own sequences and heads
+            build = lambda kk, vv, n: layer_class(cfg).prefill(kk, vv, n, cfg)  # noqa: E731
+            layer_cache = on_mesh(build, ctx.mesh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                  ctx.lengths)
         else:
-            layer_cache = layer_cache.append(k[:, 0], v[:, 0], ctx.lengths, ctx.config)
-            after = jnp.minimum(ctx.lengths + 1, ctx.config.capacity)
-            o = decode_attention_layer(q[:, 0], layer_cache, after, ctx.config,
-                                       backend=ctx.backend).reshape(B, 1, -1)
+            def step(q1, k1, v1, lay, n):
+                lay = lay.append(k1, v1, n, cfg)
+                after = jnp.minimum(n + 1, cfg.capacity)
+                return decode_attention_layer(q1, lay, after, cfg, backend=ctx.backend), lay
+
+            o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
+                                     ctx.lengths)
+            o = o.reshape(B, 1, -1)
         return o.astype(x.dtype) @ self.o[...], layer_cache
 
 
@@ -233,6 +241,7 @@ class CacheContext:
     lengths: jax.Array  # [B] tokens in the cache before this call (prefill: prompt lengths)
     config: CacheConfig
     backend: str = "auto"
+    mesh: Mesh | None = None  # data x model mesh; attention then runs per device
 
 
 class Llama(nnx.Module):
@@ -286,12 +295,13 @@ class Llama(nnx.Module):
 
 # ------------------------------------------------------------- entry points
 def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: CacheConfig,
-            *, all_logits: bool = False):
+            *, all_logits: bool = False, mesh: Mesh | None = None):
     """Causal forward over right-padded prompts tokens [B, T] with lengths [B].
 
     Returns (logits, cache): logits [B, V] at each prompt's last token (or
     [B, T, V] with ``all_logits``), and a cache of capacity
-    ``cache_config.capacity`` holding the prompts.
+    ``cache_config.capacity`` holding the prompts. With a ``mesh`` (see
+    :func:`shard_model`) the cache comes out split over it.
     """
     B, T = tokens.shape
     if T > cache_config.capacity:
@@ -300,7 +310,7 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config)
+    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
     layers = []
     for block in model.layers:
         x, layer_cache = block(x, pos, inv, ctx)
@@ -312,17 +322,19 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     return model.logits(last), cache
 
 
-def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str = "auto"):
+def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str = "auto",
+                mesh: Mesh | None = None):
     """One decode step: tokens [B] at positions cache.lengths -> (logits [B, V], new cache).
 
     A loop over layers: layer i's cache is appended to and read where it is, so
     under a donated jit nothing but the new token's rows (and a flushed group)
-    is written.
+    is written. With a ``mesh``, each layer's append and attention run per
+    device on its sequences and kv heads.
     """
     pos = cache.lengths[:, None]  # [B, 1]
     x = model.embed[...][tokens][:, None, :]  # [B, 1, E]
     inv = model.inv_freq[...]
-    ctx = CacheContext(cache.lengths, cache.config, backend)
+    ctx = CacheContext(cache.lengths, cache.config, backend, mesh)
     layers = []
     for block, layer_cache in zip(model.layers, cache.layers, strict=True):
         x, layer_cache = block(x, pos, inv, ctx, layer_cache)
@@ -330,15 +342,54 @@ def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str
     return model.logits(x[:, 0]), cache.with_layers(layers)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_config", "all_logits"))
-def jit_prefill(model, tokens, lengths, cache_config: CacheConfig, all_logits: bool = False):
-    return prefill(model, tokens, lengths, cache_config, all_logits=all_logits)
+@functools.partial(jax.jit, static_argnames=("cache_config", "all_logits", "mesh"))
+def jit_prefill(model, tokens, lengths, cache_config: CacheConfig, all_logits: bool = False,
+                mesh: Mesh | None = None):
+    return prefill(model, tokens, lengths, cache_config, all_logits=all_logits, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("backend",), donate_argnames=("cache",))
-def jit_decode_step(model, cache, tokens, backend: str = "auto"):
-    """decode_step compiled once per cache configuration, the cache donated."""
-    return decode_step(model, cache, tokens, backend=backend)
+@functools.partial(jax.jit, static_argnames=("backend", "mesh"), donate_argnames=("cache",))
+def jit_decode_step(model, cache, tokens, backend: str = "auto", mesh: Mesh | None = None):
+    """decode_step compiled once per cache configuration and mesh, the cache donated.
+
+    With a mesh, pass a model placed by :func:`shard_model` and a cache placed
+    by ``innerq_jax.sharding.shard_cache``: the step keeps both where they are.
+    """
+    return decode_step(model, cache, tokens, backend=backend, mesh=mesh)
+
+
+# Megatron-style tensor parallelism on the model axis: q/k/v and gate/up split
+# by output columns (heads, hidden units), o and down by input rows, so each
+# layer needs one all-reduce after attention and one after the MLP. The LM
+# head is split by vocabulary; the embedding, norms and rotary table stay whole.
+_PARAM_SPECS = {
+    "q": P(None, MODEL), "k": P(None, MODEL), "v": P(None, MODEL), "o": P(MODEL, None),
+    "gate": P(None, MODEL), "up": P(None, MODEL), "down": P(MODEL, None),
+    "lm_head": P(None, MODEL),
+}
+
+
+def param_shardings(model: Llama, mesh: Mesh):
+    """The NamedSharding of every variable of ``model`` on ``mesh``."""
+    m = mesh.shape[MODEL]
+
+    def spec(path, x):
+        p = _PARAM_SPECS.get(str(path[-1]), P())
+        # a dimension that does not split evenly stays whole
+        if any(a is not None and x.shape[i] % m for i, a in enumerate(p)):
+            p = P()
+        return NamedSharding(mesh, p)
+
+    names = lambda path: [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, x: spec(names(path), x),
+                                            nnx.state(model))
+
+
+def shard_model(model: Llama, mesh: Mesh) -> Llama:
+    """Places the model's variables on ``mesh`` (in place) and returns it."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(model, mesh)))
+    return model
 
 
 def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
@@ -348,4 +399,4 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
 
 
 __all__ = ["CacheContext", "Llama", "ModelConfig", "cache_for", "decode_step", "jit_decode_step",
-           "jit_prefill", "prefill"]
+           "jit_prefill", "param_shardings", "prefill", "shard_model"]
