@@ -102,8 +102,13 @@ def decode_attention_layer(
     if layer.k.shape[0] != q.shape[0] or layer.k.shape[-1] != D:
         raise ValueError(f"q shape {q.shape} does not match the cache k shape {layer.k.shape}")
     qh = split_heads(q, H).astype(jnp.float32) * scale
-    if isinstance(layer, DenseLayer):
-        o = dense_attention(qh, layer.k.astype(jnp.float32), layer.v.astype(jnp.float32), lengths)
+    if isinstance(layer, DenseLayer) and backend != "reference":
+        from pallas_kernels.dense_decode import dense_decode_attention
+
+        o = dense_decode_attention(qh, layer.k, layer.v, lengths,
+                                   interpret=backend == "interpret", **kernel_options)
+    elif isinstance(layer, DenseLayer):
+        o = dense_attention(qh, layer.k, layer.v, lengths)
     elif isinstance(layer, Int8Layer):
         o = int8_attention(qh, layer, lengths)
     else:

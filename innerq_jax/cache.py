@@ -8,20 +8,23 @@ Three layer kinds share one interface (``create`` / ``prefill`` / ``append``):
 * :class:`DenseLayer` - the bf16 baseline.
 * :class:`Int8Layer` - int8 codes with one scale per (token, head).
 
-:class:`KVCache` stacks one layer pytree per model layer (leading axis L, so a
-model can ``lax.scan`` over layers) and holds per-sequence lengths. Every update
-returns a new cache; under ``jax.jit(..., donate_argnums=...)`` XLA updates the
-buffers in place. Lengths never exceed the capacity: an append to a full
-sequence writes nothing, keeps its length and sets its ``overflow`` flag, and
-every other sequence goes on (host code checks capacity before it starts; see
-:func:`check_capacity`).
+:class:`KVCache` holds one layer pytree per model layer (a tuple, so a model
+loops over layers and each layer's buffers are updated where they are; a
+``lax.scan`` that took the cache in and returned it would copy every layer on
+every step) and per-sequence lengths. Every update returns a new cache; under
+``jax.jit(..., donate_argnums=...)`` XLA updates the buffers in place, and a
+decode step writes only the new token's rows (plus one group's codes, scales
+and mask where a sequence flushes). Lengths never exceed the capacity: an
+append to a full sequence writes nothing, keeps its length and sets its
+``overflow`` flag, and every other sequence goes on (host code checks capacity
+before it starts; see :func:`check_capacity`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -221,18 +224,17 @@ class QuantLayer:
         flush = nq_new > nq_old
         start_slot = jnp.mod(nq_old, W)  # a multiple of G: groups never wrap
         take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
-
-        def flush_groups(kv):
-            grp_k = take(recent_k, start_slot).astype(jnp.float32)  # [B, H, G, D]
-            grp_v = take(recent_v, start_slot).astype(jnp.float32)
-            return (_write_group(kv[0], quantize_tokens(grp_k, cfg.k_grouping, cfg, packing="d"),
-                                 nq_old, flush),
-                    _write_group(kv[1], quantize_tokens(grp_v, cfg.v_grouping, cfg, packing="t"),
-                                 nq_old, flush))
-
-        # A flush happens once every G steps per sequence: skip the group
-        # quantization on the other steps (under a layer scan this is a real branch).
-        new_k, new_v = jax.lax.cond(jnp.any(flush), flush_groups, lambda kv: kv, (self.k, self.v))
+        # The oldest G ring tokens [B, H, G, D] are quantized on every step (a few
+        # thousand values per layer, far less than the cache read) and scattered
+        # only into the sequences that flush; a lax.cond here would sync the
+        # host on a GPU, and one that returned the whole quantized tensors
+        # would copy them.
+        grp_k = quantize_tokens(take(recent_k, start_slot).astype(jnp.float32), cfg.k_grouping,
+                                cfg, packing="d")
+        grp_v = quantize_tokens(take(recent_v, start_slot).astype(jnp.float32), cfg.v_grouping,
+                                cfg, packing="t")
+        new_k = _write_group(self.k, grp_k, nq_old, flush)
+        new_v = _write_group(self.v, grp_v, nq_old, flush)
         return dataclasses.replace(
             self,
             k=new_k,
@@ -289,8 +291,9 @@ class DenseLayer:
 
     @classmethod
     def create(cls, B, H, D, cfg):
-        z = jnp.zeros((B, H, cfg.capacity, D), COMPUTE_DTYPE)
-        return cls(z, z)
+        # two distinct buffers: a donated cache may not hold one array twice
+        z = lambda: jnp.zeros((B, H, cfg.capacity, D), COMPUTE_DTYPE)  # noqa: E731
+        return cls(z(), z())
 
     @classmethod
     def prefill(cls, k, v, lengths, cfg):
@@ -331,9 +334,9 @@ class Int8Layer:
 
     @classmethod
     def create(cls, B, H, D, cfg):
-        c = jnp.zeros((B, H, cfg.capacity, D), jnp.int8)
-        s = jnp.zeros((B, H, cfg.capacity), COMPUTE_DTYPE)
-        return cls(c, c, s, s)
+        c = lambda: jnp.zeros((B, H, cfg.capacity, D), jnp.int8)  # noqa: E731
+        s = lambda: jnp.zeros((B, H, cfg.capacity), COMPUTE_DTYPE)  # noqa: E731
+        return cls(c(), c(), s(), s())
 
     @classmethod
     def prefill(cls, k, v, lengths, cfg):
@@ -364,9 +367,9 @@ def layer_class(cfg: CacheConfig):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """All layers of a model's cache; layer leaves carry a leading L axis."""
+    """All layers of a model's cache: one layer pytree per model layer."""
 
-    layers: Any  # a LayerCache whose leaves are [L, ...]
+    layers: tuple  # (LayerCache,) * L, leaves [B, Hkv, ...]
     lengths: jax.Array  # [B] int32 tokens held per sequence
     overflow: jax.Array  # [B] bool: an append found the sequence full, or a traced
     #                      prefill length outside [0, T] was clamped
@@ -381,8 +384,8 @@ class KVCache:
         """An empty cache of static capacity ``config.capacity`` tokens per sequence."""
         num_layers, batch, num_kv_heads, head_dim = _check_sizes(
             config, num_layers, batch, num_kv_heads, head_dim)
-        one = layer_class(config).create(batch, num_kv_heads, head_dim, config)
-        layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers,) + x.shape), one)
+        layers = tuple(layer_class(config).create(batch, num_kv_heads, head_dim, config)
+                       for _ in range(num_layers))
         return cls(layers, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), config,
                    num_kv_heads, head_dim)
 
@@ -394,7 +397,22 @@ class KVCache:
         L, B, H, T, D = k.shape
         _check_sizes(config, L, B, H, D)
         lengths, clamped = _check_lengths(lengths, B, T, config)
-        return cls(_prefill_layers(k, v, lengths, config), lengths, clamped, config, H, D)
+        layers = tuple(_prefill_layer(k[i], v[i], lengths, config) for i in range(L))
+        return dataclasses.replace(cls.from_layers(config, layers, lengths), overflow=clamped)
+
+    @classmethod
+    def from_layers(cls, config: CacheConfig, layers, lengths: jax.Array) -> "KVCache":
+        """A cache from per-layer caches already built (e.g. by a model's prefill)."""
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("a cache needs at least one layer")
+        want = layer_class(config)
+        if not all(isinstance(lay, want) for lay in layers):
+            raise TypeError(f"layers must all be {want.__name__} for kind={config.kind!r}")
+        B, H = layers[0].k_centre.shape[:2] if want is QuantLayer else layers[0].k.shape[:2]
+        D = layers[0].k_centre.shape[2] if want is QuantLayer else layers[0].k.shape[3]
+        lengths = jnp.asarray(lengths, jnp.int32)
+        return cls(layers, lengths, jnp.zeros((B,), bool), config, H, D)
 
     # ------------------------------------------------------------------ decode
     def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
@@ -405,23 +423,30 @@ class KVCache:
             raise ValueError(f"KVCache.append: k/v shape {k.shape} != [L, B, Hkv, D] {expect}")
         return self.with_layers(_append_layers(self.layers, k, v, self.lengths, self.config))
 
+    def append_layer(self, i: int, k: jax.Array, v: jax.Array):
+        """Layer ``i`` after one token per sequence, k, v [B, Hkv, D] (lengths unchanged).
+
+        A model's decode step calls this per layer, then :meth:`with_layers`.
+        """
+        return self.layers[i].append(k, v, self.lengths, self.config)
+
     def with_layers(self, layers) -> "KVCache":
         """The cache after every layer received one token per sequence."""
         full = self.lengths >= self.config.capacity
         return dataclasses.replace(
             self,
-            layers=layers,
+            layers=tuple(layers),
             lengths=jnp.where(full, self.lengths, self.lengths + 1),
             overflow=self.overflow | full,
         )
 
     def layer(self, i: int) -> LayerCache:
-        return jax.tree.map(lambda x: x[i], self.layers)
+        return self.layers[i]
 
     # ------------------------------------------------------------------ sizes
     @property
     def num_layers(self) -> int:
-        return jax.tree.leaves(self.layers)[0].shape[0]
+        return len(self.layers)
 
     @property
     def batch(self) -> int:
@@ -450,13 +475,13 @@ class KVCache:
 # jit here too, so eager callers get one compiled program instead of hundreds of
 # dispatches; inside a caller's jit these inline.
 @functools.partial(jax.jit, static_argnums=3)
-def _prefill_layers(k, v, lengths, cfg: CacheConfig):
-    return jax.vmap(lambda kk, vv: layer_class(cfg).prefill(kk, vv, lengths, cfg))(k, v)
+def _prefill_layer(k, v, lengths, cfg: CacheConfig):
+    return layer_class(cfg).prefill(k, v, lengths, cfg)
 
 
 @functools.partial(jax.jit, static_argnums=4)
 def _append_layers(layers, k, v, lengths, cfg: CacheConfig):
-    return jax.vmap(lambda lay, kk, vv: lay.append(kk, vv, lengths, cfg))(layers, k, v)
+    return tuple(lay.append(k[i], v[i], lengths, cfg) for i, lay in enumerate(layers))
 
 
 def _check_sizes(cfg: CacheConfig, L, B, H, D) -> tuple[int, int, int, int]:

@@ -181,6 +181,30 @@ def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig,
     return QuantizedTensor(codes, scale, zero, pack_bits(flags), grouping, b, G, packing)
 
 
+def token_block(qt: QuantizedTensor, start: jax.Array, n: int) -> QuantizedTensor:
+    """Tokens [start, start + n) of ``qt`` as a QuantizedTensor of its own.
+
+    ``start`` may be traced; it and the static ``n`` must be multiples of G (and
+    so of a packed word's tokens). Every field keeps tokens on axis -2.
+    """
+    G, b = qt.group_size, qt.bits
+    if n % G:
+        raise ValueError(f"token_block needs whole groups: n={n}, G={G}")
+    per_token = {  # rows of each field per token, as a fraction (numerator, denominator)
+        "codes": (1, 1) if qt.packing == "d" else (b, 32),
+        "scale": (1, 1) if qt.grouping == "d" else (1, G),
+        "mask": (1, G),
+    }
+    per_token["zero"] = per_token["scale"]
+
+    def rows(field):
+        num, den = per_token[field]
+        x = getattr(qt, field)
+        return jax.lax.dynamic_slice_in_dim(x, start * num // den, n * num // den, axis=x.ndim - 2)
+
+    return dataclasses.replace(qt, **{f: rows(f) for f in ("codes", "scale", "zero", "mask")})
+
+
 def unpack_tensor_codes(qt: QuantizedTensor) -> jax.Array:
     """Integer codes [..., T, D] uint8."""
     axis = -1 if qt.packing == "d" else -2
@@ -223,5 +247,6 @@ __all__ = [
     "recent_slot_tokens",
     "region_sizes",
     "symmetric_flags",
+    "token_block",
     "unpack_tensor_codes",
 ]

@@ -20,14 +20,24 @@ the softmax, and the value rotation is undone on the output.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 
 from innerq_jax.cache import Int8Layer, QuantLayer, hadamard
 from innerq_jax.config import CacheConfig
-from innerq_jax.layout import recent_slot_tokens, region_sizes, unpack_tensor_codes
+from innerq_jax.layout import (
+    recent_slot_tokens,
+    region_sizes,
+    token_block,
+    unpack_tensor_codes,
+)
 
 _NEG = -1e30
+# Tokens of the long region unpacked at a time: small next to any cache, large
+# enough that the loop over blocks costs little.
+REFERENCE_BLOCK_TOKENS = 512
 
 
 def split_heads(q: jax.Array, H: int) -> jax.Array:
@@ -94,59 +104,119 @@ def quantized_value_sum(p: jax.Array, v) -> jax.Array:
     return (dots + offs[..., None]).reshape(B, H, r, D)
 
 
-def _softmax(scores: jax.Array, valid: jax.Array) -> jax.Array:
-    """Softmax over the last axis of valid entries; all-invalid rows give zeros."""
-    x = jnp.where(valid, scores, _NEG)
-    m = jnp.max(x, axis=-1, keepdims=True)
-    e = jnp.where(valid, jnp.exp(x - m), 0.0)
-    return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+def blockwise_attention(
+    q_shape: tuple[int, ...],
+    n_tokens: int,
+    region_len: jax.Array,
+    score_block: Callable[[jax.Array, int], jax.Array],
+    value_block: Callable[[jax.Array, int, jax.Array], jax.Array],
+    windows: Sequence[tuple[jax.Array, jax.Array, jax.Array]] = (),
+    block_tokens: int = REFERENCE_BLOCK_TOKENS,
+    align: int = 1,
+) -> jax.Array:
+    """Softmax attention over a long token region read one block at a time.
+
+    q_shape is [B, H, r, D]. The region holds ``n_tokens`` slots, of which the
+    first ``region_len[b]`` are live; ``score_block(start, n)`` gives the scores
+    [B, H, r, n] of slots [start, start + n) and ``value_block(start, n, e)`` the
+    e-weighted values [B, H, r, D] of the same slots. ``windows`` are small
+    dense parts (scores [B, H, r, w], valid broadcastable to it, values
+    [B, H, w, D] f32). An online softmax (running max, sum and output) walks
+    the blocks, so only one block's unpacked values and scores exist at a time
+    and no temporary grows with the cache. Rows with nothing valid give zeros.
+    Blocks are ``block_tokens`` long (a multiple of ``align``); the last one is
+    shifted back to end at n_tokens and its slots seen before are masked.
+    """
+    m = jnp.full(q_shape[:3], _NEG, jnp.float32)
+    for s_w, ok, _ in windows:
+        m = jnp.maximum(m, jnp.max(jnp.where(ok, s_w, _NEG), axis=-1))
+    l_sum = jnp.zeros(q_shape[:3], jnp.float32)
+    o = jnp.zeros(q_shape, jnp.float32)
+    for s_w, ok, v_w in windows:
+        e_w = jnp.where(ok, jnp.exp(s_w - m[..., None]), 0.0)
+        l_sum = l_sum + jnp.sum(e_w, axis=-1)
+        o = o + jnp.einsum("bhrs,bhsd->bhrd", e_w, v_w)
+    if n_tokens:
+        blk = min(n_tokens, max(align, block_tokens // align * align))
+        nblk = -(-n_tokens // blk)
+        first = jnp.arange(nblk, dtype=jnp.int32) * blk  # first slot each block owns
+        starts = jnp.minimum(first, n_tokens - blk)
+
+        def step(carry, inp):
+            m, l_sum, o = carry
+            st, own = inp
+            tok = st + jnp.arange(blk, dtype=jnp.int32)  # [blk]
+            valid = ((tok >= own)[None, :] & (tok[None, :] < region_len[:, None]))
+            valid = valid[:, None, None, :]  # [B, 1, 1, blk]
+            s = score_block(st, blk)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG), axis=-1))
+            alpha = jnp.exp(m - m_new)
+            e = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
+            o = alpha[..., None] * o + value_block(st, blk, e)
+            return (m_new, alpha * l_sum + jnp.sum(e, axis=-1), o), None
+
+        (m, l_sum, o), _ = jax.lax.scan(step, (m, l_sum, o), (starts, first))
+    return o / jnp.maximum(l_sum, 1e-30)[..., None]
 
 
 def quantized_attention_core(qp: jax.Array, layer: QuantLayer, lengths: jax.Array,
-                             cfg: CacheConfig) -> jax.Array:
+                             cfg: CacheConfig, block_tokens: int = REFERENCE_BLOCK_TOKENS
+                             ) -> jax.Array:
     """softmax(q' k'^T) v' over sink + quantized + recent: q' [B, H, r, D] -> f32 [B, H, r, D].
 
     This is the contract every fused kernel implements (q' already carries
-    sigma, the rotation and the softmax scale).
+    sigma, the rotation and the softmax scale). The quantized region is read
+    ``block_tokens`` at a time (see :func:`blockwise_attention`).
     """
     sizes = region_sizes(lengths, cfg)
-    S, Tq = cfg.sink, cfg.quant_capacity
+    S, Tq, G = cfg.sink, cfg.quant_capacity, cfg.group_size
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    s_sink = jnp.einsum("bhrd,bhsd->bhrs", qp, f32(layer.sink_k))
-    s_quant = quantized_key_scores(qp, layer.k)
-    s_rec = jnp.einsum("bhrd,bhsd->bhrs", qp, f32(layer.recent_k))
     _, live = recent_slot_tokens(lengths, cfg)
-    valid = jnp.concatenate(
-        [
-            jnp.arange(S)[None, :] < sizes.sink[:, None],
-            jnp.arange(Tq)[None, :] < sizes.quantized[:, None],
-            live,
-        ],
-        axis=-1,
-    )[:, None, None, :]
-    p = _softmax(jnp.concatenate([s_sink, s_quant, s_rec], axis=-1), valid)
-    p_sink, p_quant, p_rec = p[..., :S], p[..., S : S + Tq], p[..., S + Tq :]
-    return (
-        jnp.einsum("bhrs,bhsd->bhrd", p_sink, f32(layer.sink_v))
-        + quantized_value_sum(p_quant, layer.v)
-        + jnp.einsum("bhrs,bhsd->bhrd", p_rec, f32(layer.recent_v))
-    )
+    windows = [
+        (jnp.einsum("bhrd,bhsd->bhrs", qp, f32(layer.recent_k)), live[:, None, None, :],
+         f32(layer.recent_v)),
+    ]
+    if S:
+        windows.insert(0, (jnp.einsum("bhrd,bhsd->bhrs", qp, f32(layer.sink_k)),
+                           (jnp.arange(S)[None, :] < sizes.sink[:, None])[:, None, None, :],
+                           f32(layer.sink_v)))
+    return blockwise_attention(
+        qp.shape, Tq, sizes.quantized,
+        lambda st, n: quantized_key_scores(qp, token_block(layer.k, st, n)),
+        lambda st, n, e: quantized_value_sum(e, token_block(layer.v, st, n)),
+        windows, block_tokens, align=G)
 
 
 # ----------------------------------------------------------------- baselines
-def dense_attention(qh, k, v, lengths):
-    """qh [B, H, r, D] f32 (scaled); k, v [B, H, C, D] f32."""
-    scores = jnp.einsum("bhrd,bhtd->bhrt", qh, k)
-    valid = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
-    return jnp.einsum("bhrt,bhtd->bhrd", _softmax(scores, valid), v)
+def _dense_rows(x, start, n):
+    return jax.lax.dynamic_slice_in_dim(x, start, n, axis=2)
 
 
-def int8_attention(qh, layer: Int8Layer, lengths):
+def dense_attention(qh, k, v, lengths, block_tokens: int = REFERENCE_BLOCK_TOKENS):
+    """qh [B, H, r, D] f32 (scaled); k, v [B, H, C, D] in their stored dtype.
+
+    Each block is widened to f32 on its own, so the cache is never copied.
+    """
+    return blockwise_attention(
+        qh.shape, k.shape[2], lengths,
+        lambda st, n: jnp.einsum("bhrd,bhtd->bhrt", qh,
+                                 _dense_rows(k, st, n).astype(jnp.float32)),
+        lambda st, n, e: jnp.einsum("bhrt,bhtd->bhrd", e,
+                                    _dense_rows(v, st, n).astype(jnp.float32)),
+        block_tokens=block_tokens)
+
+
+def int8_attention(qh, layer: Int8Layer, lengths, block_tokens: int = REFERENCE_BLOCK_TOKENS):
     # One scale per (token, head): it multiplies the whole score / value row.
-    ks, vs = layer.k_scale.astype(jnp.float32), layer.v_scale.astype(jnp.float32)
-    scores = jnp.einsum("bhrd,bhtd->bhrt", qh, layer.k.astype(jnp.float32)) * ks[:, :, None, :]
-    valid = (jnp.arange(layer.k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
-    p = _softmax(scores, valid) * vs[:, :, None, :]
-    return jnp.einsum("bhrt,bhtd->bhrd", p, layer.v.astype(jnp.float32))
+    def scores(st, n):
+        ks = _dense_rows(layer.k_scale[..., None], st, n)[..., 0].astype(jnp.float32)
+        kc = _dense_rows(layer.k, st, n).astype(jnp.float32)
+        return jnp.einsum("bhrd,bhtd->bhrt", qh, kc) * ks[:, :, None, :]
 
+    def values(st, n, e):
+        vs = _dense_rows(layer.v_scale[..., None], st, n)[..., 0].astype(jnp.float32)
+        vc = _dense_rows(layer.v, st, n).astype(jnp.float32)
+        return jnp.einsum("bhrt,bhtd->bhrd", e * vs[:, :, None, :], vc)
 
+    return blockwise_attention(qh.shape, layer.k.shape[2], lengths, scores, values,
+                               block_tokens=block_tokens)

@@ -1,16 +1,18 @@
 """A Flax NNX Llama that decodes on any of the project's KV caches.
 
-Small modules (RMSNorm, Attention, MLP, Block, Llama); the transformer blocks
-are one :class:`Block` whose parameters carry a leading layer axis, run with
-``lax.scan`` so a 30-layer model compiles one layer body. Two pure entry
-points own the cache life cycle:
+Small modules (RMSNorm, Attention, MLP, Block, Llama), one :class:`Block` per
+layer with its own parameters, and one block body for prefill and decode
+(``Block.__call__``). Two pure entry points own the cache life cycle:
 
 * :func:`prefill` - full-precision causal attention over a (right-padded,
   ragged) prompt; returns logits and a fresh cache built from the prompt's keys
   and values (the key normalization is computed there).
 * :func:`decode_step` - one token per sequence; appends to the cache and
   attends over it with ``innerq_jax.decode_attention_layer``; returns logits
-  and a new cache. Jit it with the cache donated (see :func:`jit_decode_step`).
+  and a new cache. Jit it with the cache donated (see :func:`jit_decode_step`):
+  the layers run as a Python loop over per-layer caches, so XLA updates every
+  cache buffer in place (a ``lax.scan`` taking the cache as xs and returning it
+  as ys would copy the whole cache every step).
 
 Compute is bf16 (configurable) with float32 norms, rotary and softmax.
 """
@@ -27,6 +29,9 @@ import numpy as np
 from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
+from innerq_jax.cache import layer_class
+from innerq_jax.sharding import MODEL, on_mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,8 @@ def _param(rngs, shape, dtype, scale=None):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, stack: tuple = (), dtype=jnp.bfloat16):
-        self.weight = nnx.Param(jnp.ones(stack + (dim,), jnp.float32))
+    def __init__(self, dim: int, eps: float, dtype=jnp.bfloat16):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
         self.dtype = dtype
 
@@ -144,14 +149,14 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention projections (weights stored [in, out])."""
+    """Grouped-query attention (weights stored [in, out]) over one layer's KV cache."""
 
-    def __init__(self, cfg: ModelConfig, rngs, stack=(), dtype=jnp.bfloat16):
+    def __init__(self, cfg: ModelConfig, rngs, dtype=jnp.bfloat16):
         E, D = cfg.hidden_size, cfg.head_dim
-        self.q = _param(rngs, stack + (E, cfg.num_heads * D), dtype)
-        self.k = _param(rngs, stack + (E, cfg.num_kv_heads * D), dtype)
-        self.v = _param(rngs, stack + (E, cfg.num_kv_heads * D), dtype)
-        self.o = _param(rngs, stack + (cfg.num_heads * D, E), dtype)
+        self.q = _param(rngs, (E, cfg.num_heads * D), dtype)
+        self.k = _param(rngs, (E, cfg.num_kv_heads * D), dtype)
+        self.v = _param(rngs, (E, cfg.num_kv_heads * D), dtype)
+        self.o = _param(rngs, (cfg.num_heads * D, E), dtype)
         self.cfg = cfg
 
     def qkv(self, x, positions, inv_freq):
@@ -163,26 +168,80 @@ class Attention(nnx.Module):
         v = (x @ self.v[...]).reshape(B, T, c.num_kv_heads, c.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
+    def __call__(self, x, positions, inv_freq, ctx: "CacheContext", layer_cache=None):
+        """x [B, T, E] -> (out [B, T, E], this layer's cache after the call).
+
+        Prefill (``layer_cache`` None): causal attention over the right-padded
+        prompt in full precision, and the layer's cache built from its k, v.
+        Decode (T = 1): the token's k, v appended to ``layer_cache`` (in place
+        under donation), then decode attention over the cache.
+        """
+        c = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, positions, inv_freq)
+        cfg = ctx.config
+        if layer_cache is None:
+            r = c.num_heads // c.num_kv_heads
+            qg = q.reshape(B, T, c.num_kv_heads, r, c.head_dim)
+            s = jnp.einsum("bqhrd,bkhd->bhrqk", qg, k, preferred_element_type=jnp.float32)
+            s = s / math.sqrt(c.head_dim)
+            t = jnp.arange(T)
+            causal = (t[None, :, None] >= t[None, None, :]) & (t[None, None, :] <
+                                                                ctx.lengths[:, None, None])
+            s = jnp.where(causal[:, None, None], s, -1e30)
+            p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
+            o = jnp.einsum("bhrqk,bkhd->bqhrd", p, v).reshape(B, T, -1)
+            # cache layout: [B, Hkv, T, D]; each device builds its own sequences and heads
+            build = lambda kk, vv, n: layer_class(cfg).prefill(kk, vv, n, cfg)  # noqa: E731
+            layer_cache = on_mesh(build, ctx.mesh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                  ctx.lengths)
+        else:
+            def step(q1, k1, v1, lay, n):
+                lay = lay.append(k1, v1, n, cfg)
+                after = jnp.minimum(n + 1, cfg.capacity)
+                return decode_attention_layer(q1, lay, after, cfg, backend=ctx.backend), lay
+
+            o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
+                                     ctx.lengths)
+            o = o.reshape(B, 1, -1)
+        return o.astype(x.dtype) @ self.o[...], layer_cache
+
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs, stack=(), dtype=jnp.bfloat16):
+    def __init__(self, cfg: ModelConfig, rngs, dtype=jnp.bfloat16):
         E, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate = _param(rngs, stack + (E, F), dtype)
-        self.up = _param(rngs, stack + (E, F), dtype)
-        self.down = _param(rngs, stack + (F, E), dtype)
+        self.gate = _param(rngs, (E, F), dtype)
+        self.up = _param(rngs, (E, F), dtype)
+        self.down = _param(rngs, (F, E), dtype)
 
     def __call__(self, x):
         return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
 
 
 class Block(nnx.Module):
-    """One transformer block; built with ``stack=(L,)`` it holds all L layers."""
+    """One transformer block: the same body for prefill and decode."""
 
-    def __init__(self, cfg: ModelConfig, rngs, stack=(), dtype=jnp.bfloat16):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, stack, dtype)
-        self.attn = Attention(cfg, rngs, stack, dtype)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, stack, dtype)
-        self.mlp = MLP(cfg, rngs, stack, dtype)
+    def __init__(self, cfg: ModelConfig, rngs, dtype=jnp.bfloat16):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype=dtype)
+        self.attn = Attention(cfg, rngs, dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype=dtype)
+        self.mlp = MLP(cfg, rngs, dtype)
+
+    def __call__(self, x, positions, inv_freq, ctx: "CacheContext", layer_cache=None):
+        """x [B, T, E] -> (x, layer cache); see :meth:`Attention.__call__`."""
+        o, layer_cache = self.attn(self.attn_norm(x), positions, inv_freq, ctx, layer_cache)
+        x = x + o
+        return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """What every layer's attention needs besides its own cache."""
+
+    lengths: jax.Array  # [B] tokens in the cache before this call (prefill: prompt lengths)
+    config: CacheConfig
+    backend: str = "auto"
+    mesh: Mesh | None = None  # data x model mesh; attention then runs per device
 
 
 class Llama(nnx.Module):
@@ -191,8 +250,10 @@ class Llama(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, scale=0.02)
-        self.layers = Block(cfg, rngs, (cfg.num_layers,), dtype)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, (), dtype)
+        # One Block per layer, each with its own buffers: decode loops over them
+        # and over the per-layer caches, so every buffer is updated where it is.
+        self.layers = nnx.List([Block(cfg, rngs, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype=dtype)
         self.lm_head = (
             None
             if cfg.tie_embeddings
@@ -207,21 +268,18 @@ class Llama(nnx.Module):
         model = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), dtype))
         t = ckpt.tensors
 
-        def stacked(name, transpose=True):
-            ws = [t[f"model.layers.{i}.{name}.weight"] for i in range(cfg.num_layers)]
-            w = np.stack([x.T if transpose else x for x in ws])
-            return jnp.asarray(w, jnp.float32 if not transpose else dtype)
+        def weight(name, transpose=True):
+            w = t[name]
+            return jnp.asarray(w.T, dtype) if transpose else jnp.asarray(w, jnp.float32)
 
-        lay = model.layers
-        lay.attn_norm.weight = nnx.Param(stacked("input_layernorm", False))
-        lay.mlp_norm.weight = nnx.Param(stacked("post_attention_layernorm", False))
-        lay.attn.q = nnx.Param(stacked("self_attn.q_proj"))
-        lay.attn.k = nnx.Param(stacked("self_attn.k_proj"))
-        lay.attn.v = nnx.Param(stacked("self_attn.v_proj"))
-        lay.attn.o = nnx.Param(stacked("self_attn.o_proj"))
-        lay.mlp.gate = nnx.Param(stacked("mlp.gate_proj"))
-        lay.mlp.up = nnx.Param(stacked("mlp.up_proj"))
-        lay.mlp.down = nnx.Param(stacked("mlp.down_proj"))
+        for i, lay in enumerate(model.layers):
+            pre = f"model.layers.{i}."
+            lay.attn_norm.weight = nnx.Param(weight(pre + "input_layernorm.weight", False))
+            lay.mlp_norm.weight = nnx.Param(weight(pre + "post_attention_layernorm.weight", False))
+            for proj in ("q", "k", "v", "o"):
+                setattr(lay.attn, proj, nnx.Param(weight(pre + f"self_attn.{proj}_proj.weight")))
+            for proj in ("gate", "up", "down"):
+                setattr(lay.mlp, proj, nnx.Param(weight(pre + f"mlp.{proj}_proj.weight")))
         model.embed = nnx.Param(jnp.asarray(t["model.embed_tokens.weight"], dtype))
         model.norm.weight = nnx.Param(jnp.asarray(t["model.norm.weight"], jnp.float32))
         if not cfg.tie_embeddings:
@@ -236,86 +294,102 @@ class Llama(nnx.Module):
 
 
 # ------------------------------------------------------------- entry points
-def _scan_layers(model: Llama, body, x, xs):
-    """lax.scan of body(block, x, xs_layer) -> (x, ys_layer) over the stacked layers."""
-    graphdef, state = nnx.split(model.layers)
-
-    def step(carry, inp):
-        st, extra = inp
-        return body(nnx.merge(graphdef, st), carry, extra)
-
-    return jax.lax.scan(step, x, (state, xs))
-
-
 def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: CacheConfig,
-            *, all_logits: bool = False):
+            *, all_logits: bool = False, mesh: Mesh | None = None):
     """Causal forward over right-padded prompts tokens [B, T] with lengths [B].
 
     Returns (logits, cache): logits [B, V] at each prompt's last token (or
     [B, T, V] with ``all_logits``), and a cache of capacity
-    ``cache_config.capacity`` holding the prompts.
+    ``cache_config.capacity`` holding the prompts. With a ``mesh`` (see
+    :func:`shard_model`) the cache comes out split over it.
     """
-    cfg = model.cfg
     B, T = tokens.shape
+    if T > cache_config.capacity:
+        raise ValueError(f"prompt of {T} tokens exceeds the cache capacity of "
+                         f"{cache_config.capacity}; raise CacheConfig.capacity")
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    r = cfg.num_heads // cfg.num_kv_heads
-    causal = jnp.tril(jnp.ones((T, T), bool))[None] & (jnp.arange(T)[None, None, :] < lengths[:, None, None])
-
-    def body(block, x, _):
-        h = block.attn_norm(x)
-        q, k, v = block.attn.qkv(h, pos, inv)
-        qg = q.reshape(B, T, cfg.num_kv_heads, r, cfg.head_dim)
-        s = jnp.einsum("bqhrd,bkhd->bhrqk", qg, k, preferred_element_type=jnp.float32)
-        s = s / math.sqrt(cfg.head_dim)
-        s = jnp.where(causal[:, None, None], s, -1e30)
-        p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        o = jnp.einsum("bhrqk,bkhd->bqhrd", p, v).reshape(B, T, -1)
-        x = x + o @ block.attn.o[...]
-        x = x + block.mlp(block.mlp_norm(x))
-        # cache layout: [B, Hkv, T, D]
-        return x, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-
-    x, (ks, vs) = _scan_layers(model, body, x, None)
-    cache = KVCache.from_prefill(cache_config, ks, vs, lengths)
+    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
+    layers = []
+    for block in model.layers:
+        x, layer_cache = block(x, pos, inv, ctx)
+        layers.append(layer_cache)
+    cache = KVCache.from_layers(cache_config, layers, ctx.lengths)
     if all_logits:
         return model.logits(x), cache
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
 
 
-def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str = "auto"):
-    """One decode step: tokens [B] at positions cache.lengths -> (logits [B, V], new cache)."""
-    B = tokens.shape[0]
+def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str = "auto",
+                mesh: Mesh | None = None):
+    """One decode step: tokens [B] at positions cache.lengths -> (logits [B, V], new cache).
+
+    A loop over layers: layer i's cache is appended to and read where it is, so
+    under a donated jit nothing but the new token's rows (and a flushed group)
+    is written. With a ``mesh``, each layer's append and attention run per
+    device on its sequences and kv heads.
+    """
     pos = cache.lengths[:, None]  # [B, 1]
     x = model.embed[...][tokens][:, None, :]  # [B, 1, E]
     inv = model.inv_freq[...]
-    ccfg = cache.config
-    after = jnp.minimum(cache.lengths + 1, ccfg.capacity)
-
-    def body(block, x, layer_cache):
-        h = block.attn_norm(x)
-        q, k, v = block.attn.qkv(h, pos, inv)  # [B, 1, heads, D]
-        layer_cache = layer_cache.append(k[:, 0], v[:, 0], cache.lengths, ccfg)
-        o = decode_attention_layer(q[:, 0], layer_cache, after, ccfg, backend=backend)
-        x = x + o.reshape(B, 1, -1).astype(x.dtype) @ block.attn.o[...]
-        x = x + block.mlp(block.mlp_norm(x))
-        return x, layer_cache
-
-    x, layers = _scan_layers(model, body, x, cache.layers)
+    ctx = CacheContext(cache.lengths, cache.config, backend, mesh)
+    layers = []
+    for block, layer_cache in zip(model.layers, cache.layers, strict=True):
+        x, layer_cache = block(x, pos, inv, ctx, layer_cache)
+        layers.append(layer_cache)
     return model.logits(x[:, 0]), cache.with_layers(layers)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_config", "all_logits"))
-def jit_prefill(model, tokens, lengths, cache_config: CacheConfig, all_logits: bool = False):
-    return prefill(model, tokens, lengths, cache_config, all_logits=all_logits)
+@functools.partial(jax.jit, static_argnames=("cache_config", "all_logits", "mesh"))
+def jit_prefill(model, tokens, lengths, cache_config: CacheConfig, all_logits: bool = False,
+                mesh: Mesh | None = None):
+    return prefill(model, tokens, lengths, cache_config, all_logits=all_logits, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("backend",), donate_argnums=(1,))
-def jit_decode_step(model, cache, tokens, backend: str = "auto"):
-    """decode_step compiled once per cache configuration, the cache donated."""
-    return decode_step(model, cache, tokens, backend=backend)
+@functools.partial(jax.jit, static_argnames=("backend", "mesh"), donate_argnames=("cache",))
+def jit_decode_step(model, cache, tokens, backend: str = "auto", mesh: Mesh | None = None):
+    """decode_step compiled once per cache configuration and mesh, the cache donated.
+
+    With a mesh, pass a model placed by :func:`shard_model` and a cache placed
+    by ``innerq_jax.sharding.shard_cache``: the step keeps both where they are.
+    """
+    return decode_step(model, cache, tokens, backend=backend, mesh=mesh)
+
+
+# Megatron-style tensor parallelism on the model axis: q/k/v and gate/up split
+# by output columns (heads, hidden units), o and down by input rows, so each
+# layer needs one all-reduce after attention and one after the MLP. The LM
+# head is split by vocabulary; the embedding, norms and rotary table stay whole.
+_PARAM_SPECS = {
+    "q": P(None, MODEL), "k": P(None, MODEL), "v": P(None, MODEL), "o": P(MODEL, None),
+    "gate": P(None, MODEL), "up": P(None, MODEL), "down": P(MODEL, None),
+    "lm_head": P(None, MODEL),
+}
+
+
+def param_shardings(model: Llama, mesh: Mesh):
+    """The NamedSharding of every variable of ``model`` on ``mesh``."""
+    m = mesh.shape[MODEL]
+
+    def spec(path, x):
+        p = _PARAM_SPECS.get(str(path[-1]), P())
+        # a dimension that does not split evenly stays whole
+        if any(a is not None and x.shape[i] % m for i, a in enumerate(p)):
+            p = P()
+        return NamedSharding(mesh, p)
+
+    names = lambda path: [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, x: spec(names(path), x),
+                                            nnx.state(model))
+
+
+def shard_model(model: Llama, mesh: Mesh) -> Llama:
+    """Places the model's variables on ``mesh`` (in place) and returns it."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(model, mesh)))
+    return model
 
 
 def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
@@ -324,5 +398,5 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
     return KVCache.create(cache_config, c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
 
-__all__ = ["Llama", "ModelConfig", "decode_step", "jit_decode_step", "jit_prefill", "prefill",
-           "cache_for"]
+__all__ = ["CacheContext", "Llama", "ModelConfig", "cache_for", "decode_step", "jit_decode_step",
+           "jit_prefill", "param_shardings", "prefill", "shard_model"]

@@ -221,7 +221,7 @@ def test_dense_baselines(kind):
             np.testing.assert_allclose(out[b, h * r : (h + 1) * r], exact, rtol=0,
                                        atol=tol * np.abs(exact).max())
     if kind == "int8":
-        assert cache.layers.k.dtype == jnp.int8
+        assert all(lay.k.dtype == jnp.int8 for lay in cache.layers)
 
 
 def test_attention_jits_with_static_config():

@@ -195,7 +195,7 @@ def test_append_at_capacity_never_writes():
     assert cache.overflow.tolist() == [True, False]
     # sequence 0 is untouched everywhere; sequence 1 kept growing
     for before, after in zip(jax.tree.leaves(full), jax.tree.leaves(cache.layers)):
-        np.testing.assert_array_equal(before[:, 0], np.asarray(after)[:, 0])
+        np.testing.assert_array_equal(before[0], np.asarray(after)[0])
     with pytest.raises(ValueError, match="cannot hold 1 more tokens"):
         check_capacity(cache, 1)
     check_capacity(KVCache.create(cfg, 1, 1, 1, 32), 64)
@@ -234,10 +234,10 @@ def test_memory_llama3_8b_shape_32k():
     assert total == cache.total_nbytes()
     assert total <= 0.2 * cache.bf16_nbytes(), total / cache.bf16_nbytes()
     tq = cfg.quant_capacity
-    assert sizes["layers.k.codes"] == 8 * tq * 128 * 2 // 8
-    assert sizes["layers.v.codes"] == 8 * tq * 128 * 2 // 8
-    assert sizes["layers.k.mask"] == 8 * tq * 128 // 32 // 8
-    assert sizes["layers.recent_k"] == 8 * (128 + 32) * 128 * 2
+    assert sizes["layers[0].k.codes"] == 8 * tq * 128 * 2 // 8
+    assert sizes["layers[0].v.codes"] == 8 * tq * 128 * 2 // 8
+    assert sizes["layers[0].k.mask"] == 8 * tq * 128 // 32 // 8
+    assert sizes["layers[0].recent_k"] == 8 * (128 + 32) * 128 * 2
     # the sum of fields is what the arrays really occupy
     assert total == sum(x.nbytes for x in jax.tree.leaves(cache))
 
@@ -374,7 +374,7 @@ def test_create_matches_prefill_of_nothing():
     b = KVCache.from_prefill(cfg, k, v, np.array([0, 0]))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.shape == y.shape and x.dtype == y.dtype
-    assert isinstance(a.layers, QuantLayer)
+    assert len(a.layers) == 1 and isinstance(a.layers[0], QuantLayer)
 
 
 def test_recommended_preset_and_cli_mapping():
