@@ -512,8 +512,9 @@ def _find_text(a) -> tuple[str, dict]:
         return "gsm8k-train-solutions", dict(text=gsm8k_document(a.data_dir))
     path = a.text or os.path.join(a.data_dir, WIKITEXT)
     if not os.path.isfile(path):
-        given = f"--text {a.text}" if a.text else f"--data-dir {a.data_dir} (no {WIKITEXT})"
-        raise FileNotFoundError(f"no text to score: {given} is not a file. {WHERE_TO_GET}")
+        why = (f"--text {a.text} is not a file" if a.text else
+               f"no --text given, and --data-dir {a.data_dir} holds no {WIKITEXT}")
+        raise FileNotFoundError(f"no text to score: {why}. {WHERE_TO_GET}")
     return os.path.basename(path), dict(path=path)
 
 

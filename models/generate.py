@@ -1,9 +1,10 @@
 """Jit-compiled generation: prefill, then a ``lax.while_loop`` of decode steps.
 
 The whole loop is one compiled program (no Python loop per token). Streaming
-is a host callback per step, only when a callback is given. Capacity is
-checked before the loop starts: a prompt plus ``max_new_tokens`` that does not
-fit the cache is a ``ValueError``, never a silent overwrite.
+is a host callback per step, only when a callback is given. The last token is
+recorded but never appended (its logits would not be used), so a prompt and
+``max_new_tokens`` need prompt + max_new_tokens - 1 cache slots; that is checked
+before the loop starts (a ``ValueError``, never a silent overwrite).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 class Generation:
     tokens: np.ndarray  # [B, max_new_tokens] generated ids (after a stop: pad)
     lengths: np.ndarray  # [B] tokens generated per sequence, the stop token included
-    cache: object  # the final KVCache
+    cache: object  # the final KVCache (every token but the last generated one)
 
 
 @functools.partial(
@@ -134,8 +135,8 @@ def generate(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     lengths = np.array([len(p) for p in prompts], np.int32)
     # the last sampled token is never appended, so the cache must hold prompt + new - 1
     need = int(lengths.max()) + max_new_tokens - 1
