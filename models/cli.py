@@ -134,24 +134,18 @@ def check_device() -> None:
               "(or pip install 'innerq-jax[gpu]')", file=sys.stderr)
 
 
-def _sampling(args):
-    from models.generate import Sampling
-
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed)
-
-
 def cmd_generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from models.generate import generate
+    from models.generate import Sampling, generate
     from models.llama import Llama
     from models.weights import load_checkpoint
 
     # Everything the arguments decide is checked before the model loads (seconds).
     cfg = _cache_config(args)
-    sampling = _sampling(args)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
     if args.max_new_tokens > cfg.capacity:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} needs a cache of at least "
                          f"{args.max_new_tokens} tokens; --capacity is {cfg.capacity}")
