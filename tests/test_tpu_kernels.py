@@ -29,6 +29,7 @@ show that the kernel masks them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -208,10 +209,8 @@ def test_cases_cover_the_regions():
     for cfg, D, r, H, lengths, appends, rows in cases:
         n = jnp.asarray(lengths)
         s = region_sizes(n, cfg)
-        geo = static_validate_inputs(jnp.zeros((len(lengths), H, r, D)),
-                                     jax.eval_shape(lambda: QuantLayer.create(len(lengths), H, D,
-                                                                              cfg)),
-                                     n, cfg, rows)
+        empty_layer = jax.eval_shape(functools.partial(QuantLayer.create, len(lengths), H, D, cfg))
+        geo = static_validate_inputs(jnp.zeros((len(lengths), H, r, D)), empty_layer, n, cfg, rows)
         for L, sink, nq, rec in zip(lengths, s.sink.tolist(), s.quantized.tolist(),
                                     s.recent.tolist()):
             if L == 0:
@@ -329,7 +328,7 @@ def test_long_cache_default_blocks(make):
     """The TPU default block (128 word rows: 2048 tokens) over several blocks."""
     cfg = make(capacity=6016)
     layer, n = _layer(cfg, 2, 128, [5990, 2100, 4100, 30, 2], appends=40)
-    q, qp = _query(layer, cfg, 4)
+    _, qp = _query(layer, cfg, 4)
     ref = _core(qp, layer, n, cfg)
     out = quantized_decode_attention_tpu(qp, layer, n, cfg, interpret=True)
     assert _rel(out, ref) < TOL
