@@ -301,9 +301,13 @@ def _innerq_scores(q, ct, ks_ref, kz_ref, geo: TpuGeometry) -> jax.Array:
     """Scores [R8, BT] of one block, InnerQ keys (groups of G channels of one token)."""
     R8, ng, G = geo.R8, geo.ng, geo.G
     group = _lane_iota(geo.D) // G
-    q_groups = [jnp.where(group == g, q, 0.0) for g in range(ng)]
+    # the offset sums use the same bf16 query as the dots: then a score is bf16(q) . k_hat
+    # and its rounding error is that of q alone, not of the two (partly cancelling)
+    # terms s * dot and z * sum(q) separately
+    qb = q.astype(jnp.bfloat16).astype(jnp.float32)
+    q_groups = [jnp.where(group == g, qb, 0.0) for g in range(ng)]
     # the block-diagonal expanded query: rows (group g, head h), zero off g's channels
-    qexp = jnp.concatenate(q_groups, axis=0).astype(jnp.bfloat16)  # [ng*R8, D]
+    qexp = jnp.concatenate(q_groups, axis=0).astype(jnp.bfloat16)  # [ng*R8, D], exact
     dots = _dot(qexp, ct)  # [ng*R8, BT]: integer-code dot of every (group, head, token)
     s_t = _to_chunk_order(ks_ref[...].astype(jnp.float32), geo)  # [ng, BT]
     z_t = _to_chunk_order(kz_ref[...].astype(jnp.float32), geo)
@@ -349,8 +353,9 @@ def _innerq_values(p, cv, vs_ref, vz_ref, start, nq, geo: TpuGeometry) -> jax.Ar
     z = jnp.where(ok, vz_ref[...].astype(jnp.float32), 0.0)
     group = (_block_tokens(geo)[:, :LANES] % LANES) // G  # [1, 128]
     o = jnp.zeros((R8, geo.D), jnp.float32)
+    pb = p.astype(jnp.bfloat16).astype(jnp.float32)  # dots and sums on the same bf16 p
     for c in range(geo.chunks):
-        pc = p[:, c * LANES:(c + 1) * LANES]  # [R8, 128]
+        pc = pb[:, c * LANES:(c + 1) * LANES]  # [R8, 128]
         p_groups = [jnp.where(group == g, pc, 0.0) for g in range(ngc)]
         pexp = jnp.concatenate(p_groups, axis=0).astype(jnp.bfloat16)  # [(group, head), 128]
         dots = _dot(pexp, cv[c * LANES:(c + 1) * LANES])  # [(group, head), D]

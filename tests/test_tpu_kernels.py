@@ -10,9 +10,11 @@ Tolerance. The kernel feeds the MXU bf16 operands with float32 accumulation:
 the expanded query (InnerQ) or query times scale (OuterQ) for the key scores,
 p (or p times scale) for the value sums. The codes are exact small integers in
 bf16 and the scales are stored in bf16, so the only new error is rounding those
-operands to bf16, at most 2**-9 relative (about 1.1e-3 RMS). Through the
-softmax and the weighted sum that gives relative L2 errors of 3e-4..3e-3 on the
-whole output here (printed by ``-s``), so the bound is 1e-2 (the GPU kernels'
+operands to bf16, at most 2**-9 relative. Rounding q alone is what any bf16
+attention kernel does; its effect on the exact result (the float64 oracle fed
+bf16(q')) is measured per case, 1e-3..3e-3 here, and the kernel must stay
+within twice that plus 2e-3 (it lands at 0.4x..1.7x of it, printed by ``-s``),
+and under 1e-2 relative L2 over the whole output in any case (the GPU kernels'
 bound). The bf16 windows use a hi/lo split and the offset terms float32
 products, so they add nothing visible. NaN never passes.
 
@@ -195,9 +197,13 @@ def test_kernel_equals_references(name, monkeypatch):
     ref = _core(qp, layer, lengths, cfg)
     assert out.shape == ref.shape and out.dtype == jnp.float32
     exact = _oracle(qp, layer, np.asarray(lengths), cfg)
+    inherent = _rel(_oracle(qp.astype(jnp.bfloat16).astype(jnp.float32), layer,
+                            np.asarray(lengths), cfg), exact)
     err_ref, err_exact = _rel(out, ref), _rel(out, exact)
-    print(f"{name}: rel L2 vs float32 reference {err_ref:.1e}, vs float64 oracle {err_exact:.1e}")
+    print(f"{name}: rel L2 vs float32 reference {err_ref:.1e}, vs float64 oracle {err_exact:.1e}"
+          f" (bf16 q' alone: {inherent:.1e})")
     assert err_ref < TOL and err_exact < TOL
+    assert err_exact < 2 * inherent + 2e-3
     empty = np.asarray(lengths) == 0
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
 
