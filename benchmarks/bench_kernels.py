@@ -409,9 +409,9 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         qp = prepare_query(q, layer, cfg, scale)
         tol = TOL_QUANT if kind == "innerq" else TOL_OUTERQ
         ref = None
-        for name in (f"{kind}_tpu", f"{kind}_ref"):
-            if name not in variants:
-                continue
+        # "innerq_tpu@{json options}" runs one tunable point (block_rows)
+        names = [v for v in variants if v.split("@")[0] in (f"{kind}_tpu", f"{kind}_ref")]
+        for name in names:
             if ref is None and check:
                 ref = dense_reference_quantized(qp, layer, lengths, cfg)
 
@@ -420,8 +420,10 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
                 assert e < tol, f"rel err {e:.2e}"
                 return e
 
-            opts = dict(kernel_opts.get(name, {}))
-            if name.endswith("_tpu"):
+            opts = dict(kernel_opts.get(name.split("@")[0], {}))
+            if "@" in name:
+                opts.update(json.loads(name.split("@", 1)[1]))
+            if name.split("@")[0].endswith("_tpu"):
                 fn = functools.partial(quantized_decode_attention_tpu, cfg=cfg, **opts)
             else:
                 fn = functools.partial(quantized_attention_core, cfg=cfg)
@@ -498,7 +500,8 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
 
 # ------------------------------------------------------------------ suites
 ALL = ["bf16_xla", "bf16_pallas", "cudnn", "int8_xla", "innerq_fused", "outerq_fused",
-       "innerq-h_fused", "kernel_a", "kernel_b"]
+       "innerq-h_fused", "kernel_a", "kernel_b",
+       "bf16_paged_tpu", "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref", "outerq_ref"]
 
 
 def full_suite():
@@ -585,7 +588,7 @@ def main():
         bad = sorted({n for _, names in points for n in names if n.split("@")[0] not in ALL})
         if bad:
             ap.error(f"--points: unknown variants {bad}; variants are {ALL} "
-                     "(a fused kernel may carry options: innerq_fused@{json})")
+                     "(a kernel may carry options: innerq_fused@{json}, innerq_tpu@{json})")
     t_start = time.time()
     lines = []
 

@@ -62,10 +62,10 @@ token groups (128/G of them), so per-group products stay small.
 * Dots take bf16 operands with float32 accumulation; the windows use a hi/lo
   bf16 split of q and p so they keep float32 accuracy.
 
-VMEM budget per grid step, the HBM bandwidth limits and the sources:
-``benchmarks/TPU_NOTES.md``. At the default Rk = 128 (2048 tokens at 2 bits)
-the double-buffered blocks take about 0.5 MiB and the intermediates about
-1 MiB, against 128 MiB of VMEM per core on v5e and v6e.
+VMEM budget per grid step (:func:`vmem_budget`), the HBM bandwidth limits and
+the sources: ``benchmarks/TPU_NOTES.md``. At the default Rk = 128 (2048 tokens
+at 2 bits) the double-buffered blocks take 0.6 MiB and the block's values at
+most 3.6 MiB more, against 128 MiB of VMEM per core on v5e and v6e.
 """
 
 from __future__ import annotations
@@ -201,6 +201,40 @@ def static_validate_inputs(qp, layer: QuantLayer, lengths, cfg: CacheConfig,
             f"G={cfg.group_size}: whole 128-token chunks ({geo.Rc} word rows) and token-group "
             f"blocks of a multiple of 8 rows")
     return geo
+
+
+def _vmem_tile_bytes(rows: int, lanes: int, itemsize: int) -> int:
+    """VMEM bytes of a [rows, lanes] block: 32-bit tiles are (8, 128), 16-bit (16, 128)."""
+    sub = SUBLANES * (4 // itemsize)
+    return -(-rows // sub) * sub * -(-lanes // LANES) * LANES * itemsize
+
+
+def vmem_budget(geo: TpuGeometry) -> dict[str, int]:
+    """VMEM bytes of one grid step, by buffer (tile padding included).
+
+    Pipelined blocks count twice (Pallas double-buffers every BlockSpec operand);
+    "values" are the largest arrays the block math holds at once (Mosaic keeps
+    what fits in vector registers and spills the rest to VMEM), an upper bound.
+    """
+    t = _vmem_tile_bytes
+    d_scales = t(geo.block_rows, geo.cpw * geo.ng, 2)
+    t_scales = t(geo.BT // geo.G, geo.D, 2)
+    blocks = {
+        "query": t(geo.R8, geo.D, 4),
+        "key words": t(geo.block_rows, geo.D, 4),
+        "value words": t(geo.block_rows, geo.D, 4),
+        "scales and zeros": 2 * (d_scales + t_scales),
+        "windows": 2 * (t(geo.W, geo.D, 2) + (t(geo.S, geo.D, 2) if geo.S else 0)),
+        "output": t(geo.R8, geo.D, 4),
+    }
+    budget = {f"{k} (x2 buffers)": 2 * v for k, v in blocks.items()}
+    budget["scratch m, l, acc"] = 2 * t(geo.R8, LANES, 4) + t(geo.R8, geo.D, 4)
+    key_rows = geo.ng * geo.R8 if geo.kind == "innerq" else geo.groups_per_chunk * geo.R8
+    budget["values: key codes (int32, then bf16)"] = t(geo.D, geo.BT, 4) + t(geo.D, geo.BT, 2)
+    budget["values: value codes (int32, then bf16)"] = t(geo.BT, geo.D, 4) + t(geo.BT, geo.D, 2)
+    budget["values: dots, scores, p"] = (t(key_rows, geo.BT, 4) + 3 * t(geo.R8, geo.BT, 4)
+                                         + 2 * t(geo.ng, geo.BT, 4))
+    return budget
 
 
 # -------------------------------------------------------------- cache views
@@ -561,4 +595,5 @@ __all__ = [
     "quantized_decode_attention_tpu",
     "quantized_decode_attention_tpu_reference",
     "static_validate_inputs",
+    "vmem_budget",
 ]

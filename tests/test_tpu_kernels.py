@@ -287,6 +287,21 @@ def test_block_index_is_clamped():
         assert row == [min(i, last[b]) for i in range(geo.num_blocks)]
 
 
+@pytest.mark.parametrize("make", [CacheConfig.innerq, CacheConfig.outerq])
+@pytest.mark.parametrize("bits,G,D,r", [(2, 32, 128, 4), (4, 32, 128, 4), (2, 64, 128, 1),
+                                        (2, 32, 64, 3), (4, 64, 64, 3)])
+def test_vmem_budget_of_the_default_block(make, bits, G, D, r):
+    """The default block's VMEM (benchmarks/TPU_NOTES.md): pipelined blocks under 1 MiB and
+    everything, values included, under 8 MiB, a sixteenth of v5e's and v6e's 128 MiB."""
+    cfg = make(bits=bits, group_size=G, capacity=32768)
+    layer = jax.eval_shape(functools.partial(QuantLayer.create, 1, 1, D, cfg))
+    geo = static_validate_inputs(jnp.zeros((1, 1, r, D)), layer, jnp.zeros(1, jnp.int32), cfg)
+    budget = tpu_decode.vmem_budget(geo)
+    assert geo.block_rows == 128
+    assert sum(v for k, v in budget.items() if "x2 buffers" in k) < 2**20
+    assert sum(budget.values()) < 8 * 2**20
+
+
 @pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
 @pytest.mark.parametrize("kind,bits,G,D,r", [("innerq", 2, 32, 128, 4), ("outerq", 2, 32, 128, 4),
                                              ("innerq", 4, 64, 64, 3), ("outerq", 4, 64, 64, 1)])
