@@ -274,6 +274,13 @@ def _block_tokens(geo: TpuGeometry) -> jax.Array:
     return LANES * c + geo.cpw * (lane % geo.Rc) + lane // geo.Rc
 
 
+def _chunk_groups(geo: TpuGeometry) -> jax.Array:
+    """[1, 128]: which of the chunk's token groups each lane's token belongs to
+    (the same in every chunk: a chunk holds whole groups)."""
+    lane = _lane_iota(LANES)
+    return (geo.cpw * (lane % geo.Rc) + lane // geo.Rc) // geo.G
+
+
 def _to_chunk_order(x: jax.Array, geo: TpuGeometry) -> jax.Array:
     """[Rk, cpw*n] (word row, (code position j, n)) -> [n, BT] in chunk order.
 
@@ -284,7 +291,7 @@ def _to_chunk_order(x: jax.Array, geo: TpuGeometry) -> jax.Array:
 
 
 def _codes(words: jax.Array, bits: int, axis: int) -> jax.Array:
-    """Every code position of int32 words as a new axis ``axis`` (0 or 1), bf16.
+    """Every code position of int32 words as a new axis ``axis`` (0 or 1), int32.
 
     Arithmetic shifts are fine: the mask drops the sign bits they bring in.
     """
@@ -292,24 +299,28 @@ def _codes(words: jax.Array, bits: int, axis: int) -> jax.Array:
     shape = [1] * (words.ndim + 1)
     shape[axis] = cpw
     shifts = jax.lax.broadcasted_iota(jnp.int32, tuple(shape), axis) * bits
-    c = (jnp.expand_dims(words, axis) >> shifts) & (2**bits - 1)
-    return c.astype(jnp.float32).astype(jnp.bfloat16)  # 0 .. 15: exact in bf16
+    return (jnp.expand_dims(words, axis) >> shifts) & (2**bits - 1)
+
+
+def _to_bf16(codes: jax.Array) -> jax.Array:
+    return codes.astype(jnp.float32).astype(jnp.bfloat16)  # 0 .. 15: exact in bf16
 
 
 def _key_codes(kw_ref, geo: TpuGeometry) -> jax.Array:
     """Key codes [D, BT] bf16: channel rows in natural order, tokens in chunk order."""
     words = jax.lax.bitcast_convert_type(kw_ref[...], jnp.int32)  # [Rk, D]
     wt = _to_chunk_order(words, geo)  # [nw, BT]
-    # row (w, j) is channel w*cpw + j: the natural channel order
-    return _codes(wt, geo.bits, axis=1).reshape(geo.D, geo.BT)
+    # row (w, j) is channel w*cpw + j, the natural order; cpw (16 or 8) rows are
+    # whole int32 sublane tiles, so the merge moves nothing
+    return _to_bf16(_codes(wt, geo.bits, axis=1).reshape(geo.D, geo.BT))
 
 
 def _value_codes(vw_ref, geo: TpuGeometry) -> jax.Array:
     """Value codes [BT, D] bf16, token rows in chunk order."""
     words = jax.lax.bitcast_convert_type(vw_ref[...], jnp.int32)  # [Rk, D]
     c = _codes(words, geo.bits, axis=0)  # [cpw (j), Rk (c, rho'), D]
-    # (8, 128) tiles stay whole: only their order changes
-    return pltpu.einshape("j(cr)d->(cjr)d", c, c=geo.chunks)
+    # Rc (8 or 16) rows are whole int32 tiles: the regroup only reorders tiles
+    return _to_bf16(pltpu.einshape("j(cr)d->(cjr)d", c, c=geo.chunks))
 
 
 def _hi_lo(x: jax.Array):
@@ -357,7 +368,7 @@ def _outerq_scores(q, ct, ks_ref, kz_ref, geo: TpuGeometry) -> jax.Array:
     R8, ngc = geo.R8, geo.groups_per_chunk
     s = ks_ref[...].astype(jnp.float32)  # [BT/G, D]
     z = kz_ref[...].astype(jnp.float32)
-    group = (_block_tokens(geo)[:, :LANES] % LANES) // geo.G  # [1, 128], same in every chunk
+    group = _chunk_groups(geo)  # [1, 128]
     parts = []
     for c in range(geo.chunks):
         sc, zc = s[c * ngc:(c + 1) * ngc], z[c * ngc:(c + 1) * ngc]  # [ngc, D]
@@ -385,7 +396,7 @@ def _innerq_values(p, cv, vs_ref, vz_ref, start, nq, geo: TpuGeometry) -> jax.Ar
     # rows past the cache (padding of a partial block) are garbage: keep them out
     s = jnp.where(ok, vs_ref[...].astype(jnp.float32), 0.0)  # [BT/G, D]
     z = jnp.where(ok, vz_ref[...].astype(jnp.float32), 0.0)
-    group = (_block_tokens(geo)[:, :LANES] % LANES) // G  # [1, 128]
+    group = _chunk_groups(geo)  # [1, 128]
     o = jnp.zeros((R8, geo.D), jnp.float32)
     pb = p.astype(jnp.bfloat16).astype(jnp.float32)  # dots and sums on the same bf16 p
     for c in range(geo.chunks):
