@@ -103,6 +103,7 @@ class TpuGeometry:
     S: int  # sink slots
     W: int  # recent ring slots (R + G)
     block_rows: int  # Rk: word rows per block
+    scale_dtype: str = "bfloat16"  # storage dtype of scales and zero-points
 
     @property
     def cpw(self) -> int:  # codes per uint32 word
@@ -193,7 +194,7 @@ def static_validate_inputs(qp, layer: QuantLayer, lengths, cfg: CacheConfig,
         raise ValueError(f"G={cfg.group_size} must be at most {LANES} (groups within one chunk)")
     rows = default_block_rows(cfg.bits, cfg.group_size, Tq) if block_rows is None else block_rows
     geo = TpuGeometry(kind=cfg.kind, bits=cfg.bits, G=cfg.group_size, D=D, n_rep=r, Tq=Tq,
-                      S=cfg.sink, W=cfg.window, block_rows=rows)
+                      S=cfg.sink, W=cfg.window, block_rows=rows, scale_dtype=cfg.scale_dtype)
     unit = geo.block_row_unit
     if not isinstance(rows, int) or rows <= 0 or rows % unit:
         raise ValueError(
@@ -201,6 +202,33 @@ def static_validate_inputs(qp, layer: QuantLayer, lengths, cfg: CacheConfig,
             f"G={cfg.group_size}: whole 128-token chunks ({geo.Rc} word rows) and token-group "
             f"blocks of a multiple of 8 rows")
     return geo
+
+
+def block_shapes(geo: TpuGeometry) -> dict[str, tuple[tuple[int, int], str]]:
+    """(block shape, dtype) of every kernel operand: the wrapper builds its BlockSpecs
+    from this table and the kernel checks its refs against it, so operands passed in
+    the wrong order fail at trace time instead of computing garbage."""
+    per_token = ((geo.block_rows, geo.cpw * geo.ng), geo.scale_dtype)  # "d"-grouped scales
+    per_group = ((geo.BT // geo.G, geo.D), geo.scale_dtype)  # "t"-grouped scales
+    k_scales, v_scales = (per_token, per_group) if geo.kind == "innerq" else (per_group, per_token)
+    shapes = {
+        "q": ((geo.R8, geo.D), "float32"),
+        "kw": ((geo.block_rows, geo.D), "uint32"), "ks": k_scales, "kz": k_scales,
+        "vw": ((geo.block_rows, geo.D), "uint32"), "vs": v_scales, "vz": v_scales,
+        "recent_k": ((geo.W, geo.D), "bfloat16"), "recent_v": ((geo.W, geo.D), "bfloat16"),
+        "o": ((geo.R8, geo.D), "float32"),
+    }
+    if geo.S:
+        shapes |= {"sink_k": ((geo.S, geo.D), "bfloat16"), "sink_v": ((geo.S, geo.D), "bfloat16")}
+    return shapes
+
+
+def _check_refs(geo: TpuGeometry, refs: dict) -> None:
+    for name, (shape, dtype) in block_shapes(geo).items():
+        ref = refs[name]
+        if tuple(ref.shape) != shape or jnp.dtype(ref.dtype) != jnp.dtype(dtype):
+            raise ValueError(f"kernel operand {name}: block {tuple(ref.shape)} {ref.dtype}, "
+                             f"expected {shape} {dtype}")
 
 
 def _vmem_tile_bytes(rows: int, lanes: int, itemsize: int) -> int:
@@ -462,10 +490,10 @@ def _decode_kernel(
     recent_len_ref,  # [B] int32 (SMEM): live recent tokens per sequence
     q_ref,  # [R8, D] float32: q' of kv head (b, h), heads padded with zero rows
     kw_ref,  # [Rk, D] uint32: key words of block i
-    ks_ref,  # innerq: [Rk, cpw*ng] bf16 per-token scales; outerq: [BT/G, D] per-group
+    ks_ref,  # innerq: [Rk, cpw*ng] per-token scales; outerq: [BT/G, D] per-group (bf16/fp16)
     kz_ref,  # same as ks_ref: zero-points
     vw_ref,  # [Rk, D] uint32: value words of block i
-    vs_ref,  # innerq: [BT/G, D] bf16 per-group scales; outerq: [Rk, cpw*ng] per-token
+    vs_ref,  # innerq: [BT/G, D] per-group scales; outerq: [Rk, cpw*ng] per-token (bf16/fp16)
     vz_ref,  # same as vs_ref: zero-points
     windows,  # {"recent_k", "recent_v": [W, D] bf16, optional "sink_k", "sink_v": [S, D] bf16}
     o_ref,  # [R8, D] float32: the output of (b, h)
@@ -475,6 +503,8 @@ def _decode_kernel(
     *,
     geo: TpuGeometry,
 ):
+    _check_refs(geo, dict(q=q_ref, kw=kw_ref, ks=ks_ref, kz=kz_ref, vw=vw_ref, vs=vs_ref,
+                          vz=vz_ref, o=o_ref, **windows))
     b, i = pl.program_id(0), pl.program_id(2)
     nq = nq_ref[b]
     start = i * geo.BT  # first block-relative token of this block
@@ -542,7 +572,7 @@ def quantized_decode_attention_tpu(
     """
     geo = static_validate_inputs(qp, layer, lengths, cfg, block_rows)
     B, H, r, D = qp.shape
-    R8, Rk = geo.R8, geo.block_rows
+    R8 = geo.R8
     lengths = jnp.asarray(lengths, jnp.int32)
     sizes = region_sizes(lengths, cfg)
     q = jnp.pad(qp.astype(jnp.float32), ((0, 0), (0, 0), (0, R8 - r), (0, 0)))
@@ -551,28 +581,23 @@ def quantized_decode_attention_tpu(
     if geo.S:
         windows |= {"sink_k": layer.sink_k, "sink_v": layer.sink_v}
 
-    def per_head(block):  # one block per (b, h), the same at every step i
-        return pl.BlockSpec((None, None) + block, lambda b, h, i, *_: (b, h, 0, 0))
+    shapes = block_shapes(geo)
 
-    def per_block(rows, lanes):  # token block i, clamped past the sequence's end
+    def per_head(name):  # one block per (b, h), the same at every step i
+        return pl.BlockSpec((None, None) + shapes[name][0], lambda b, h, i, *_: (b, h, 0, 0))
+
+    def per_block(name):  # token block i, clamped past the sequence's end
         def index(b, h, i, nq_ref, *_):
             return b, h, quantized_block_index(i, b, nq_ref, geo), 0
-        return pl.BlockSpec((None, None, rows, lanes), index)
+        return pl.BlockSpec((None, None) + shapes[name][0], index)
 
-    d_scales = per_block(Rk, geo.cpw * geo.ng)
-    t_scales = per_block(geo.BT // geo.G, D)
-    k_scales, v_scales = (d_scales, t_scales) if geo.kind == "innerq" else (t_scales, d_scales)
-    in_specs = [
-        per_head((R8, D)),
-        per_block(Rk, D), k_scales, k_scales,
-        per_block(Rk, D), v_scales, v_scales,
-        {name: per_head((x.shape[2], D)) for name, x in windows.items()},
-    ]
+    in_specs = [per_head("q")] + [per_block(n) for n in ("kw", "ks", "kz", "vw", "vs", "vz")]
+    in_specs.append({name: per_head(name) for name in windows})
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(B, H, geo.num_blocks),
         in_specs=in_specs,
-        out_specs=per_head((R8, D)),
+        out_specs=per_head("o"),
         scratch_shapes=[pltpu.VMEM((R8, LANES), jnp.float32),
                         pltpu.VMEM((R8, LANES), jnp.float32),
                         pltpu.VMEM((R8, D), jnp.float32)],
@@ -600,6 +625,7 @@ def quantized_decode_attention_tpu_reference(qp, layer, lengths, cfg, block_rows
 
 __all__ = [
     "TpuGeometry",
+    "block_shapes",
     "default_block_rows",
     "kernel_views",
     "quantized_block_index",

@@ -151,8 +151,9 @@ def _count_key_block_reads(monkeypatch) -> list[tuple[int, int, int]]:
 CASES = {
     "innerq2-G32-D128-gqa4": (CacheConfig.innerq(capacity=640), 128, 4, 1,
                               [630, 3, 4 + 20, 4 + 128 + 32 + 5, 4 + 128 + 256 + 1, 0], 0, 16),
-    "innerq4-G64-D64-smollm": (CacheConfig.innerq(bits=4, group_size=64, recent=64,
-                                                  capacity=1088),
+    "innerq4-G64-D64-smollm-fp16scales": (CacheConfig.innerq(bits=4, group_size=64, recent=64,
+                                                             scale_dtype="float16",
+                                                             capacity=1088),
                                64, 3, 1, [1080, 2, 4 + 64 + 64 + 3, 700], 0, 64),
     "outerq2-G32-D128-gqa4": (CacheConfig.outerq(capacity=640), 128, 4, 1,
                               [630, 1, 20, 300, 128 + 32 + 1], 0, 16),
@@ -276,6 +277,19 @@ def test_auto_backend_picks_the_tpu_kernel_on_tpu(monkeypatch):
         assert attention_mod._default_backend() == "reference"
     finally:
         attention_mod._default_backend.cache_clear()
+
+
+def test_kernel_checks_its_operands():
+    """Operands swapped by a caller fail at trace time, naming the operand."""
+    geo = tpu_decode.TpuGeometry(kind="innerq", bits=2, G=32, D=128, n_rep=4, Tq=4096, S=4,
+                                 W=160, block_rows=16)
+    refs = {name: jax.ShapeDtypeStruct(shape, dtype)
+            for name, (shape, dtype) in tpu_decode.block_shapes(geo).items()}
+    tpu_decode._check_refs(geo, refs)
+    refs["ks"], refs["vs"] = refs["vs"], refs["ks"]
+    with pytest.raises(ValueError, match=r"kernel operand ks: block \(16, 128\) bfloat16, "
+                                         r"expected \(16, 64\) bfloat16"):
+        tpu_decode._check_refs(geo, refs)
 
 
 def test_block_index_is_clamped():
