@@ -287,7 +287,7 @@ def test_kernel_checks_its_operands():
             for name, (shape, dtype) in tpu_decode.block_shapes(geo).items()}
     tpu_decode._check_refs(geo, refs)
     refs["ks"], refs["vs"] = refs["vs"], refs["ks"]
-    with pytest.raises(ValueError, match=r"kernel operand ks: block \(16, 128\) bfloat16, "
+    with pytest.raises(ValueError, match=r"kernel operand ks: block \(8, 128\) bfloat16, "
                                          r"expected \(16, 64\) bfloat16"):
         tpu_decode._check_refs(geo, refs)
 
