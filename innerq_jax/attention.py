@@ -24,13 +24,14 @@ from innerq_jax.reference import (
     split_heads,
 )
 
-Backend = Literal["auto", "reference", "pallas", "interpret"]
+Backend = Literal["auto", "reference", "pallas", "interpret", "tpu", "tpu-interpret"]
+_BACKENDS = ("auto", "reference", "pallas", "interpret", "tpu", "tpu-interpret")
 
 
 # ------------------------------------------------------------------ dispatch
 @functools.cache
 def _default_backend() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "reference")
 
 
 def decode_attention_layer(
@@ -52,8 +53,8 @@ def decode_attention_layer(
         raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    if backend not in ("auto", "reference", "pallas", "interpret"):
-        raise ValueError(f"backend={backend!r}; choose auto, reference, pallas or interpret")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
     if backend == "auto":
         backend = _default_backend()
     if isinstance(layer, QuantLayer):
@@ -65,6 +66,12 @@ def decode_attention_layer(
         qp = prepare_query(q, layer, cfg, scale)
         if backend == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
+        elif backend in ("tpu", "tpu-interpret"):
+            from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
+
+            o = quantized_decode_attention_tpu(
+                qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
+            )
         else:
             from pallas_kernels.decode import quantized_decode_attention
 
