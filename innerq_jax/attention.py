@@ -19,6 +19,7 @@ from innerq_jax.reference import (
     dense_attention,
     finish_output,
     int8_attention,
+    int8_attention_fused,
     prepare_query,
     quantized_attention_core,
     split_heads,
@@ -83,13 +84,17 @@ def decode_attention_layer(
     if layer.k.shape[0] != q.shape[0] or layer.k.shape[-1] != D:
         raise ValueError(f"q shape {q.shape} does not match the cache k shape {layer.k.shape}")
     qh = split_heads(q, H).astype(jnp.float32) * scale
-    if isinstance(layer, DenseLayer) and backend != "reference":
+    if isinstance(layer, DenseLayer) and backend in ("pallas", "interpret"):
         from pallas_kernels.dense_decode import dense_decode_attention
 
         o = dense_decode_attention(qh, layer.k, layer.v, lengths,
                                    interpret=backend == "interpret", **kernel_options)
     elif isinstance(layer, DenseLayer):
-        o = dense_attention(qh, layer.k, layer.v, lengths)
+        # on a TPU: the bf16 einsum with f32 accumulation a user would run there
+        q_in = qh.astype(layer.k.dtype) if backend.startswith("tpu") else qh
+        o = dense_attention(q_in, layer.k, layer.v, lengths)
+    elif isinstance(layer, Int8Layer) and backend in ("pallas", "tpu"):
+        o = int8_attention_fused(qh, layer, lengths)
     elif isinstance(layer, Int8Layer):
         o = int8_attention(qh, layer, lengths)
     else:
