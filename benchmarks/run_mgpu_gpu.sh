@@ -18,7 +18,7 @@ if [[ $STAGES == *A* ]]; then
   echo "== A: check + compiler report"
   MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 timeout 75 $PY benchmarks/mgpu_probe.py --stage check \
     > /tmp/stageA.log 2>&1; echo "stage A rc=$?" >> /tmp/stageA.log
-  grep -E "^check|rc=|Error|error" /tmp/stageA.log | head -40
+  grep -E "^check|^nvdisasm|rc=|Error|error|warning" /tmp/stageA.log | head -40
   grep -iE "registers|spill|smem|stack" /tmp/stageA.log | head -20
   gzip -c /tmp/stageA.log > "$OUT/stageA_$TAG.log.gz"
   if [[ $(grep -c "rel err" /tmp/stageA.log) -lt 2 ]]; then
@@ -33,7 +33,7 @@ if [[ $STAGES == *T* ]]; then
 fi
 if [[ $STAGES == *K* ]]; then
   echo "== K: kernel tunables"
-  timeout 100 $PY benchmarks/mgpu_probe.py --stage kernel --points "$POINTS" --out "$OUT" \
+  timeout ${K_LIMIT:-100} $PY benchmarks/mgpu_probe.py --stage kernel --points "$POINTS" --out "$OUT" \
     --tag "_$TAG" 2>&1 | grep -vE "^\s+File|^\s{4}" | tail -30
 fi
 if [[ $STAGES == *P* ]]; then

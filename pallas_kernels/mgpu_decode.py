@@ -227,7 +227,8 @@ _FULL_INDEX = {
 class MlirOps:
     """The ``ops`` backend of :mod:`pallas_kernels.mgpu_block` inside ``plgpu.inline_mgpu``."""
 
-    def __init__(self):
+    def __init__(self, no_sync: bool = False):
+        self._no_sync = no_sync  # timing ablation only: cross-warp exchanges unsynchronized
         tid = _I(mu.thread_idx())
         lane = tid % 32
         self.w = (tid // 32) % 4
@@ -310,12 +311,13 @@ class MlirOps:
             with mu.when(pred.v):
                 llvm.store(val, ptr, alignment=nbytes)
 
-    @staticmethod
-    def barrier():
-        mu.warpgroup_barrier()
+    def barrier(self):
+        if not self._no_sync:
+            mu.warpgroup_barrier()
 
-    @staticmethod
-    def fence_barrier():
+    def fence_barrier(self):
+        if self._no_sync:
+            return
         mu.commit_shared()  # fence.proxy.async (Pexp is read by wgmma), then barrier
 
     # -------------------------------------------------------------- registers
@@ -353,9 +355,9 @@ def _sds(shape, dtype, layout):
     return plgpu.ShapeDtypeStruct(shape, dtype, layout=layout)
 
 
-def _inline(arg_types, ret, fn):
+def _inline(arg_types, ret, fn, **ops_kw):
     return plgpu.inline_mgpu(arg_types=tuple(arg_types), return_type=ret)(
-        lambda ctx, *args: fn(MlirOps(), *args))
+        lambda ctx, *args: fn(MlirOps(**ops_kw), *args))
 
 
 def _scalar(x):
@@ -374,7 +376,8 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
             o_ref,  # out [B, H, NS, D, NV] f32: partial outputs (M-row, column order)
             ml_ref,  # out [B, H, NS, 2, NV] f32: partial running max and sum
             qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar,
-            *, geo: Geometry, blocks_per_split: int, num_stages: int):
+            *, geo: Geometry, blocks_per_split: int, num_stages: int, explicit_barriers: bool,
+            ablate: tuple[str, ...]):
     s, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     BT, NV, D = geo.BT, geo.NV, geo.D
     # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
@@ -430,6 +433,8 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
 
     def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
         m_cols, l_cols, o_full = carry
+        if "stream" in ablate:  # timing ablation: the pipeline's copies alone
+            return carry
         n_valid = n - idx[0] * BT
         a_k = _inline([ref], k_ops_ty, lambda ops, kw: tuple(blk.k_operands(ops, geo, kw)))(kw_s)
 
@@ -439,9 +444,10 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
 
         acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k_init))
         m_new, l_new, alpha, poffs, psums = _inline(
-            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, softmax)(
+            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, softmax,
+            no_sync="no_sync" in ablate)(
             acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
-        for ck in range(geo.NC):
+        for ck in range(geo.NC if "keys_only" not in ablate else 0):
             a_v = _inline([ref], v_ops_ty,
                           lambda ops, vw, ck=ck: tuple(blk.v_operands(ops, geo, vw, ck)))(vw_s)
             v_init = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
@@ -464,6 +470,8 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
                     lambda ops, o, a, vs, vz, ps, nv, ck=ck: blk.v_epilogue(
                         ops, geo, o, a, vs, vz, ps, None, _I(_scalar(nv)), ck))(
                     o_full, acc_v, vs_s, vz_s, psums[ck], n_valid)
+        if explicit_barriers:  # every thread is done with the slot before it is refilled
+            _inline([], (), lambda ops: ops.barrier() or ())()
         return m_new, l_new, o_full
 
     ng8 = BT * geo.ng // 8
@@ -484,10 +492,15 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
         o_full, m_cols, l_cols, o_ref.at[b, h, s], ml_ref.at[b, h, s])
 
 
+ABLATIONS = ("stream", "keys_only", "no_sync")  # timing only: their outputs are wrong
+
+
 @functools.lru_cache(maxsize=64)
-def _build_kernel(geo: Geometry, B: int, H: int, NS: int, blocks_per_split: int, num_stages: int):
+def _build_kernel(geo: Geometry, B: int, H: int, NS: int, blocks_per_split: int, num_stages: int,
+                  explicit_barriers: bool = False, ablate: tuple[str, ...] = ()):
     kernel = functools.partial(_kernel, geo=geo, blocks_per_split=blocks_per_split,
-                               num_stages=num_stages)
+                               num_stages=num_stages, explicit_barriers=explicit_barriers,
+                               ablate=ablate)
     out_type = (jax.ShapeDtypeStruct((B, H, NS, geo.D, geo.NV), jnp.float32),
                 jax.ShapeDtypeStruct((B, H, NS, 2, geo.NV), jnp.float32))
     scratch = [
@@ -500,7 +513,8 @@ def _build_kernel(geo: Geometry, B: int, H: int, NS: int, blocks_per_split: int,
     return plgpu.kernel(
         kernel, out_type=out_type, grid=(NS, H, B), grid_names=("s", "h", "b"),
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                             unsafe_no_auto_barriers=explicit_barriers),
         kernel_name=f"innerq{geo.bits}_mgpu_decode")
 
 
@@ -512,8 +526,12 @@ def query_operands(qp: jax.Array, geo: Geometry):
     """
     q = qp.astype(jnp.float32) * LOG2E
     head, chan, fac = geo.qexp_tables
-    qexp = (q[:, :, head, chan] * fac).astype(jnp.bfloat16)
-    koff = 128.0 * jnp.sum(qexp.astype(jnp.float32), axis=(2, 3))
+    # koff must be the sum of exactly the bf16 values the MMA multiplies: it cancels the
+    # codes' +128 offset, 128x amplified. An explicit reduce_precision, because XLA on GPU
+    # drops an f32 -> bf16 -> f32 round trip under jit (excess precision allowed).
+    qexp_f = lax.reduce_precision(q[:, :, head, chan] * fac, exponent_bits=8, mantissa_bits=7)
+    qexp = qexp_f.astype(jnp.bfloat16)
+    koff = 128.0 * jnp.sum(qexp_f, axis=(2, 3))
     qh, qg, ok = geo.qsum_tables
     qgs = jnp.sum(q.reshape(*q.shape[:3], geo.ng, geo.G), axis=-1)  # [B, H, r, ng]
     qsum = jnp.where(ok, qgs[:, :, qh, qg], 0.0)
@@ -576,25 +594,11 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
     return int(max(1, min(-(-n_blocks // 2), round(ctas_per_sm * sms / (B * H)))))
 
 
-def mgpu_decode_attention(
-    qp: jax.Array,
-    layer: QuantLayer,
-    lengths: jax.Array,
-    cfg: CacheConfig,
-    *,
-    block_tokens: int | None = None,
-    num_splits: int | None = None,
-    num_stages: int | None = None,
-    ctas_per_sm: int | None = None,
-) -> jax.Array:
-    """Fused InnerQ decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
-
-    qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in, see
-    ``innerq_jax.reference.prepare_query``); lengths [B]. Tunables (defaults from
-    :data:`TUNED` for the device kind): ``block_tokens`` per pipeline step,
-    ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
-    (default: ``ctas_per_sm`` programs per SM, the SM count read from the device).
-    """
+def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
+                 num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
+                 ablate=()):
+    """Resolves the options and builds the kernel: (call, operands, geo); call(*operands) gives
+    the split partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
     if cfg.kind != "innerq":
         raise ValueError(f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
@@ -604,6 +608,11 @@ def mgpu_decode_attention(
     tuned = tuned_defaults()
     BT = block_tokens or tuned["block_tokens"] or default_block_tokens(cfg.bits, cfg.group_size, D)
     stages = num_stages or tuned["num_stages"]
+    if explicit_barriers is None:
+        explicit_barriers = tuned.get("explicit_barriers", False)
+    bad = sorted(set(ablate) - set(ABLATIONS))
+    if bad:
+        raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
     geo = Geometry(cfg.bits, cfg.group_size, D, r, BT)
     geo.validate()
     Tq = cfg.quant_capacity
@@ -618,10 +627,34 @@ def mgpu_decode_attention(
     lengths = jnp.asarray(lengths, jnp.int32)
     nq = region_sizes(lengths, cfg).quantized
     qexp, kconst = query_operands(qp, geo)
-    call = _build_kernel(geo, B, H, NS, bps, stages)
     qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
-    o_part, ml_part = call(nq, qexp, kconst, *kernel_operands(layer, geo))
-    return combine_partials(o_part, ml_part, window_partial(qp, layer, lengths, cfg), geo)
+    call = _build_kernel(geo, B, H, NS, bps, stages, bool(explicit_barriers), tuple(ablate))
+    return call, (nq, qexp, kconst, *kernel_operands(layer, geo)), geo
+
+
+def mgpu_decode_attention(
+    qp: jax.Array,
+    layer: QuantLayer,
+    lengths: jax.Array,
+    cfg: CacheConfig,
+    **options,
+) -> jax.Array:
+    """Fused InnerQ decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
+
+    qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in, see
+    ``innerq_jax.reference.prepare_query``); lengths [B]. Options (defaults from
+    :data:`TUNED` for the device kind): ``block_tokens`` per pipeline step,
+    ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
+    (default: ``ctas_per_sm`` programs per SM, the SM count read from the device),
+    ``explicit_barriers`` (one warpgroup barrier per block instead of Pallas' automatic
+    barrier before every copy). ``ablate`` (benchmarks only; the output is then wrong):
+    "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
+    barriers).
+    """
+    call, operands, geo = prepare_call(qp, layer, lengths, cfg, **options)
+    o_part, ml_part = call(*operands)
+    window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
+    return combine_partials(o_part, ml_part, window, geo)
 
 
 def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
@@ -629,6 +662,6 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["MlirOps", "TUNED", "combine_partials", "default_num_splits", "kernel_operands",
+__all__ = ["ABLATIONS", "MlirOps", "TUNED", "prepare_call", "combine_partials", "default_num_splits", "kernel_operands",
            "mgpu_decode_attention", "mgpu_decode_attention_reference", "query_operands",
            "sm_count", "tuned_defaults", "window_partial"]
