@@ -33,6 +33,13 @@ def _default_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
+def _mosaic_preferred(cfg: CacheConfig, kernel_options) -> bool:
+    """The Mosaic GPU kernel where it measured faster on this device (Hopper), else Triton."""
+    from pallas_kernels.mgpu_decode import preferred
+
+    return preferred(cfg, kernel_options)
+
+
 def decode_attention_layer(
     q: jax.Array,
     layer,
@@ -65,6 +72,10 @@ def decode_attention_layer(
         qp = prepare_query(q, layer, cfg, scale)
         if backend == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
+        elif backend == "pallas" and _mosaic_preferred(cfg, kernel_options):
+            from pallas_kernels.mgpu_decode import mgpu_decode_attention
+
+            o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)
         else:
             from pallas_kernels.decode import quantized_decode_attention
 

@@ -9,9 +9,9 @@ arithmetic tested on the CPU is the arithmetic the GPU executes.
 The backend provides:
   ``w, rr, c``         warp (0..3), lane // 4, lane % 4 of the thread (integers)
   ``load(ref, off, kind, n)``   n consecutive elements at element offset ``off``
-                       (kind "u32" -> integers, "bf16"/"f32" -> floats)
+                       (kind "u32"/"i32" -> integers, "bf16"/"f32" -> floats)
   ``store(ref, off, vals, kind, pred=None)``   n consecutive elements
-  ``where, maximum, exp2, shfl_xor, round_bf16, f32``   arithmetic
+  ``where, maximum, exp2, shfl_xor, round_bf16, f32, imin``   arithmetic
   ``bf16x2(bits)``     a wgmma A register from 32 bits (two bf16)
   ``frag(kind, shape, regs)`` / ``get(frag, idx, e)``   register arrays in the wgmma
                        layout ("wgmma": index (m_tile, t8, rho)) or its column
@@ -282,3 +282,107 @@ def zero_fill(ops, buf, n_elems_bf16: int):
     for base in range(0, n_elems_bf16, 8 * 128):
         off = base + 8 * tid
         ops.store(buf, off, [ops.f32(0.0)] * 8, "bf16", pred=off < n_elems_bf16)
+
+
+# ------------------------------------------------------------- bf16 windows
+def window_scratch_size(geo: Geometry, n_window: int) -> int:
+    """f32 scratch of the window program: q [r, D], p [tokens, r], two [4, r] exchanges."""
+    return geo.n_rep * geo.D + n_window * geo.n_rep + 8 * geo.n_rep
+
+
+def window_attention(ops, geo: Geometry, q, windows, valid, scr, o_out, ml_out):
+    """Online-softmax partial of the bf16 sink and recent windows of one (sequence, kv head),
+    on CUDA cores (at most S + R + G - 1 live tokens), written like a kernel split's partial.
+
+    q: [r*D] f32 (q' * log2 e); windows: [(k, v, n_tokens)] bf16 [n*D] refs (sink, recent
+    ring), tokens numbered in that order; valid: [sum n] int32 (1 = live); scr: f32 scratch
+    (:func:`window_scratch_size`); o_out [D, NV], ml_out [2, NV] as :func:`store_partials`.
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    tid = 32 * w + 4 * rr + c
+    r, D = geo.n_rep, geo.D
+    nwin = sum(n for _, _, n in windows)
+    P0 = r * D  # p [t, h] at P0 + t*r + h
+    X0 = P0 + nwin * r  # exchanges [2][4 warps][r]
+    for base in range(0, r * D, 4 * 128):
+        off = base + 4 * tid
+        ok = off < r * D
+        ops.store(scr, off, ops.load(q, ops.imin(off, r * D - 4), "f32", 4), "f32", pred=ok)
+    ops.barrier()
+
+    # scores of the thread's tokens (token tid + 128k of each window)
+    mine = []  # (global token index, in range, [score per head])
+    t0 = 0
+    for kref, _, n in windows:
+        for base in range(0, n, 128):
+            t = base + tid
+            ok = t < n
+            tt = ops.imin(t, n - 1)
+            s = [None] * r
+            for d0 in range(0, D, 8):
+                kv = ops.load(kref, tt * D + d0, "bf16", 8)
+                for h in range(r):
+                    qv = ops.load(scr, h * D + d0, "f32", 4) + ops.load(scr, h * D + d0 + 4, "f32", 4)
+                    for e in range(8):
+                        term = qv[e] * kv[e]
+                        s[h] = term if s[h] is None else s[h] + term
+            live = ok & (ops.load(valid, t0 + tt, "i32", 1)[0] != 0)
+            mine.append((t0 + tt, ok, live, [ops.where(live, x, NEG) for x in s]))
+        t0 += n
+
+    def reduce_heads(vals, combine, x0):
+        """Warpgroup-wide reduction of one value per head (all threads get the result)."""
+        out = []
+        for h in range(r):
+            v = vals[h]
+            for d in (1, 2, 4, 8, 16):
+                v = combine(v, ops.shfl_xor(v, d))
+            ops.store(scr, x0 + w * r + h, [v], "f32", pred=(rr == 0) & (c == 0))
+        ops.barrier()
+        for h in range(r):
+            acc = None
+            for ww in range(4):
+                x = ops.load(scr, x0 + ww * r + h, "f32", 1)[0]
+                acc = x if acc is None else combine(acc, x)
+            out.append(acc)
+        return out
+
+    mx = [None] * r
+    for _, _, _, s in mine:
+        for h in range(r):
+            mx[h] = s[h] if mx[h] is None else ops.maximum(mx[h], s[h])
+    m = reduce_heads(mx, ops.maximum, X0)
+    lsum = [ops.f32(0.0)] * r
+    for t, ok, live, s in mine:
+        ps = [ops.where(live, ops.exp2(s[h] - m[h]), 0.0) for h in range(r)]
+        for h in range(r):
+            lsum[h] = lsum[h] + ps[h]
+        ops.store(scr, P0 + t * r, ps, "f32", pred=ok)
+    l_tot = reduce_heads(lsum, lambda a, b: a + b, X0 + 4 * r)  # (its barrier orders p too)
+
+    # o[h, d] = sum_t p[t, h] v[t, d]: one channel per thread
+    for d0 in range(0, D, 128):
+        d = d0 + tid
+        dok = d < D
+        dd = ops.imin(d, D - 1)
+        o = [ops.f32(0.0)] * r
+        t0 = 0
+        for _, vref, n in windows:
+            for t in range(n):
+                v = ops.load(vref, t * D + dd, "bf16", 1)[0]
+                pv = ops.load(scr, P0 + (t0 + t) * r, "f32", r)
+                for h in range(r):
+                    o[h] = o[h] + pv[h] * v
+            t0 += n
+        # the partial's row of channel d, columns (head h, token group 0)
+        m_row = geo.v_row(dd)
+        for col in range(geo.NV):
+            hh = geo.v_col_head(col)
+            val = o[hh] if hh is not None else ops.f32(0.0)
+            ops.store(o_out, m_row * geo.NV + col, [val], "f32", pred=dok)
+    lead = tid == 0
+    for col in range(geo.NV):
+        hh = geo.v_col_head(col)
+        ops.store(ml_out, col, [m[hh] if hh is not None else ops.f32(NEG)], "f32", pred=lead)
+        ops.store(ml_out, geo.NV + col, [l_tot[hh] if hh is not None else ops.f32(0.0)], "f32",
+                  pred=lead)

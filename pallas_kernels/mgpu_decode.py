@@ -30,6 +30,7 @@ only on a Hopper GPU; its lowering (to Mosaic GPU IR) also runs on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -51,7 +52,8 @@ try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu.launch_context import OOBFillMode
+    from jaxlib.mlir.dialects import arith, llvm, nvvm, vector
 except ImportError as e:  # pragma: no cover
     raise ImportError(
         "pallas_kernels.mgpu_decode needs jax's Mosaic GPU (jax>=0.11.2,<0.12, the range it was "
@@ -77,6 +79,20 @@ TUNED = {
     "NVIDIA H100 80GB HBM3": dict(block_tokens=128, num_stages=4, ctas_per_sm=3),
 }
 _FALLBACK = dict(block_tokens=None, num_stages=3, ctas_per_sm=2)
+
+
+_OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
+                      "explicit_barriers", "pipeline", "windows"})
+
+
+def preferred(cfg: CacheConfig, options=(), device=None) -> bool:
+    """Whether the backend dispatch should run this kernel: an InnerQ cache, a GPU whose
+    tuned entry says this kernel measured faster than the Triton one, and only options this
+    kernel takes (Triton-only options keep the Triton kernel)."""
+    if cfg.kind != "innerq" or set(options) - _OPTIONS:
+        return False
+    device = device or jax.devices()[0]
+    return device.platform == "gpu" and bool(TUNED.get(device.device_kind, {}).get("preferred"))
 
 
 def tuned_defaults(device=None) -> dict:
@@ -186,6 +202,9 @@ class _I:
     def __eq__(self, o):
         return self._cmp(o, arith.CmpIPredicate.eq)
 
+    def __ne__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.ne)
+
     __hash__ = object.__hash__
 
 
@@ -260,6 +279,10 @@ class MlirOps:
         return _F(arith.extf(f32, arith.truncf(bf16, _F._v(x))))
 
     @staticmethod
+    def imin(a, b):
+        return _I(arith.minsi(_I._v(a), _I._v(b)))
+
+    @staticmethod
     def shfl_xor(x, d):
         return _F(mu.shfl_bfly(_F._v(x), d))
 
@@ -276,12 +299,18 @@ class MlirOps:
 
     @staticmethod
     def _elem(kind):
-        return {"u32": _i32(), "bf16": ir.BF16Type.get(), "f32": ir.F32Type.get()}[kind]
+        return {"u32": _i32(), "i32": _i32(), "bf16": ir.BF16Type.get(),
+                "f32": ir.F32Type.get()}[kind]
+
+    @staticmethod
+    def _align(kind, n):
+        """Vector accesses of n elements start at multiples of n elements."""
+        return (2 if kind == "bf16" else 4) * (n & -n)
 
     def load(self, ref, off, kind, n):
         et = self._elem(kind)
         ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], et)
-        nbytes = n * (2 if kind == "bf16" else 4)
+        nbytes = self._align(kind, n)
         if n == 1:
             vals = [llvm.load(et, ptr, alignment=nbytes)]
         else:
@@ -289,7 +318,7 @@ class MlirOps:
             vals = [vector.extract(vec, dynamic_position=[],
                                    static_position=ir.DenseI64ArrayAttr.get([k]))
                     for k in range(n)]
-        if kind == "u32":
+        if kind in ("u32", "i32"):
             return [_I(v) for v in vals]
         if kind == "bf16":
             return [_F(arith.extf(ir.F32Type.get(), v)) for v in vals]
@@ -303,7 +332,7 @@ class MlirOps:
             x = _F._v(v)
             raw.append(arith.truncf(et, x) if kind == "bf16" else x)
         n = len(raw)
-        nbytes = n * (2 if kind == "bf16" else 4)
+        nbytes = self._align(kind, n)
         val = raw[0] if n == 1 else vector.from_elements(ir.VectorType.get((n,), et), raw)
         if pred is None:
             llvm.store(val, ptr, alignment=nbytes)
@@ -364,6 +393,71 @@ def _scalar(x):
     return x.registers.flat[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static choices of one kernel build (see :func:`mgpu_decode_attention`)."""
+
+    geo: Geometry
+    blocks_per_split: int
+    num_stages: int
+    explicit_barriers: bool = False
+    pipeline: str = "emit"  # "emit": plgpu.emit_pipeline; "bulk": one arrive + bulk copies
+    windows: str = "xla"  # "xla" or "kernel" (one extra program per (sequence, kv head))
+    sink: int = 0  # S
+    window: int = 0  # R + G, the recent ring
+    ablate: tuple[str, ...] = ()
+
+
+def _block_specs(geo: Geometry):
+    """(rows per block, row width, dtype) of the six per-block arrays, in kernel order."""
+    ng8 = geo.BT * geo.ng // 8
+    return [(geo.BT // geo.P, geo.KW, jnp.uint32), (ng8, 8, jnp.bfloat16),
+            (ng8, 8, jnp.bfloat16), (geo.BT // geo.cpw, geo.D, jnp.uint32),
+            (geo.BT // geo.G, geo.D, jnp.bfloat16), (geo.BT // geo.G, geo.D, jnp.bfloat16)]
+
+
+def _mbarrier_init(ctx, bar, n: int):
+    """n mbarriers of arrival count 1 (only the issuing thread arrives) in ``bar`` [n, 2] u32."""
+    i64 = ir.IntegerType.get_signless(64)
+    ptr = mu.memref_ptr(bar)
+    pred = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    for k in range(n):
+        nvvm.mbarrier_init(mu.getelementptr(ptr, [k], i64), _c(1), predicate=pred)
+    mu.inline_ptx("fence.mbarrier_init.release.cluster;", has_side_effects=True)
+    mu.warpgroup_barrier()
+    return ()
+
+
+def _bulk_fetch(ctx, *args, geo: Geometry):
+    """One thread registers the block's bytes on the slot's mbarrier (one arrive) and issues
+    the six contiguous bulk copies; bytes past the end of an array are left undefined (the
+    block math masks every token past the sequence)."""
+    gmem, bufs, (bar, b, h, blk, slot) = args[:6], args[6:12], args[12:]
+    idx = ir.IndexType.get()
+    i64 = ir.IntegerType.get_signless(64)
+    pred = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    slot_v = _scalar(slot)
+    base = mu.memref_ptr(bar)
+    total = sum(r * w * jnp.dtype(dt).itemsize for r, w, dt in _block_specs(geo))
+    nvvm.mbarrier_arrive_expect_tx(mu.getelementptr(base, [slot_v], i64), _c(total),
+                                   predicate=pred)
+    barrier = mu.BarrierRef(base, slot_v, _c(0), 1)
+    b_i, h_i = (arith.index_cast(idx, _scalar(x)) for x in (b, h))
+    for g, buf, (rows, _, _) in zip(gmem, bufs, _block_specs(geo)):
+        row0 = arith.index_cast(idx, arith.muli(_scalar(blk), _c(rows)))
+        ctx.async_copy(src_ref=g, dst_ref=mu.memref_slice(buf, arith.index_cast(idx, slot_v)),
+                       gmem_slice=(b_i, h_i, mu.DynamicSlice(row0, rows)), barrier=barrier,
+                       arrive=False, predicate=pred, oob_mode=OOBFillMode.UNDEFINED)
+    return ()
+
+
+def _mbarrier_wait(ctx, bar, slot, parity):
+    i64 = ir.IntegerType.get_signless(64)
+    ptr = mu.getelementptr(mu.memref_ptr(bar), [_scalar(slot)], i64)
+    nvvm.mbarrier_try_wait_parity(ptr, _scalar(parity), _c(10_000_000))
+    return ()
+
+
 def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
             qexp_ref,  # [B*H*n_ksteps, 16, NK] bf16: expanded query (key MMA B operand)
             kconst_ref,  # [B, H, 2, NK] f32: koff, per-group query sums
@@ -373,12 +467,48 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
             vw_ref,  # [B, H, Tq/cpw, D] uint32: value codes packed along T
             vs_ref,  # [B, H, Tq/G, D] bf16: value scales
             vz_ref,  # [B, H, Tq/G, D] bf16: value zero-points
-            o_ref,  # out [B, H, NS, D, NV] f32: partial outputs (M-row, column order)
-            ml_ref,  # out [B, H, NS, 2, NV] f32: partial running max and sum
-            qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar,
-            *, geo: Geometry, blocks_per_split: int, num_stages: int, explicit_barriers: bool,
-            ablate: tuple[str, ...]):
+            qw_ref,  # [B, H, r*D] f32: q' * log2 e (window program)
+            wvalid_ref,  # [B, S + R + G] int32: live window slots (window program)
+            sk_ref, sv_ref,  # [B, H, S, D] bf16: sink window (S = 0: a [1, 1, 1, D] stand-in)
+            rk_ref, rv_ref,  # [B, H, R + G, D] bf16: recent ring
+            o_ref,  # out [B, H, NS(+1), D, NV] f32: partial outputs (M-row, column order)
+            ml_ref,  # out [B, H, NS(+1), 2, NV] f32: partial running max and sum
+            qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, *extra,
+            kc: KernelConfig):
+    geo = kc.geo
     s, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
+    NS = o_ref.shape[2] - (1 if kc.windows == "kernel" else 0)
+    if kc.windows == "kernel":
+        wscr, extra = extra[0], extra[1:]
+
+        @pl.when(s == NS)
+        def _windows():
+            wins = [(sk_ref.at[b, h], sv_ref.at[b, h], kc.sink)] if kc.sink else []
+            wins.append((rk_ref.at[b, h], rv_ref.at[b, h], kc.window))
+            refs = [r for k, v, _ in wins for r in (k, v)]
+            ns = [n for _, _, n in wins]
+
+            def fn(ops, q, valid, scr, oo, mo, *kv):
+                ws = [(kv[2 * i], kv[2 * i + 1], n) for i, n in enumerate(ns)]
+                blk.window_attention(ops, geo, q, ws, valid, scr, oo, mo)
+                return ()
+
+            ref = plgpu.RefType()
+            _inline([ref] * (5 + len(refs)), (), fn)(
+                qw_ref.at[b, h], wvalid_ref.at[b], wscr, o_ref.at[b, h, s], ml_ref.at[b, h, s],
+                *refs)
+
+    @pl.when(s < NS)
+    def _quantized():
+        _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref,
+                           (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref), o_ref, ml_ref,
+                           qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, extra)
+
+
+def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, ml_ref,
+                       qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, extra):
+    """One split of the quantized region: online softmax over its blocks, partial written."""
+    geo, ablate = kc.geo, kc.ablate
     BT, NV, D = geo.BT, geo.NV, geo.D
     # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
     base = (b * kconst_ref.shape[1] + h) * geo.n_ksteps
@@ -404,22 +534,23 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
     init = _inline([], state_ty, init_state)()
     plgpu.barrier_wait(const_bar)
     acc_k_init = _inline([ref], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
-                         lambda ops, kc: blk.k_acc_init(ops, geo, kc))(kconst_smem)
+                         lambda ops, kc_: blk.k_acc_init(ops, geo, kc_))(kconst_smem)
 
     nq = nq_ref[b]
-    start = s * (blocks_per_split * BT)
-    n = jnp.clip(nq - start, 0, blocks_per_split * BT)
+    bps = kc.blocks_per_split
+    start = s * (bps * BT)
+    n = jnp.clip(nq - start, 0, bps * BT)
     nblk = lax.div(n + (BT - 1), BT)
-    blk0 = s * blocks_per_split
+    blk0 = s * bps
 
     k_ops_ty = tuple(_sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.n_ksteps))
     v_ops_ty = tuple(_sds((D, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.half))
     col_ty = _sds((NV,), jnp.float32, _COL)
     step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC)
 
-    def softmax(ops, acc_k, ks, kz, kc, m_cols, l_cols, n_valid, xchg, pexp):
+    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp):
         m_new, alpha, poffs, psums = blk.softmax_step(
-            ops, geo, acc_k, ks, kz, kc, m_cols, _I(_scalar(n_valid)), xchg, pexp)
+            ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp)
         l_regs = {}
         for t8 in range(NV // 8):
             vals = []
@@ -470,23 +601,46 @@ def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
                     lambda ops, o, a, vs, vz, ps, nv, ck=ck: blk.v_epilogue(
                         ops, geo, o, a, vs, vz, ps, None, _I(_scalar(nv)), ck))(
                     o_full, acc_v, vs_s, vz_s, psums[ck], n_valid)
-        if explicit_barriers:  # every thread is done with the slot before it is refilled
-            _inline([], (), lambda ops: ops.barrier() or ())()
         return m_new, l_new, o_full
 
-    ng8 = BT * geo.ng // 8
-    specs = [
-        plgpu.BlockSpec((BT // geo.P, geo.KW), lambda i: (blk0 + i, 0)),
-        plgpu.BlockSpec((ng8, 8), lambda i: (blk0 + i, 0)),
-        plgpu.BlockSpec((ng8, 8), lambda i: (blk0 + i, 0)),
-        plgpu.BlockSpec((BT // geo.cpw, D), lambda i: (blk0 + i, 0)),
-        plgpu.BlockSpec((BT // geo.G, D), lambda i: (blk0 + i, 0)),
-        plgpu.BlockSpec((BT // geo.G, D), lambda i: (blk0 + i, 0)),
-    ]
-    m_cols, l_cols, o_full = plgpu.emit_pipeline(
-        body, grid=(nblk,), in_specs=specs, max_concurrent_steps=num_stages, init_carry=init)(
-        kw_ref.at[b, h], ks_ref.at[b, h], kz_ref.at[b, h], vw_ref.at[b, h], vs_ref.at[b, h],
-        vz_ref.at[b, h])
+    barrier = lambda: _inline([], (), lambda ops: ops.barrier() or ())()  # noqa: E731
+    gmem_bh = [g.at[b, h] for g in gmem]
+    if kc.pipeline == "emit":
+        def emit_body(idx, *slots_and_carry):
+            out = body(idx, *slots_and_carry)
+            if kc.explicit_barriers:  # every thread is done with the slot before it is refilled
+                barrier()
+            return out
+
+        specs = [plgpu.BlockSpec((rows, width), lambda i: (blk0 + i, 0))
+                 for rows, width, _ in _block_specs(geo)]
+        m_cols, l_cols, o_full = plgpu.emit_pipeline(
+            emit_body, grid=(nblk,), in_specs=specs, max_concurrent_steps=kc.num_stages,
+            init_carry=init)(*gmem_bh)
+    else:
+        bufs, bar = extra[:6], extra[6]
+        stages = kc.num_stages
+        _inline([ref], (), lambda ops, br: _mbarrier_init(None, br, stages))(bar)
+        fetch_ty = [ref] * 13 + [_SPLAT] * 4
+
+        def fetch(i, slot):
+            plgpu.inline_mgpu(arg_types=tuple(fetch_ty), return_type=())(
+                functools.partial(_bulk_fetch, geo=geo))(*gmem, *bufs, bar, b, h, blk0 + i, slot)
+
+        for k in range(stages):
+            pl.when(k < nblk)(functools.partial(fetch, jnp.int32(k), jnp.int32(k)))
+
+        def loop_body(i, carry):
+            slot = lax.rem(i, stages)
+            parity = lax.rem(lax.div(i, stages), 2)
+            plgpu.inline_mgpu(arg_types=(ref, _SPLAT, _SPLAT), return_type=())(_mbarrier_wait)(
+                bar, slot, parity)
+            carry = body((i,), *(buf.at[slot] for buf in bufs), carry)
+            barrier()  # every thread is done with the slot before it is refilled
+            pl.when(i + stages < nblk)(lambda: fetch(i + stages, slot))
+            return carry
+
+        m_cols, l_cols, o_full = lax.fori_loop(0, nblk, loop_body, init)
     _inline([_WGMMA, _COL, _COL, ref, ref], (),
             lambda ops, o, m, l_, oo, mo: blk.store_partials(ops, geo, o, m, l_, oo, mo) or ())(
         o_full, m_cols, l_cols, o_ref.at[b, h, s], ml_ref.at[b, h, s])
@@ -496,13 +650,12 @@ ABLATIONS = ("stream", "keys_only", "no_sync")  # timing only: their outputs are
 
 
 @functools.lru_cache(maxsize=64)
-def _build_kernel(geo: Geometry, B: int, H: int, NS: int, blocks_per_split: int, num_stages: int,
-                  explicit_barriers: bool = False, ablate: tuple[str, ...] = ()):
-    kernel = functools.partial(_kernel, geo=geo, blocks_per_split=blocks_per_split,
-                               num_stages=num_stages, explicit_barriers=explicit_barriers,
-                               ablate=ablate)
-    out_type = (jax.ShapeDtypeStruct((B, H, NS, geo.D, geo.NV), jnp.float32),
-                jax.ShapeDtypeStruct((B, H, NS, 2, geo.NV), jnp.float32))
+def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
+    geo = kc.geo
+    kernel = functools.partial(_kernel, kc=kc)
+    NP = NS + (1 if kc.windows == "kernel" else 0)
+    out_type = (jax.ShapeDtypeStruct((B, H, NP, geo.D, geo.NV), jnp.float32),
+                jax.ShapeDtypeStruct((B, H, NP, 2, geo.NV), jnp.float32))
     scratch = [
         plgpu.SMEM((geo.n_ksteps, 16, geo.NK), jnp.bfloat16, transforms=_B_TRANSFORMS),
         plgpu.SMEM((2, geo.NK), jnp.float32),
@@ -510,11 +663,18 @@ def _build_kernel(geo: Geometry, B: int, H: int, NS: int, blocks_per_split: int,
         plgpu.SMEM((geo.xchg_size,), jnp.float32),
         plgpu.Barrier(num_arrivals=geo.n_ksteps + 1),
     ]
+    if kc.windows == "kernel":
+        scratch.append(plgpu.SMEM((blk.window_scratch_size(geo, kc.sink + kc.window),), jnp.float32))
+    if kc.pipeline == "bulk":
+        scratch += [plgpu.SMEM((kc.num_stages, rows, width), dt)
+                    for rows, width, dt in _block_specs(geo)]
+        scratch.append(plgpu.SMEM((kc.num_stages, 2), jnp.uint32))  # the slots' mbarriers
+    no_auto = kc.explicit_barriers or kc.pipeline == "bulk"
     return plgpu.kernel(
-        kernel, out_type=out_type, grid=(NS, H, B), grid_names=("s", "h", "b"),
+        kernel, out_type=out_type, grid=(NP, H, B), grid_names=("s", "h", "b"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
-                                             unsafe_no_auto_barriers=explicit_barriers),
+                                             unsafe_no_auto_barriers=no_auto),
         kernel_name=f"innerq{geo.bits}_mgpu_decode")
 
 
@@ -538,13 +698,22 @@ def query_operands(qp: jax.Array, geo: Geometry):
     return qexp, jnp.stack([koff, qsum], axis=2)
 
 
-def window_partial(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
-    """Online-softmax partial (o [B,H,r,D], m [B,H,r], l [B,H,r]) of the bf16 sink and
-    recent windows, in log2 units like the kernel's."""
-    q = qp.astype(jnp.float32) * LOG2E
+def window_operands(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
+    """(q' * log2 e [B, H, r*D] f32, live mask [B, S + R + G] int32) for the window program:
+    the ring's live slots come from the layout's own accessor."""
+    B, H, r, D = qp.shape
     sizes = region_sizes(lengths, cfg)
     _, live = recent_slot_tokens(lengths, cfg)
     valid = jnp.concatenate([jnp.arange(cfg.sink)[None, :] < sizes.sink[:, None], live], axis=-1)
+    return (qp.astype(jnp.float32) * LOG2E).reshape(B, H, r * D), valid.astype(jnp.int32)
+
+
+def window_partial(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
+    """Online-softmax partial (o [B,H,r,D], m [B,H,r], l [B,H,r]) of the bf16 sink and
+    recent windows in XLA, in log2 units like the kernel's (``windows="xla"``)."""
+    q = qp.astype(jnp.float32) * LOG2E
+    _, valid = window_operands(qp, layer, lengths, cfg)
+    valid = valid.astype(bool)
     k = jnp.concatenate([layer.sink_k, layer.recent_k], axis=2).astype(jnp.float32)
     v = jnp.concatenate([layer.sink_v, layer.recent_v], axis=2).astype(jnp.float32)
     s = jnp.einsum("bhrd,bhtd->bhrt", q, k, precision=lax.Precision.HIGHEST)
@@ -556,21 +725,23 @@ def window_partial(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
 
 
 def combine_partials(o_part, ml_part, window, geo: Geometry):
-    """Merges the kernel's split partials (column order, see mgpu_geometry) and the window
-    partial: o = sum_s w_s o_s / sum_s w_s l_s with w_s = 2**(m_s - max m); 0 where empty."""
+    """Merges the kernel's partials (column order, see mgpu_geometry) and, if given, an
+    XLA window partial: o = sum_s w_s o_s / sum_s w_s l_s with w_s = 2**(m_s - max m);
+    0 where nothing is held."""
     cols, rows = geo.combine_tables
     o_s = jnp.sum(o_part[..., rows, :][..., cols], axis=-1)  # [B, H, NS, D, r]
     o_s = jnp.swapaxes(o_s, -1, -2)  # [B, H, NS, r, D]
     m_s = ml_part[:, :, :, 0, cols[:, 0]]  # [B, H, NS, r]
     l_s = jnp.sum(ml_part[:, :, :, 1][..., cols], axis=-1)
-    o_w, m_w, l_w = window
-    m_all = jnp.concatenate([m_s, m_w[:, :, None]], axis=2)
-    l_all = jnp.concatenate([l_s, l_w[:, :, None]], axis=2)
-    o_all = jnp.concatenate([o_s, o_w[:, :, None]], axis=2)
-    mx = jnp.max(m_all, axis=2, keepdims=True)
-    wgt = jnp.exp2(m_all - mx)
-    l_tot = jnp.sum(wgt * l_all, axis=2)
-    o_tot = jnp.sum(wgt[..., None] * o_all, axis=2)
+    if window is not None:
+        o_w, m_w, l_w = window
+        m_s = jnp.concatenate([m_s, m_w[:, :, None]], axis=2)
+        l_s = jnp.concatenate([l_s, l_w[:, :, None]], axis=2)
+        o_s = jnp.concatenate([o_s, o_w[:, :, None]], axis=2)
+    mx = jnp.max(m_s, axis=2, keepdims=True)
+    wgt = jnp.exp2(m_s - mx)
+    l_tot = jnp.sum(wgt * l_s, axis=2)
+    o_tot = jnp.sum(wgt[..., None] * o_s, axis=2)
     return jnp.where(l_tot[..., None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[..., None], 0.0)
 
 
@@ -596,9 +767,9 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
-                 ablate=()):
-    """Resolves the options and builds the kernel: (call, operands, geo); call(*operands) gives
-    the split partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
+                 pipeline=None, windows=None, ablate=()):
+    """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
+    gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
     if cfg.kind != "innerq":
         raise ValueError(f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
@@ -608,8 +779,13 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     tuned = tuned_defaults()
     BT = block_tokens or tuned["block_tokens"] or default_block_tokens(cfg.bits, cfg.group_size, D)
     stages = num_stages or tuned["num_stages"]
-    if explicit_barriers is None:
-        explicit_barriers = tuned.get("explicit_barriers", False)
+    explicit_barriers = tuned.get("explicit_barriers", False) if explicit_barriers is None else explicit_barriers
+    pipeline = pipeline or tuned.get("pipeline", "emit")
+    windows = windows or tuned.get("windows", "xla")
+    if pipeline not in ("emit", "bulk"):
+        raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
+    if windows not in ("xla", "kernel"):
+        raise ValueError(f"windows={windows!r}; choose 'xla' or 'kernel'")
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
@@ -628,8 +804,16 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     nq = region_sizes(lengths, cfg).quantized
     qexp, kconst = query_operands(qp, geo)
     qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
-    call = _build_kernel(geo, B, H, NS, bps, stages, bool(explicit_barriers), tuple(ablate))
-    return call, (nq, qexp, kconst, *kernel_operands(layer, geo)), geo
+    qw, wvalid = window_operands(qp, layer, lengths, cfg)
+    sk, sv = layer.sink_k, layer.sink_v
+    if cfg.sink == 0:  # a stand-in: the kernel never reads it
+        sk = sv = jnp.zeros((1, 1, 1, D), jnp.bfloat16)
+    kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline, windows, cfg.sink,
+                      cfg.window, tuple(ablate))
+    call = _build_kernel(kc, B, H, NS)
+    operands = (nq, qexp, kconst, *kernel_operands(layer, geo), qw, wvalid, sk, sv,
+                layer.recent_k, layer.recent_v)
+    return call, operands, geo, windows
 
 
 def mgpu_decode_attention(
@@ -647,13 +831,19 @@ def mgpu_decode_attention(
     ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
     (default: ``ctas_per_sm`` programs per SM, the SM count read from the device),
     ``explicit_barriers`` (one warpgroup barrier per block instead of Pallas' automatic
-    barrier before every copy). ``ablate`` (benchmarks only; the output is then wrong):
+    barrier before every copy), ``pipeline`` ("emit": ``plgpu.emit_pipeline``, whose copies
+    arrive on the slot barrier from all 128 threads each; "bulk": one thread registers a
+    block's bytes with one arrive and issues contiguous bulk copies), ``windows`` ("xla":
+    an einsum pair beside the kernel; "kernel": one more program per (sequence, kv head)).
+    ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
     """
-    call, operands, geo = prepare_call(qp, layer, lengths, cfg, **options)
+    call, operands, geo, windows = prepare_call(qp, layer, lengths, cfg, **options)
     o_part, ml_part = call(*operands)
-    window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
+    window = None
+    if windows == "xla":
+        window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
     return combine_partials(o_part, ml_part, window, geo)
 
 
@@ -662,6 +852,6 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "TUNED", "prepare_call", "combine_partials", "default_num_splits", "kernel_operands",
+__all__ = ["ABLATIONS", "MlirOps", "TUNED", "prepare_call", "preferred", "combine_partials", "default_num_splits", "kernel_operands",
            "mgpu_decode_attention", "mgpu_decode_attention_reference", "query_operands",
            "sm_count", "tuned_defaults", "window_partial"]

@@ -208,6 +208,18 @@ class Geometry:
         t, r = m // 64, m % 64
         return 64 * t + 16 * (r // 16) + 2 * (r % 8) + (r % 16) // 8
 
+    def v_row(self, d):
+        """V M-row of channel d (inverse of :meth:`v_channel`)."""
+        t, r = d // 64, d % 64
+        return 64 * t + 16 * (r // 16) + (r % 16) // 2 + 8 * (r % 2)
+
+    def v_col_head(self, col: int):
+        """The head whose token group 0 sits in value column col, or None."""
+        c, k = (col % 8) // 2, 2 * (col // 8) + col % 2
+        uh, gt = k // self.ngc, k % self.ngc
+        h = 4 * uh + c
+        return h if gt == 0 and uh < self.OWN and h < self.n_rep else None
+
     def pexp_row(self, tau_c):
         """(pair j, A column a) that meets token tau_c of a V chunk."""
         wr, kk = tau_c // self.cpw, tau_c % self.cpw

@@ -57,6 +57,10 @@ class SimOps:
             return np.exp2(np.asarray(x, np.float32)).astype(np.float32)
 
     @staticmethod
+    def imin(a, b):
+        return np.minimum(a, b)
+
+    @staticmethod
     def round_bf16(x):
         return bf16_round(x)
 
@@ -73,7 +77,7 @@ class SimOps:
     # ----------------------------------------------------------------- memory
     @staticmethod
     def _view(ref, kind):
-        want = {"u32": np.uint32, "bf16": BF16, "f32": np.float32}[kind]
+        want = {"u32": np.uint32, "i32": np.int32, "bf16": BF16, "f32": np.float32}[kind]
         if ref.dtype != want:
             raise TypeError(f"access as {kind} to a {ref.dtype} buffer")
         return ref
@@ -88,7 +92,7 @@ class SimOps:
         out = []
         for k in range(n):
             v = buf[off + k]
-            out.append(v.astype(np.int64) if kind == "u32" else v.astype(np.float32))
+            out.append(v.astype(np.int64) if kind in ("u32", "i32") else v.astype(np.float32))
         return out
 
     def store(self, ref, off, vals, kind, pred=None):

@@ -23,6 +23,7 @@ p * 2**-e; the codes are exact), as the Triton kernel does: relative L2 < 1e-2
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -348,16 +349,23 @@ def test_combine_merges_splits_like_one_softmax():
 
 
 # ------------------------------------------------------------------ lowering
+# the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
+VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
+            "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", list(GRID))
-def test_kernel_lowers_to_mosaic_gpu(name):
-    """The whole kernel lowers to Mosaic GPU IR (layouts, shapes, TMA boxes, wgmma operand
+def test_kernel_lowers_to_mosaic_gpu(name, variant):
+    """The whole kernel lowers to Mosaic GPU IR (layouts, shapes, copies, wgmma operand
     checks); compiling it to SASS needs the GPU."""
     cfg, D, Hq, Hkv, lengths, _, opts = GRID[name]
     B = len(lengths)
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
-    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **opts))
+    kw = dict(opts, **VARIANTS[variant])
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
     text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -373,6 +381,10 @@ def test_rejects_outerq_and_bad_block():
     with pytest.raises(ValueError, match="block_tokens"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, block_tokens=96)
+    for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(ablate=("nothing",))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                     num_splits=1, **bad)
 
 
 # ------------------------------------------------------------------------ GPU
@@ -385,19 +397,114 @@ def _hopper():
     return devs[0] if devs and cc.startswith("9") else None
 
 
+@functools.lru_cache(maxsize=4)
+def _gpu_case(name):
+    """(cache, qp, reference) of a grid entry, built once for all variants."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    return cache, qp, quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", list(GRID))
-def test_gpu_kernel_equals_reference(name):
+def test_gpu_kernel_equals_reference(name, variant):
+    """The compiled kernel, in each structural variant, against the reference."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
+    cfg, _, _, _, _, _, opts = GRID[name]
+    cache, qp, ref = _gpu_case(name)
+    kw = dict(opts, **VARIANTS[variant])
+    out = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
+        qp, cache.layer(0), cache.lengths)
+    err = _rel(out, ref)
+    print(f"{name} {variant}: rel err {err:.2e}")
+    assert err < TOL
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+class _Device:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+def test_dispatch_prefers_mosaic_only_where_measured():
+    cfg = CacheConfig.innerq(capacity=512)
+    h200 = _Device("gpu", "NVIDIA H200")
+    assert not md.preferred(cfg, device=_Device("cpu", "cpu"))
+    assert not md.preferred(CacheConfig.outerq(capacity=512), device=h200)
+    assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
+    assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
+    assert md.preferred(cfg, {"num_stages": 4}, h200) == bool(md.TUNED["NVIDIA H200"].get("preferred"))
+
+
+# ------------------------------------------------------------- window program
+def simulate_windows(geo: Geometry, cache, qp):
+    """The kernel's window program (mgpu_block.window_attention) per (sequence, kv head)."""
+    cfg, layer = cache.config, cache.layer(0)
+    qw, valid = md.window_operands(qp, layer, cache.lengths, cfg)
+    qw, valid = np.asarray(qw, np.float32), np.asarray(valid, np.int32)
+    B, H = qw.shape[:2]
+    bf = lambda x: np.asarray(x).astype(ml_dtypes.bfloat16)  # noqa: E731
+    sk, sv, rk, rv = bf(layer.sink_k), bf(layer.sink_v), bf(layer.recent_k), bf(layer.recent_v)
+    n_win = cfg.sink + cfg.window
+    ops = simt.SimOps()
+    o_part = np.zeros((B, H, 1, geo.D, geo.NV), np.float32)
+    ml_part = np.zeros((B, H, 1, 2, geo.NV), np.float32)
+    for b in range(B):
+        for h in range(H):
+            wins = [(sk[b, h].reshape(-1), sv[b, h].reshape(-1), cfg.sink)] if cfg.sink else []
+            wins.append((rk[b, h].reshape(-1), rv[b, h].reshape(-1), cfg.window))
+            scr = np.full(blk.window_scratch_size(geo, n_win), np.nan, np.float32)
+            o_out = np.full(geo.D * geo.NV, np.nan, np.float32)  # poison: every entry written
+            ml_out = np.full(2 * geo.NV, np.nan, np.float32)
+            blk.window_attention(ops, geo, qw[b, h], wins, valid[b], scr, o_out, ml_out)
+            o_part[b, h, 0] = o_out.reshape(geo.D, geo.NV)
+            ml_part[b, h, 0] = ml_out.reshape(2, geo.NV)
+    return o_part, ml_part
+
+
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm", "innerq2-nosink"])
+def test_simulated_window_program_equals_xla(name):
+    """The in-kernel window program (windows="kernel") gives the XLA window partial."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    o_part, ml_part = simulate_windows(geo, cache, qp)
+    assert np.all(np.isfinite(o_part)) and np.all(np.isfinite(ml_part))
+    o_w, m_w, l_w = (np.asarray(x) for x in md.window_partial(qp, cache.layer(0), cache.lengths, cfg))
+    cols, rows = geo.combine_tables
+    np.testing.assert_allclose(ml_part[:, :, 0, 0][..., cols[:, 0]], m_w, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ml_part[:, :, 0, 1][..., cols].sum(-1), l_w, rtol=1e-5, atol=1e-6)
+    o_k = np.swapaxes(o_part[:, :, 0][:, :, rows][..., cols].sum(-1), -1, -2)
+    assert _rel(o_k, o_w) < 1e-5
+    # merged with nothing else it is the attention over the windows alone
+    out = md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), None, geo)
+    ref = np.where(l_w[..., None] > 0, o_w / np.maximum(l_w, 1e-30)[..., None], 0.0)
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["innerq2-G64-D128-gqa4", "innerq2-nosink"])
+def test_simulated_kernel_with_window_program_equals_reference(name):
+    """windows="kernel": the window program's partial is one more split of the merge."""
     cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     qp = _query(cache, Hq)
     layer = cache.layer(0)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv,
+                   opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D))
+    n_blocks = -(-cfg.quant_capacity // geo.BT)
+    bps = -(-n_blocks // opts["num_splits"])
+    nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
+    qexp, kconst = md.query_operands(qp, geo)
+    o_q, ml_q = simulate_kernel(geo, nq, qexp, kconst, md.kernel_operands(layer, geo),
+                                -(-n_blocks // bps), bps)
+    o_w, ml_w = simulate_windows(geo, cache, qp)
+    out = md.combine_partials(jnp.asarray(np.concatenate([o_q, o_w], 2)),
+                              jnp.asarray(np.concatenate([ml_q, ml_w], 2)), None, geo)
     ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
-    out = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **opts))(
-        qp, layer, cache.lengths)
     assert _rel(out, ref) < TOL
-    empty = np.asarray(cache.lengths) == 0
-    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
