@@ -1,6 +1,6 @@
 """Probe of the Mosaic GPU kernel on the GPU machine: one checked run, kernel-only timings.
 
-    PYTHONPATH=$PWD python3 benchmarks/mgpu_probe.py --stage check        # small shapes, rel. errors
+    PYTHONPATH=$PWD python3 benchmarks/mgpu_probe.py --stage check   # small shapes, rel. errors
     PYTHONPATH=$PWD python3 benchmarks/mgpu_probe.py --stage kernel --out $OUT  # tunables
 
 ``check`` runs one small random cache through the kernel and prints the relative
@@ -39,7 +39,7 @@ def _point_mosaic_at_nvdisasm(log):
     import shutil
 
     for cand in [shutil.which("nvdisasm"), *sorted(glob.glob("/usr/local/cuda*/bin/nvdisasm")),
-                 *sorted(glob.glob("/opt/*/bin/nvdisasm")), *sorted(glob.glob("/usr/bin/nvdisasm"))]:
+                 *sorted(glob.glob("/opt/*/bin/nvdisasm")), "/usr/bin/nvdisasm"]:
         if cand and os.path.exists(cand):
             os.environ["MOSAIC_GPU_CUDA_ROOT"] = os.path.dirname(os.path.dirname(cand))
             log(f"nvdisasm: {cand}")
@@ -119,7 +119,8 @@ def kernel_stage(log, points, reps):
                 NS = int(call(*operands)[0].shape[2])
                 rec.update(kernel_ms=kmed, kernel_min_ms=klo, kernel_gbps=nbytes / kmed / 1e6,
                            splits=NS)
-                log(f"  {shape.label} {json.dumps(opts):55s} op {med:.4f} ms ({nbytes / med / 1e6:.0f}"
+                log(f"  {shape.label} {json.dumps(opts):55s} op {med:.4f} ms "
+                    f"({nbytes / med / 1e6:.0f}"
                     f" GB/s)  kernel {kmed:.4f} ms ({nbytes / kmed / 1e6:.0f} GB/s)  NS {NS}"
                     f"  err {err:.1e}")
             except Exception as e:  # noqa: BLE001

@@ -132,7 +132,6 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
 
     # probabilities -> Pexp (bf16 * 2**-e_j at the token's row of pair j) and group sums
     exps = [e for _, e in plan]
-    sums = {}
     for mt in range(geo.MT):
         ck = (geo.TM * mt) // geo.TC
         for uh in range(OWN):
@@ -228,7 +227,7 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
     """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (after alpha * o_full
     when ``alpha_cols`` is given). vs, vz: the block's value scales / zeros [BT/G, D] (flat
     bf16). Groups past ``n_valid`` are skipped (their scales may be anything)."""
-    w, rr, c = ops.w, ops.rr, ops.c
+    w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
     ngc, OWN = geo.ngc, geo.OWN
     sc, zc = {}, {}
     for mv in range(geo.MV):
@@ -322,7 +321,8 @@ def window_attention(ops, geo: Geometry, q, windows, valid, scr, o_out, ml_out):
             for d0 in range(0, D, 8):
                 kv = ops.load(kref, tt * D + d0, "bf16", 8)
                 for h in range(r):
-                    qv = ops.load(scr, h * D + d0, "f32", 4) + ops.load(scr, h * D + d0 + 4, "f32", 4)
+                    qv = (ops.load(scr, h * D + d0, "f32", 4)
+                          + ops.load(scr, h * D + d0 + 4, "f32", 4))
                     for e in range(8):
                         term = qv[e] * kv[e]
                         s[h] = term if s[h] is None else s[h] + term

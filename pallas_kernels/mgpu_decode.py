@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -72,13 +71,17 @@ def _check_jax_version() -> None:
             f"found jax {jax.__version__}")
 
 
-# Tuned defaults per device kind (benchmarks/KERNEL_NOTES.md, section Mosaic GPU);
-# ctas_per_sm sets the default split count together with the SM count read from the device.
+# Tuned defaults per device kind: the fastest point measured on the GPU and checked there
+# (benchmarks/KERNEL_NOTES.md, section "Mosaic GPU"; results/kernels_mgpu_probe.json).
+# ``preferred``: whether the backend dispatch runs this kernel instead of the Triton one;
+# on the H200 the Triton kernel measured faster, so it stays the default there.
+# pipeline="bulk" and windows="kernel" are implemented and pass the CPU checks, but had
+# not run on a GPU when these defaults were set.
 TUNED = {
-    "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3),
-    "NVIDIA H100 80GB HBM3": dict(block_tokens=128, num_stages=4, ctas_per_sm=3),
+    "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
+                        pipeline="emit", windows="xla", preferred=False),
 }
-_FALLBACK = dict(block_tokens=None, num_stages=3, ctas_per_sm=2)
+_FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 
 
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
@@ -591,13 +594,15 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             acc_v = pl.run_state(v_chain)(plgpu.ACC.init(v_init))
             if ck == 0:
                 o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
+                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL, _SPLAT],
+                    _sds((D, NV), jnp.float32, _WGMMA),
                     lambda ops, o, a, vs, vz, ps, al, nv, ck=ck: blk.v_epilogue(
                         ops, geo, o, a, vs, vz, ps, al, _I(_scalar(nv)), ck))(
                     o_full, acc_v, vs_s, vz_s, psums[ck], alpha, n_valid)
             else:
                 o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
+                    [_WGMMA, _WGMMA, ref, ref, _COL, _SPLAT],
+                    _sds((D, NV), jnp.float32, _WGMMA),
                     lambda ops, o, a, vs, vz, ps, nv, ck=ck: blk.v_epilogue(
                         ops, geo, o, a, vs, vz, ps, None, _I(_scalar(nv)), ck))(
                     o_full, acc_v, vs_s, vz_s, psums[ck], n_valid)
@@ -664,7 +669,8 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
         plgpu.Barrier(num_arrivals=geo.n_ksteps + 1),
     ]
     if kc.windows == "kernel":
-        scratch.append(plgpu.SMEM((blk.window_scratch_size(geo, kc.sink + kc.window),), jnp.float32))
+        n_win = blk.window_scratch_size(geo, kc.sink + kc.window)
+        scratch.append(plgpu.SMEM((n_win,), jnp.float32))
     if kc.pipeline == "bulk":
         scratch += [plgpu.SMEM((kc.num_stages, rows, width), dt)
                     for rows, width, dt in _block_specs(geo)]
@@ -772,14 +778,16 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
     if cfg.kind != "innerq":
-        raise ValueError(f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
+        raise ValueError(
+            f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
     tuned = tuned_defaults()
     BT = block_tokens or tuned["block_tokens"] or default_block_tokens(cfg.bits, cfg.group_size, D)
     stages = num_stages or tuned["num_stages"]
-    explicit_barriers = tuned.get("explicit_barriers", False) if explicit_barriers is None else explicit_barriers
+    if explicit_barriers is None:
+        explicit_barriers = tuned.get("explicit_barriers", False)
     pipeline = pipeline or tuned.get("pipeline", "emit")
     windows = windows or tuned.get("windows", "xla")
     if pipeline not in ("emit", "bulk"):
@@ -852,6 +860,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "TUNED", "prepare_call", "preferred", "combine_partials", "default_num_splits", "kernel_operands",
-           "mgpu_decode_attention", "mgpu_decode_attention_reference", "query_operands",
-           "sm_count", "tuned_defaults", "window_partial"]
+__all__ = ["ABLATIONS", "MlirOps", "TUNED", "combine_partials", "default_num_splits",
+           "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
+           "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
+           "window_operands", "window_partial"]

@@ -169,13 +169,15 @@ class Geometry:
         if self.bits not in (2, 4):
             raise ValueError(f"bits={self.bits}; the Mosaic GPU kernel supports 2 and 4")
         if self.D % 64 or not 64 <= self.D <= 256:
-            raise ValueError(f"head_dim={self.D} must be 64, 128, 192 or 256 (64-channel wgmma tiles)")
+            raise ValueError(
+                f"head_dim={self.D} must be 64, 128, 192 or 256 (64-channel wgmma tiles)")
         if self.D % self.G or self.G % 32 or self.G > self.TC:
             raise ValueError(
                 f"group_size={self.G} must divide head_dim={self.D}, be a multiple of 32 and at "
                 f"most {self.TC} (tokens of one V chunk at {self.bits} bits)")
         if self.nw & (self.nw - 1) or self.KW % 8:
-            raise ValueError(f"head_dim={self.D} gives {self.nw} key words per token; need 4, 8 or 16")
+            raise ValueError(
+                f"head_dim={self.D} gives {self.nw} key words per token; need 4, 8 or 16")
         step = math.lcm(self.TM, self.TC)
         if self.BT % step or self.BT > 256:
             raise ValueError(
@@ -278,7 +280,7 @@ class Geometry:
 
     @functools.cached_property
     def combine_tables(self):
-        """Value columns of each (head, token group) [n_rep, ngc] and the row of each channel [D]."""
+        """Value columns of each (head, token group) [n_rep, ngc]; the row of each channel [D]."""
         cols = np.array([[self.v_col(h // 4, gt, h % 4) for gt in range(self.ngc)]
                          for h in range(self.n_rep)], np.int32)
         rows = np.zeros(self.D, np.int32)

@@ -143,7 +143,8 @@ class SimOps:
                     (cc,) = coords
                     for col in np.unique(cc):
                         vv = v[cc == col]
-                        assert np.all(vv.view(np.uint32) == vv[0].view(np.uint32)), "col layout disagrees"
+                        same = vv.view(np.uint32) == vv[0].view(np.uint32)
+                        assert np.all(same), "col layout disagrees"
                 np.add.at(seen, coords, 1)
                 mat[coords] = v
         expect = 1 if kind == "wgmma" else 32

@@ -285,7 +285,8 @@ def _simulated_attention(cache, qp, opts):
     NS = -(-n_blocks // bps)
     nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
     qexp, kconst = md.query_operands(qp, geo)
-    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, md.kernel_operands(layer, geo), NS, bps)
+    operands = md.kernel_operands(layer, geo)
+    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
     window = md.window_partial(qp, layer, cache.lengths, cfg)
     return md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), window, geo)
 
@@ -328,7 +329,7 @@ def test_combine_merges_splits_like_one_softmax():
     m = s.max(-1)
     p = np.exp2(s - m[..., None])
     o = np.einsum("bhsrt,bhstd->bhsrd", p, v)
-    l = p.sum(-1)
+    lsum = p.sum(-1)
     cols, rows = geo.combine_tables
     o_part = np.zeros((B, H, NS, geo.D, geo.NV), np.float32)
     ml_part = np.zeros((B, H, NS, 2, geo.NV), np.float32)
@@ -336,9 +337,9 @@ def test_combine_merges_splits_like_one_softmax():
         share = rng.dirichlet(np.ones(geo.ngc))
         for gt in range(geo.ngc):
             o_part[..., rows, cols[hh, gt]] = o[:, :, :NS, hh] * share[gt]
-            ml_part[:, :, :, 1, cols[hh, gt]] = l[:, :, :NS, hh] * share[gt]
+            ml_part[:, :, :, 1, cols[hh, gt]] = lsum[:, :, :NS, hh] * share[gt]
             ml_part[:, :, :, 0, cols[hh, gt]] = m[:, :, :NS, hh]
-    window = (o[:, :, NS], m[:, :, NS], l[:, :, NS])
+    window = (o[:, :, NS], m[:, :, NS], lsum[:, :, NS])
     out = md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part),
                               tuple(jnp.asarray(x) for x in window), geo)
     s_all = np.moveaxis(s, 2, 3).reshape(B, H, geo.n_rep, -1)
@@ -438,7 +439,8 @@ def test_dispatch_prefers_mosaic_only_where_measured():
     assert not md.preferred(CacheConfig.outerq(capacity=512), device=h200)
     assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
     assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
-    assert md.preferred(cfg, {"num_stages": 4}, h200) == bool(md.TUNED["NVIDIA H200"].get("preferred"))
+    expect = bool(md.TUNED["NVIDIA H200"].get("preferred"))
+    assert md.preferred(cfg, {"num_stages": 4}, h200) == expect
 
 
 # ------------------------------------------------------------- window program
@@ -467,7 +469,8 @@ def simulate_windows(geo: Geometry, cache, qp):
     return o_part, ml_part
 
 
-@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm", "innerq2-nosink"])
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm",
+                                  "innerq2-nosink"])
 def test_simulated_window_program_equals_xla(name):
     """The in-kernel window program (windows="kernel") gives the XLA window partial."""
     cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
@@ -476,7 +479,8 @@ def test_simulated_window_program_equals_xla(name):
     geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
     o_part, ml_part = simulate_windows(geo, cache, qp)
     assert np.all(np.isfinite(o_part)) and np.all(np.isfinite(ml_part))
-    o_w, m_w, l_w = (np.asarray(x) for x in md.window_partial(qp, cache.layer(0), cache.lengths, cfg))
+    window = md.window_partial(qp, cache.layer(0), cache.lengths, cfg)
+    o_w, m_w, l_w = (np.asarray(x) for x in window)
     cols, rows = geo.combine_tables
     np.testing.assert_allclose(ml_part[:, :, 0, 0][..., cols[:, 0]], m_w, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(ml_part[:, :, 0, 1][..., cols].sum(-1), l_w, rtol=1e-5, atol=1e-6)
