@@ -35,6 +35,13 @@ def _default_backend() -> str:
     return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "reference")
 
 
+def _mosaic_preferred(cfg: CacheConfig, kernel_options) -> bool:
+    """The Mosaic GPU kernel where it measured faster on this device (Hopper), else Triton."""
+    from pallas_kernels.mgpu_decode import preferred
+
+    return preferred(cfg, kernel_options)
+
+
 def decode_attention_layer(
     q: jax.Array,
     layer,
@@ -73,6 +80,10 @@ def decode_attention_layer(
             o = quantized_decode_attention_tpu(
                 qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
             )
+        elif backend == "pallas" and _mosaic_preferred(cfg, kernel_options):
+            from pallas_kernels.mgpu_decode import mgpu_decode_attention
+
+            o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)
         else:
             from pallas_kernels.decode import quantized_decode_attention
 
