@@ -1,57 +1,121 @@
-"""End-to-end decode speed of the Flax Llama on each cache kind (GPU).
+"""End-to-end decode speed of the Flax Llama on each cache kind, beside its roofline.
 
-Models with RANDOM weights of real shapes (labelled so in every row): a
-Llama-3-8B shape (32 layers, hidden 4096, 32/8 heads, D 128) and the SmolLM2-135M
-shape. For each cache kind (bf16, int8, OuterQ 2-bit, InnerQ 2-bit) and each
-(B, context) the cache is filled with random content at that length (the
-decode cost does not depend on how the tokens got there) and the jitted,
-donated decode step is timed pipelined: N steps dispatched back to back, one
-sync, median of several repetitions. Also: cache bytes, device memory in use,
-and the largest batch at 32k that fits beside the weights, computed from the
-measured per-sequence cache bytes.
+The model has RANDOM weights of real shapes (labelled so in every row): the
+Llama-3-8B shape (32 layers, hidden 4096, 32/8 heads, D 128). Each cache is
+filled with random content at the row's context (the decode cost does not
+depend on how the tokens got there); the jitted, donated decode step is timed
+pipelined: ``--steps`` steps dispatched back to back, one sync, median of
+``--reps`` repetitions. Every row records:
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --out $OUT
+* ms/step, tokens/s, the compile time of the step, the step's device footprint
+  from XLA's memory analysis and the device's peak memory so far;
+* the roofline: (weight bytes + cache bytes) per device over the copy
+  bandwidth measured at the start of the same run, and the step's ratio to it;
+* the standalone decode-attention time of one layer (same cache, same
+  backend) times the layer count, and the weights at the copy bandwidth plus
+  that: what the step would take if nothing but weights and attention cost.
+
+Suites: ``decode`` (every cache kind at B 8 / 32k), ``grid`` (B in {1, 8, 32}
+at 4k and 32k for the bf16 and InnerQ caches), ``max`` (each cache kind at the
+largest batch that fits at 32k, actually run), ``mesh`` (B 8 / 32k and the
+largest batch for bf16 and InnerQ on the mesh given by ``--mesh``), and
+``quick`` (a tiny model, any backend, for a CPU smoke run). Results go to
+``OUT/e2e_<tag>.json`` with a plot beside it.
+
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=$PWD \
+        python3 benchmarks/bench_e2e.py --suite decode,max,grid --out $OUT
+    ... --suite mesh --mesh data=1,model=2 --tag tp2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from innerq_jax import CacheConfig, KVCache
-from models.llama import Llama, ModelConfig, jit_decode_step
+from innerq_jax.attention import decode_attention_layer
+from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
+from models.llama import Llama, ModelConfig, jit_decode_step, shard_model
 
-SHAPES = {
-    "llama3-8b-shape(random)": ModelConfig(vocab_size=128256, hidden_size=4096,
-                                           intermediate_size=14336, num_layers=32, num_heads=32,
-                                           num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                                           tie_embeddings=False, max_positions=131072),
-    "smollm2-135m-shape(random)": ModelConfig(vocab_size=49152, hidden_size=576,
-                                              intermediate_size=1536, num_layers=30,
-                                              num_heads=9, num_kv_heads=3, head_dim=64,
-                                              rope_theta=100000.0, max_positions=131072),
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                        rope_theta=500000.0, tie_embeddings=False, max_positions=131072)
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                      num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                      max_positions=131072)
+TINY = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=64, max_positions=8192)
+
+KINDS = {
+    "bf16": CacheConfig.bf16,
+    "int8": CacheConfig.int8,
+    "outerq2": CacheConfig.outerq,
+    "innerq2": CacheConfig.innerq,
 }
 
 
-def cache_configs(capacity):
-    return {
-        "bf16": CacheConfig.bf16(capacity=capacity),
-        "int8": CacheConfig.int8(capacity=capacity),
-        "outerq2": CacheConfig.outerq(capacity=capacity),
-        "innerq2": CacheConfig.innerq(capacity=capacity),
-    }
+def suite_rows(suite: str) -> list[tuple[str, int | str, int]]:
+    """(cache kind, batch or 'max', context) rows of a suite, most important first."""
+    if suite == "decode":
+        return [("bf16", 8, 32768), ("innerq2", 8, 32768), ("outerq2", 8, 32768),
+                ("int8", 8, 32768)]
+    if suite == "grid":
+        rows = []
+        for B, ctx in ((1, 32768), (32, 32768), (32, 4096), (8, 4096), (1, 4096)):
+            rows += [(k, B, ctx) for k in ("bf16", "innerq2")]
+        return rows
+    if suite == "max":
+        return [(k, "max", 32768) for k in ("bf16", "innerq2", "outerq2", "int8")]
+    if suite == "mesh":
+        return [("bf16", 8, 32768), ("innerq2", 8, 32768), ("bf16", "max", 32768),
+                ("innerq2", "max", 32768)]
+    if suite == "quick":
+        return [(k, 2, 512) for k in KINDS]
+    raise ValueError(f"unknown suite {suite!r}; choose decode, grid, max, mesh or quick")
 
 
-def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, ctx: int, key) -> KVCache:
+# ------------------------------------------------------------------ measurement
+def _pipelined(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device bytes/s (read + write) on device 0: the best of a few streaming
+    kernels over ``nbytes`` (an elementwise op on 32-bit words, one on bf16)."""
+    best = 0.0
+    for dtype, op in ((jnp.uint32, lambda a: a ^ jnp.uint32(1)),
+                      (jnp.bfloat16, lambda a: a + jnp.bfloat16(1))):
+        x = jax.random.bits(jax.random.PRNGKey(0), (nbytes // 4,), jnp.uint32)
+        x = x if dtype == jnp.uint32 else jax.lax.bitcast_convert_type(x, jnp.bfloat16).ravel()
+        f = jax.jit(op)
+        f(x).block_until_ready()
+        n = 10
+        t = min(_pipelined(lambda f=f, x=x: [f(x) for _ in range(n)][-1], 3)) / n
+        best = max(best, 2 * nbytes / t)
+        del x
+    return best
+
+
+def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, mesh) -> KVCache:
+    """A cache whose every leaf holds random content; lengths = ``length``."""
     shape = jax.eval_shape(lambda: KVCache.create(cfg, mc.num_layers, B, mc.num_kv_heads,
                                                   mc.head_dim))
     leaves, treedef = jax.tree.flatten(shape.layers)
+    specs = jax.tree.leaves(cache_specs(shape.layers))
     keys = jax.random.split(key, len(leaves))
 
     def fill(s, k):
@@ -63,113 +127,194 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, ctx: int, key) -> KV
         # f32 leaves are the key normalization (sigma near 1); the rest bf16 data
         return (0.1 * x).astype(s.dtype) if s.dtype != jnp.float32 else 1.0 + 0.1 * x
 
-    layers = jax.tree.unflatten(treedef, [jax.jit(fill, static_argnums=0)(s, k)
-                                          for s, k in zip(leaves, keys)])
-    lengths = jnp.full((B,), ctx - 1, jnp.int32)  # the timed steps stay inside capacity
-    return KVCache(layers, lengths, jnp.zeros((B,), bool), cfg, mc.num_kv_heads, mc.head_dim)
+    out = []
+    for s, k, spec in zip(leaves, keys, specs):
+        sharding = NamedSharding(mesh, spec) if mesh is not None else None
+        out.append(jax.jit(fill, static_argnums=0, out_shardings=sharding)(s, k))
+    lengths = jnp.full((B,), length, jnp.int32)
+    overflow = jnp.zeros((B,), bool)
+    if mesh is not None:
+        lengths = jax.device_put(lengths, NamedSharding(mesh, cache_specs(lengths)))
+        overflow = jax.device_put(overflow, NamedSharding(mesh, cache_specs(overflow)))
+    return KVCache(jax.tree.unflatten(treedef, out), lengths, overflow, cfg, mc.num_kv_heads,
+                   mc.head_dim)
 
 
-def time_decode(model, cache, B, steps, reps):
+def time_step(model, cache, B, steps, reps, mesh):
+    """(median, min, max) seconds per step, compile seconds, memory analysis, final cache."""
     tok = jnp.ones((B,), jnp.int32)
-    logits, cache = jit_decode_step(model, cache, tok)  # compile + warm-up
+    t0 = time.perf_counter()
+    compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    # a copy: the cache's own lengths are donated by the first step
+    start = jax.device_put(np.asarray(cache.lengths), cache.lengths.sharding)
+    logits, cache = compiled(model, cache, tok)  # warm-up
     logits.block_until_ready()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = jit_decode_step(model, cache, tok)
-        logits.block_until_ready()
-        times.append((time.perf_counter() - t0) / steps)
-        # keep lengths constant so every repetition times the same context
-        cache = jax.tree.map(lambda x: x, cache)
-        cache = KVCache(cache.layers, cache.lengths - steps, cache.overflow, cache.config,
+        # every repetition times the same context
+        cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
                         cache.num_kv_heads, cache.head_dim)
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = compiled(model, cache, tok)
+        logits.block_until_ready()
+        times.append((time.perf_counter() - t) / steps)
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
-    return float(np.median(times)), float(np.min(times)), float(np.max(times))
+    footprint = None
+    if ma is not None:
+        footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                        + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    return (float(np.median(times)), float(np.min(times)), float(np.max(times))), compile_s, \
+        footprint, cache
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
+def time_attention(cache: KVCache, mc: ModelConfig, B: int, reps: int, mesh) -> float:
+    """Seconds of one layer's decode attention on this cache (pipelined, median)."""
+    q = jax.random.normal(jax.random.PRNGKey(3), (B, mc.num_heads, mc.head_dim), jnp.bfloat16)
+    lay = cache.layers[0]
+    f = jax.jit(lambda q, lay, n: on_mesh(
+        lambda qq, ll, nn: decode_attention_layer(qq, ll, nn, cache.config), mesh, q, lay, n))
+    f(q, lay, cache.lengths).block_until_ready()
+    n = 20
+    t = _pipelined(lambda: [f(q, lay, cache.lengths) for _ in range(n)][-1], reps)
+    return float(np.median(t)) / n
+
+
+def max_batch(limit: int, weight_bytes: int, per_seq: int, data: int, model: int) -> int:
+    """Largest batch (a multiple of the data axis) whose cache fits beside the weights.
+
+    Per device: weights / model (replicated over data) and the cache over data x model.
+    """
+    free = 0.97 * limit - weight_bytes / model - (2 << 30)  # 2 GiB: activations, logits
+    return max(data, int(free * data * model // per_seq) // data * data)
+
+
+# --------------------------------------------------------------------- running
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", default="decode,max,grid")
+    ap.add_argument("--mesh", default=None, help="data=D,model=M (default: one device)")
+    ap.add_argument("--model", choices=["llama3-8b", "smollm2"], default="llama3-8b")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--tag", default=None, help="file name tag (default: the suite)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--only", default=None,
+                    help="keep only these rows of the suites: kind:B,... (B a number or max)")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="stop starting new rows after this many seconds")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    suites = args.suite.split(",")
+    quick = suites == ["quick"]
+    mc = TINY if quick else {"llama3-8b": LLAMA3_8B, "smollm2": SMOLLM2}[args.model]
+    mname = ("tiny" if quick else args.model) + "-shape(random weights)"
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    data = mesh.shape["data"] if mesh is not None else 1
+    model_axis = mesh.shape["model"] if mesh is not None else 1
+    ndev = data * model_axis
     dev = jax.devices()[0]
-    limit = dev.memory_stats().get("bytes_limit", 0) if dev.memory_stats() else 0
+    stats = dev.memory_stats() or {}
+    limit = int(stats.get("bytes_limit", 0))
+    bw = copy_bandwidth(256 << 20 if quick else 4 << 30)
+    print(f"{dev.device_kind}: copy bandwidth {bw / 1e12:.2f} TB/s, memory limit "
+          f"{limit / 2**30:.1f} GiB, mesh {args.mesh or 'none'}", flush=True)
+
+    model = Llama(mc, nnx.Rngs(0), dtype=jnp.bfloat16)
+    if mesh is not None:
+        shard_model(model, mesh)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     rows = []
-    # (B, context) per model; kept small so one call fits the 10-minute device limit
-    grids = {"llama3-8b-shape(random)": [(8, 32768), (1, 32768), (8, 4096), (32, 4096)],
-             "smollm2-135m-shape(random)": [(8, 32768)]}
-    shapes = SHAPES
-    if args.quick:  # a CPU smoke run of the script itself
-        shapes = {"tiny(random)": ModelConfig(vocab_size=256, hidden_size=64,
-                                              intermediate_size=128, num_layers=2, num_heads=4,
-                                              num_kv_heads=2, head_dim=64)}
-        grids = {"tiny(random)": [(2, 512)]}
-    for mname, mc in shapes.items():
-        grid = grids[mname]
-        model = Llama(mc, nnx.Rngs(0), dtype=jnp.bfloat16)
-        wbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-        for B, ctx in grid:
-            for cname, cfg in cache_configs(ctx).items():
-                per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads, mc.head_dim)
-                seq_bytes = per_seq.total_nbytes()
-                del per_seq
-                row = dict(model=mname, cache=cname, B=B, context=ctx, weight_bytes=wbytes,
-                           cache_bytes=seq_bytes * B, cache_bytes_per_seq=seq_bytes)
-                if limit and wbytes + 1.15 * seq_bytes * B > limit:
-                    row["skipped"] = "does not fit"
-                    rows.append(row)
-                    continue
-                try:
-                    cache = random_cache(cfg, mc, B, ctx, jax.random.PRNGKey(B + ctx))
-                    med, lo, hi = time_decode(model, cache, B, args.steps, args.reps)
-                    row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
-                               tokens_per_s=B / med,
-                               bytes_in_use=(dev.memory_stats() or {}).get("bytes_in_use"))
-                    del cache
-                except Exception as err:  # recorded, never hidden
-                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    for suite in suites:
+        for kind, B, ctx in suite_rows(suite):
+            if args.only and f"{kind}:{B}" not in args.only.split(","):
+                continue
+            cfg = KINDS[kind](capacity=ctx)
+            per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
+                                     mc.head_dim).total_nbytes()
+            if B == "max":
+                B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
+            row = dict(model=mname, cache=kind, B=B, context=ctx, suite=suite,
+                       mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
+                       cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
+            # per device: weights split over model, cache over data x model
+            dev_bytes = weight_bytes / model_axis + per_seq * B / ndev
+            row["roofline_ms"] = dev_bytes / bw * 1e3
+            if time.perf_counter() - t_start > args.budget_s:
+                row["skipped"] = "time budget"
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-        if limit and not args.quick:
-            for cname, cfg in cache_configs(32768).items():
-                per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads, mc.head_dim)
-                rows.append(dict(model=mname, cache=cname, context=32768,
-                                 max_batch_at_32k=int((0.95 * limit - wbytes)
-                                                      // per_seq.total_nbytes())))
-        del model
-    meta = dict(device=dev.device_kind, jax=jax.__version__, weights="random (real shapes)",
-                steps=args.steps, reps=args.reps, memory_limit=limit)
-    import os
+                continue
+            if limit and weight_bytes / model_axis + per_seq * B / ndev > 0.99 * limit:
+                row["skipped"] = "does not fit"
+                rows.append(row)
+                continue
+            for attempt in range(3):
+                try:
+                    cache = random_cache(cfg, mc, B, ctx - args.steps - 2,
+                                         jax.random.PRNGKey(B + ctx), mesh)
+                    (med, lo, hi), comp, foot, cache = time_step(model, cache, B, args.steps,
+                                                                 args.reps, mesh)
+                    attn = time_attention(cache, mc, B, args.reps, mesh)
+                    row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
+                               tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
+                               peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
+                               attention_ms_per_layer=attn * 1e3,
+                               attention_ms_all_layers=attn * 1e3 * mc.num_layers,
+                               weights_plus_attention_ms=(weight_bytes / model_axis / bw
+                                                          + attn * mc.num_layers) * 1e3)
+                    row["vs_roofline"] = row["step_ms"] / row["roofline_ms"]
+                    row["vs_weights_plus_attention"] = (row["step_ms"]
+                                                        / row["weights_plus_attention_ms"])
+                    del cache
+                    break
+                except Exception as err:  # recorded, never hidden
+                    msg = f"{type(err).__name__}: {str(err)[:300]}"
+                    cache = None  # noqa: F841 - frees a failed attempt's buffers before a retry
+                    if "RESOURCE_EXHAUSTED" in msg and row["B"] > data and attempt < 2:
+                        B = max(data, int(B * 0.9) // data * data)  # largest batch: back off
+                        row.update(B=B, cache_bytes=per_seq * B, oom_retry=msg[:120])
+                        row["roofline_ms"] = (weight_bytes / model_axis + per_seq * B / ndev) \
+                            / bw * 1e3
+                        continue
+                    row["error"] = msg
+                    break
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
+    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                devices=ndev, mesh=args.mesh or "single", weights="random (real shapes)",
+                model=mname, steps=args.steps, reps=args.reps, memory_limit=limit,
+                copy_bandwidth=bw, suites=suites)
+    tag = args.tag or "_".join(suites)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "e2e_decode.json"), "w") as f:
+    path = os.path.join(args.out, f"e2e_{tag}.json")
+    with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    plot(os.path.join(args.out, "e2e_decode.json"), os.path.join(args.out, "e2e_decode.png"))
+    plot(path, path[:-5] + ".png")
     print(f"\n{meta}")
-    print(f"{'model':28s} {'cache':8s} {'B':>3s} {'ctx':>6s} {'ms/step':>9s} {'tok/s':>9s} "
-          f"{'vs bf16':>8s}")
-    base = {(r["model"], r["B"], r["context"]): r.get("step_ms") for r in rows
-            if r.get("cache") == "bf16" and "B" in r}
-    for r in rows:
-        if "B" not in r:
-            continue
-        b = base.get((r["model"], r["B"], r["context"]))
-        ms = r.get("step_ms")
-        sp = f"{b / ms:.2f}x" if (b and ms) else "-"
-        print(f"{r['model']:28s} {r['cache']:8s} {r['B']:3d} {r['context']:6d} "
-              f"{(f'{ms:.3f}' if ms else r.get('skipped') or 'ERR'):>9s} "
-              f"{(f'{r['tokens_per_s']:.0f}' if ms else '-'):>9s} {sp:>8s}")
-    for r in rows:
-        if "max_batch_at_32k" in r:
-            print(f"max batch @32k  {r['model']:28s} {r['cache']:8s} {r['max_batch_at_32k']}")
+    print(table(rows))
 
+
+def table(rows) -> str:
+    head = (f"{'cache':8s} {'mesh':16s} {'B':>4s} {'ctx':>6s} {'ms/step':>8s} {'tok/s':>7s} "
+            f"{'roofline':>8s} {'x roof':>6s} {'attn*L':>7s} {'x (W+A)':>7s} {'compile':>7s}")
+    out = [head]
+    for r in rows:
+        if "step_ms" not in r:
+            out.append(f"{r['cache']:8s} {r['mesh']:16s} {r['B']:>4} {r['context']:6d} "
+                       f"{r.get('skipped') or r.get('error', '')[:60]}")
+            continue
+        out.append(f"{r['cache']:8s} {r['mesh']:16s} {r['B']:4d} {r['context']:6d} "
+                   f"{r['step_ms']:8.2f} {r['tokens_per_s']:7.0f} {r['roofline_ms']:8.2f} "
+                   f"{r['vs_roofline']:6.2f} {r['attention_ms_all_layers']:7.2f} "
+                   f"{r['vs_weights_plus_attention']:7.2f} {r['compile_s']:6.1f}s")
+    return "\n".join(out)
 
 
 def plot(json_path: str, png_path: str) -> None:
-    """Tokens/s per cache kind and shape, from a result JSON (run anywhere)."""
+    """ms/step against the roofline per row, and tokens/s (run anywhere)."""
     from models.evaluate import require_eval_extra
 
     require_eval_extra("matplotlib").use("Agg")
@@ -177,20 +322,21 @@ def plot(json_path: str, png_path: str) -> None:
 
     data = json.load(open(json_path))
     rows = [r for r in data["rows"] if r.get("step_ms")]
-    groups = sorted({(r["model"], r["B"], r["context"]) for r in rows})
-    kinds = ["bf16", "int8", "outerq2", "innerq2"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    w = 0.2
-    for i, kind in enumerate(kinds):
-        ys = [next((r["tokens_per_s"] for r in rows if (r["model"], r["B"], r["context"]) == g
-                    and r["cache"] == kind), 0) for g in groups]
-        ax.bar(np.arange(len(groups)) + (i - 1.5) * w, ys, w, label=kind)
-    ax.set_xticks(np.arange(len(groups)),
-                  [f"{m.split('(')[0]}\nB={b} ctx={c // 1024}k" for m, b, c in groups], fontsize=7)
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"decode throughput, {data['meta']['device']}, jax {data['meta']['jax']} "
-                 "(random weights, real shapes)")
-    ax.legend()
+    if not rows:
+        return
+    labels = [f"{r['cache']}\nB{r['B']} {r['context'] // 1024}k" for r in rows]
+    x = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(rows)), 7), sharex=True)
+    a1.bar(x - 0.2, [r["step_ms"] for r in rows], 0.4, label="measured step")
+    a1.bar(x + 0.2, [r["roofline_ms"] for r in rows], 0.4, label="roofline (weights+cache)/bw")
+    a1.set_ylabel("ms / step")
+    a1.legend()
+    m = data["meta"]
+    a1.set_title(f"decode step, {m['model']}, {m['device']} x{m['devices']} ({m['mesh']}), "
+                 f"jax {m['jax']}")
+    a2.bar(x, [r["tokens_per_s"] for r in rows], 0.6, color="tab:green")
+    a2.set_ylabel("tokens / s")
+    a2.set_xticks(x, labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 

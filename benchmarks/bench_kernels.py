@@ -1,9 +1,16 @@
 """Kernel benchmark: fused quantized decode attention against bf16 / int8 peers.
 
-Run on the GPU machine (one call builds, checks and times everything):
+Run on whatever backend is present (one call builds, checks and times everything):
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT            # full suite
-    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --suite sweep --out $OUT  # tunables
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT            # suite for the backend
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --suite sweep --out $OUT  # GPU tunables
+
+``--suite auto`` (the default) runs ``full`` on a GPU, ``tpu`` on a TPU and the small
+``cpu`` set on a CPU. Every file carries one flat ``rows`` list in a versioned schema
+(``ROW_SCHEMA``): device kind, backend, jax version, the shape, the variant, its time,
+the bytes it must read and its bandwidth in every row; ``meta`` adds the device's
+measured copy bandwidth and, where jax knows it (TPU), the spec HBM bandwidth.
+``benchmarks/compare.py`` reads these files (and the older ``runs``-only ones).
 
 Protocol (docs benchmarks.md): random caches (normal keys with channel
 offsets and outlier channels, never zeros) built through QuantLayer.prefill;
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -34,12 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from innerq_jax.attention import decode_attention_layer
-from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
+from innerq_jax.reference import prepare_query, quantized_attention_core
 from pallas_kernels.decode import quantized_decode_attention
+from pallas_kernels.mgpu_decode import mgpu_decode_attention
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
+from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
 from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
 
 L2_BYTES = 50 * 2**20
@@ -49,6 +59,74 @@ TOL_QUANT = 1e-2  # see tests/test_kernels.py: bf16 MMA operands
 # large and its rounding does not cancel: ~1.2e-2 at 32k tokens (InnerQ: 5e-3)
 TOL_OUTERQ = 2e-2
 TOL_BF16 = 2e-2  # bf16 peers against an f32 softmax over the same bf16 cache
+
+
+# ------------------------------------------------------------------ schema
+ROW_SCHEMA = "innerq-jax/kernel-bench-row/1"
+BF16_PEERS = ("bf16_xla", "bf16_pallas", "cudnn", "bf16_paged_tpu")
+
+
+def variant_family(name: str) -> str:
+    """bf16 / int8 / innerq / outerq / innerq-h: what a variant stores, whatever runs it."""
+    base = name.split("@")[0]
+    if base in BF16_PEERS:
+        return "bf16"
+    if base.startswith("int8"):
+        return "int8"
+    if base.startswith("kernel_"):
+        return "innerq-part"
+    return base.rsplit("_", 1)[0]
+
+
+def flat_rows(meta, runs) -> list[dict]:
+    """One row per (shape, variant), every row self-describing (ROW_SCHEMA)."""
+    rows = []
+    for run in runs:
+        sh = run["shape"]
+        for name, res in run["results"].items():
+            rows.append({
+                "schema": ROW_SCHEMA,
+                "device_kind": meta["device_kind"], "backend": meta.get("backend", meta["platform"]),
+                "jax": meta["jax"],
+                "shape": sh["label"], "B": sh["B"], "T": sh["T"], "Hq": sh["Hq"], "Hkv": sh["Hkv"],
+                "D": sh["D"], "bits": sh["bits"], "G": sh["G"],
+                "variant": name, "family": variant_family(name), "bf16_peer": name in BF16_PEERS,
+                "ms": res.get("ms"), "min_ms": res.get("min_ms"), "max_ms": res.get("max_ms"),
+                "bytes": res.get("bytes"), "gbps": res.get("gbps"), "rel_err": res.get("rel_err"),
+                "error": res.get("error"),
+            })
+    return rows
+
+
+def measure_copy_gbps(nbytes=None, calls=20, reps=5) -> float:
+    """Device memory bandwidth for a read + write of every byte (an in-place, donated
+    update, so no allocation is timed): the roofline of a bandwidth-bound kernel.
+    256 MB on an accelerator, 64 MB on a CPU; median of reps."""
+    nbytes = nbytes or (64 if jax.default_backend() == "cpu" else 256) * 2**20
+    step = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
+    x = step(jax.random.uniform(jax.random.PRNGKey(0), (nbytes // 4,), jnp.float32))
+    ts = []
+    for _ in range(reps):
+        jax.block_until_ready(x)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            x = step(x)
+        jax.block_until_ready(x)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes * calls / statistics.median(ts) / 1e9
+
+
+def spec_hbm_gbps():
+    """The chip's HBM bandwidth from jax's TPU table (None elsewhere)."""
+    if jax.default_backend() != "tpu":
+        return None
+    try:
+        from jax.experimental.pallas import tpu as pltpu
+
+        info = pltpu.get_tpu_info()
+        return info.mem_bw_bytes_per_second * info.num_cores / 1e9
+    except Exception:  # noqa: BLE001 - an unknown chip
+        return None
 
 
 # ------------------------------------------------------------------ data
@@ -127,6 +205,23 @@ def int8_xla(q, kc, ks, vc, vs):
                       preferred_element_type=jnp.float32)
 
 
+def bf16_paged_tpu(q, k_pages, v_pages, lengths, page_indices, pages_per_block=8):
+    """jax's Pallas TPU paged decode attention; k, v pages [Hkv, pages, page_size, D] bf16,
+    filled contiguously (sequence b owns pages b*P .. b*P + P - 1)."""
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    B, H, r, D = q.shape
+    o = paged_attention(q.reshape(B, H * r, D).astype(jnp.bfloat16), k_pages, v_pages, lengths,
+                        page_indices, pages_per_compute_block=pages_per_block)
+    return o.reshape(B, H, r, D).astype(jnp.float32)
+
+
+def _pages(x, page_size):
+    """[B, H, T, D] -> [H, B*T/page_size, page_size, D] (contiguous pages)."""
+    B, H, T, D = x.shape
+    return jnp.swapaxes(x, 0, 1).reshape(H, B * T // page_size, page_size, D)
+
+
 def _int8(x):
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
     scale = (amax / 127.0).astype(jnp.bfloat16)
@@ -140,26 +235,35 @@ def dense_reference(q, k, v):
                       precision="highest")
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def dense_reference_quantized(qp, layer, lengths, cfg):
+    """The float32 contract (``quantized_attention_core``) the quantized variants are checked
+    against, computed at highest matmul precision."""
+    with jax.default_matmul_precision("highest"):
+        return quantized_attention_core(qp, layer, lengths, cfg)
+
+
 # ------------------------------------------------------------------ timing
 CALLS = 32  # kernel calls per timed program (one launch of the program, one sync)
 
 
-def time_calls(fn, arg_sets, reps):
+def time_calls(fn, arg_sets, reps, n_calls=None):
     """Median / min / max ms per call.
 
-    CALLS calls in one jitted program, call i on input set i % len(arg_sets)
-    (distinct buffers) with its own copy of the first argument (the query), so
-    no two calls are identical and XLA cannot merge them.
+    ``n_calls`` (default CALLS) calls in one jitted program, call i on input set
+    i % len(arg_sets) (distinct buffers) with its own copy of the first argument
+    (the query), so no two calls are identical and XLA cannot merge them.
     """
+    n_calls = n_calls or CALLS
     calls = [(jax.tree.map(lambda x: x.copy(), arg_sets[i % len(arg_sets)][0]),)
-             + tuple(arg_sets[i % len(arg_sets)][1:]) for i in range(CALLS)]
+             + tuple(arg_sets[i % len(arg_sets)][1:]) for i in range(n_calls)]
     multi = jax.jit(lambda cs: [fn(*a) for a in cs])
     jax.block_until_ready(multi(calls))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(multi(calls))
-        ts.append((time.perf_counter() - t0) * 1e3 / CALLS)
+        ts.append((time.perf_counter() - t0) * 1e3 / n_calls)
     return statistics.median(ts), min(ts), max(ts)
 
 
@@ -176,7 +280,17 @@ class Shape:
         return make(bits=self.bits, group_size=self.G, capacity=self.T, **kw)
 
 
-def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True):
+def _copy_budget() -> int:
+    """Bytes the rotated input copies may take: 40 GB, or 40% of the device's memory
+    where jax reports it (a 16 GB TPU v5e must not be asked for 40 GB)."""
+    try:
+        limit = jax.devices()[0].memory_stats()["bytes_limit"]
+    except Exception:  # noqa: BLE001 - CPUs and some runtimes report nothing
+        return 40 * 2**30
+    return int(min(40 * 2**30, 0.4 * limit))
+
+
+def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_calls=None):
     B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
     key = jax.random.PRNGKey(B * 1000 + T)
     lengths = jnp.full((B,), T, jnp.int32)
@@ -186,33 +300,37 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True):
 
     caches = {}
     for kind in ("innerq", "outerq", "innerq-h"):
-        if any(x.split("@")[0] == f"{kind}_fused" for x in variants) or (kind == "innerq" and
-                                                          any(x.startswith("kernel_") for x in variants)):
+        wanted = {f"{kind}_fused", f"{kind}_tpu", f"{kind}_ref"}
+        if any(x.split("@")[0] in wanted for x in variants) or (kind == "innerq" and any(
+                x.startswith(("kernel_", "innerq_mgpu")) for x in variants)):
             cfg = shape.cfg(kind)
             caches[kind] = (cfg, _prefill(k, v, lengths, cfg))
     qbytes = B * H * r * D * 4
     bf16_bytes = B * H * T * D * 2 * 2 + qbytes
     quant_bytes = None
-    if "innerq" in caches:
-        cfg, layer = caches["innerq"]
+    if caches:  # the layouts store the same number of codes, scales and zeros
+        cfg, layer = caches.get("innerq", next(iter(caches.values())))
         win = (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2
         quant_bytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
                           for f in ("codes", "scale", "zero")) + win + qbytes
     n_sets = int(min(32, max(4, math.ceil(6 * L2_BYTES / (quant_bytes or bf16_bytes / 5)))))
-    # keep the bf16 copies within ~40 GB
-    n_sets = int(max(2, min(n_sets, (40 * 2**30) // bf16_bytes)))
+    # keep the bf16 copies within ~40 GB (less on smaller devices)
+    n_sets = int(max(2, min(n_sets, _copy_budget() // bf16_bytes)))
     log(f"[{shape.label}] n_sets={n_sets} bf16 {bf16_bytes / 1e6:.0f} MB  quant "
         f"{(quant_bytes or 0) / 1e6:.0f} MB")
 
-    def record(name, fn, arg_sets, check_fn, nbytes, extra=None):
+    def record(name, fn, arg_sets, check_fn, nbytes, extra=None, abort_on_mismatch=True):
         try:
             err = check_fn(fn(*arg_sets[0])) if check else float("nan")
-            med, lo, hi = time_calls(fn, arg_sets, reps)
+            med, lo, hi = time_calls(fn, arg_sets, reps, n_calls)
             results[name] = dict(ms=med, min_ms=lo, max_ms=hi, bytes=nbytes,
                                  gbps=nbytes / med / 1e6, rel_err=err, **(extra or {}))
             log(f"  {name:28s} {med:8.4f} ms  {nbytes / med / 1e6:7.0f} GB/s  err {err:.1e}")
         except AssertionError as e:
-            raise SystemExit(f"MISMATCH {shape.label} {name}: {e}")
+            if abort_on_mismatch:
+                raise SystemExit(f"MISMATCH {shape.label} {name}: {e}")
+            results[name] = {"error": f"MISMATCH (not timed): {e}"[:400]}
+            log(f"  {name:28s} MISMATCH, not timed: {e}")
         except Exception as e:  # noqa: BLE001 - a peer that does not run is recorded
             results[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
             log(f"  {name:28s} FAILED {type(e).__name__}: {str(e)[:200]}")
@@ -238,6 +356,13 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True):
         if "bf16_pallas" in variants:
             record("bf16_pallas", bf16_pallas, sets, check_d, bf16_bytes)
         del sets
+        if "bf16_paged_tpu" in variants:
+            page = 64
+            pidx = jnp.arange(B * T // page, dtype=jnp.int32).reshape(B, T // page)
+            sets = _copies((qd, _pages(kb, page), _pages(vb, page), lengths, pidx), n_sets)
+            record("bf16_paged_tpu", bf16_paged_tpu, sets, check_d, bf16_bytes,
+                   extra={"options": {"page_size": page, "pages_per_compute_block": 8}})
+            del sets
         if "cudnn" in variants:
             kt, vt = jnp.swapaxes(kb, 1, 2), jnp.swapaxes(vb, 1, 2)
             sets = _copies((qd, kt, vt), n_sets)
@@ -279,6 +404,75 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True):
             fn = functools.partial(quantized_decode_attention, cfg=cfg, **opts)
             record(name, lambda qp_, layer_, len_, fn=fn: fn(qp_, layer_, len_), sets, check_q,
                    quant_bytes, extra={"options": opts})
+        del sets, ref
+    # ---- the TPU kernel and the plain-jnp reference path (what "auto" runs on a CPU)
+    for kind in ("innerq", "outerq"):
+        if kind not in caches:
+            continue
+        cfg, layer = caches[kind]
+        qp = prepare_query(q, layer, cfg, scale)
+        tol = TOL_QUANT if kind == "innerq" else TOL_OUTERQ
+        ref = None
+        # "innerq_tpu@{json options}" runs one tunable point (block_rows)
+        names = [v for v in variants if v.split("@")[0] in (f"{kind}_tpu", f"{kind}_ref")]
+        for name in names:
+            if ref is None and check:
+                ref = dense_reference_quantized(qp, layer, lengths, cfg)
+
+            def check_t(o, ref=ref, tol=tol):
+                e = _rel(o, ref)
+                assert e < tol, f"rel err {e:.2e}"
+                return e
+
+            opts = dict(kernel_opts.get(name.split("@")[0], {}))
+            if "@" in name:
+                opts.update(json.loads(name.split("@", 1)[1]))
+            if name.split("@")[0].endswith("_tpu"):
+                fn = functools.partial(quantized_decode_attention_tpu, cfg=cfg, **opts)
+            else:
+                fn = functools.partial(quantized_attention_core, cfg=cfg)
+            sets = _copies((qp, layer, lengths), n_sets)
+            record(name, lambda qp_, layer_, len_, fn=fn: fn(qp_, layer_, len_), sets, check_t,
+                   quant_bytes, extra={"options": opts})
+            del sets
+        del ref
+    if "innerq-h_tpu" in variants and "innerq-h" in caches:
+        cfg, layer = caches["innerq-h"]
+        with jax.default_matmul_precision("highest"):
+            ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+
+        def check_ht(o):
+            e = _rel(o, ref)
+            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            return e
+
+        fn = functools.partial(decode_attention_layer, cfg=cfg, backend="tpu")
+        sets = _copies((q, layer, lengths), n_sets)
+        record("innerq-h_tpu", lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_ht,
+               quant_bytes, extra={"note": "rotations of q and o included"})
+        del sets
+    # ---- the Mosaic GPU kernel ("innerq_mgpu@{json options}" runs one tunable point);
+    # a mismatch is recorded and the point is not timed (the run goes on)
+    mgpu_points = [v for v in variants if v.split("@")[0] == "innerq_mgpu"]
+    if mgpu_points and "innerq" in caches:
+        cfg, layer = caches["innerq"]
+        qp = prepare_query(q, layer, cfg, scale)
+        ref = quantized_attention_core(qp, layer, lengths, cfg) if check else None
+
+        def check_m(o, ref=ref):
+            e = _rel(o, ref)
+            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            return e
+
+        sets = _copies((qp, layer, lengths), n_sets)
+        for name in mgpu_points:
+            opts = dict(kernel_opts.get("innerq_mgpu", {}))
+            if "@" in name:
+                opts.update(json.loads(name.split("@", 1)[1]))
+            fn = functools.partial(mgpu_decode_attention, cfg=cfg, **opts)
+            record(name, lambda qp_, layer_, len_, fn=fn: fn(qp_, layer_, len_), sets, check_m,
+                   quant_bytes, extra={"options": opts, "backend": "mosaic_gpu"},
+                   abort_on_mismatch=False)
         del sets, ref
     if "innerq-h_fused" in variants and "innerq-h" in caches:
         cfg, layer = caches["innerq-h"]
@@ -333,7 +527,8 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True):
 
 # ------------------------------------------------------------------ suites
 ALL = ["bf16_xla", "bf16_pallas", "cudnn", "int8_xla", "innerq_fused", "outerq_fused",
-       "innerq-h_fused", "kernel_a", "kernel_b"]
+       "innerq-h_fused", "kernel_a", "kernel_b", "innerq_mgpu",
+       "bf16_paged_tpu", "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref", "outerq_ref"]
 
 
 def full_suite():
@@ -347,20 +542,59 @@ def full_suite():
     # kernels_points_*.json of round 3)
     shapes = [(Shape(8, 32 * k), ALL), (Shape(1, 128 * k), ALL)]
     for B, T in [(1, 4 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 16 * k)]:
-        shapes.append((Shape(B, T), ["bf16_pallas", "innerq_fused", "outerq_fused"]))
-    shapes.append((Shape(8, 32 * k, bits=4), ["bf16_pallas", "innerq_fused", "outerq_fused"]))
-    shapes.append((Shape(8, 32 * k, G=64), ["bf16_pallas", "innerq_fused"]))
+        shapes.append((Shape(B, T), ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
+    shapes.append((Shape(8, 32 * k, bits=4),
+                   ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
+    shapes.append((Shape(8, 32 * k, G=64), ["bf16_pallas", "innerq_fused", "innerq_mgpu"]))
     shapes.append((Shape(8, 8 * k, Hq=32, Hkv=32, label="MHA-B8-T8k-Hq32-Hkv32"),
-                   ["bf16_pallas", "innerq_fused"]))
+                   ["bf16_pallas", "innerq_fused", "innerq_mgpu"]))
     shapes.append((Shape(8, 8 * k, Hq=9, Hkv=3, D=64, label="SmolLM2-B8-T8k-Hq9-Hkv3-D64"),
-                   ["bf16_pallas", "innerq_fused", "outerq_fused"]))
+                   ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
     return shapes
+
+
+def tpu_suite():
+    """The shape suite of docs/benchmarks.md for one TPU chip: every peer at the two target
+    shapes, elsewhere the fastest bf16 peers against the TPU kernels (shapes that do not
+    fit the chip's HBM are recorded as failed, not fatal)."""
+    k = 1024
+    peers = ["bf16_xla", "bf16_paged_tpu"]
+    every = peers + ["int8_xla", "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref"]
+    shapes = [(Shape(8, 32 * k), every), (Shape(1, 128 * k), every)]
+    for B, T in [(1, 4 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 16 * k)]:
+        shapes.append((Shape(B, T), peers + ["innerq_tpu", "outerq_tpu"]))
+    shapes.append((Shape(8, 32 * k, bits=4), peers + ["innerq_tpu", "outerq_tpu"]))
+    shapes.append((Shape(8, 32 * k, G=64), peers + ["innerq_tpu"]))
+    shapes.append((Shape(8, 8 * k, Hq=32, Hkv=32, label="MHA-B8-T8k-Hq32-Hkv32"),
+                   peers + ["innerq_tpu"]))
+    shapes.append((Shape(8, 8 * k, Hq=9, Hkv=3, D=64, label="SmolLM2-B8-T8k-Hq9-Hkv3-D64"),
+                   peers + ["innerq_tpu", "outerq_tpu"]))
+    return shapes
+
+
+def cpu_suite():
+    """Small shapes for a CPU (a few minutes in all): the XLA peers against the plain-jnp
+    reference path that ``backend="auto"`` runs there. No kernel is timed on a CPU (the
+    Pallas interpreters check kernels, they do not time them)."""
+    k = 1024
+    names = ["bf16_xla", "int8_xla", "innerq_ref", "outerq_ref"]
+    return [(Shape(1, 1 * k), names), (Shape(4, 2 * k), names),
+            (Shape(4, 2 * k, bits=4), ["bf16_xla", "innerq_ref", "outerq_ref"]),
+            (Shape(4, 2 * k, Hq=9, Hkv=3, D=64, label="SmolLM2-B4-T2k-Hq9-Hkv3-D64"), names)]
+
+
+def auto_suite() -> str:
+    return {"gpu": "full", "tpu": "tpu"}.get(jax.default_backend(), "cpu")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="full",
-                    choices=["full", "sweep", "quick", "profile", "trace", "points"])
+    ap.add_argument("--suite", default="auto",
+                    choices=["auto", "full", "tpu", "cpu", "sweep", "quick", "profile", "trace",
+                             "points"],
+                    help="auto: full on a GPU, tpu on a TPU, cpu on a CPU")
+    ap.add_argument("--calls", type=int, default=None,
+                    help=f"calls per timed program (default {CALLS}; the cpu suite uses 4)")
     ap.add_argument("--points", default="[]",
                     help='points suite: JSON [[B, T, {Shape kwargs}, [variants]], ...]')
     ap.add_argument("--tag", default="", help="suffix of the output files (kernels_<suite><tag>.*)")
@@ -369,6 +603,9 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
     args = ap.parse_args()
+    if args.suite == "auto":
+        args.suite = auto_suite()
+    n_calls = args.calls or (4 if args.suite == "cpu" else None)
     if (args.suite == "points") != (args.points != "[]"):
         ap.error("--points is required by --suite points and used by no other suite")
     if args.suite == "points":
@@ -379,7 +616,7 @@ def main():
         bad = sorted({n for _, names in points for n in names if n.split("@")[0] not in ALL})
         if bad:
             ap.error(f"--points: unknown variants {bad}; variants are {ALL} "
-                     "(a fused kernel may carry options: innerq_fused@{json})")
+                     "(a kernel may carry options: innerq_fused@{json}, innerq_tpu@{json})")
     t_start = time.time()
     lines = []
 
@@ -388,10 +625,14 @@ def main():
         lines.append(s)
 
     dev = jax.devices()[0]
-    meta = {"device_kind": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+    meta = {"device_kind": dev.device_kind, "platform": dev.platform, "backend": jax.default_backend(),
+            "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "env": {k: v for k, v in os.environ.items() if k in ("DISABLE_MMA_V3", "XLA_FLAGS")}}
-    log(f"device {dev.device_kind}  jax {jax.__version__}")
+            "env": {k: v for k, v in os.environ.items() if k in ("DISABLE_MMA_V3", "XLA_FLAGS")},
+            "copy_gbps": measure_copy_gbps(), "peak_hbm_gbps": spec_hbm_gbps(),
+            "row_schema": ROW_SCHEMA}
+    log(f"device {dev.device_kind}  backend {meta['backend']}  jax {jax.__version__}  "
+        f"copy {meta['copy_gbps']:.0f} GB/s  spec HBM {meta['peak_hbm_gbps'] or '-'} GB/s")
     kernel_opts = json.loads(args.options) if args.suite not in ("profile", "trace") else {}
     runs = []
     if args.suite == "sweep":
@@ -406,21 +647,42 @@ def main():
             shapes = points
         elif args.suite == "full":
             shapes = full_suite()
+        elif args.suite == "tpu":
+            shapes = tpu_suite()
+        elif args.suite == "cpu":
+            shapes = cpu_suite()
         else:
             shapes = [(Shape(8, 32 * 1024), ALL), (Shape(1, 128 * 1024), ALL)]
         for shape, variants in shapes:
-            runs.append(run_shape(shape, variants, args.reps, kernel_opts, log))
+            try:
+                runs.append(run_shape(shape, variants, args.reps, kernel_opts, log,
+                                      n_calls=n_calls))
+            except SystemExit:
+                raise
+            except Exception as e:  # noqa: BLE001 - a shape that does not fit is recorded
+                log(f"[{shape.label}] FAILED {type(e).__name__}: {str(e)[:300]}")
+                runs.append({"shape": vars(shape) | {"label": shape.label}, "n_sets": 0,
+                             "results": {v: {"error": f"{type(e).__name__}: {e}"[:400]}
+                                         for v in variants}})
             log(f"  (elapsed {time.time() - t_start:.0f} s)")
             _write(args, meta, kernel_opts, runs)  # partial results survive a time limit
     doc = {"meta": meta, "suite": args.suite, "kernel_options": kernel_opts, "runs": runs,
-               "protocol": "len(sets) calls per jitted program on distinct input copies, one sync, "
-                        "median of reps"}
+           "rows": flat_rows(meta, runs),
+           "protocol": f"{n_calls or CALLS} calls per jitted program on distinct input copies "
+                       "(len(sets) of them), one sync, median of reps"}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernels_{args.suite}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     if args.suite not in ("sweep", "profile", "trace"):
-        plot(runs, os.path.join(args.out, f"kernels_{args.suite}{args.tag}.png"), meta)
+        png = os.path.join(args.out, f"kernels_{args.suite}{args.tag}.png")
+        if args.suite in ("cpu", "tpu"):  # the four measures of compare.py, for this device
+            from compare import BenchFile
+            from compare import plot as plot_measures
+
+            plot_measures([BenchFile(path)], png)
+        else:
+            plot(runs, png, meta)
         summary(runs, log)
     log(f"total {time.time() - t_start:.0f} s; wrote {path}")
 
@@ -429,7 +691,7 @@ def _write(args, meta, kernel_opts, runs):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"kernels_{args.suite}{args.tag}.json"), "w") as f:
         json.dump({"meta": meta, "suite": args.suite, "kernel_options": kernel_opts, "runs": runs,
-                       "partial": True}, f, indent=1)
+                   "rows": flat_rows(meta, runs), "partial": True}, f, indent=1)
 
 
 def sweep(log, reps):
@@ -566,7 +828,7 @@ def summary(runs, log):
     log(f"{'shape':34s} {'variant':44s} {'ms':>8s} {'GB/s':>6s} {'vs bf16':>8s} {'vs outerq':>9s}")
     for run in runs:
         res = run["results"]
-        peers = [res[p]["ms"] for p in ("bf16_xla", "bf16_pallas", "cudnn") if "ms" in res.get(p, {})]
+        peers = [res[p]["ms"] for p in BF16_PEERS if "ms" in res.get(p, {})]
         best = min(peers) if peers else None
         # against the fastest OuterQ point measured at this shape (defaults or a tunable)
         oqs = [v["ms"] for n, v in res.items() if n.startswith("outerq_fused") and "ms" in v]
@@ -577,7 +839,8 @@ def summary(runs, log):
                 continue
             sp = f"{best / v['ms']:7.2f}x" if best else ""
             so = f"{oq / v['ms']:8.2f}x" if oq and name.startswith("innerq") else ""
-            log(f"{run['shape']['label']:34s} {name:44s} {v['ms']:8.4f} {v['gbps']:6.0f} {sp:>8s} {so:>9s}")
+            gb = f"{v['gbps']:6.0f}" if v["gbps"] >= 10 else f"{v['gbps']:6.2f}"
+            log(f"{run['shape']['label']:34s} {name:44s} {v['ms']:8.4f} {gb} {sp:>8s} {so:>9s}")
 
 
 def plot(runs, path, meta):
@@ -595,11 +858,12 @@ def plot(runs, path, meta):
             if sh["B"] != B or sh["Hkv"] != 8 or sh["D"] != 128 or sh["bits"] != 2 or sh["G"] != 32:
                 continue
             res = run["results"]
-            peers = [res[p]["ms"] for p in ("bf16_xla", "bf16_pallas", "cudnn") if "ms" in res.get(p, {})]
+            peers = [res[p]["ms"] for p in BF16_PEERS if "ms" in res.get(p, {})]
             if not peers:
                 continue
-            for name in ("innerq_fused", "outerq_fused", "innerq-h_fused", "int8_xla", "bf16_xla",
-                         "cudnn"):
+            for name in ("innerq_fused", "innerq_mgpu", "outerq_fused", "innerq-h_fused",
+                         "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref", "outerq_ref",
+                         "int8_xla", "bf16_xla", "cudnn", "bf16_paged_tpu"):
                 if "ms" in res.get(name, {}):
                     series.setdefault(name, []).append((sh["T"], min(peers) / res[name]["ms"]))
         for name, pts in series.items():

@@ -20,12 +20,14 @@ from innerq_jax.reference import (
     dense_attention,
     finish_output,
     int8_attention,
+    int8_attention_fused,
     prepare_query,
     quantized_attention_core,
     split_heads,
 )
 
-Backend = Literal["auto", "reference", "pallas", "interpret"]
+Backend = Literal["auto", "reference", "pallas", "interpret", "tpu", "tpu-interpret"]
+_BACKENDS = ("auto", "reference", "pallas", "interpret", "tpu", "tpu-interpret")
 
 
 # ------------------------------------------------------------------ dispatch
@@ -55,7 +57,14 @@ def _fused_kernel():
 
 @functools.cache
 def _default_backend() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+
+
+def _mosaic_preferred(cfg: CacheConfig, kernel_options) -> bool:
+    """The Mosaic GPU kernel where it measured faster on this device (Hopper), else Triton."""
+    from pallas_kernels.mgpu_decode import preferred
+
+    return preferred(cfg, kernel_options)
 
 
 def decode_attention_layer(
@@ -80,8 +89,8 @@ def decode_attention_layer(
     _check_lengths(lengths, q.shape[0], cfg.capacity)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    if backend not in ("auto", "reference", "pallas", "interpret"):
-        raise ValueError(f"backend={backend!r}; choose auto, reference, pallas or interpret")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
     if backend == "auto":
         backend = _default_backend()
     if isinstance(layer, QuantLayer):
@@ -93,6 +102,16 @@ def decode_attention_layer(
         qp = prepare_query(q, layer, cfg, scale)
         if backend == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
+        elif backend in ("tpu", "tpu-interpret"):
+            from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
+
+            o = quantized_decode_attention_tpu(
+                qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
+            )
+        elif backend == "pallas" and _mosaic_preferred(cfg, kernel_options):
+            from pallas_kernels.mgpu_decode import mgpu_decode_attention
+
+            o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)
         else:
             o = _fused_kernel()(
                 qp, layer, lengths, cfg, interpret=backend == "interpret", **kernel_options
@@ -102,13 +121,17 @@ def decode_attention_layer(
     if layer.k.shape[0] != q.shape[0] or layer.k.shape[-1] != D:
         raise ValueError(f"q shape {q.shape} does not match the cache k shape {layer.k.shape}")
     qh = split_heads(q, H).astype(jnp.float32) * scale
-    if isinstance(layer, DenseLayer) and backend != "reference":
+    if isinstance(layer, DenseLayer) and backend in ("pallas", "interpret"):
         from pallas_kernels.dense_decode import dense_decode_attention
 
         o = dense_decode_attention(qh, layer.k, layer.v, lengths,
                                    interpret=backend == "interpret", **kernel_options)
     elif isinstance(layer, DenseLayer):
-        o = dense_attention(qh, layer.k, layer.v, lengths)
+        # on a TPU: the bf16 einsum with f32 accumulation a user would run there
+        q_in = qh.astype(layer.k.dtype) if backend.startswith("tpu") else qh
+        o = dense_attention(q_in, layer.k, layer.v, lengths)
+    elif isinstance(layer, Int8Layer) and backend in ("pallas", "tpu"):
+        o = int8_attention_fused(qh, layer, lengths)
     elif isinstance(layer, Int8Layer):
         o = int8_attention(qh, layer, lengths)
     else:

@@ -193,17 +193,24 @@ def _dense_rows(x, start, n):
 
 
 def dense_attention(qh, k, v, lengths, block_tokens: int = REFERENCE_BLOCK_TOKENS):
-    """qh [B, H, r, D] f32 (scaled); k, v [B, H, C, D] in their stored dtype.
+    """qh [B, H, r, D] (scaled); k, v [B, H, C, D] in their stored dtype -> f32 [B, H, r, D].
 
-    Each block is widened to f32 on its own, so the cache is never copied.
+    The products take qh's dtype for both operands and accumulate in f32: an f32
+    qh gives the exact reference, a bf16 one the bf16 einsum a TPU user runs.
+    Each block is converted on its own, so the cache is never copied.
     """
-    return blockwise_attention(
-        qh.shape, k.shape[2], lengths,
-        lambda st, n: jnp.einsum("bhrd,bhtd->bhrt", qh,
-                                 _dense_rows(k, st, n).astype(jnp.float32)),
-        lambda st, n, e: jnp.einsum("bhrt,bhtd->bhrd", e,
-                                    _dense_rows(v, st, n).astype(jnp.float32)),
-        block_tokens=block_tokens)
+    dt = qh.dtype
+
+    def scores(st, n):
+        return jnp.einsum("bhrd,bhtd->bhrt", qh, _dense_rows(k, st, n).astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def values(st, n, e):
+        return jnp.einsum("bhrt,bhtd->bhrd", e.astype(dt), _dense_rows(v, st, n).astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    return blockwise_attention(qh.shape, k.shape[2], lengths, scores, values,
+                               block_tokens=block_tokens)
 
 
 def int8_attention(qh, layer: Int8Layer, lengths, block_tokens: int = REFERENCE_BLOCK_TOKENS):
@@ -220,3 +227,19 @@ def int8_attention(qh, layer: Int8Layer, lengths, block_tokens: int = REFERENCE_
 
     return blockwise_attention(qh.shape, layer.k.shape[2], lengths, scores, values,
                                block_tokens=block_tokens)
+
+
+def int8_attention_fused(qh, layer: Int8Layer, lengths):
+    """The int8 cache on an accelerator: one bf16 einsum per product (f32 accumulation)
+    that XLA fuses with the int8 -> bf16 conversion, so the codes are read once; the
+    per-token scales multiply the score and probability rows."""
+    ks, vs = layer.k_scale.astype(jnp.float32), layer.v_scale.astype(jnp.float32)
+    s = jnp.einsum("bhrd,bhtd->bhrt", qh.astype(jnp.bfloat16), layer.k.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32) * ks[:, :, None, :]
+    valid = (jnp.arange(layer.k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
+    x = jnp.where(valid, s, _NEG)
+    m = jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.where(valid, jnp.exp(x - m), 0.0)
+    p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30) * vs[:, :, None, :]
+    return jnp.einsum("bhrt,bhtd->bhrd", p.astype(jnp.bfloat16), layer.v.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)

@@ -45,7 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from innerq_jax import CacheConfig, KVCache
+from innerq_jax.sharding import DATA, check_divisible
 from models.llama import Llama, decode_step, prefill
 
 WIKITEXT = os.path.join("wikitext-2-raw", "wiki.test.raw")  # under --data-dir
@@ -158,8 +161,8 @@ def _with_capacity(cfg: CacheConfig, need: int) -> CacheConfig:
 
 
 # ============================================================ perplexity
-@functools.partial(jax.jit, static_argnames=("configs", "prefill_len", "backend"))
-def _score_windows(model, tokens, configs, prefill_len, backend="reference"):
+@functools.partial(jax.jit, static_argnames=("configs", "prefill_len", "backend", "mesh"))
+def _score_windows(model, tokens, configs, prefill_len, backend="reference", mesh=None):
     """tokens [B, P + Nd] -> per config: nll [B, Nd], kl [B, Nd], agree [B, Nd].
 
     Column 0 is the prefill's prediction of token P; column j > 0 is decode
@@ -171,7 +174,7 @@ def _score_windows(model, tokens, configs, prefill_len, backend="reference"):
     lengths = jnp.full((B,), P, jnp.int32)
     caches, first = [], None
     for cfg in configs:
-        logits, cache = prefill(model, tokens[:, :P], lengths, cfg)
+        logits, cache = prefill(model, tokens[:, :P], lengths, cfg, mesh=mesh)
         caches.append(cache)
         first = logits  # identical for every config (prefill uses exact k, v)
 
@@ -189,7 +192,7 @@ def _score_windows(model, tokens, configs, prefill_len, backend="reference"):
 
     def step(caches, inp):
         tok, target = inp
-        outs = [decode_step(model, c, tok, backend=backend) for c in caches]
+        outs = [decode_step(model, c, tok, backend=backend, mesh=mesh) for c in caches]
         s = scores([o[0] for o in outs], target)
         return tuple(o[1] for o in outs), s
 
@@ -199,10 +202,21 @@ def _score_windows(model, tokens, configs, prefill_len, backend="reference"):
     return cat(s0[0], nll), cat(s0[1], kl), cat(s0[2], agree)
 
 
+def _on_data_axis(tokens, mesh, num_kv_heads):
+    tokens = jnp.asarray(tokens)
+    if mesh is None:
+        return tokens
+    check_divisible(mesh, tokens.shape[0], num_kv_heads)
+    return jax.device_put(tokens, NamedSharding(mesh, P(DATA)))
+
+
 def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig], *,
                      prefill_len: int = 512, decode_len: int = 1024, batch: int = 8,
-                     backend: str = "reference", progress=None) -> list[dict]:
+                     backend: str = "reference", progress=None, mesh=None) -> list[dict]:
     """Runs all ``configs`` side by side over the windows; configs[0] is the reference.
+
+    With a ``mesh`` (the model placed by ``models.llama.shard_model``) each batch
+    of windows is split over its data axis and every cache over (data, model).
 
     Returns one dict per config: nll_sum, count, perplexity, mean_kl (vs
     configs[0]), top1_agreement, the NLL sum of each window (so a subset of
@@ -221,7 +235,8 @@ def evaluate_configs(model: Llama, token_windows, configs: Sequence[CacheConfig]
     for s in range(0, len(w), batch):
         chunk = w[s:s + batch]
         nll, kl, agree = jax.device_get(
-            _score_windows(model, jnp.asarray(chunk), cfgs, prefill_len, backend))
+            _score_windows(model, _on_data_axis(chunk, mesh, model.cfg.num_kv_heads), cfgs,
+                           prefill_len, backend, mesh))
         nll_sum += nll.sum((1, 2))
         kl_sum += kl.sum((1, 2))
         agree_sum += agree.sum((1, 2))

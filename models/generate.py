@@ -17,9 +17,11 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from innerq_jax import CacheConfig
 from innerq_jax.config import is_int
+from innerq_jax.sharding import DATA, check_divisible
 from models.llama import Llama, decode_step, prefill
 
 
@@ -71,12 +73,12 @@ class Generation:
 @functools.partial(
     jax.jit,
     static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
-                     "stream"),
+                     "stream", "mesh"),
 )
 def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
-              backend, stream):
+              backend, stream, mesh=None):
     B = tokens.shape[0]
-    logits, cache = prefill(model, tokens, lengths, cache_config)
+    logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
     key = jax.random.PRNGKey(sampling.seed)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
@@ -98,7 +100,7 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
     def body(state):
         i, tok, cache, done, out, n, key = state
         out, n, done = record(i, tok, done, out, n)
-        logits, cache = decode_step(model, cache, tok, backend=backend)
+        logits, cache = decode_step(model, cache, tok, backend=backend, mesh=mesh)
         key, sub = jax.random.split(key)
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key
 
@@ -127,6 +129,7 @@ def generate(
     eos_ids: Sequence[int] = (),
     backend: str = "auto",
     stream: Callable | None = None,
+    mesh: Mesh | None = None,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
 
@@ -152,6 +155,11 @@ def generate(
     tokens = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    out, n, cache = _generate(model, jnp.asarray(tokens), jnp.asarray(lengths), cache_config,
-                              max_new_tokens, sampling, tuple(eos_ids), backend, stream)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+        check_divisible(mesh, len(prompts), model.cfg.num_kv_heads)
+        tokens = jax.device_put(tokens, NamedSharding(mesh, P(DATA)))
+        lengths = jax.device_put(lengths, NamedSharding(mesh, P(DATA)))
+    out, n, cache = _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling,
+                              tuple(eos_ids), backend, stream, mesh)
     return Generation(np.asarray(out), np.asarray(n), cache)

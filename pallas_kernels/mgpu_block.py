@@ -1,0 +1,388 @@
+"""Per-thread code of the Mosaic GPU InnerQ kernel, written once against an ``ops`` backend.
+
+Each function is what one thread of the 128-thread warpgroup does between two
+wgmma chains. The kernel runs it with :class:`pallas_kernels.mgpu_decode.MlirOps`
+(emitting Mosaic GPU IR inside ``plgpu.inline_mgpu``); the CPU tests run the same
+functions with a numpy SIMT simulator (``tests/mgpu_simt.py``), so the index
+arithmetic tested on the CPU is the arithmetic the GPU executes.
+
+The backend provides:
+  ``w, rr, c``         warp (0..3), lane // 4, lane % 4 of the thread (integers)
+  ``load(ref, off, kind, n)``   n consecutive elements at element offset ``off``
+                       (kind "u32"/"i32" -> integers, "bf16"/"f32" -> floats)
+  ``store(ref, off, vals, kind, pred=None)``   n consecutive elements
+  ``where, maximum, exp2, shfl_xor, round_bf16, f32, imin``   arithmetic
+  ``bf16x2(bits)``     a wgmma A register from 32 bits (two bf16)
+  ``frag(kind, shape, regs)`` / ``get(frag, idx, e)``   register arrays in the wgmma
+                       layout ("wgmma": index (m_tile, t8, rho)) or its column
+                       reduction ("col": index (t8,)); register elements e = 0, 1
+  ``barrier()``, ``fence_barrier()`` (async-proxy fence, then barrier)
+Integer values support + - * // % & | ^ << >> and comparisons; floats + - *.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.mgpu_geometry import MAGIC, NEG, Geometry, pair_mask, pair_plan
+
+
+def _unpack(ops, word, bits: int, j: int, shifted: dict):
+    """A register of code pair j of ``word``: one shift (shared per word) and one lop3."""
+    sh, _ = pair_plan(bits)[j]
+    key = (id(word), sh)
+    if key not in shifted:
+        shifted[key] = word >> sh if sh else word
+    return ops.bf16x2((shifted[key] & pair_mask(bits, j)) | MAGIC)
+
+
+def k_operands(ops, geo: Geometry, kw):
+    """The A operands of the key chain: n_ksteps arrays [MT*64, 16] (step s = j*KT + T).
+
+    kw: the block's key words [BT/P, KW] uint32 (row-major, flat).
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    regs = [{} for _ in range(geo.n_ksteps)]
+    for mt in range(geo.MT):
+        for rho in range(2):
+            row = 64 * mt + 16 * w + rr + 8 * rho
+            for T in range(geo.KT):
+                words = ops.load(kw, row * geo.KW + 8 * T + 2 * c, "u32", 2)
+                shifted = {}
+                for j in range(geo.half):
+                    for t in range(2):
+                        a = _unpack(ops, words[t], geo.bits, j, shifted)
+                        regs[j * geo.KT + T][(mt, t, rho)] = a
+    return [ops.frag("wgmma", (64 * geo.MT, 16), r) for r in regs]
+
+
+def k_acc_init(ops, geo: Geometry, kconst):
+    """-koff on every row: the codes' +128 offset, removed before any MMA runs."""
+    regs = {}
+    for t8 in range(geo.NK // 8):
+        v = ops.load(kconst, 8 * t8 + 2 * ops.c, "f32", 2)
+        for mt in range(geo.MT):
+            for rho in range(2):
+                regs[(mt, t8, rho)] = (-1.0 * v[0], -1.0 * v[1])
+    return ops.frag("wgmma", (64 * geo.MT, geo.NK), regs, dtype="f32")
+
+
+def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp):
+    """Scores, the block's online-softmax update and the value operands of one block.
+
+    acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
+    key scales / zeros [BT, ng] (flat bf16); kconst: [2, NK] f32 (koff, qsum);
+    m_cols: running max per head, "col" [NV]; n_valid: valid tokens of the block.
+    Writes Pexp (bf16, tiled and swizzled) and exchanges block maxima and group sums
+    through ``xchg``. Returns (m_new_cols, alpha_cols, [poff_cols per chunk],
+    [psum_cols per chunk]); poff = sum of the stored Pexp values of a (head, token
+    group) column, psum = sum of the bf16-rounded probabilities.
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    P, OWN, ng, ngc = geo.P, geo.OWN, geo.ng, geo.ngc
+    plan = pair_plan(geo.bits)
+
+    qsum = {}
+    for u in range(P * OWN):
+        for g in range(ng):
+            k = u * ng + g
+            qsum[(u, g)] = ops.load(kconst, geo.NK + geo.col_of_slot(k, c), "f32", 1)[0]
+
+    # scores[(mt, rho, p, uh)]: token TM*mt + P*(16w + rr + 8rho) + p, head 4*uh + c
+    scores = {}
+    for mt in range(geo.MT):
+        for rho in range(2):
+            row = 16 * w + rr + 8 * rho
+            for p in range(P):
+                tau = geo.TM * mt + P * row + p
+                ksv = ops.load(ks, tau * ng, "bf16", ng)
+                kzv = ops.load(kz, tau * ng, "bf16", ng)
+                valid = tau < n_valid
+                for uh in range(OWN):
+                    u = p * OWN + uh
+                    s = None
+                    for g in range(ng):
+                        k = u * ng + g
+                        a = ops.get(acc_k, (mt, k // 2, rho), k % 2)
+                        term = ksv[g] * a + kzv[g] * qsum[(u, g)]
+                        s = term if s is None else s + term
+                    scores[(mt, rho, p, uh)] = ops.where(valid, s, NEG)
+
+    # block maximum per head: thread -> warp (shuffles over rr) -> warpgroup (shared memory)
+    m_old = [ops.get(m_cols, ((uh * ngc) // 2,), (uh * ngc) % 2) for uh in range(OWN)]
+    first_lane = rr == 0
+    for uh in range(OWN):
+        mx = None
+        for mt in range(geo.MT):
+            for rho in range(2):
+                for p in range(P):
+                    v = scores[(mt, rho, p, uh)]
+                    mx = v if mx is None else ops.maximum(mx, v)
+        for d in (4, 8, 16):
+            mx = ops.maximum(mx, ops.shfl_xor(mx, d))
+        ops.store(xchg, (w * OWN + uh) * 4 + c, [mx], "f32", pred=first_lane)
+    ops.barrier()
+    m_new, alpha = [], []
+    for uh in range(OWN):
+        blk = None
+        for ww in range(4):
+            v = ops.load(xchg, (ww * OWN + uh) * 4 + c, "f32", 1)[0]
+            blk = v if blk is None else ops.maximum(blk, v)
+        mn = ops.maximum(m_old[uh], blk)
+        m_new.append(mn)
+        alpha.append(ops.exp2(m_old[uh] - mn))
+
+    # probabilities -> Pexp (bf16 * 2**-e_j at the token's row of pair j) and group sums
+    exps = [e for _, e in plan]
+    for mt in range(geo.MT):
+        ck = (geo.TM * mt) // geo.TC
+        for uh in range(OWN):
+            poff = psum = None
+            for rho in range(2):
+                for p in range(P):
+                    tau_c = geo.TM * (mt % (geo.TC // geo.TM)) + P * (16 * w + rr + 8 * rho) + p
+                    j, a = geo.pexp_row(tau_c)
+                    gt = tau_c // geo.G
+                    down = ops.f32(1.0)
+                    for jj in range(geo.half):  # 2**-e_j for a run-time j
+                        down = ops.where(j == jj, ops.f32(2.0 ** -exps[jj]), down)
+                    up = ops.f32(1.0)
+                    for jj in range(geo.half):
+                        up = ops.where(j == jj, ops.f32(2.0 ** exps[jj]), up)
+                    pv = ops.exp2(scores[(mt, rho, p, uh)] - m_new[uh])
+                    stored = ops.round_bf16(pv * down)  # exactly the value the MMA sees
+                    ops.store(pexp, geo.pexp_offset(ck, j, a, geo.v_col(uh, gt, c)), [stored],
+                              "bf16")
+                    poff = stored if poff is None else poff + stored
+                    pr = stored * up  # the bf16-rounded probability, exactly
+                    psum = pr if psum is None else psum + pr
+            for d in (4, 8, 16):
+                poff = poff + ops.shfl_xor(poff, d)
+                psum = psum + ops.shfl_xor(psum, d)
+            base = geo.xchg_max_size + (((mt * 4 + w) * OWN + uh) * 4 + c) * 2
+            ops.store(xchg, base, [poff, psum], "f32", pred=first_lane)
+    ops.fence_barrier()
+
+    poff_cols, psum_cols = [], []
+    for ck in range(geo.NC):
+        regs_off, regs_sum = {}, {}
+        for t8 in range(geo.NV // 8):
+            vo, vs = [], []
+            for e in range(2):
+                k = 2 * t8 + e
+                uh, gt = k // ngc, k % ngc
+                so = ss = ops.f32(0.0)
+                if uh < OWN:
+                    for mt, ww in geo.group_slices(ck, gt):
+                        base = geo.xchg_max_size + (((mt * 4 + ww) * OWN + uh) * 4 + c) * 2
+                        pair = ops.load(xchg, base, "f32", 2)
+                        so, ss = so + pair[0], ss + pair[1]
+                vo.append(so)
+                vs.append(ss)
+            regs_off[(t8,)] = tuple(vo)
+            regs_sum[(t8,)] = tuple(vs)
+        poff_cols.append(ops.frag("col", (geo.NV,), regs_off, dtype="f32"))
+        psum_cols.append(ops.frag("col", (geo.NV,), regs_sum, dtype="f32"))
+
+    regs_m, regs_a = {}, {}
+    for t8 in range(geo.NV // 8):
+        vm, va = [], []
+        for e in range(2):
+            uh = (2 * t8 + e) // ngc
+            vm.append(m_new[uh] if uh < OWN else ops.f32(NEG))
+            va.append(alpha[uh] if uh < OWN else ops.f32(1.0))
+        regs_m[(t8,)] = tuple(vm)
+        regs_a[(t8,)] = tuple(va)
+    m_cols_new = ops.frag("col", (geo.NV,), regs_m, dtype="f32")
+    alpha_cols = ops.frag("col", (geo.NV,), regs_a, dtype="f32")
+    return m_cols_new, alpha_cols, poff_cols, psum_cols
+
+
+def v_operands(ops, geo: Geometry, vw, ck: int):
+    """A operands of V chunk ck: half arrays [D, 16] (pair j). vw: the block's value words
+    [BT/cpw, D] uint32 (flat)."""
+    w, rr, c = ops.w, ops.rr, ops.c
+    regs = [{} for _ in range(geo.half)]
+    for mv in range(geo.MV):
+        for t in range(2):
+            wr = 8 * ck + 2 * c + t
+            words = ops.load(vw, wr * geo.D + 64 * mv + 16 * w + 2 * rr, "u32", 2)  # rho = 0, 1
+            for rho in range(2):
+                shifted = {}
+                for j in range(geo.half):
+                    regs[j][(mv, t, rho)] = _unpack(ops, words[rho], geo.bits, j, shifted)
+    return [ops.frag("wgmma", (geo.D, 16), r) for r in regs]
+
+
+def v_acc_init(ops, geo: Geometry, poff_cols):
+    """-128 * poff on every row: the codes' +128 offset of this chunk."""
+    regs = {}
+    for t8 in range(geo.NV // 8):
+        v = (ops.get(poff_cols, (t8,), 0) * -128.0, ops.get(poff_cols, (t8,), 1) * -128.0)
+        for mv in range(geo.MV):
+            for rho in range(2):
+                regs[(mv, t8, rho)] = v
+    return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
+
+
+def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, n_valid, ck: int):
+    """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (after alpha * o_full
+    when ``alpha_cols`` is given). vs, vz: the block's value scales / zeros [BT/G, D] (flat
+    bf16). Groups past ``n_valid`` are skipped (their scales may be anything)."""
+    w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
+    ngc, OWN = geo.ngc, geo.OWN
+    sc, zc = {}, {}
+    for mv in range(geo.MV):
+        for gt in range(ngc):
+            off = (ck * ngc + gt) * geo.D + 64 * mv + 16 * w + 2 * rr
+            ok = ck * geo.TC + gt * geo.G < n_valid
+            s2 = ops.load(vs, off, "bf16", 2)
+            z2 = ops.load(vz, off, "bf16", 2)
+            for rho in range(2):
+                sc[(mv, gt, rho)] = ops.where(ok, s2[rho], ops.f32(0.0))
+                zc[(mv, gt, rho)] = ops.where(ok, z2[rho], ops.f32(0.0))
+    regs = {}
+    for mv in range(geo.MV):
+        for t8 in range(geo.NV // 8):
+            for rho in range(2):
+                vals = []
+                for e in range(2):
+                    k = 2 * t8 + e
+                    o = ops.get(o_full, (mv, t8, rho), e)
+                    if alpha_cols is not None:
+                        o = o * ops.get(alpha_cols, (t8,), e)
+                    if k // ngc < OWN:
+                        gt = k % ngc
+                        o = (o + sc[(mv, gt, rho)] * ops.get(acc_v, (mv, t8, rho), e)
+                             + zc[(mv, gt, rho)] * ops.get(psum_cols, (t8,), e))
+                    vals.append(o)
+                regs[(mv, t8, rho)] = tuple(vals)
+    return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
+
+
+def store_partials(ops, geo: Geometry, o_full, m_cols, l_cols, o_out, ml_out):
+    """Writes the program's partial: o_out [D, NV] (M-row order), ml_out [2, NV] (max, sum)."""
+    w, rr, c = ops.w, ops.rr, ops.c
+    for mv in range(geo.MV):
+        for t8 in range(geo.NV // 8):
+            for rho in range(2):
+                m = 64 * mv + 16 * w + rr + 8 * rho
+                vals = [ops.get(o_full, (mv, t8, rho), e) for e in range(2)]
+                ops.store(o_out, m * geo.NV + 8 * t8 + 2 * c, vals, "f32")
+    lead = (w == 0) & (rr == 0)
+    for t8 in range(geo.NV // 8):
+        ops.store(ml_out, 8 * t8 + 2 * c, [ops.get(m_cols, (t8,), e) for e in range(2)], "f32",
+                  pred=lead)
+        ops.store(ml_out, geo.NV + 8 * t8 + 2 * c, [ops.get(l_cols, (t8,), e) for e in range(2)],
+                  "f32", pred=lead)
+
+
+def zero_fill(ops, buf, n_elems_bf16: int):
+    """Zeros a bf16 shared buffer, 8 elements (16 bytes) per thread and step."""
+    tid = 32 * ops.w + 4 * ops.rr + ops.c
+    for base in range(0, n_elems_bf16, 8 * 128):
+        off = base + 8 * tid
+        ops.store(buf, off, [ops.f32(0.0)] * 8, "bf16", pred=off < n_elems_bf16)
+
+
+# ------------------------------------------------------------- bf16 windows
+def window_scratch_size(geo: Geometry, n_window: int) -> int:
+    """f32 scratch of the window program: q [r, D], p [tokens, r], two [4, r] exchanges."""
+    return geo.n_rep * geo.D + n_window * geo.n_rep + 8 * geo.n_rep
+
+
+def window_attention(ops, geo: Geometry, q, windows, valid, scr, o_out, ml_out):
+    """Online-softmax partial of the bf16 sink and recent windows of one (sequence, kv head),
+    on CUDA cores (at most S + R + G - 1 live tokens), written like a kernel split's partial.
+
+    q: [r*D] f32 (q' * log2 e); windows: [(k, v, n_tokens)] bf16 [n*D] refs (sink, recent
+    ring), tokens numbered in that order; valid: [sum n] int32 (1 = live); scr: f32 scratch
+    (:func:`window_scratch_size`); o_out [D, NV], ml_out [2, NV] as :func:`store_partials`.
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    tid = 32 * w + 4 * rr + c
+    r, D = geo.n_rep, geo.D
+    nwin = sum(n for _, _, n in windows)
+    P0 = r * D  # p [t, h] at P0 + t*r + h
+    X0 = P0 + nwin * r  # exchanges [2][4 warps][r]
+    for base in range(0, r * D, 4 * 128):
+        off = base + 4 * tid
+        ok = off < r * D
+        ops.store(scr, off, ops.load(q, ops.imin(off, r * D - 4), "f32", 4), "f32", pred=ok)
+    ops.barrier()
+
+    # scores of the thread's tokens (token tid + 128k of each window)
+    mine = []  # (global token index, in range, [score per head])
+    t0 = 0
+    for kref, _, n in windows:
+        for base in range(0, n, 128):
+            t = base + tid
+            ok = t < n
+            tt = ops.imin(t, n - 1)
+            s = [None] * r
+            for d0 in range(0, D, 8):
+                kv = ops.load(kref, tt * D + d0, "bf16", 8)
+                for h in range(r):
+                    qv = (ops.load(scr, h * D + d0, "f32", 4)
+                          + ops.load(scr, h * D + d0 + 4, "f32", 4))
+                    for e in range(8):
+                        term = qv[e] * kv[e]
+                        s[h] = term if s[h] is None else s[h] + term
+            live = ok & (ops.load(valid, t0 + tt, "i32", 1)[0] != 0)
+            mine.append((t0 + tt, ok, live, [ops.where(live, x, NEG) for x in s]))
+        t0 += n
+
+    def reduce_heads(vals, combine, x0):
+        """Warpgroup-wide reduction of one value per head (all threads get the result)."""
+        out = []
+        for h in range(r):
+            v = vals[h]
+            for d in (1, 2, 4, 8, 16):
+                v = combine(v, ops.shfl_xor(v, d))
+            ops.store(scr, x0 + w * r + h, [v], "f32", pred=(rr == 0) & (c == 0))
+        ops.barrier()
+        for h in range(r):
+            acc = None
+            for ww in range(4):
+                x = ops.load(scr, x0 + ww * r + h, "f32", 1)[0]
+                acc = x if acc is None else combine(acc, x)
+            out.append(acc)
+        return out
+
+    mx = [None] * r
+    for _, _, _, s in mine:
+        for h in range(r):
+            mx[h] = s[h] if mx[h] is None else ops.maximum(mx[h], s[h])
+    m = reduce_heads(mx, ops.maximum, X0)
+    lsum = [ops.f32(0.0)] * r
+    for t, ok, live, s in mine:
+        ps = [ops.where(live, ops.exp2(s[h] - m[h]), 0.0) for h in range(r)]
+        for h in range(r):
+            lsum[h] = lsum[h] + ps[h]
+        ops.store(scr, P0 + t * r, ps, "f32", pred=ok)
+    l_tot = reduce_heads(lsum, lambda a, b: a + b, X0 + 4 * r)  # (its barrier orders p too)
+
+    # o[h, d] = sum_t p[t, h] v[t, d]: one channel per thread
+    for d0 in range(0, D, 128):
+        d = d0 + tid
+        dok = d < D
+        dd = ops.imin(d, D - 1)
+        o = [ops.f32(0.0)] * r
+        t0 = 0
+        for _, vref, n in windows:
+            for t in range(n):
+                v = ops.load(vref, t * D + dd, "bf16", 1)[0]
+                pv = ops.load(scr, P0 + (t0 + t) * r, "f32", r)
+                for h in range(r):
+                    o[h] = o[h] + pv[h] * v
+            t0 += n
+        # the partial's row of channel d, columns (head h, token group 0)
+        m_row = geo.v_row(dd)
+        for col in range(geo.NV):
+            hh = geo.v_col_head(col)
+            val = o[hh] if hh is not None else ops.f32(0.0)
+            ops.store(o_out, m_row * geo.NV + col, [val], "f32", pred=dok)
+    lead = tid == 0
+    for col in range(geo.NV):
+        hh = geo.v_col_head(col)
+        ops.store(ml_out, col, [m[hh] if hh is not None else ops.f32(NEG)], "f32", pred=lead)
+        ops.store(ml_out, geo.NV + col, [l_tot[hh] if hh is not None else ops.f32(0.0)], "f32",
+                  pred=lead)

@@ -1,0 +1,866 @@
+"""Fused InnerQ decode attention on Pallas' Mosaic GPU backend (Hopper, sm_90a).
+
+``mgpu_decode_attention(qp, layer, lengths, cfg)`` equals
+``innerq_jax.reference.quantized_attention_core`` (the contract): softmax over the
+bf16 sink window, the packed quantized region and the bf16 recent ring, then the
+probability-weighted values; f32 [B, Hkv, n_rep, D].
+
+Structure (one launch of the Mosaic GPU kernel, plus two small XLA fusions):
+
+* XLA, per call: the expanded query ``Qexp`` (the B operand of the key MMAs,
+  built once per (sequence, kv head) instead of once per program) and its column
+  constants (``koff``, the codes' +128 offset, and the per-group query sums);
+* kernel, grid (splits, Hkv, B), one warpgroup per program: ``plgpu.emit_pipeline``
+  streams the blocks of the program's token range with TMA (key words, key
+  scales and zeros, value words, value scales and zeros; ``num_stages`` blocks in
+  flight); per block the key chain (wgmma, A = unpacked codes in registers,
+  tokens on M), the scores and the online softmax (maxima exchanged once per block
+  through shared memory), the probabilities written as the B operand ``Pexp`` of
+  the value chain (wgmma, A = unpacked value codes, channels on M), and the
+  per-group scale multiply of both in registers. Each program writes its partial
+  (o, running max, sum) in its own accumulator-column order;
+* XLA: the bf16 sink and recent windows (at most S + R + G - 1 tokens, an
+  einsum pair) and the merge of all partials, which also undoes the column order.
+
+Per-thread code lives in :mod:`pallas_kernels.mgpu_block` (tested on the CPU by a
+simulator), the tile maps in :mod:`pallas_kernels.mgpu_geometry`. Mosaic GPU
+cannot run pipelined copies in its CPU interpreter, so the kernel itself runs
+only on a Hopper GPU; its lowering (to Mosaic GPU IR) also runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from innerq_jax.cache import QuantLayer
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import recent_slot_tokens, region_sizes
+from innerq_jax.reference import quantized_attention_core
+from pallas_kernels import mgpu_block as blk
+from pallas_kernels.mgpu_geometry import LOG2E, NEG, SWIZZLE, Geometry, default_block_tokens
+
+try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jax.experimental.mosaic.gpu.launch_context import OOBFillMode
+    from jaxlib.mlir.dialects import arith, llvm, nvvm, vector
+except ImportError as e:  # pragma: no cover
+    raise ImportError(
+        "pallas_kernels.mgpu_decode needs jax's Mosaic GPU (jax>=0.11.2,<0.12, the range it was "
+        f"checked on); import failed: {e}") from e
+
+_CHECKED_JAX = ((0, 11, 2), (0, 12, 0))  # [low, high): versions this kernel was checked on
+
+
+def _check_jax_version() -> None:
+    v = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
+    lo, hi = _CHECKED_JAX
+    if not lo <= v < hi:
+        raise RuntimeError(
+            f"pallas_kernels.mgpu_decode uses Mosaic GPU internals (fragmented_array, inline_mgpu) "
+            f"checked on jax {'.'.join(map(str, lo))} <= version < {'.'.join(map(str, hi))}; "
+            f"found jax {jax.__version__}")
+
+
+# Tuned defaults per device kind: the fastest point measured on the GPU and checked there
+# (benchmarks/KERNEL_NOTES.md, section "Mosaic GPU"; results/kernels_mgpu_probe.json).
+# ``preferred``: whether the backend dispatch runs this kernel instead of the Triton one;
+# on the H200 the Triton kernel measured faster, so it stays the default there.
+# pipeline="bulk" and windows="kernel" are implemented and pass the CPU checks, but had
+# not run on a GPU when these defaults were set.
+TUNED = {
+    "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
+                        pipeline="emit", windows="xla", preferred=False),
+}
+_FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
+
+
+_OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
+                      "explicit_barriers", "pipeline", "windows"})
+
+
+def preferred(cfg: CacheConfig, options=(), device=None) -> bool:
+    """Whether the backend dispatch should run this kernel: an InnerQ cache, a GPU whose
+    tuned entry says this kernel measured faster than the Triton one, and only options this
+    kernel takes (Triton-only options keep the Triton kernel)."""
+    if cfg.kind != "innerq" or set(options) - _OPTIONS:
+        return False
+    device = device or jax.devices()[0]
+    return device.platform == "gpu" and bool(TUNED.get(device.device_kind, {}).get("preferred"))
+
+
+def tuned_defaults(device=None) -> dict:
+    device = device or jax.devices()[0]
+    return dict(TUNED.get(device.device_kind, _FALLBACK))
+
+
+def sm_count(device=None) -> int | None:
+    device = device or jax.devices()[0]
+    n = getattr(device, "core_count", None)
+    return int(n) if n else None
+
+
+# =================================================================== IR backend
+_I32 = None
+
+
+def _i32():
+    return ir.IntegerType.get_signless(32)
+
+
+def _c(x: int):
+    return mu.c(int(x), _i32())
+
+
+class _B:
+    """An i1 value."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+    def __and__(self, o):
+        return _B(arith.andi(self.v, o.v))
+
+
+class _I:
+    """An i32 value (thread coordinates, offsets); operators emit arith ops."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+    @staticmethod
+    def _v(x):
+        return x.v if isinstance(x, _I) else _c(x)
+
+    def _bin(self, o, op):
+        return _I(op(self.v, _I._v(o)))
+
+    def __add__(self, o):
+        return self if (isinstance(o, int) and o == 0) else self._bin(o, arith.addi)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return self._bin(o, arith.subi)
+
+    def __rsub__(self, o):
+        return _I(arith.subi(_I._v(o), self.v))
+
+    def __mul__(self, o):
+        if isinstance(o, int) and o == 1:
+            return self
+        return self._bin(o, arith.muli)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, o):
+        return self._bin(o, arith.divui)
+
+    def __mod__(self, o):
+        return self._bin(o, arith.remui)
+
+    def __and__(self, o):
+        return self._bin(o, arith.andi)
+
+    def __or__(self, o):
+        return self._bin(o, arith.ori)
+
+    def __xor__(self, o):
+        return self._bin(o, arith.xori)
+
+    def __lshift__(self, o):
+        return self._bin(o, arith.shli)
+
+    def __rshift__(self, o):
+        return self._bin(o, arith.shrui)
+
+    def _cmp(self, o, pred):
+        return _B(arith.cmpi(pred, self.v, _I._v(o)))
+
+    def __lt__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.slt)
+
+    def __gt__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.sgt)
+
+    def __le__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.sle)
+
+    def __ge__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.sge)
+
+    def __eq__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.eq)
+
+    def __ne__(self, o):
+        return self._cmp(o, arith.CmpIPredicate.ne)
+
+    __hash__ = object.__hash__
+
+
+class _F:
+    """An f32 value; operators emit arith ops."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+    @staticmethod
+    def _v(x):
+        if isinstance(x, _F):
+            return x.v
+        f32 = ir.F32Type.get()
+        return arith.constant(f32, ir.FloatAttr.get(f32, float(x)))
+
+    def __add__(self, o):
+        return _F(arith.addf(self.v, _F._v(o)))
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return _F(arith.subf(self.v, _F._v(o)))
+
+    def __mul__(self, o):
+        return _F(arith.mulf(self.v, _F._v(o)))
+
+    __rmul__ = __mul__
+
+
+_FULL_INDEX = {
+    "wgmma": lambda idx: (idx[0], idx[1], 0, 0, idx[2], 0, 0, 0, 0),
+    "col": lambda idx: (idx[0], 0, 0),
+}
+
+
+class MlirOps:
+    """The ``ops`` backend of :mod:`pallas_kernels.mgpu_block` inside ``plgpu.inline_mgpu``."""
+
+    def __init__(self, no_sync: bool = False):
+        self._no_sync = no_sync  # timing ablation only: cross-warp exchanges unsynchronized
+        tid = _I(mu.thread_idx())
+        lane = tid % 32
+        self.w = (tid // 32) % 4
+        self.rr = lane // 4
+        self.c = lane % 4
+        self._ptrs = {}
+
+    # ---------------------------------------------------------------- scalars
+    @staticmethod
+    def f32(x):
+        return _F(_F._v(x))
+
+    @staticmethod
+    def where(cond, a, b):
+        return _F(arith.select(cond.v, _F._v(a), _F._v(b)))
+
+    @staticmethod
+    def maximum(a, b):
+        return _F(arith.maximumf(_F._v(a), _F._v(b)))
+
+    @staticmethod
+    def exp2(x):
+        f32 = ir.F32Type.get()
+        return _F(llvm.inline_asm(f32, [_F._v(x)], "ex2.approx.ftz.f32 $0, $1;", "=f,f"))
+
+    @staticmethod
+    def round_bf16(x):
+        f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+        return _F(arith.extf(f32, arith.truncf(bf16, _F._v(x))))
+
+    @staticmethod
+    def imin(a, b):
+        return _I(arith.minsi(_I._v(a), _I._v(b)))
+
+    @staticmethod
+    def shfl_xor(x, d):
+        return _F(mu.shfl_bfly(_F._v(x), d))
+
+    @staticmethod
+    def bf16x2(bits):
+        return mu.bitcast(bits.v, ir.VectorType.get((2,), ir.BF16Type.get()))
+
+    # ----------------------------------------------------------------- memory
+    def _ptr(self, ref):
+        key = id(ref)
+        if key not in self._ptrs:
+            self._ptrs[key] = (ref, mu.memref_ptr(ref))
+        return self._ptrs[key][1]
+
+    @staticmethod
+    def _elem(kind):
+        return {"u32": _i32(), "i32": _i32(), "bf16": ir.BF16Type.get(),
+                "f32": ir.F32Type.get()}[kind]
+
+    @staticmethod
+    def _align(kind, n):
+        """Vector accesses of n elements start at multiples of n elements."""
+        return (2 if kind == "bf16" else 4) * (n & -n)
+
+    def load(self, ref, off, kind, n):
+        et = self._elem(kind)
+        ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], et)
+        nbytes = self._align(kind, n)
+        if n == 1:
+            vals = [llvm.load(et, ptr, alignment=nbytes)]
+        else:
+            vec = llvm.load(ir.VectorType.get((n,), et), ptr, alignment=nbytes)
+            vals = [vector.extract(vec, dynamic_position=[],
+                                   static_position=ir.DenseI64ArrayAttr.get([k]))
+                    for k in range(n)]
+        if kind in ("u32", "i32"):
+            return [_I(v) for v in vals]
+        if kind == "bf16":
+            return [_F(arith.extf(ir.F32Type.get(), v)) for v in vals]
+        return [_F(v) for v in vals]
+
+    def store(self, ref, off, vals, kind, pred=None):
+        et = self._elem(kind)
+        ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], et)
+        raw = []
+        for v in vals:
+            x = _F._v(v)
+            raw.append(arith.truncf(et, x) if kind == "bf16" else x)
+        n = len(raw)
+        nbytes = self._align(kind, n)
+        val = raw[0] if n == 1 else vector.from_elements(ir.VectorType.get((n,), et), raw)
+        if pred is None:
+            llvm.store(val, ptr, alignment=nbytes)
+        else:
+            with mu.when(pred.v):
+                llvm.store(val, ptr, alignment=nbytes)
+
+    def barrier(self):
+        if not self._no_sync:
+            mu.warpgroup_barrier()
+
+    def fence_barrier(self):
+        if self._no_sync:
+            return
+        mu.commit_shared()  # fence.proxy.async (Pexp is read by wgmma), then barrier
+
+    # -------------------------------------------------------------- registers
+    @staticmethod
+    def frag(kind, shape, regs, dtype="bf16"):
+        layout = fa.WGMMA_LAYOUT if kind == "wgmma" else fa.WGMMA_COL_LAYOUT
+        arr = np.empty(layout.registers_shape(shape), dtype=object)
+        f32 = ir.F32Type.get()
+        for idx, reg in regs.items():
+            if isinstance(reg, tuple):
+                reg = vector.from_elements(ir.VectorType.get((2,), f32), [_F._v(x) for x in reg])
+            arr[_FULL_INDEX[kind](idx)] = reg
+        if any(r is None for r in arr.flat):
+            raise AssertionError(f"register array {kind}{shape} not fully built")
+        return fa.FragmentedArray(_registers=arr, _layout=layout, _is_signed=None)
+
+    @staticmethod
+    def get(frag, idx, e):
+        kind = "wgmma" if frag.layout == fa.WGMMA_LAYOUT else "col"
+        if kind == "col" and frag.layout != fa.WGMMA_COL_LAYOUT:
+            raise AssertionError(f"unexpected layout {frag.layout}")
+        reg = frag.registers[_FULL_INDEX[kind](idx)]
+        return _F(vector.extract(reg, dynamic_position=[],
+                                 static_position=ir.DenseI64ArrayAttr.get([e])))
+
+
+# ============================================================ Pallas skeleton
+_WGMMA = plgpu.Layout.WGMMA
+_COL = plgpu.Layout.WGMMA.reduce(0)
+_SPLAT = plgpu.Layout.WG_SPLAT(())
+_B_TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
+
+
+def _sds(shape, dtype, layout):
+    return plgpu.ShapeDtypeStruct(shape, dtype, layout=layout)
+
+
+def _inline(arg_types, ret, fn, **ops_kw):
+    return plgpu.inline_mgpu(arg_types=tuple(arg_types), return_type=ret)(
+        lambda ctx, *args: fn(MlirOps(**ops_kw), *args))
+
+
+def _scalar(x):
+    return x.registers.flat[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static choices of one kernel build (see :func:`mgpu_decode_attention`)."""
+
+    geo: Geometry
+    blocks_per_split: int
+    num_stages: int
+    explicit_barriers: bool = False
+    pipeline: str = "emit"  # "emit": plgpu.emit_pipeline; "bulk": one arrive + bulk copies
+    windows: str = "xla"  # "xla" or "kernel" (one extra program per (sequence, kv head))
+    sink: int = 0  # S
+    window: int = 0  # R + G, the recent ring
+    ablate: tuple[str, ...] = ()
+
+
+def _block_specs(geo: Geometry):
+    """(rows per block, row width, dtype) of the six per-block arrays, in kernel order."""
+    ng8 = geo.BT * geo.ng // 8
+    return [(geo.BT // geo.P, geo.KW, jnp.uint32), (ng8, 8, jnp.bfloat16),
+            (ng8, 8, jnp.bfloat16), (geo.BT // geo.cpw, geo.D, jnp.uint32),
+            (geo.BT // geo.G, geo.D, jnp.bfloat16), (geo.BT // geo.G, geo.D, jnp.bfloat16)]
+
+
+def _mbarrier_init(ctx, bar, n: int):
+    """n mbarriers of arrival count 1 (only the issuing thread arrives) in ``bar`` [n, 2] u32."""
+    i64 = ir.IntegerType.get_signless(64)
+    ptr = mu.memref_ptr(bar)
+    pred = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    for k in range(n):
+        nvvm.mbarrier_init(mu.getelementptr(ptr, [k], i64), _c(1), predicate=pred)
+    mu.inline_ptx("fence.mbarrier_init.release.cluster;", has_side_effects=True)
+    mu.warpgroup_barrier()
+    return ()
+
+
+def _bulk_fetch(ctx, *args, geo: Geometry):
+    """One thread registers the block's bytes on the slot's mbarrier (one arrive) and issues
+    the six contiguous bulk copies; bytes past the end of an array are left undefined (the
+    block math masks every token past the sequence)."""
+    gmem, bufs, (bar, b, h, blk, slot) = args[:6], args[6:12], args[12:]
+    idx = ir.IndexType.get()
+    i64 = ir.IntegerType.get_signless(64)
+    pred = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    slot_v = _scalar(slot)
+    base = mu.memref_ptr(bar)
+    total = sum(r * w * jnp.dtype(dt).itemsize for r, w, dt in _block_specs(geo))
+    nvvm.mbarrier_arrive_expect_tx(mu.getelementptr(base, [slot_v], i64), _c(total),
+                                   predicate=pred)
+    barrier = mu.BarrierRef(base, slot_v, _c(0), 1)
+    b_i, h_i = (arith.index_cast(idx, _scalar(x)) for x in (b, h))
+    for g, buf, (rows, _, _) in zip(gmem, bufs, _block_specs(geo)):
+        row0 = arith.index_cast(idx, arith.muli(_scalar(blk), _c(rows)))
+        ctx.async_copy(src_ref=g, dst_ref=mu.memref_slice(buf, arith.index_cast(idx, slot_v)),
+                       gmem_slice=(b_i, h_i, mu.DynamicSlice(row0, rows)), barrier=barrier,
+                       arrive=False, predicate=pred, oob_mode=OOBFillMode.UNDEFINED)
+    return ()
+
+
+def _mbarrier_wait(ctx, bar, slot, parity):
+    i64 = ir.IntegerType.get_signless(64)
+    ptr = mu.getelementptr(mu.memref_ptr(bar), [_scalar(slot)], i64)
+    nvvm.mbarrier_try_wait_parity(ptr, _scalar(parity), _c(10_000_000))
+    return ()
+
+
+def _kernel(nq_ref,  # [B] int32: quantized tokens per sequence
+            qexp_ref,  # [B*H*n_ksteps, 16, NK] bf16: expanded query (key MMA B operand)
+            kconst_ref,  # [B, H, 2, NK] f32: koff, per-group query sums
+            kw_ref,  # [B, H, Tq/P, KW] uint32: key codes, P tokens per row
+            ks_ref,  # [B, H, Tq*ng/8, 8] bf16: key scales ([Tq, ng] row-major)
+            kz_ref,  # [B, H, Tq*ng/8, 8] bf16: key zero-points
+            vw_ref,  # [B, H, Tq/cpw, D] uint32: value codes packed along T
+            vs_ref,  # [B, H, Tq/G, D] bf16: value scales
+            vz_ref,  # [B, H, Tq/G, D] bf16: value zero-points
+            qw_ref,  # [B, H, r*D] f32: q' * log2 e (window program)
+            wvalid_ref,  # [B, S + R + G] int32: live window slots (window program)
+            sk_ref, sv_ref,  # [B, H, S, D] bf16: sink window (S = 0: a [1, 1, 1, D] stand-in)
+            rk_ref, rv_ref,  # [B, H, R + G, D] bf16: recent ring
+            o_ref,  # out [B, H, NS(+1), D, NV] f32: partial outputs (M-row, column order)
+            ml_ref,  # out [B, H, NS(+1), 2, NV] f32: partial running max and sum
+            qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, *extra,
+            kc: KernelConfig):
+    geo = kc.geo
+    s, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
+    NS = o_ref.shape[2] - (1 if kc.windows == "kernel" else 0)
+    if kc.windows == "kernel":
+        wscr, extra = extra[0], extra[1:]
+
+        @pl.when(s == NS)
+        def _windows():
+            wins = [(sk_ref.at[b, h], sv_ref.at[b, h], kc.sink)] if kc.sink else []
+            wins.append((rk_ref.at[b, h], rv_ref.at[b, h], kc.window))
+            refs = [r for k, v, _ in wins for r in (k, v)]
+            ns = [n for _, _, n in wins]
+
+            def fn(ops, q, valid, scr, oo, mo, *kv):
+                ws = [(kv[2 * i], kv[2 * i + 1], n) for i, n in enumerate(ns)]
+                blk.window_attention(ops, geo, q, ws, valid, scr, oo, mo)
+                return ()
+
+            ref = plgpu.RefType()
+            _inline([ref] * (5 + len(refs)), (), fn)(
+                qw_ref.at[b, h], wvalid_ref.at[b], wscr, o_ref.at[b, h, s], ml_ref.at[b, h, s],
+                *refs)
+
+    @pl.when(s < NS)
+    def _quantized():
+        _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref,
+                           (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref), o_ref, ml_ref,
+                           qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, extra)
+
+
+def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, ml_ref,
+                       qexp_smem, kconst_smem, pexp_smem, xchg_smem, const_bar, extra):
+    """One split of the quantized region: online softmax over its blocks, partial written."""
+    geo, ablate = kc.geo, kc.ablate
+    BT, NV, D = geo.BT, geo.NV, geo.D
+    # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
+    base = (b * kconst_ref.shape[1] + h) * geo.n_ksteps
+    for st in range(geo.n_ksteps):
+        plgpu.copy_gmem_to_smem(qexp_ref.at[base + st], qexp_smem.at[st], const_bar)
+    plgpu.copy_gmem_to_smem(kconst_ref.at[b, h], kconst_smem, const_bar)
+
+    pexp_t = plgpu.RefType(_B_TRANSFORMS)
+    ref = plgpu.RefType()
+    n_pexp = geo.NC * geo.half * 16 * NV
+    _inline([pexp_t], (), lambda ops, p: blk.zero_fill(ops, p, n_pexp) or ())(pexp_smem)
+
+    def init_state(ops):
+        col = {(t8,): (ops.f32(NEG), ops.f32(NEG)) for t8 in range(NV // 8)}
+        zc = {(t8,): (ops.f32(0.0), ops.f32(0.0)) for t8 in range(NV // 8)}
+        zo = {(mv, t8, r): (ops.f32(0.0), ops.f32(0.0))
+              for mv in range(geo.MV) for t8 in range(NV // 8) for r in range(2)}
+        return (ops.frag("col", (NV,), col, "f32"), ops.frag("col", (NV,), zc, "f32"),
+                ops.frag("wgmma", (D, NV), zo, "f32"))
+
+    state_ty = (_sds((NV,), jnp.float32, _COL), _sds((NV,), jnp.float32, _COL),
+                _sds((D, NV), jnp.float32, _WGMMA))
+    init = _inline([], state_ty, init_state)()
+    plgpu.barrier_wait(const_bar)
+    acc_k_init = _inline([ref], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
+                         lambda ops, kc_: blk.k_acc_init(ops, geo, kc_))(kconst_smem)
+
+    nq = nq_ref[b]
+    bps = kc.blocks_per_split
+    start = s * (bps * BT)
+    n = jnp.clip(nq - start, 0, bps * BT)
+    nblk = lax.div(n + (BT - 1), BT)
+    blk0 = s * bps
+
+    k_ops_ty = tuple(_sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.n_ksteps))
+    v_ops_ty = tuple(_sds((D, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.half))
+    col_ty = _sds((NV,), jnp.float32, _COL)
+    step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC)
+
+    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp):
+        m_new, alpha, poffs, psums = blk.softmax_step(
+            ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp)
+        l_regs = {}
+        for t8 in range(NV // 8):
+            vals = []
+            for e in range(2):
+                x = ops.get(l_cols, (t8,), e) * ops.get(alpha, (t8,), e)
+                for ps in psums:
+                    x = x + ops.get(ps, (t8,), e)
+                vals.append(x)
+            l_regs[(t8,)] = tuple(vals)
+        return m_new, ops.frag("col", (NV,), l_regs, "f32"), alpha, tuple(poffs), tuple(psums)
+
+    def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
+        m_cols, l_cols, o_full = carry
+        if "stream" in ablate:  # timing ablation: the pipeline's copies alone
+            return carry
+        n_valid = n - idx[0] * BT
+        a_k = _inline([ref], k_ops_ty, lambda ops, kw: tuple(blk.k_operands(ops, geo, kw)))(kw_s)
+
+        def k_chain(acc_ref):
+            for st in range(geo.n_ksteps):
+                plgpu.wgmma(acc_ref, a_k[st], qexp_smem.at[st])
+
+        acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k_init))
+        m_new, l_new, alpha, poffs, psums = _inline(
+            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, softmax,
+            no_sync="no_sync" in ablate)(
+            acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
+        for ck in range(geo.NC if "keys_only" not in ablate else 0):
+            a_v = _inline([ref], v_ops_ty,
+                          lambda ops, vw, ck=ck: tuple(blk.v_operands(ops, geo, vw, ck)))(vw_s)
+            v_init = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
+                             lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
+
+            def v_chain(acc_ref, a_v=a_v, ck=ck):
+                for j in range(geo.half):
+                    plgpu.wgmma(acc_ref, a_v[j], pexp_smem.at[ck * geo.half + j])
+
+            acc_v = pl.run_state(v_chain)(plgpu.ACC.init(v_init))
+            if ck == 0:
+                o_full = _inline(
+                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL, _SPLAT],
+                    _sds((D, NV), jnp.float32, _WGMMA),
+                    lambda ops, o, a, vs, vz, ps, al, nv, ck=ck: blk.v_epilogue(
+                        ops, geo, o, a, vs, vz, ps, al, _I(_scalar(nv)), ck))(
+                    o_full, acc_v, vs_s, vz_s, psums[ck], alpha, n_valid)
+            else:
+                o_full = _inline(
+                    [_WGMMA, _WGMMA, ref, ref, _COL, _SPLAT],
+                    _sds((D, NV), jnp.float32, _WGMMA),
+                    lambda ops, o, a, vs, vz, ps, nv, ck=ck: blk.v_epilogue(
+                        ops, geo, o, a, vs, vz, ps, None, _I(_scalar(nv)), ck))(
+                    o_full, acc_v, vs_s, vz_s, psums[ck], n_valid)
+        return m_new, l_new, o_full
+
+    barrier = lambda: _inline([], (), lambda ops: ops.barrier() or ())()  # noqa: E731
+    gmem_bh = [g.at[b, h] for g in gmem]
+    if kc.pipeline == "emit":
+        def emit_body(idx, *slots_and_carry):
+            out = body(idx, *slots_and_carry)
+            if kc.explicit_barriers:  # every thread is done with the slot before it is refilled
+                barrier()
+            return out
+
+        specs = [plgpu.BlockSpec((rows, width), lambda i: (blk0 + i, 0))
+                 for rows, width, _ in _block_specs(geo)]
+        m_cols, l_cols, o_full = plgpu.emit_pipeline(
+            emit_body, grid=(nblk,), in_specs=specs, max_concurrent_steps=kc.num_stages,
+            init_carry=init)(*gmem_bh)
+    else:
+        bufs, bar = extra[:6], extra[6]
+        stages = kc.num_stages
+        _inline([ref], (), lambda ops, br: _mbarrier_init(None, br, stages))(bar)
+        fetch_ty = [ref] * 13 + [_SPLAT] * 4
+
+        def fetch(i, slot):
+            plgpu.inline_mgpu(arg_types=tuple(fetch_ty), return_type=())(
+                functools.partial(_bulk_fetch, geo=geo))(*gmem, *bufs, bar, b, h, blk0 + i, slot)
+
+        for k in range(stages):
+            pl.when(k < nblk)(functools.partial(fetch, jnp.int32(k), jnp.int32(k)))
+
+        def loop_body(i, carry):
+            slot = lax.rem(i, stages)
+            parity = lax.rem(lax.div(i, stages), 2)
+            plgpu.inline_mgpu(arg_types=(ref, _SPLAT, _SPLAT), return_type=())(_mbarrier_wait)(
+                bar, slot, parity)
+            carry = body((i,), *(buf.at[slot] for buf in bufs), carry)
+            barrier()  # every thread is done with the slot before it is refilled
+            pl.when(i + stages < nblk)(lambda: fetch(i + stages, slot))
+            return carry
+
+        m_cols, l_cols, o_full = lax.fori_loop(0, nblk, loop_body, init)
+    _inline([_WGMMA, _COL, _COL, ref, ref], (),
+            lambda ops, o, m, l_, oo, mo: blk.store_partials(ops, geo, o, m, l_, oo, mo) or ())(
+        o_full, m_cols, l_cols, o_ref.at[b, h, s], ml_ref.at[b, h, s])
+
+
+ABLATIONS = ("stream", "keys_only", "no_sync")  # timing only: their outputs are wrong
+
+
+@functools.lru_cache(maxsize=64)
+def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
+    geo = kc.geo
+    kernel = functools.partial(_kernel, kc=kc)
+    NP = NS + (1 if kc.windows == "kernel" else 0)
+    out_type = (jax.ShapeDtypeStruct((B, H, NP, geo.D, geo.NV), jnp.float32),
+                jax.ShapeDtypeStruct((B, H, NP, 2, geo.NV), jnp.float32))
+    scratch = [
+        plgpu.SMEM((geo.n_ksteps, 16, geo.NK), jnp.bfloat16, transforms=_B_TRANSFORMS),
+        plgpu.SMEM((2, geo.NK), jnp.float32),
+        plgpu.SMEM((geo.NC * geo.half, 16, geo.NV), jnp.bfloat16, transforms=_B_TRANSFORMS),
+        plgpu.SMEM((geo.xchg_size,), jnp.float32),
+        plgpu.Barrier(num_arrivals=geo.n_ksteps + 1),
+    ]
+    if kc.windows == "kernel":
+        n_win = blk.window_scratch_size(geo, kc.sink + kc.window)
+        scratch.append(plgpu.SMEM((n_win,), jnp.float32))
+    if kc.pipeline == "bulk":
+        scratch += [plgpu.SMEM((kc.num_stages, rows, width), dt)
+                    for rows, width, dt in _block_specs(geo)]
+        scratch.append(plgpu.SMEM((kc.num_stages, 2), jnp.uint32))  # the slots' mbarriers
+    no_auto = kc.explicit_barriers or kc.pipeline == "bulk"
+    return plgpu.kernel(
+        kernel, out_type=out_type, grid=(NP, H, B), grid_names=("s", "h", "b"),
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                             unsafe_no_auto_barriers=no_auto),
+        kernel_name=f"innerq{geo.bits}_mgpu_decode")
+
+
+# ================================================================ XLA parts
+def query_operands(qp: jax.Array, geo: Geometry):
+    """qp [B, H, r, D] f32 -> (Qexp [B, H, n_ksteps, 16, NK] bf16, kconst [B, H, 2, NK] f32).
+
+    Scores come out in log2 units (q times log2 e), for exp2 in the kernel.
+    """
+    q = qp.astype(jnp.float32) * LOG2E
+    head, chan, fac = geo.qexp_tables
+    # koff must be the sum of exactly the bf16 values the MMA multiplies: it cancels the
+    # codes' +128 offset, 128x amplified. An explicit reduce_precision, because XLA on GPU
+    # drops an f32 -> bf16 -> f32 round trip under jit (excess precision allowed).
+    qexp_f = lax.reduce_precision(q[:, :, head, chan] * fac, exponent_bits=8, mantissa_bits=7)
+    qexp = qexp_f.astype(jnp.bfloat16)
+    koff = 128.0 * jnp.sum(qexp_f, axis=(2, 3))
+    qh, qg, ok = geo.qsum_tables
+    qgs = jnp.sum(q.reshape(*q.shape[:3], geo.ng, geo.G), axis=-1)  # [B, H, r, ng]
+    qsum = jnp.where(ok, qgs[:, :, qh, qg], 0.0)
+    return qexp, jnp.stack([koff, qsum], axis=2)
+
+
+def window_operands(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
+    """(q' * log2 e [B, H, r*D] f32, live mask [B, S + R + G] int32) for the window program:
+    the ring's live slots come from the layout's own accessor."""
+    B, H, r, D = qp.shape
+    sizes = region_sizes(lengths, cfg)
+    _, live = recent_slot_tokens(lengths, cfg)
+    valid = jnp.concatenate([jnp.arange(cfg.sink)[None, :] < sizes.sink[:, None], live], axis=-1)
+    return (qp.astype(jnp.float32) * LOG2E).reshape(B, H, r * D), valid.astype(jnp.int32)
+
+
+def window_partial(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
+    """Online-softmax partial (o [B,H,r,D], m [B,H,r], l [B,H,r]) of the bf16 sink and
+    recent windows in XLA, in log2 units like the kernel's (``windows="xla"``)."""
+    q = qp.astype(jnp.float32) * LOG2E
+    _, valid = window_operands(qp, layer, lengths, cfg)
+    valid = valid.astype(bool)
+    k = jnp.concatenate([layer.sink_k, layer.recent_k], axis=2).astype(jnp.float32)
+    v = jnp.concatenate([layer.sink_v, layer.recent_v], axis=2).astype(jnp.float32)
+    s = jnp.einsum("bhrd,bhtd->bhrt", q, k, precision=lax.Precision.HIGHEST)
+    s = jnp.where(valid[:, None, None, :], s, NEG)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(valid[:, None, None, :], jnp.exp2(s - m[..., None]), 0.0)
+    o = jnp.einsum("bhrt,bhtd->bhrd", p, v, precision=lax.Precision.HIGHEST)
+    return o, m, jnp.sum(p, axis=-1)
+
+
+def combine_partials(o_part, ml_part, window, geo: Geometry):
+    """Merges the kernel's partials (column order, see mgpu_geometry) and, if given, an
+    XLA window partial: o = sum_s w_s o_s / sum_s w_s l_s with w_s = 2**(m_s - max m);
+    0 where nothing is held."""
+    cols, rows = geo.combine_tables
+    o_s = jnp.sum(o_part[..., rows, :][..., cols], axis=-1)  # [B, H, NS, D, r]
+    o_s = jnp.swapaxes(o_s, -1, -2)  # [B, H, NS, r, D]
+    m_s = ml_part[:, :, :, 0, cols[:, 0]]  # [B, H, NS, r]
+    l_s = jnp.sum(ml_part[:, :, :, 1][..., cols], axis=-1)
+    if window is not None:
+        o_w, m_w, l_w = window
+        m_s = jnp.concatenate([m_s, m_w[:, :, None]], axis=2)
+        l_s = jnp.concatenate([l_s, l_w[:, :, None]], axis=2)
+        o_s = jnp.concatenate([o_s, o_w[:, :, None]], axis=2)
+    mx = jnp.max(m_s, axis=2, keepdims=True)
+    wgt = jnp.exp2(m_s - mx)
+    l_tot = jnp.sum(wgt * l_s, axis=2)
+    o_tot = jnp.sum(wgt[..., None] * o_s, axis=2)
+    return jnp.where(l_tot[..., None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[..., None], 0.0)
+
+
+def kernel_operands(layer: QuantLayer, geo: Geometry) -> list[jax.Array]:
+    """The quantized region in the kernel's views (free reshapes of the cache layout)."""
+    k, v = layer.k, layer.v
+    if (k.grouping, k.packing, v.grouping, v.packing) != ("d", "d", "t", "t"):
+        raise ValueError(
+            "the Mosaic GPU kernel needs the InnerQ layout (K grouped and packed along D, V along "
+            f"T); got K {k.grouping}/{k.packing}, V {v.grouping}/{v.packing}")
+    B, H, Tq, _ = k.codes.shape
+    if Tq % geo.G:
+        raise ValueError(f"quant_capacity={Tq} must be a multiple of G={geo.G}")
+    sv = lambda x: x.reshape(B, H, Tq * geo.ng // 8, 8)  # noqa: E731
+    return [k.codes.reshape(B, H, Tq // geo.P, geo.KW), sv(k.scale), sv(k.zero),
+            v.codes, v.scale, v.zero]
+
+
+def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int) -> int:
+    """About ``ctas_per_sm`` programs per SM, and at least 2 blocks per program."""
+    return int(max(1, min(-(-n_blocks // 2), round(ctas_per_sm * sms / (B * H)))))
+
+
+def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
+                 num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
+                 pipeline=None, windows=None, ablate=()):
+    """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
+    gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
+    _check_jax_version()
+    if cfg.kind != "innerq":
+        raise ValueError(
+            f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
+    B, H, r, D = qp.shape
+    if layer.k_scale.shape != (B, H, D):
+        raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
+    tuned = tuned_defaults()
+    BT = block_tokens or tuned["block_tokens"] or default_block_tokens(cfg.bits, cfg.group_size, D)
+    stages = num_stages or tuned["num_stages"]
+    if explicit_barriers is None:
+        explicit_barriers = tuned.get("explicit_barriers", False)
+    pipeline = pipeline or tuned.get("pipeline", "emit")
+    windows = windows or tuned.get("windows", "xla")
+    if pipeline not in ("emit", "bulk"):
+        raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
+    if windows not in ("xla", "kernel"):
+        raise ValueError(f"windows={windows!r}; choose 'xla' or 'kernel'")
+    bad = sorted(set(ablate) - set(ABLATIONS))
+    if bad:
+        raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
+    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT)
+    geo.validate()
+    Tq = cfg.quant_capacity
+    n_blocks = max(1, -(-Tq // BT))
+    if num_splits is None:
+        sms = sm_count()
+        if sms is None:
+            raise ValueError("num_splits is required where the device reports no SM count")
+        num_splits = default_num_splits(B, H, n_blocks, ctas_per_sm or tuned["ctas_per_sm"], sms)
+    bps = -(-n_blocks // num_splits)
+    NS = -(-n_blocks // bps)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    nq = region_sizes(lengths, cfg).quantized
+    qexp, kconst = query_operands(qp, geo)
+    qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
+    qw, wvalid = window_operands(qp, layer, lengths, cfg)
+    sk, sv = layer.sink_k, layer.sink_v
+    if cfg.sink == 0:  # a stand-in: the kernel never reads it
+        sk = sv = jnp.zeros((1, 1, 1, D), jnp.bfloat16)
+    kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline, windows, cfg.sink,
+                      cfg.window, tuple(ablate))
+    call = _build_kernel(kc, B, H, NS)
+    operands = (nq, qexp, kconst, *kernel_operands(layer, geo), qw, wvalid, sk, sv,
+                layer.recent_k, layer.recent_v)
+    return call, operands, geo, windows
+
+
+def mgpu_decode_attention(
+    qp: jax.Array,
+    layer: QuantLayer,
+    lengths: jax.Array,
+    cfg: CacheConfig,
+    **options,
+) -> jax.Array:
+    """Fused InnerQ decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
+
+    qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in, see
+    ``innerq_jax.reference.prepare_query``); lengths [B]. Options (defaults from
+    :data:`TUNED` for the device kind): ``block_tokens`` per pipeline step,
+    ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
+    (default: ``ctas_per_sm`` programs per SM, the SM count read from the device),
+    ``explicit_barriers`` (one warpgroup barrier per block instead of Pallas' automatic
+    barrier before every copy), ``pipeline`` ("emit": ``plgpu.emit_pipeline``, whose copies
+    arrive on the slot barrier from all 128 threads each; "bulk": one thread registers a
+    block's bytes with one arrive and issues contiguous bulk copies), ``windows`` ("xla":
+    an einsum pair beside the kernel; "kernel": one more program per (sequence, kv head)).
+    ``ablate`` (benchmarks only; the output is then wrong):
+    "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
+    barriers).
+    """
+    call, operands, geo, windows = prepare_call(qp, layer, lengths, cfg, **options)
+    o_part, ml_part = call(*operands)
+    window = None
+    if windows == "xla":
+        window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
+    return combine_partials(o_part, ml_part, window, geo)
+
+
+def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
+    """The contract: innerq_jax.reference.quantized_attention_core."""
+    return quantized_attention_core(qp, layer, lengths, cfg)
+
+
+__all__ = ["ABLATIONS", "MlirOps", "TUNED", "combine_partials", "default_num_splits",
+           "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
+           "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
+           "window_operands", "window_partial"]

@@ -1,0 +1,298 @@
+"""Static geometry of the Mosaic GPU InnerQ decode kernel: tiles, MMA operand maps, tables.
+
+Everything here is plain Python / numpy so that the CPU test suite checks it.
+Names follow ``innerq_jax/layout.py``: a block of ``BT`` quantized tokens of one
+(sequence, kv head) is processed per pipeline step.
+
+Keys (InnerQ grouping ``d``, codes packed along D): one wgmma per (code pair j,
+word tile T) with the *tokens on M*. A row of the A operand is a K row of ``KW``
+words (``P`` tokens of ``nw`` words each; P = 2 only for 2-bit D = 64). A thread
+of the Hopper wgmma register layout holds, for its two rows, A columns
+(2c, 2c+1) and (2c+8, 2c+9) (c = lane % 4); those four bf16 come from words
+2c and 2c+1 of the word tile by one ``lop3`` each (code j in the low half,
+code j + cpw/2 in the high half, as the bf16 ``128 + code * 2**e_j``). So column
+``a = 8t + 2c + i`` of step (j, T) is code ``j + i*cpw/2`` of word ``8T + 2c + t``.
+The B operand ``Qexp`` (built once per program) holds ``q * 2**-e_j`` at the
+accumulator column of (token p, head h, channel group g) and zero elsewhere.
+
+Accumulator columns are ordered so that every sum a thread needs is local to
+it: (p, h, g) sits in a column owned by thread ``c = h % 4`` (the wgmma layout
+gives thread c the columns ``8*t8 + 2c + e``), slot ``k = u*ng + g`` of that
+thread, u = p*NR/4 + h//4. The per-group scale multiply and the sum over
+groups of a score are then done in registers.
+
+Values (grouping ``t``, codes packed along T): one wgmma per (V chunk of 8 word
+rows, pair j) with the *channels on M*: A = codes of 8 word rows (``TC`` tokens)
+for 64 channels, B = ``Pexp`` (probabilities times 2**-e_j at the column of
+(head, token group)), written to shared memory every block. M-row m of a
+64-channel tile is channel ``16w + 2rr + rho`` (w warp, rr = lane // 4, row
+``16w + rr + 8rho``) so that a thread's two rows are adjacent channels: their
+words and scales are one 8-byte / 4-byte shared-memory load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+LOG2E = math.log2(math.e)
+NEG = -1e30  # finite "minus infinity": exp2(NEG - m) == 0 and NEG - NEG is not NaN
+MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code into the mantissa gives 128 + code * 2**e
+SWIZZLE = 32  # bytes: the B operands are [16, N] bf16 tiles of 16-column (32-byte) rows
+
+
+@functools.cache
+def pair_plan(bits: int) -> tuple[tuple[int, int], ...]:
+    """(shift, e) per code pair j: code j sits at bit ``bits*j`` of the word's low half and
+    code j + cpw/2 at the same place of the high half; ``(word >> shift) & (mask << e)`` puts
+    both at mantissa bit e of their half."""
+    if bits == 2:  # 8 pairs; mantissa slots 0, 2, 4
+        return tuple((6 * (j // 3), 2 * j - 6 * (j // 3)) for j in range(8))
+    if bits == 4:  # 4 pairs; mantissa slots 0, 3
+        return ((0, 0), (1, 3), (8, 0), (9, 3))
+    raise ValueError(f"bits={bits}; the Mosaic GPU kernel supports 2 and 4")
+
+
+def pair_mask(bits: int, j: int) -> int:
+    _, e = pair_plan(bits)[j]
+    return (((1 << bits) - 1) << e) * 0x10001
+
+
+def unpack_pair_reference(words: np.ndarray, bits: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy meaning of one lop3: (low, high) bf16 values 128 + code * 2**e_j as float32."""
+    sh, e = pair_plan(bits)[j]
+    x = ((words.astype(np.int64) >> sh) & pair_mask(bits, j)) | MAGIC
+    x = x.astype(np.uint32)
+    lo = ((x & 0xFFFF) << 16).view(np.float32)
+    hi = (x & 0xFFFF0000).view(np.float32)
+    return lo, hi
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    bits: int
+    G: int
+    D: int
+    n_rep: int  # query heads per kv head
+    BT: int  # tokens per pipeline block
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def cpw(self) -> int:  # codes per uint32 word
+        return 32 // self.bits
+
+    @property
+    def half(self) -> int:  # code pairs per word
+        return self.cpw // 2
+
+    @property
+    def nw(self) -> int:  # K words per token
+        return self.D // self.cpw
+
+    @property
+    def P(self) -> int:  # tokens per K row (the A operand needs 8 words = 16 columns per row)
+        return max(1, 8 // self.nw)
+
+    @property
+    def KW(self) -> int:  # words per K row
+        return self.P * self.nw
+
+    @property
+    def KT(self) -> int:  # 8-word tiles per K row: wgmma K steps per code pair
+        return self.KW // 8
+
+    @property
+    def n_ksteps(self) -> int:
+        return self.half * self.KT
+
+    @property
+    def TM(self) -> int:  # tokens per 64-row K M-tile
+        return 64 * self.P
+
+    @property
+    def MT(self) -> int:  # K M-tiles per block
+        return self.BT // self.TM
+
+    @property
+    def ng(self) -> int:  # key groups per token
+        return self.D // self.G
+
+    @property
+    def NR(self) -> int:  # query heads padded to a multiple of 4 (one per column owner)
+        return _ceil_to(self.n_rep, 4)
+
+    @property
+    def OWN(self) -> int:  # heads per thread
+        return self.NR // 4
+
+    @property
+    def NK(self) -> int:  # key accumulator columns
+        return _ceil_to(self.P * self.NR * self.ng, 16)
+
+    @property
+    def TC(self) -> int:  # tokens per V chunk (8 word rows)
+        return 8 * self.cpw
+
+    @property
+    def NC(self) -> int:  # V chunks per block
+        return self.BT // self.TC
+
+    @property
+    def ngc(self) -> int:  # token groups per V chunk
+        return self.TC // self.G
+
+    @property
+    def NV(self) -> int:  # value accumulator columns
+        return _ceil_to(self.NR * self.ngc, 16)
+
+    @property
+    def MV(self) -> int:  # 64-channel V M-tiles
+        return self.D // 64
+
+    # scratch of the cross-warp exchange (f32): block maxima, then (poff, psum) pairs
+    @property
+    def xchg_max_size(self) -> int:
+        return 4 * self.OWN * 4
+
+    @property
+    def xchg_size(self) -> int:
+        return self.xchg_max_size + self.MT * 4 * self.OWN * 4 * 2
+
+    def validate(self) -> None:
+        if self.bits not in (2, 4):
+            raise ValueError(f"bits={self.bits}; the Mosaic GPU kernel supports 2 and 4")
+        if self.D % 64 or not 64 <= self.D <= 256:
+            raise ValueError(
+                f"head_dim={self.D} must be 64, 128, 192 or 256 (64-channel wgmma tiles)")
+        if self.D % self.G or self.G % 32 or self.G > self.TC:
+            raise ValueError(
+                f"group_size={self.G} must divide head_dim={self.D}, be a multiple of 32 and at "
+                f"most {self.TC} (tokens of one V chunk at {self.bits} bits)")
+        if self.nw & (self.nw - 1) or self.KW % 8:
+            raise ValueError(
+                f"head_dim={self.D} gives {self.nw} key words per token; need 4, 8 or 16")
+        step = math.lcm(self.TM, self.TC)
+        if self.BT % step or self.BT > 256:
+            raise ValueError(
+                f"block_tokens={self.BT} must be a multiple of {step} (K tile {self.TM} tokens, "
+                f"V chunk {self.TC} tokens) and at most 256 (TMA box)")
+        if self.NK > 256 or self.NV > 256:
+            raise ValueError(f"n_rep={self.n_rep} gives {self.NK}/{self.NV} MMA columns (max 256)")
+
+    # ------------------------------------------------------ column maps
+    @staticmethod
+    def col_of_slot(k, c):
+        """Accumulator column of slot k of thread c (wgmma layout: columns 8*t8 + 2c + e)."""
+        return 8 * (k // 2) + 2 * c + k % 2
+
+    def k_slot(self, p: int, h: int, g: int) -> tuple[int, int]:
+        """(owner thread c, slot) of key column (token p of the row, head h, group g)."""
+        return h % 4, (p * self.OWN + h // 4) * self.ng + g
+
+    def k_col(self, p: int, h: int, g: int) -> int:
+        c, k = self.k_slot(p, h, g)
+        return self.col_of_slot(k, c)
+
+    def v_col(self, uh, gt, c):
+        """Value column of (head 4*uh + c, token group gt of the chunk)."""
+        return self.col_of_slot(uh * self.ngc + gt, c)
+
+    @staticmethod
+    def v_channel(m):
+        """Channel held by V M-row m (the thread's two rows are adjacent channels)."""
+        t, r = m // 64, m % 64
+        return 64 * t + 16 * (r // 16) + 2 * (r % 8) + (r % 16) // 8
+
+    def v_row(self, d):
+        """V M-row of channel d (inverse of :meth:`v_channel`)."""
+        t, r = d // 64, d % 64
+        return 64 * t + 16 * (r // 16) + (r % 16) // 2 + 8 * (r % 2)
+
+    def v_col_head(self, col: int):
+        """The head whose token group 0 sits in value column col, or None."""
+        c, k = (col % 8) // 2, 2 * (col // 8) + col % 2
+        uh, gt = k // self.ngc, k % self.ngc
+        h = 4 * uh + c
+        return h if gt == 0 and uh < self.OWN and h < self.n_rep else None
+
+    def pexp_row(self, tau_c):
+        """(pair j, A column a) that meets token tau_c of a V chunk."""
+        wr, kk = tau_c // self.cpw, tau_c % self.cpw
+        i, j = kk // self.half, kk % self.half
+        return j, 8 * (wr % 2) + 2 * (wr // 2) + i
+
+    def pexp_offset(self, ck, j, a, col):
+        """bf16 element offset of Pexp[ck, j][a, col] in the tiled (8, 16), 32-byte-swizzled
+        shared buffer [NC*half, 16, NV] (Mosaic's swizzle: 16-byte chunk ^= (byte // 128) % 2)."""
+        nt = self.NV // 16
+        elem = ((((ck * self.half + j) * 2 + a // 8) * nt + col // 16) * 8 + a % 8) * 16 + col % 16
+        byte = elem * 2
+        byte = byte ^ (((byte // 128) % (SWIZZLE // 16)) * 16)
+        return byte // 2
+
+    def group_slices(self, ck: int, gt: int) -> list[tuple[int, int]]:
+        """(K M-tile, warp) pairs whose tokens form token group gt of V chunk ck."""
+        t0 = ck * self.TC + gt * self.G
+        span = 16 * self.P  # tokens of one warp in one K M-tile
+        return [(t // self.TM, (t % self.TM) // span) for t in range(t0, t0 + self.G, span)]
+
+    # ------------------------------------------------------ XLA-side tables
+    @functools.cached_property
+    def qexp_tables(self):
+        """For Qexp [n_ksteps, 16, NK]: head, channel and factor (2**-e_j, 0 = structural zero)."""
+        plan = pair_plan(self.bits)
+        head = np.zeros((self.n_ksteps, 16, self.NK), np.int32)
+        chan = np.zeros_like(head)
+        fac = np.zeros(head.shape, np.float32)
+        for j in range(self.half):
+            for T in range(self.KT):
+                s = j * self.KT + T
+                for a in range(16):
+                    t, c, i = a // 8, (a % 8) // 2, a % 2
+                    wi = 8 * T + 2 * c + t
+                    p, wt = wi // self.nw, wi % self.nw
+                    ch = wt * self.cpw + j + i * self.half
+                    for h in range(self.n_rep):
+                        col = self.k_col(p, h, ch // self.G)
+                        head[s, a, col], chan[s, a, col] = h, ch
+                        fac[s, a, col] = 2.0 ** -plan[j][1]
+        return head, chan, fac
+
+    @functools.cached_property
+    def qsum_tables(self):
+        """For qsum [NK]: (head, group, valid) of each key column."""
+        head = np.zeros(self.NK, np.int32)
+        grp = np.zeros(self.NK, np.int32)
+        ok = np.zeros(self.NK, bool)
+        for p in range(self.P):
+            for h in range(self.n_rep):
+                for g in range(self.ng):
+                    col = self.k_col(p, h, g)
+                    head[col], grp[col], ok[col] = h, g, True
+        return head, grp, ok
+
+    @functools.cached_property
+    def combine_tables(self):
+        """Value columns of each (head, token group) [n_rep, ngc]; the row of each channel [D]."""
+        cols = np.array([[self.v_col(h // 4, gt, h % 4) for gt in range(self.ngc)]
+                         for h in range(self.n_rep)], np.int32)
+        rows = np.zeros(self.D, np.int32)
+        for m in range(self.D):
+            rows[self.v_channel(m)] = m
+        return cols, rows
+
+
+def default_block_tokens(bits: int, G: int, D: int) -> int:
+    geo = Geometry(bits, G, D, 1, 64)
+    return max(128, math.lcm(geo.TM, geo.TC))
+
+
+__all__ = ["Geometry", "LOG2E", "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan",
+           "unpack_pair_reference"]

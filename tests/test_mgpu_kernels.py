@@ -1,0 +1,514 @@
+"""The Mosaic GPU InnerQ kernel (pallas_kernels/mgpu_decode.py).
+
+Mosaic GPU's CPU interpreter cannot run pipelined copies, so the kernel itself
+runs only on a Hopper GPU. The default (CPU) suite checks every piece that can
+run without one:
+
+* the lop3 pair unpack (the bit trick) against codes unpacked by numpy;
+* the tile geometry: every column, row, channel and Pexp slot map is a bijection;
+* the per-thread code of every block step (pallas_kernels/mgpu_block.py), run by
+  a numpy SIMT simulator of the warpgroup (tests/mgpu_simt.py) with the wgmma
+  modelled as a float32 matrix product, over whole programs of the kernel, then
+  the real XLA parts (query operands, windows, merge of split partials), against
+  the reference ``quantized_attention_core``;
+* the lowering of the whole kernel to Mosaic GPU IR for every configuration.
+
+``pytest -m gpu tests/test_mgpu_kernels.py`` runs the compiled kernel on the same
+grid (it skips, saying why, where no Hopper GPU is present).
+
+Tolerance: the kernel feeds the tensor cores bf16 operands (q * 2**-e and
+p * 2**-e; the codes are exact), as the Triton kernel does: relative L2 < 1e-2
+(tests/test_kernels.py explains the bound). NaN never passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import mgpu_simt as simt
+from innerq_jax import CacheConfig, KVCache
+from innerq_jax.layout import region_sizes
+from innerq_jax.reference import prepare_query, quantized_attention_core
+from pallas_kernels import mgpu_block as blk
+from pallas_kernels import mgpu_decode as md
+from pallas_kernels.mgpu_geometry import Geometry, pair_plan, unpack_pair_reference
+
+TOL = 1e-2
+
+
+def _rel(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out)), "kernel output has NaN/Inf"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _kv(rng, B, H, T, D):
+    """Keys with channel offsets and a few outlier channels, values normal."""
+    k = rng.standard_normal((1, B, H, T, D)) + 1.5 * rng.standard_normal(D)
+    for c in rng.choice(D, 3, replace=False):
+        k[..., c] *= 8.0
+    v = rng.standard_normal((1, B, H, T, D))
+    v[..., rng.integers(D)] *= 4.0
+    return k, v
+
+
+def _cache(cfg, B, H, D, lengths, appends=0, seed=0):
+    """Prefill to ``lengths - appends``, then append one token at a time (the cache's own
+    flush moves a group into the quantized region when the recent window fills)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths)
+    T = int(lengths.max())
+    k, v = _kv(rng, B, H, T, D)
+    pre = np.maximum(lengths - appends, 0)
+    Tp = max(int(pre.max()), 1)
+    cache = KVCache.from_prefill(cfg, jnp.asarray(k[..., :Tp, :], jnp.float32),
+                                 jnp.asarray(v[..., :Tp, :], jnp.float32), pre)
+    step = jax.jit(lambda c, kk, vv: c.append(kk, vv))
+    for i in range(appends):
+        idx = np.minimum(pre + i, T - 1)
+        kn = np.stack([k[0, b, :, idx[b]] for b in range(B)])[None]
+        vn = np.stack([v[0, b, :, idx[b]] for b in range(B)])[None]
+        cache = step(cache, jnp.asarray(kn, jnp.float32), jnp.asarray(vn, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    return cache
+
+
+def _query(cache, Hq, seed=1):
+    layer = cache.layer(0)
+    D = cache.head_dim
+    q = jax.random.normal(jax.random.PRNGKey(seed), (cache.batch, Hq, D), jnp.float32)
+    return prepare_query(q, layer, cache.config, 1.0 / math.sqrt(D))
+
+
+# name: (config, D, Hq, Hkv, lengths, appends, kernel options). Lengths cover a full
+# sequence (several blocks, a partial last block), one inside the sink, one with no
+# quantized token (recent only), one inside the first group of the quantized region,
+# and one whose window flushes a group during the appends.
+GRID = {
+    "innerq2-G32-D128-gqa4": (CacheConfig.innerq(capacity=640), 128, 8, 2,
+                              [630, 3, 140, 4 + 128 + 32 + 5, 197], 3, dict(num_splits=2)),
+    "innerq2-G64-D128-gqa4": (CacheConfig.innerq(group_size=64, capacity=704), 128, 8, 2,
+                              [700, 2, 100, 4 + 128 + 64 + 9], 2, dict(num_splits=3)),
+    "innerq4-G32-D128-gqa4": (CacheConfig.innerq(bits=4, capacity=512), 128, 8, 2,
+                              [505, 180, 1, 4 + 128 + 32 + 1], 0, dict(num_splits=2)),
+    "innerq4-G64-D64-smollm": (CacheConfig.innerq(bits=4, group_size=64, recent=64, capacity=512),
+                               64, 9, 3, [500, 2, 200], 2, dict(num_splits=2)),
+    "innerq2-G32-D64-smollm": (CacheConfig.innerq(capacity=512), 64, 9, 3, [510, 300, 1], 1,
+                               dict(num_splits=2)),
+    "innerq2-G64-D128-mha": (CacheConfig.innerq(group_size=64, capacity=512), 128, 2, 2,
+                             [512, 250, 70], 3, dict(num_splits=1)),
+    "innerq2-G32-D64-mha-bt256": (CacheConfig.innerq(capacity=608), 64, 2, 2, [600, 40], 0,
+                                  dict(num_splits=1, block_tokens=256)),
+    "innerq4-G64-D128-gqa8": (CacheConfig.innerq(bits=4, group_size=64, capacity=512), 128, 16, 2,
+                              [480, 230], 0, dict(num_splits=2)),
+    "innerq2-nosink": (CacheConfig.innerq(sink=0, capacity=512), 64, 4, 1, [480, 33], 3,
+                       dict(num_splits=2)),
+}
+
+
+# ------------------------------------------------------------------ bit tricks
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pair_unpack_matches_numpy(bits):
+    rng = np.random.default_rng(bits)
+    words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    cpw, half = 32 // bits, 16 // bits
+    codes = (words[:, None].astype(np.int64) >> (bits * np.arange(cpw))) & ((1 << bits) - 1)
+    ops = simt.SimOps()
+    for j, (_, e) in enumerate(pair_plan(bits)):
+        lo, hi = unpack_pair_reference(words, bits, j)
+        np.testing.assert_array_equal(lo, 128.0 + codes[:, j] * 2.0**e)
+        np.testing.assert_array_equal(hi, 128.0 + codes[:, j + half] * 2.0**e)
+        # the kernel's own expression (blk._unpack) through the simulator backend
+        w128 = words[:128].astype(np.int64)
+        lo2, hi2 = blk._unpack(ops, w128, bits, j, {})
+        np.testing.assert_array_equal(lo2, lo[:128])
+        np.testing.assert_array_equal(hi2, hi[:128])
+        # every value is exact in bf16 (the A operand loses nothing)
+        assert np.array_equal(lo.astype(ml_dtypes.bfloat16).astype(np.float32), lo)
+
+
+# -------------------------------------------------------------------- geometry
+GEOS = [Geometry(b, G, D, r, BT) for b, G, D, r, BT in [
+    (2, 32, 128, 4, 128), (2, 64, 128, 4, 256), (4, 32, 128, 4, 128), (4, 64, 64, 3, 64),
+    (2, 32, 64, 3, 128), (2, 64, 128, 1, 128), (4, 32, 64, 9, 128), (2, 32, 128, 8, 256)]]
+
+
+@pytest.mark.parametrize("geo", GEOS, ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
+def test_geometry_maps_are_bijective(geo):
+    geo.validate()
+    # key columns: each (p, h, g) its own column, owned by thread h % 4
+    cols = {geo.k_col(p, h, g) for p in range(geo.P) for h in range(geo.NR) for g in range(geo.ng)}
+    assert len(cols) == geo.P * geo.NR * geo.ng and max(cols) < geo.NK
+    for p in range(geo.P):
+        for h in range(geo.NR):
+            for g in range(geo.ng):
+                assert (geo.k_col(p, h, g) % 8) // 2 == h % 4  # owner thread c
+    # value columns
+    vcols = {geo.v_col(h // 4, gt, h % 4) for h in range(geo.NR) for gt in range(geo.ngc)}
+    assert len(vcols) == geo.NR * geo.ngc and max(vcols) < geo.NV
+    # V rows: a permutation of the channels; a thread's two rows are adjacent channels
+    ch = [geo.v_channel(m) for m in range(geo.D)]
+    assert sorted(ch) == list(range(geo.D))
+    for m in range(0, geo.D, 16):
+        for rr in range(8):
+            assert geo.v_channel(m + rr + 8) == geo.v_channel(m + rr) + 1
+    # Pexp: each (chunk, pair, column a, value column) its own slot of the buffer
+    size = geo.NC * geo.half * 16 * geo.NV
+    offs = np.array([geo.pexp_offset(ck, j, a, c) for ck in range(geo.NC) for j in range(geo.half)
+                     for a in range(16) for c in range(geo.NV)])
+    assert np.array_equal(np.sort(offs), np.arange(size))
+    # every token of a chunk meets exactly one (pair, column a)
+    rows = {geo.pexp_row(t) for t in range(geo.TC)}
+    assert len(rows) == geo.TC == geo.half * 16
+    # group slices cover each token group of the block once
+    seen = np.zeros(geo.BT, int)
+    for ck in range(geo.NC):
+        for gt in range(geo.ngc):
+            for mt, w in geo.group_slices(ck, gt):
+                t0 = mt * geo.TM + w * 16 * geo.P
+                assert ck * geo.TC + gt * geo.G <= t0 < ck * geo.TC + (gt + 1) * geo.G
+                seen[t0:t0 + 16 * geo.P] += 1
+    assert np.all(seen == 1)
+    # Qexp meets every (head, channel, token of the row) once
+    head, chan, fac = geo.qexp_tables
+    hits = np.zeros((geo.P, geo.n_rep, geo.D), int)
+    for s in range(geo.n_ksteps):
+        for a in range(16):
+            for col in range(geo.NK):
+                if fac[s, a, col]:
+                    p = [pp for pp in range(geo.P)
+                         if any(geo.k_col(pp, head[s, a, col], g) == col for g in range(geo.ng))]
+                    assert len(p) == 1
+                    hits[p[0], head[s, a, col], chan[s, a, col]] += 1
+    assert np.all(hits == 1)
+
+
+def test_geometry_rejects_bad_options():
+    with pytest.raises(ValueError, match="block_tokens"):
+        Geometry(2, 32, 128, 4, 96).validate()
+    with pytest.raises(ValueError, match="group_size"):
+        Geometry(4, 128, 128, 4, 128).validate()
+    with pytest.raises(ValueError, match="bits"):
+        Geometry(3, 32, 128, 4, 128).validate()
+
+
+# ------------------------------------------------------------- block simulation
+def _np(x, dtype=None):
+    x = np.asarray(x)
+    return x.astype(dtype) if dtype is not None else x
+
+
+def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int):
+    """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
+
+    Follows the Pallas body step for step: the same block functions, wgmma modelled as a
+    float32 product (A from the register arrays, B the logical Qexp / the Pexp buffer read
+    through the kernel's own swizzled offsets), the pipeline as a loop over blocks.
+    """
+    kw, ks, kz, vw, vs, vz = (_np(x) for x in operands)
+    qexp, kconst = _np(qexp, np.float32), _np(kconst, np.float32)
+    B, H = kw.shape[:2]
+    BT, NV, D = geo.BT, geo.NV, geo.D
+    o_part = np.zeros((B, H, NS, D, NV), np.float32)
+    ml_part = np.zeros((B, H, NS, 2, NV), np.float32)
+    ops = simt.SimOps()
+    pexp_log = lambda buf, ck, j: np.array(  # noqa: E731  (logical B through the offsets)
+        [[buf[geo.pexp_offset(ck, j, a, c)] for c in range(NV)] for a in range(16)], np.float32)
+    rows_k, rows_v = BT // geo.P, BT // geo.cpw
+    ng8, gr = BT * geo.ng // 8, BT // geo.G
+
+    def block(ref, i, rows):  # TMA: a block of rows, zeros past the array
+        out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
+        part = ref[i * rows:(i + 1) * rows]
+        out[:len(part)] = part
+        return out.reshape(-1)
+
+    for b in range(B):
+        for h in range(H):
+            for s in range(NS):
+                kc = kconst[b, h].reshape(-1).astype(np.float32)
+                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
+                pexp[:] = 1  # poison: zero_fill must clear it
+                blk.zero_fill(ops, pexp, pexp.size)
+                xchg = np.full(geo.xchg_size, np.nan, np.float32)
+                m_cols = simt.Frag("col", (NV,), np.full(NV, md.NEG, np.float32))
+                l_cols = simt.Frag("col", (NV,), np.zeros(NV, np.float32))
+                o_full = simt.Frag("wgmma", (D, NV), np.zeros((D, NV), np.float32))
+                acc_init = blk.k_acc_init(ops, geo, kc)
+                n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
+                for i in range(-(-n // BT)):
+                    g = s * bps + i
+                    kw_s = block(kw[b, h], g, rows_k)
+                    ks_s, kz_s = block(ks[b, h], g, ng8), block(kz[b, h], g, ng8)
+                    vw_s = block(vw[b, h], g, rows_v)
+                    vs_s, vz_s = block(vs[b, h], g, gr), block(vz[b, h], g, gr)
+                    n_valid = n - i * BT
+                    a_k = blk.k_operands(ops, geo, kw_s)
+                    acc = acc_init
+                    for st in range(geo.n_ksteps):
+                        acc = simt.wgmma(acc, a_k[st], qexp[b, h, st])
+                    m_new, alpha, poffs, psums = blk.softmax_step(
+                        ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp)
+                    l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat
+                                       + sum(p.mat for p in psums))
+                    for ck in range(geo.NC):
+                        a_v = blk.v_operands(ops, geo, vw_s, ck)
+                        acc_v = blk.v_acc_init(ops, geo, poffs[ck])
+                        for j in range(geo.half):
+                            acc_v = simt.wgmma(acc_v, a_v[j], pexp_log(pexp, ck, j))
+                        o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
+                                                alpha if ck == 0 else None, n_valid, ck)
+                    m_cols = m_new
+                o_out = np.zeros(D * NV, np.float32)
+                ml_out = np.zeros(2 * NV, np.float32)
+                blk.store_partials(ops, geo, o_full, m_cols, l_cols, o_out, ml_out)
+                o_part[b, h, s] = o_out.reshape(D, NV)
+                ml_part[b, h, s] = ml_out.reshape(2, NV)
+    return o_part, ml_part
+
+
+def _simulated_attention(cache, qp, opts):
+    cfg, layer = cache.config, cache.layer(0)
+    B, H, r, D = qp.shape
+    geo = Geometry(cfg.bits, cfg.group_size, D, r,
+                   opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D))
+    geo.validate()
+    n_blocks = max(1, -(-cfg.quant_capacity // geo.BT))
+    bps = -(-n_blocks // opts["num_splits"])
+    NS = -(-n_blocks // bps)
+    nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
+    qexp, kconst = md.query_operands(qp, geo)
+    operands = md.kernel_operands(layer, geo)
+    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
+    window = md.window_partial(qp, layer, cache.lengths, cfg)
+    return md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), window, geo)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_simulated_kernel_equals_reference(name):
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    out = _simulated_attention(cache, qp, opts)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < TOL
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+def test_grid_exercises_regions():
+    """The grid holds a sequence inside the sink, one with no quantized token, one with
+    exactly one quantized group, and full ones spanning several blocks and splits."""
+    cfg, D, _, Hkv, lengths, appends, _ = GRID["innerq2-G32-D128-gqa4"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    sizes = region_sizes(cache.lengths, cfg)
+    nq = np.asarray(sizes.quantized)
+    assert nq[1] == 0 and np.asarray(sizes.sink)[1] == 3
+    assert nq[2] == 0 and np.asarray(sizes.recent)[2] > 0
+    assert nq[3] == cfg.group_size
+    assert nq[0] > 256 and nq[0] % 128  # several blocks, a partial last one
+    pre = region_sizes(jnp.asarray(lengths) - appends, cfg).quantized
+    assert nq[4] > int(pre[4])
+
+
+def test_combine_merges_splits_like_one_softmax():
+    """Random partials split at arbitrary points merge to the softmax over all of them."""
+    rng = np.random.default_rng(0)
+    geo = Geometry(2, 32, 128, 4, 128)
+    B, H, NS, T = 2, 3, 4, 64
+    s = rng.standard_normal((B, H, NS + 1, geo.n_rep, T)).astype(np.float32) * 3
+    v = rng.standard_normal((B, H, NS + 1, T, geo.D)).astype(np.float32)
+    m = s.max(-1)
+    p = np.exp2(s - m[..., None])
+    o = np.einsum("bhsrt,bhstd->bhsrd", p, v)
+    lsum = p.sum(-1)
+    cols, rows = geo.combine_tables
+    o_part = np.zeros((B, H, NS, geo.D, geo.NV), np.float32)
+    ml_part = np.zeros((B, H, NS, 2, geo.NV), np.float32)
+    for hh in range(geo.n_rep):  # spread each head over its group columns
+        share = rng.dirichlet(np.ones(geo.ngc))
+        for gt in range(geo.ngc):
+            o_part[..., rows, cols[hh, gt]] = o[:, :, :NS, hh] * share[gt]
+            ml_part[:, :, :, 1, cols[hh, gt]] = lsum[:, :, :NS, hh] * share[gt]
+            ml_part[:, :, :, 0, cols[hh, gt]] = m[:, :, :NS, hh]
+    window = (o[:, :, NS], m[:, :, NS], lsum[:, :, NS])
+    out = md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part),
+                              tuple(jnp.asarray(x) for x in window), geo)
+    s_all = np.moveaxis(s, 2, 3).reshape(B, H, geo.n_rep, -1)
+    v_all = v.reshape(B, H, -1, geo.D)
+    w = np.exp2(s_all - s_all.max(-1, keepdims=True))
+    ref = np.einsum("bhrt,bhtd->bhrd", w / w.sum(-1, keepdims=True), v_all)
+    assert _rel(out, ref) < 1e-5
+
+
+# ------------------------------------------------------------------ lowering
+# the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
+VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
+            "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", list(GRID))
+def test_kernel_lowers_to_mosaic_gpu(name, variant):
+    """The whole kernel lowers to Mosaic GPU IR (layouts, shapes, copies, wgmma operand
+    checks); compiling it to SASS needs the GPU."""
+    cfg, D, Hq, Hkv, lengths, _, opts = GRID[name]
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    kw = dict(opts, **VARIANTS[variant])
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
+    text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_rejects_outerq_and_bad_block():
+    cfg = CacheConfig.outerq(capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    qp = _query(cache, 1)
+    with pytest.raises(ValueError, match="InnerQ"):
+        md.mgpu_decode_attention(qp, cache.layer(0), cache.lengths, cfg, num_splits=1)
+    cfg = CacheConfig.innerq(capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    with pytest.raises(ValueError, match="block_tokens"):
+        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                 num_splits=1, block_tokens=96)
+    for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(ablate=("nothing",))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                     num_splits=1, **bad)
+
+
+# ------------------------------------------------------------------------ GPU
+def _hopper():
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    cc = getattr(devs[0], "compute_capability", "0") if devs else "0"
+    return devs[0] if devs and cc.startswith("9") else None
+
+
+@functools.lru_cache(maxsize=4)
+def _gpu_case(name):
+    """(cache, qp, reference) of a grid entry, built once for all variants."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    return cache, qp, quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", list(GRID))
+def test_gpu_kernel_equals_reference(name, variant):
+    """The compiled kernel, in each structural variant, against the reference."""
+    if _hopper() is None:
+        pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
+                    "pipelined copies, so the kernel runs only there")
+    cfg, _, _, _, _, _, opts = GRID[name]
+    cache, qp, ref = _gpu_case(name)
+    kw = dict(opts, **VARIANTS[variant])
+    out = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
+        qp, cache.layer(0), cache.lengths)
+    err = _rel(out, ref)
+    print(f"{name} {variant}: rel err {err:.2e}")
+    assert err < TOL
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+class _Device:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+def test_dispatch_prefers_mosaic_only_where_measured():
+    cfg = CacheConfig.innerq(capacity=512)
+    h200 = _Device("gpu", "NVIDIA H200")
+    assert not md.preferred(cfg, device=_Device("cpu", "cpu"))
+    assert not md.preferred(CacheConfig.outerq(capacity=512), device=h200)
+    assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
+    assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
+    expect = bool(md.TUNED["NVIDIA H200"].get("preferred"))
+    assert md.preferred(cfg, {"num_stages": 4}, h200) == expect
+
+
+# ------------------------------------------------------------- window program
+def simulate_windows(geo: Geometry, cache, qp):
+    """The kernel's window program (mgpu_block.window_attention) per (sequence, kv head)."""
+    cfg, layer = cache.config, cache.layer(0)
+    qw, valid = md.window_operands(qp, layer, cache.lengths, cfg)
+    qw, valid = np.asarray(qw, np.float32), np.asarray(valid, np.int32)
+    B, H = qw.shape[:2]
+    bf = lambda x: np.asarray(x).astype(ml_dtypes.bfloat16)  # noqa: E731
+    sk, sv, rk, rv = bf(layer.sink_k), bf(layer.sink_v), bf(layer.recent_k), bf(layer.recent_v)
+    n_win = cfg.sink + cfg.window
+    ops = simt.SimOps()
+    o_part = np.zeros((B, H, 1, geo.D, geo.NV), np.float32)
+    ml_part = np.zeros((B, H, 1, 2, geo.NV), np.float32)
+    for b in range(B):
+        for h in range(H):
+            wins = [(sk[b, h].reshape(-1), sv[b, h].reshape(-1), cfg.sink)] if cfg.sink else []
+            wins.append((rk[b, h].reshape(-1), rv[b, h].reshape(-1), cfg.window))
+            scr = np.full(blk.window_scratch_size(geo, n_win), np.nan, np.float32)
+            o_out = np.full(geo.D * geo.NV, np.nan, np.float32)  # poison: every entry written
+            ml_out = np.full(2 * geo.NV, np.nan, np.float32)
+            blk.window_attention(ops, geo, qw[b, h], wins, valid[b], scr, o_out, ml_out)
+            o_part[b, h, 0] = o_out.reshape(geo.D, geo.NV)
+            ml_part[b, h, 0] = ml_out.reshape(2, geo.NV)
+    return o_part, ml_part
+
+
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm",
+                                  "innerq2-nosink"])
+def test_simulated_window_program_equals_xla(name):
+    """The in-kernel window program (windows="kernel") gives the XLA window partial."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    o_part, ml_part = simulate_windows(geo, cache, qp)
+    assert np.all(np.isfinite(o_part)) and np.all(np.isfinite(ml_part))
+    window = md.window_partial(qp, cache.layer(0), cache.lengths, cfg)
+    o_w, m_w, l_w = (np.asarray(x) for x in window)
+    cols, rows = geo.combine_tables
+    np.testing.assert_allclose(ml_part[:, :, 0, 0][..., cols[:, 0]], m_w, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ml_part[:, :, 0, 1][..., cols].sum(-1), l_w, rtol=1e-5, atol=1e-6)
+    o_k = np.swapaxes(o_part[:, :, 0][:, :, rows][..., cols].sum(-1), -1, -2)
+    assert _rel(o_k, o_w) < 1e-5
+    # merged with nothing else it is the attention over the windows alone
+    out = md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), None, geo)
+    ref = np.where(l_w[..., None] > 0, o_w / np.maximum(l_w, 1e-30)[..., None], 0.0)
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["innerq2-G64-D128-gqa4", "innerq2-nosink"])
+def test_simulated_kernel_with_window_program_equals_reference(name):
+    """windows="kernel": the window program's partial is one more split of the merge."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    layer = cache.layer(0)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv,
+                   opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D))
+    n_blocks = -(-cfg.quant_capacity // geo.BT)
+    bps = -(-n_blocks // opts["num_splits"])
+    nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
+    qexp, kconst = md.query_operands(qp, geo)
+    o_q, ml_q = simulate_kernel(geo, nq, qexp, kconst, md.kernel_operands(layer, geo),
+                                -(-n_blocks // bps), bps)
+    o_w, ml_w = simulate_windows(geo, cache, qp)
+    out = md.combine_partials(jnp.asarray(np.concatenate([o_q, o_w], 2)),
+                              jnp.asarray(np.concatenate([ml_q, ml_w], 2)), None, geo)
+    ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    assert _rel(out, ref) < TOL
