@@ -748,7 +748,9 @@ def combine_partials(o_part, ml_part, window, geo: Geometry):
     wgt = jnp.exp2(m_s - mx)
     l_tot = jnp.sum(wgt * l_s, axis=2)
     o_tot = jnp.sum(wgt[..., None] * o_s, axis=2)
-    return jnp.where(l_tot[..., None] > 0, o_tot / jnp.maximum(l_tot, 1e-30)[..., None], 0.0)
+    # zero only where nothing is held; a NaN l_tot (non-finite key or value) stays NaN
+    empty = l_tot[..., None] == 0
+    return jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[..., None]))
 
 
 def kernel_operands(layer: QuantLayer, geo: Geometry) -> list[jax.Array]:

@@ -541,7 +541,8 @@ def _decode_kernel(
     @pl.when(i == pl.num_programs(2) - 1)
     def _finish():
         l = l_ref[:, :1]
-        o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.maximum(l, 1e-30), 0.0)
+        # zero only where nothing is held; a NaN l (non-finite key or value) stays NaN
+        o_ref[...] = jnp.where(l == 0, 0.0, acc_ref[...] / jnp.where(l == 0, 1.0, l))
 
 
 def quantized_block_index(i, b, nq_ref, geo: TpuGeometry):

@@ -512,3 +512,25 @@ def test_simulated_kernel_with_window_program_equals_reference(name):
                               jnp.asarray(np.concatenate([ml_q, ml_w], 2)), None, geo)
     ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
     assert _rel(out, ref) < TOL
+
+
+def test_simulated_kernel_agrees_with_reference_on_non_finite_keys():
+    """NaN in a sink key, a recent key or a quantized group, Inf in a quantized value:
+    NaN exactly where the reference has it (never a silent zero from the combine)."""
+    cfg = CacheConfig.innerq(sink=4, capacity=512)
+    rng = np.random.default_rng(5)
+    k, v = _kv(rng, 3, 2, 400, 64)
+    k[0, 0, 0, 1, 5] = np.nan  # sink of sequence 0, kv head 0
+    k[0, 1, 1, 290, 7] = np.nan  # recent window of sequence 1, kv head 1
+    v[0, 2, 0, 40, 3] = np.inf  # a quantized value group of sequence 2, kv head 0
+    k[0, 2, 1, 60, 9] = np.nan  # a quantized key group of sequence 2, kv head 1
+    cache = KVCache.from_prefill(cfg, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
+                                 np.array([400, 300, 250]))
+    qp = _query(cache, 4)
+    ref = np.asarray(quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg))
+    out = np.asarray(_simulated_attention(cache, qp, dict(num_splits=2)))
+    bad = ~np.isfinite(ref)
+    assert bad[0, 0].all() and bad[1, 1].all() and bad[2, 1].all() and bad[2, 0, :, 3].all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_array_equal(~np.isfinite(out), bad)
+    assert _rel(out[~bad], ref[~bad]) < TOL

@@ -369,3 +369,28 @@ def test_long_cache_default_blocks(make):
     ref = _core(qp, layer, n, cfg)
     out = quantized_decode_attention_tpu(qp, layer, n, cfg, interpret=True)
     assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("kind", ["innerq", "outerq"])
+def test_agrees_with_reference_on_non_finite_keys(kind):
+    """NaN in a sink key, a recent key or a quantized group, Inf in a quantized value:
+    NaN exactly where the reference has it (never a silent zero), the rest as close as
+    usual."""
+    cfg = (CacheConfig.innerq if kind == "innerq" else CacheConfig.outerq)(sink=4, capacity=512)
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((3, 2, 400, 64)) + 1.5 * rng.standard_normal(64)
+    v = rng.standard_normal((3, 2, 400, 64))
+    k[0, 0, 1, 5] = np.nan  # sink of sequence 0, kv head 0
+    k[1, 1, 290, 7] = np.nan  # recent window of sequence 1, kv head 1
+    v[2, 0, 40, 3] = np.inf  # a quantized value group of sequence 2, kv head 0
+    k[2, 1, 60, 9] = np.nan  # a quantized key group of sequence 2, kv head 1
+    lengths = jnp.array([400, 300, 250], jnp.int32)
+    layer = _prefill(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), lengths, cfg)
+    _, qp = _query(layer, cfg, 2)
+    ref = np.asarray(_core(qp, layer, lengths, cfg))
+    out = np.asarray(quantized_decode_attention_tpu(qp, layer, lengths, cfg, interpret=True))
+    bad = ~np.isfinite(ref)
+    assert bad[0, 0].all() and bad[1, 1].all() and bad[2, 1].all() and bad[2, 0, :, 3].all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_array_equal(~np.isfinite(out), bad)
+    assert _rel(out[~bad], ref[~bad]) < TOL
