@@ -82,8 +82,11 @@ class TextStream:
         self.decoder = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.written = ""
+        self.first_token_at = None  # perf_counter() when the first token reached the host
 
     def __call__(self, step, tokens, done):
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if bool(done[0]):
             return
         self.ids.append(int(tokens[0]))
@@ -134,12 +137,28 @@ def check_device() -> None:
               "(or pip install 'innerq-jax[gpu]')", file=sys.stderr)
 
 
+def mesh_for(spec: str | None, num_kv_heads: int):
+    """``--mesh data=D,model=M``; by default every local device the work splits over
+    (model | kv heads, data | the batch of 1), or None on a single device."""
+    from innerq_jax.sharding import check_divisible, default_mesh, parse_mesh
+
+    mesh = parse_mesh(spec) if spec else default_mesh(num_kv_heads, batch=1)
+    check_divisible(mesh, 1, num_kv_heads)
+    return None if mesh.size == 1 else mesh
+
+
+def _mesh_text(mesh) -> str:
+    if mesh is None:
+        return "one device"
+    return f"data={mesh.shape['data']}, model={mesh.shape['model']} ({mesh.size} devices)"
+
+
 def cmd_generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
     from models.generate import Sampling, generate
-    from models.llama import Llama
+    from models.llama import Llama, shard_model
     from models.weights import load_checkpoint
 
     # Everything the arguments decide is checked before the model loads (seconds).
@@ -149,6 +168,10 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens > cfg.capacity:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} needs a cache of at least "
                          f"{args.max_new_tokens} tokens; --capacity is {cfg.capacity}")
+    if args.mesh:
+        from innerq_jax.sharding import parse_mesh
+
+        parse_mesh(args.mesh)  # the spec and the device count, before the model loads
     check_device()
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.model)
@@ -158,15 +181,20 @@ def cmd_generate(args) -> int:
         text = render_chat(ckpt.chat_template, args.prompt)
     ids = tok.encode(text, add_special_tokens=False).ids
     model = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
+    mesh = mesh_for(args.mesh, model.cfg.num_kv_heads)
+    if mesh is not None:
+        shard_model(model, mesh)
     print(f"[innerq] model {ckpt.source} loaded in {time.perf_counter() - t0:.1f}s; "
           f"prompt {len(ids)} tokens; cache {cfg.short_name()}", file=sys.stderr)
 
     stream = None if args.no_stream else TextStream(tok, sys.stdout)
-    t1 = time.perf_counter()
     gen = generate(model, [ids], cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   eos_ids=ckpt.eos_token_ids, backend=args.backend, stream=stream)
-    dt = time.perf_counter() - t1
+                   eos_ids=ckpt.eos_token_ids, backend=args.backend, stream=stream, mesh=mesh)
     n = int(gen.lengths[0])
+    run_start = time.perf_counter() - gen.run_s
+    ttft = None if stream is None or stream.first_token_at is None else \
+        stream.first_token_at - run_start
+    rest = gen.run_s - (ttft or 0.0)
     if stream is None:
         sys.stdout.write(tok.decode(gen.tokens[0, :n].tolist(), skip_special_tokens=True))
     else:
@@ -179,7 +207,12 @@ def cmd_generate(args) -> int:
     report = [
         "--- report ---",
         f"device             {device_line()}",
-        f"tokens generated   {n} in {dt:.2f}s ({n / dt:.1f} tokens/s, compile included)",
+        f"mesh               {_mesh_text(mesh)}",
+        f"compile            {gen.compile_s:.1f}s (prefill + decode loop, once per run)",
+        f"tokens generated   {n} in {gen.run_s:.2f}s after compile "
+        f"({n / max(gen.run_s, 1e-9):.1f} tokens/s)"
+        + ("" if ttft is None else
+           f"; first token {ttft * 1e3:.0f} ms, then {(n - 1) / max(rest, 1e-9):.1f} tokens/s"),
         f"cache              {cfg.short_name()}  capacity {cfg.capacity} tokens/sequence",
         f"cache bytes        {_fmt_bytes(total)} vs bf16 {_fmt_bytes(dense)} "
         f"({total / dense:.3f}x, {dense / total:.1f}x smaller)",
@@ -252,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 disables it")
     g.add_argument("--top-p", type=_top_p, default=1.0, help="in (0, 1]; 1 disables it")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--backend", choices=["auto", "reference", "pallas", "interpret"],
+    g.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="device mesh (default: every local device the work splits over: "
+                        "model divides the kv heads, data the batch of 1)")
+    g.add_argument("--backend", choices=["auto", "reference", "pallas", "interpret", "tpu",
+                                         "tpu-interpret"],
                    default="auto")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--no-stream", action="store_true")

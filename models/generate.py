@@ -10,6 +10,7 @@ before the loop starts (a ``ValueError``, never a silent overwrite).
 from __future__ import annotations
 
 import functools
+import time
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -68,6 +69,8 @@ class Generation:
     tokens: np.ndarray  # [B, max_new_tokens] generated ids (after a stop: pad)
     lengths: np.ndarray  # [B] tokens generated per sequence, the stop token included
     cache: object  # the final KVCache (every token but the last generated one)
+    compile_s: float = 0.0  # compiling the prefill + decode loop (once per shape and config)
+    run_s: float = 0.0  # running it, up to the tokens on the host
 
 
 @functools.partial(
@@ -134,7 +137,10 @@ def generate(
     """Generates for a batch of token-id prompts of different lengths.
 
     ``stream(step, tokens [B], done [B])`` is called on the host after each
-    step when given (used by the CLI to print text as it comes).
+    step when given (used by the CLI to print text as it comes). With a ``mesh``
+    (the model placed by ``models.llama.shard_model``) the prompts are split over
+    its data axis and the cache over (data, model). The loop is compiled ahead of
+    the run, so ``compile_s`` and ``run_s`` are reported apart.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -160,6 +166,10 @@ def generate(
         check_divisible(mesh, len(prompts), model.cfg.num_kv_heads)
         tokens = jax.device_put(tokens, NamedSharding(mesh, P(DATA)))
         lengths = jax.device_put(lengths, NamedSharding(mesh, P(DATA)))
-    out, n, cache = _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling,
-                              tuple(eos_ids), backend, stream, mesh)
-    return Generation(np.asarray(out), np.asarray(n), cache)
+    t0 = time.perf_counter()
+    compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
+                               tuple(eos_ids), backend, stream, mesh).compile()
+    t1 = time.perf_counter()
+    out, n, cache = compiled(model, tokens, lengths)
+    out, n = np.asarray(out), np.asarray(n)
+    return Generation(out, n, cache, compile_s=t1 - t0, run_s=time.perf_counter() - t1)

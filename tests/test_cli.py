@@ -63,11 +63,12 @@ def _fake_model(monkeypatch, tokenizer, generated, chat_template=None):
                 stream(np.int32(i), np.array([t], np.int32), np.array([False]))
         cache = KVCache.create(cfg, 1, 1, 1, 64)
         return models.generate.Generation(np.array([generated]), np.array([len(generated)]),
-                                          cache)
+                                          cache, compile_s=0.5, run_s=0.25)
 
     monkeypatch.setattr(models.weights, "load_checkpoint", load)
     monkeypatch.setattr(models.llama.Llama, "from_checkpoint",
-                        classmethod(lambda cls, c, dtype=None: None))
+                        classmethod(lambda cls, c, dtype=None: types.SimpleNamespace(
+                            cfg=types.SimpleNamespace(num_kv_heads=1))))
     monkeypatch.setattr(models.generate, "generate", fake_generate)
     return calls
 
@@ -89,6 +90,9 @@ def _fake_model(monkeypatch, tokenizer, generated, chat_template=None):
     (["--group-size", "24"], "--group-size"),
     (["--capacity", "256", "--max-new-tokens", "300"], "--max-new-tokens 300"),
     (["--cache", "innerq", "--recent", "100"], "recent=100"),
+    (["--mesh", "data=2,modl=1"], "data=D,model=M"),
+    (["--mesh", "data=0"], "data=0"),
+    (["--mesh", "model=64"], "64 devices"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys, args, flag):
     def never(path):
@@ -199,7 +203,7 @@ def test_generate_prints_nothing_foreign(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    own = ("[innerq] ", "--- report ---", "device ", "tokens generated ", "cache ",
-           "cache bytes ", "tokens in regions ", "config ")
+    own = ("[innerq] ", "--- report ---", "device ", "mesh ", "compile ", "tokens generated ",
+           "cache ", "cache bytes ", "tokens in regions ", "config ")
     assert [x for x in lines if not x.startswith(own)] == []
     assert lines[0].startswith("[innerq] model ") and "device             cpu" in r.stderr
