@@ -110,7 +110,12 @@ FUSED = {
 }
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+# Variants of shapes the default suite already covers run with -m slow (CI time).
+SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FUSED
+                                  else n for n in FUSED])
 def test_fused_equals_reference(name):
     cfg, D, Hq, Hkv, lengths, appends, opts = FUSED[name]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
@@ -141,7 +146,8 @@ def test_regions_exercised():
     assert nq[4] > int(pre[4])
 
 
-@pytest.mark.parametrize("rotation", ["keys_values", "keys"])
+@pytest.mark.parametrize("rotation", ["keys_values",
+                                      pytest.param("keys", marks=pytest.mark.slow)])
 def test_innerq_h_through_dispatch(rotation):
     cfg = CacheConfig.innerq(rotation=rotation, capacity=512)
     lengths = [500, 150, 6]
