@@ -54,6 +54,9 @@ SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 TINY = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=64, max_positions=8192)
 
+# every row names its device, backend and jax version, as the kernel bench's rows do
+ROW_SCHEMA = "innerq-jax/e2e-bench-row/1"
+
 KINDS = {
     "bf16": CacheConfig.bf16,
     "int8": CacheConfig.int8,
@@ -236,7 +239,8 @@ def main(argv=None) -> None:
                                      mc.head_dim).total_nbytes()
             if B == "max":
                 B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
-            row = dict(model=mname, cache=kind, B=B, context=ctx, suite=suite,
+            row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
+                       jax=jax.__version__, model=mname, cache=kind, B=B, context=ctx, suite=suite,
                        mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
                        cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
             # per device: weights split over model, cache over data x model

@@ -1,0 +1,36 @@
+"""The end-to-end benchmark script runs (CPU smoke run of its quick suite).
+
+Speed is never asserted here; what is checked is that every row the GPU run would
+write is complete and consistent: a time, tokens/s matching it, the roofline from
+the bytes and the measured bandwidth, and the attention time beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_e2e  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.mark.slow  # a minute of compiles on two cores
+def test_quick_suite_writes_complete_rows(tmp_path):
+    bench_e2e.main(["--suite", "quick", "--out", str(tmp_path), "--steps", "2", "--reps", "1"])
+    doc = json.loads((tmp_path / "e2e_quick.json").read_text())
+    bw = doc["meta"]["copy_bandwidth"]
+    assert bw > 0 and (tmp_path / "e2e_quick.png").exists()
+    assert [r["cache"] for r in doc["rows"]] == ["bf16", "int8", "outerq2", "innerq2"]
+    for r in doc["rows"]:
+        assert "error" not in r, r
+        assert r["schema"] == bench_e2e.ROW_SCHEMA and r["backend"] == "cpu"
+        assert abs(r["tokens_per_s"] - r["B"] / (r["step_ms"] / 1e3)) < 1e-6 * r["tokens_per_s"]
+        roof = (r["weight_bytes"] + r["cache_bytes"]) / bw * 1e3
+        assert abs(r["roofline_ms"] - roof) < 1e-9 * roof
+        assert r["attention_ms_all_layers"] == r["attention_ms_per_layer"] * 2  # 2 layers
+        assert r["cache_bytes"] == r["B"] * r["cache_bytes_per_seq"]
+    by = {r["cache"]: r["cache_bytes_per_seq"] for r in doc["rows"]}
+    assert by["innerq2"] < by["int8"] < by["bf16"]
