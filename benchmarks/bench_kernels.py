@@ -52,6 +52,10 @@ from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
 from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
 from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
 
+# compare.py sits beside this script: the variant names and families are defined once there
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import BF16_PEERS, variant_family  # noqa: E402
+
 L2_BYTES = 50 * 2**20
 TOL_QUANT = 1e-2  # see tests/test_kernels.py: bf16 MMA operands
 # OuterQ folds the scale into the bf16 operand (q*s, p*s) and its keys are not
@@ -63,19 +67,6 @@ TOL_BF16 = 2e-2  # bf16 peers against an f32 softmax over the same bf16 cache
 
 # ------------------------------------------------------------------ schema
 ROW_SCHEMA = "innerq-jax/kernel-bench-row/1"
-BF16_PEERS = ("bf16_xla", "bf16_pallas", "cudnn", "bf16_paged_tpu")
-
-
-def variant_family(name: str) -> str:
-    """bf16 / int8 / innerq / outerq / innerq-h: what a variant stores, whatever runs it."""
-    base = name.split("@")[0]
-    if base in BF16_PEERS:
-        return "bf16"
-    if base.startswith("int8"):
-        return "int8"
-    if base.startswith("kernel_"):
-        return "innerq-part"
-    return base.rsplit("_", 1)[0]
 
 
 def flat_rows(meta, runs) -> list[dict]:

@@ -32,7 +32,8 @@ BF16_PEERS = ("bf16_xla", "bf16_pallas", "cudnn", "bf16_paged_tpu")
 FAMILY_ORDER = ("bf16", "int8", "outerq", "innerq", "innerq-h")
 
 
-def _family(name: str) -> str:
+def variant_family(name: str) -> str:
+    """bf16 / int8 / innerq / outerq / innerq-h: what a variant stores, whatever runs it."""
     base = name.split("@")[0]
     if base in BF16_PEERS:
         return "bf16"
@@ -55,7 +56,7 @@ def _rows_from_runs(doc) -> list[dict]:
                 "backend": meta.get("backend", meta.get("platform")), "jax": meta["jax"],
                 "shape": sh["label"], "B": sh["B"], "T": sh["T"], "Hq": sh["Hq"],
                 "Hkv": sh["Hkv"], "D": sh["D"], "bits": sh["bits"], "G": sh["G"],
-                "variant": name, "family": _family(name), "bf16_peer": name in BF16_PEERS,
+                "variant": name, "family": variant_family(name), "bf16_peer": name in BF16_PEERS,
                 "ms": res.get("ms"), "bytes": res.get("bytes"), "gbps": res.get("gbps"),
                 "rel_err": res.get("rel_err"), "error": res.get("error"),
             })
@@ -72,7 +73,7 @@ class BenchFile:
         self.converted = "rows" not in doc
         self.rows = _rows_from_runs(doc) if self.converted else doc["rows"]
         for r in self.rows:
-            r.setdefault("family", _family(r["variant"]))
+            r.setdefault("family", variant_family(r["variant"]))
         kind = self.meta["device_kind"]
         if self.meta.get("copy_gbps"):
             self.roof, self.roof_src = self.meta["copy_gbps"], "device copy measured by this run"

@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 
 import mgpu_simt as simt
+from kernel_cases import cache_after_appends as _cache
+from kernel_cases import kv_with_outliers as _kv
 from innerq_jax import CacheConfig, KVCache
 from innerq_jax.layout import region_sizes
 from innerq_jax.reference import prepare_query, quantized_attention_core
@@ -47,37 +49,6 @@ def _rel(out, ref):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     assert np.all(np.isfinite(out)), "kernel output has NaN/Inf"
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
-def _kv(rng, B, H, T, D):
-    """Keys with channel offsets and a few outlier channels, values normal."""
-    k = rng.standard_normal((1, B, H, T, D)) + 1.5 * rng.standard_normal(D)
-    for c in rng.choice(D, 3, replace=False):
-        k[..., c] *= 8.0
-    v = rng.standard_normal((1, B, H, T, D))
-    v[..., rng.integers(D)] *= 4.0
-    return k, v
-
-
-def _cache(cfg, B, H, D, lengths, appends=0, seed=0):
-    """Prefill to ``lengths - appends``, then append one token at a time (the cache's own
-    flush moves a group into the quantized region when the recent window fills)."""
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray(lengths)
-    T = int(lengths.max())
-    k, v = _kv(rng, B, H, T, D)
-    pre = np.maximum(lengths - appends, 0)
-    Tp = max(int(pre.max()), 1)
-    cache = KVCache.from_prefill(cfg, jnp.asarray(k[..., :Tp, :], jnp.float32),
-                                 jnp.asarray(v[..., :Tp, :], jnp.float32), pre)
-    step = jax.jit(lambda c, kk, vv: c.append(kk, vv))
-    for i in range(appends):
-        idx = np.minimum(pre + i, T - 1)
-        kn = np.stack([k[0, b, :, idx[b]] for b in range(B)])[None]
-        vn = np.stack([v[0, b, :, idx[b]] for b in range(B)])[None]
-        cache = step(cache, jnp.asarray(kn, jnp.float32), jnp.asarray(vn, jnp.float32))
-    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
-    return cache
 
 
 def _query(cache, Hq, seed=1):
