@@ -30,8 +30,10 @@ largest batch for bf16 and InnerQ on the mesh given by ``--mesh``), and
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import sys
 import time
 
 import jax
@@ -44,6 +46,9 @@ from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer
 from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
 from models.llama import Llama, ModelConfig, jit_decode_step, shard_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_summary import summarize  # noqa: E402
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -143,8 +148,10 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, me
                    mc.head_dim)
 
 
-def time_step(model, cache, B, steps, reps, mesh):
-    """(median, min, max) seconds per step, compile seconds, memory analysis, final cache."""
+def time_step(model, cache, B, steps, reps, mesh, profile_dir=None):
+    """(median, min, max) seconds per step, compile seconds, memory analysis, final cache,
+    and with ``profile_dir`` the device-time summary of ``steps`` more steps traced there
+    (:func:`benchmarks.trace_summary.summarize`)."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
     compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
@@ -165,12 +172,23 @@ def time_step(model, cache, B, steps, reps, mesh):
         logits.block_until_ready()
         times.append((time.perf_counter() - t) / steps)
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    profile = None
+    if profile_dir is not None:
+        cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
+                        cache.num_kv_heads, cache.head_dim)
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                logits, cache = compiled(model, cache, tok)
+            logits.block_until_ready()
+        traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+                                  recursive=True), key=os.path.getmtime)
+        profile = summarize(traces[-1], steps) if traces else {"error": "no trace written"}
     footprint = None
     if ma is not None:
         footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
     return (float(np.median(times)), float(np.min(times)), float(np.max(times))), compile_s, \
-        footprint, cache
+        footprint, cache, profile
 
 
 def time_attention(cache: KVCache, mc: ModelConfig, B: int, reps: int, mesh) -> float:
@@ -206,6 +224,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default=None,
                     help="keep only these rows of the suites: kind:B,... (B a number or max)")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace --steps more steps of each row (jax.profiler, perfetto) under "
+                         "OUT/traces and record device busy, collective and idle time per step")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="stop starting new rows after this many seconds")
     args = ap.parse_args(argv)
@@ -258,8 +279,11 @@ def main(argv=None) -> None:
                 try:
                     cache = random_cache(cfg, mc, B, ctx - args.steps - 2,
                                          jax.random.PRNGKey(B + ctx), mesh)
-                    (med, lo, hi), comp, foot, cache = time_step(model, cache, B, args.steps,
-                                                                 args.reps, mesh)
+                    pdir = None
+                    if args.profile:
+                        pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{kind}_B{B}")
+                    (med, lo, hi), comp, foot, cache, prof = time_step(
+                        model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir)
                     attn = time_attention(cache, mc, B, args.reps, mesh)
                     row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
                                tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
@@ -268,6 +292,8 @@ def main(argv=None) -> None:
                                attention_ms_all_layers=attn * 1e3 * mc.num_layers,
                                weights_plus_attention_ms=(weight_bytes / model_axis / bw
                                                           + attn * mc.num_layers) * 1e3)
+                    if prof is not None:
+                        row["profile"] = prof  # per device, per step (trace_summary.py)
                     row["vs_roofline"] = row["step_ms"] / row["roofline_ms"]
                     row["vs_weights_plus_attention"] = (row["step_ms"]
                                                         / row["weights_plus_attention_ms"])
@@ -299,6 +325,14 @@ def main(argv=None) -> None:
     plot(path, path[:-5] + ".png")
     print(f"\n{meta}")
     print(table(rows))
+    prof = [r for r in rows if r.get("profile")]
+    if prof:
+        print("\nper device, per step: busy / collectives / span (ms), ops")
+        for r in prof:
+            for d, p in r["profile"].items():
+                if "busy_ms" in p:
+                    print(f"{r['cache']:8s} B{r['B']:<4} {d:14s} {p['busy_ms']:7.2f} "
+                          f"{p['collective_ms']:7.2f} {p['span_ms']:7.2f} {p['ops']:6.0f}")
 
 
 def table(rows) -> str:
