@@ -61,6 +61,7 @@ TINY = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_l
 
 # every row names its device, backend and jax version, as the kernel bench's rows do
 ROW_SCHEMA = "innerq-jax/e2e-bench-row/1"
+PROFILE_STEPS = 3  # steps traced per row with --profile (a trace grows ~10 MB per step)
 
 KINDS = {
     "bf16": CacheConfig.bf16,
@@ -151,7 +152,9 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, me
 def time_step(model, cache, B, steps, reps, mesh, profile_dir=None):
     """(median, min, max) seconds per step, compile seconds, memory analysis, final cache,
     and with ``profile_dir`` the device-time summary of ``steps`` more steps traced there
-    (:func:`benchmarks.trace_summary.summarize`)."""
+    (:func:`benchmarks.trace_summary.summarize`). The profiler runs XLA op by op
+    (no command buffers), so the traced span is longer than a timed step; busy and
+    collective times are the ops' own."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
     compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
@@ -176,13 +179,14 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None):
     if profile_dir is not None:
         cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
                         cache.num_kv_heads, cache.head_dim)
+        traced = min(steps, PROFILE_STEPS)
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            for _ in range(steps):
+            for _ in range(traced):
                 logits, cache = compiled(model, cache, tok)
             logits.block_until_ready()
         traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
                                   recursive=True), key=os.path.getmtime)
-        profile = summarize(traces[-1], steps) if traces else {"error": "no trace written"}
+        profile = summarize(traces[-1], traced) if traces else {"error": "no trace written"}
     footprint = None
     if ma is not None:
         footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes

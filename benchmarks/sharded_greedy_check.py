@@ -3,8 +3,14 @@
 SmolLM2-135M (the default model) has 3 kv heads, which no model axis of 2 divides,
 so the check splits the batch: ``--mesh data=2``. Four real chat prompts of
 different lengths (ragged batch) generate ``--new`` greedy tokens with each cache
-(bf16, paper InnerQ, the recommended cache); the sharded tokens must equal the
-single-device ones. Writes ``OUT/sharded_greedy_<mesh>.json`` and prints a table.
+(bf16 and the recommended InnerQ cache) three ways: on one device as one batch of 4;
+on one device as the two halves the data axis gives each device (2 + 2); and over the
+mesh. The sharded tokens must equal the one-device tokens of the same per-device batch
+(the check's pass condition); against the one-batch run they can differ where the GPU's
+matrix products round differently for a batch of 2 than of 4 (no GPU library promises
+batch-invariant results) and a greedy choice is a near tie, so that comparison is
+reported with the first differing position, not asserted. Writes
+``OUT/sharded_greedy_<mesh>.json`` and prints a table.
 
     PYTHONPATH=$PWD python3 benchmarks/sharded_greedy_check.py --model M.gguf \
         --mesh data=2 --out $OUT
@@ -39,7 +45,6 @@ PROMPTS = (
 )
 CACHES = {
     "bf16": CacheConfig.bf16,
-    "innerq2": CacheConfig.innerq,
     "recommended": CacheConfig.recommended,
 }
 
@@ -64,18 +69,31 @@ def main(argv=None) -> int:
     rows, ok = [], True
     for name, make in CACHES.items():
         cfg = make(capacity=a.capacity)
-        outs = {}
-        for where, model, m in (("single", single, None), (a.mesh, sharded, mesh)):
-            g = generate(model, prompts, cfg, max_new_tokens=a.new, eos_ids=ckpt.eos_token_ids,
-                         mesh=m)
-            outs[where] = g
-        s, d = outs["single"], outs[a.mesh]
-        same = bool(np.array_equal(s.tokens, d.tokens) and np.array_equal(s.lengths, d.lengths))
-        first_diff = [int(np.argmax(s.tokens[i] != d.tokens[i])) if not np.array_equal(
-            s.tokens[i], d.tokens[i]) else None for i in range(len(prompts))]
+        T = max(len(p) for p in prompts)  # every run pads to the batch's longest prompt
+        gen = lambda model, ps, m: generate(  # noqa: E731
+            model, ps, cfg, max_new_tokens=a.new, eos_ids=ckpt.eos_token_ids, mesh=m, pad_to=T)
+        s = gen(single, prompts, None)
+        d = gen(sharded, prompts, mesh)
+        n = mesh.shape["data"]
+        per = len(prompts) // n
+        halves = [gen(single, prompts[i * per:(i + 1) * per], None) for i in range(n)]
+        h_tokens = np.concatenate([h.tokens for h in halves])
+        h_lengths = np.concatenate([h.lengths for h in halves])
+
+        def first_diff(x, y):
+            return [int(np.argmax(x[i] != y[i])) if not np.array_equal(x[i], y[i]) else None
+                    for i in range(len(prompts))]
+
+        same = bool(np.array_equal(h_tokens, d.tokens) and np.array_equal(h_lengths, d.lengths))
+        same_full = bool(np.array_equal(s.tokens, d.tokens)
+                         and np.array_equal(s.lengths, d.lengths))
         ok &= same
-        rows.append(dict(cache=name, config=cfg.short_name(), same_tokens=same,
-                         first_difference=first_diff, lengths=s.lengths.tolist(),
+        rows.append(dict(cache=name, config=cfg.short_name(),
+                         same_tokens_as_per_device_batches=same,
+                         first_difference_vs_per_device_batches=first_diff(h_tokens, d.tokens),
+                         same_tokens_as_one_batch=same_full,
+                         first_difference_vs_one_batch=first_diff(s.tokens, d.tokens),
+                         lengths=d.lengths.tolist(),
                          compile_s={"single": s.compile_s, a.mesh: d.compile_s},
                          run_s={"single": s.run_s, a.mesh: d.run_s},
                          text=[tok.decode(s.tokens[i, :s.lengths[i]].tolist(),
@@ -89,9 +107,13 @@ def main(argv=None) -> int:
     tag = a.mesh.replace("=", "").replace(",", "_")
     with open(os.path.join(a.out, f"sharded_greedy_{tag}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"\n{'cache':12s} {'same tokens':>11s}  lengths  (mesh {a.mesh}, {dev.device_kind})")
+    print(f"\nmesh {a.mesh} on {dev.device_kind}: sharded tokens against one device")
+    print(f"{'cache':12s} {'same as 2+2':>11s} {'same as 4':>9s}  first difference vs 4"
+          "  lengths")
     for r in rows:
-        print(f"{r['cache']:12s} {str(r['same_tokens']):>11s}  {r['lengths']}")
+        print(f"{r['cache']:12s} {str(r['same_tokens_as_per_device_batches']):>11s} "
+              f"{str(r['same_tokens_as_one_batch']):>9s}  "
+              f"{str(r['first_difference_vs_one_batch']):22s} {r['lengths']}")
     return 0 if ok else 1
 
 

@@ -60,9 +60,10 @@ def summarize(path: str, steps: int) -> dict:
         iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs]
         coll = [(s, t) for (s, t), e in zip(iv, evs)
                 if COLLECTIVE.search(e.get("name", "")) or COLLECTIVE.search(_name(e))]
-        by_name = collections.Counter()
+        by_name, counts = collections.Counter(), collections.Counter()
         for e in evs:
             by_name[e.get("name", "")[:80]] += float(e["dur"])
+            counts[e.get("name", "")[:80]] += 1
         out[dev] = dict(
             ops=len(evs) / steps,
             kernel_ms=sum(t - s for s, t in iv) / 1e3 / steps,
@@ -71,6 +72,9 @@ def summarize(path: str, steps: int) -> dict:
             collective_ops=len(coll) / steps,
             span_ms=(max(t for _, t in iv) - min(s for s, _ in iv)) / 1e3 / steps,
             top=[(n, round(d / 1e3 / steps, 4)) for n, d in by_name.most_common(10)],
+            # every op name: [count, ms] per step, costliest first
+            by_op={n: [counts[n] / steps, round(d / 1e3 / steps, 5)]
+                   for n, d in by_name.most_common()},
         )
     return out
 

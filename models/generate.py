@@ -133,8 +133,12 @@ def generate(
     backend: str = "auto",
     stream: Callable | None = None,
     mesh: Mesh | None = None,
+    pad_to: int | None = None,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
+
+    The prompts are right-padded to the longest one, or to ``pad_to`` tokens when
+    given (a fixed prompt shape compiles once for every batch that fits it).
 
     ``stream(step, tokens [B], done [B])`` is called on the host after each
     step when given (used by the CLI to print text as it comes). With a ``mesh``
@@ -158,6 +162,12 @@ def generate(
     if need > model.cfg.max_positions:
         raise ValueError(f"{need} positions exceed the model's context of {model.cfg.max_positions}")
     T = int(lengths.max())
+    if pad_to is not None:
+        if not is_int(pad_to) or pad_to < T:
+            raise ValueError(f"pad_to={pad_to!r} must be an int >= the longest prompt ({T})")
+        T = int(pad_to)
+        if T > cache_config.capacity:
+            raise ValueError(f"pad_to={T} exceeds the cache capacity {cache_config.capacity}")
     tokens = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
