@@ -56,8 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default="data=2")
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--capacity", type=int, default=512)
+    ap.add_argument("--caches", default=",".join(CACHES), help="comma-separated subset of "
+                    + ", ".join(CACHES))
+    ap.add_argument("--tag", default="", help="file name suffix")
     ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
+    unknown = set(a.caches.split(",")) - set(CACHES)
+    if unknown:
+        ap.error(f"unknown caches {sorted(unknown)}; choose from {list(CACHES)}")
     ckpt = load_checkpoint(a.model)
     tok = ckpt.tokenizer
     prompts = [tok.encode(render_chat(ckpt.chat_template, p) if ckpt.chat_template else p,
@@ -67,8 +73,8 @@ def main(argv=None) -> int:
     sharded = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
     shard_model(sharded, mesh)
     rows, ok = [], True
-    for name, make in CACHES.items():
-        cfg = make(capacity=a.capacity)
+    for name in a.caches.split(","):
+        cfg = CACHES[name](capacity=a.capacity)
         T = max(len(p) for p in prompts)  # every run pads to the batch's longest prompt
         gen = lambda model, ps, m: generate(  # noqa: E731
             model, ps, cfg, max_new_tokens=a.new, eos_ids=ckpt.eos_token_ids, mesh=m, pad_to=T)
@@ -101,10 +107,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1])[:400], flush=True)
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, devices=jax.device_count(), jax=jax.__version__,
-                model=str(ckpt.source), mesh=a.mesh, new_tokens=a.new, prompts=list(PROMPTS),
+                model=str(ckpt.source), mesh=a.mesh, xla_flags=os.environ.get("XLA_FLAGS", ""), new_tokens=a.new, prompts=list(PROMPTS),
                 prompt_tokens=[len(p) for p in prompts], all_same=ok)
     os.makedirs(a.out, exist_ok=True)
-    tag = a.mesh.replace("=", "").replace(",", "_")
+    tag = a.mesh.replace("=", "").replace(",", "_") + a.tag
     with open(os.path.join(a.out, f"sharded_greedy_{tag}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\nmesh {a.mesh} on {dev.device_kind}: sharded tokens against one device")
