@@ -480,6 +480,30 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         record("innerq-h_fused", lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_h,
                quant_bytes, extra={"note": "rotations of q and o included"})
         del sets
+    # ---- any InnerQ configuration ("cfg_fused@{CacheConfig.innerq overrides as JSON}"): a
+    # candidate cache of the fidelity search timed in the same run as innerq_fused, through
+    # the dispatch (rotations of q and o included), checked against the reference path
+    for name in [x for x in variants if x.split("@")[0] == "cfg_fused"]:
+        over = json.loads(name.split("@", 1)[1]) if "@" in name else {}
+        cfg = shape.cfg("innerq", **over)
+        layer = _prefill(k, v, lengths, cfg)
+        nbytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
+                     for f in ("codes", "scale", "zero"))
+        nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qbytes
+        ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+
+        def check_c(o, ref=ref):
+            e = _rel(o, ref)
+            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            return e
+
+        fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
+                               **kernel_opts.get("innerq", {}))
+        sets = _copies((q, layer, lengths), n_sets)
+        record(name, lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_c, nbytes,
+               extra={"config": cfg.short_name(), "note": "rotations of q and o included"},
+               abort_on_mismatch=False)
+        del sets, layer, ref
     if "innerq" in caches and ("kernel_a" in variants or "kernel_b" in variants):
         cfg, layer = caches["innerq"]
         qp = prepare_query(q, layer, cfg, scale)
@@ -604,9 +628,10 @@ def main():
             points = [(Shape(B, T, **kw), list(names)) for B, T, kw, names in json.loads(args.points)]
         except (ValueError, TypeError) as e:
             ap.error(f"--points must be JSON [[B, T, {{Shape kwargs}}, [variants]], ...]: {e}")
-        bad = sorted({n for _, names in points for n in names if n.split("@")[0] not in ALL})
+        bad = sorted({n for _, names in points for n in names
+                      if n.split("@")[0] not in ALL + ["cfg_fused"]})
         if bad:
-            ap.error(f"--points: unknown variants {bad}; variants are {ALL} "
+            ap.error(f"--points: unknown variants {bad}; variants are {ALL + ['cfg_fused']} "
                      "(a kernel may carry options: innerq_fused@{json}, innerq_tpu@{json})")
     t_start = time.time()
     lines = []

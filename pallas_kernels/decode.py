@@ -289,8 +289,12 @@ def quantized_decode_attention(
     BT = block_tokens or mod.default_block_tokens(bits, G)
     if max_registers is None:
         max_registers = mod.DEFAULT_MAX_REGISTERS
+    # InnerQ keys may group along D by fewer channels than the flush group G (their own
+    # QuantizedTensor.group_size); values keep G along T
+    gk = layer.k.group_size if inner and layer.k.group_size != G else 0
+    extra = {"Gk": gk} if gk else {}
     geo = mod.Geometry(bits=bits, G=G, D=D, n_rep=r, BT=BT, unpack_chunk=unpack_chunk,
-                       max_registers=max_registers)
+                       max_registers=max_registers, **extra)
     geo.validate()
     n_blocks = max(1, pl.cdiv(Tq, BT))
     NS = num_splits or _default_splits(B, H, n_blocks)

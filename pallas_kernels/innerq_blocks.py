@@ -66,6 +66,11 @@ class Geometry:
     BT: int  # tokens per block
     unpack_chunk: int = 0  # codes per inline-asm unpack (0: cpw // 2); fewer = fewer live registers
     max_registers: int = 0  # cap on registers per thread (0: ptxas decides), see triton_ext
+    Gk: int = 0  # key group along D when it differs from G (0: G); G stays the value group
+
+    @property
+    def KG(self) -> int:  # channels per key group
+        return self.Gk or self.G
 
     @property
     def cpw(self) -> int:  # codes per uint32 word
@@ -89,7 +94,7 @@ class Geometry:
 
     @property
     def ng(self) -> int:  # key groups per token
-        return self.D // self.G
+        return self.D // self.KG
 
     @property
     def R(self) -> int:  # V word rows per block
@@ -124,8 +129,9 @@ class Geometry:
         return self.NR * self.v_col_groups
 
     def validate(self) -> None:
-        if self.D % self.G or self.D % 32:
-            raise ValueError(f"head_dim={self.D} must be a multiple of 32 and of G={self.G}")
+        if self.D % self.G or self.D % self.KG or self.D % 32:
+            raise ValueError(f"head_dim={self.D} must be a multiple of 32, of G={self.G} and of "
+                             f"the key group {self.KG}")
         if self.BT % self.G or self.BT % (8 * self.cpw) or self.BT & (self.BT - 1):
             raise ValueError(
                 f"block_tokens={self.BT} must be a power of two and a multiple of "
@@ -179,7 +185,7 @@ def expanded_query(q_ref, geo: Geometry, scale=LOG2E):
     Row 2k + i of Qexp_j meets code j + i * cpw/2 of word k of a K row.
     q_ref: [r, D] f32 q', times ``scale``. qsum_cols[(p, h, g)] = sum of q[h] over group g.
     """
-    Kd, NK, nw, cpw, ng, NR, G = geo.Kd, geo.NK, geo.nw, geo.cpw, geo.ng, geo.NR, geo.G
+    Kd, NK, nw, cpw, ng, NR, G = geo.Kd, geo.NK, geo.nw, geo.cpw, geo.ng, geo.NR, geo.KG
     kk = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (2 * Kd, NK), 1)
     k, i = kk // 2, kk % 2
