@@ -2,6 +2,14 @@
 
 The math lives in :mod:`innerq_jax.reference` (plain jnp, the contract) and in
 the kernels of :mod:`pallas_kernels`; this module only picks one per call.
+
+Layouts no kernel reads yet (``CacheConfig.kernel_unsupported``: keys or
+values grouped along a non-default axis, a key group size other than
+``group_size``, fp8 scales): backend ``auto`` runs them on the reference path on
+every device (correct, not fast); an explicit kernel backend (``pallas``,
+``interpret``, ``tpu``, ``tpu-interpret``) raises a ``ValueError`` naming the
+fields. Randomized Hadamard signs work on every backend: they are applied
+outside the kernel, with the rotation.
 """
 
 from __future__ import annotations
@@ -91,6 +99,14 @@ def decode_attention_layer(
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
+    if isinstance(layer, QuantLayer) and cfg.kernel_unsupported:
+        if backend == "auto":
+            backend = "reference"  # no kernel reads this layout yet
+        elif backend != "reference":
+            raise ValueError(
+                f"backend={backend!r}: no kernel supports "
+                f"{', '.join(cfg.kernel_unsupported)} yet; use backend='reference' or 'auto' "
+                f"(which runs such configurations on the reference path)")
     if backend == "auto":
         backend = _default_backend()
     if isinstance(layer, QuantLayer):
@@ -116,7 +132,7 @@ def decode_attention_layer(
             o = _fused_kernel()(
                 qp, layer, lengths, cfg, interpret=backend == "interpret", **kernel_options
             )
-        return finish_output(o, cfg, q.dtype)
+        return finish_output(o, cfg, q.dtype, layer.rot_signs)
     H = layer.k.shape[1]
     if layer.k.shape[0] != q.shape[0] or layer.k.shape[-1] != D:
         raise ValueError(f"q shape {q.shape} does not match the cache k shape {layer.k.shape}")

@@ -38,6 +38,7 @@ from innerq_jax.layout import (
     quantized_count,
     recent_slot_tokens,
     region_sizes,
+    rows_per_token,
 )
 
 COMPUTE_DTYPE = jnp.bfloat16
@@ -54,6 +55,29 @@ def hadamard(D: int) -> np.ndarray:
     while h.shape[0] < D:
         h = np.block([[h, h], [h, -h]])
     return h / np.sqrt(D)
+
+
+def rotation_signs(cfg: CacheConfig, layer: int, batch: int, num_kv_heads: int,
+                   head_dim: int) -> jax.Array | None:
+    """The randomized Hadamard's signs: [B, Hkv, D] int8 of +-1, or None when unused.
+
+    A pure function of (cfg.rotation_seed, layer, kv head): the same signs for
+    every sequence (the batch axis only lets the leaf shard like every other
+    one, batch on ``data`` and kv heads on ``model``), different across layers and
+    heads. Build it for the global heads and let the mesh split it: a function of
+    the local head index inside ``shard_map`` would repeat heads across devices.
+    """
+    if not (cfg.quantized and cfg.rotation_signs):
+        return None
+    rows = [np.random.default_rng([cfg.rotation_seed, int(layer), h]).integers(0, 2, head_dim)
+            for h in range(num_kv_heads)]
+    s = (2 * np.stack(rows) - 1).astype(np.int8)  # [H, D]
+    return jnp.asarray(np.broadcast_to(s, (batch, num_kv_heads, head_dim)))
+
+
+def _apply_signs(x: jax.Array, signs) -> jax.Array:
+    """x [B, H, T, D] times signs [B, H, D] (None: x)."""
+    return x if signs is None else x * signs.astype(x.dtype)[:, :, None, :]
 
 
 def _scatter_rows(arr: jax.Array, start: jax.Array, new: jax.Array, enabled: jax.Array):
@@ -94,23 +118,27 @@ class QuantLayer:
     recent_v: jax.Array  # [B, H, R + G, D] bf16
     k_centre: jax.Array  # [B, H, D] f32, mu (zero unless key_norm == centre_scale)
     k_scale: jax.Array  # [B, H, D] f32, sigma (one unless key_norm != none)
+    # [B, H, D] int8 +-1: randomized Hadamard signs (cfg.rotation_signs), else None
+    rot_signs: jax.Array | None = None
 
     # ------------------------------------------------------------ transforms
     @staticmethod
-    def key_transform(k: jax.Array, centre, scale, cfg: CacheConfig) -> jax.Array:
-        """(k - mu) [rotated] / sigma; k [B, H, T, D], centre/scale [B, H, D]."""
+    def key_transform(k: jax.Array, centre, scale, cfg: CacheConfig, signs=None) -> jax.Array:
+        """(k - mu) [signed, rotated] / sigma; k [B, H, T, D], centre/scale [B, H, D].
+
+        The rotation is x -> (x * s) @ H: H diag(s) applied to each token's key."""
         x = k.astype(jnp.float32) - centre[:, :, None, :]
         if cfg.rotate_keys:
-            x = x @ hadamard(k.shape[-1])
+            x = _apply_signs(x, signs) @ hadamard(k.shape[-1])
         return x / scale[:, :, None, :]
 
     @staticmethod
-    def value_transform(v: jax.Array, cfg: CacheConfig) -> jax.Array:
+    def value_transform(v: jax.Array, cfg: CacheConfig, signs=None) -> jax.Array:
         x = v.astype(jnp.float32)
-        return x @ hadamard(v.shape[-1]) if cfg.rotate_values else x
+        return _apply_signs(x, signs) @ hadamard(v.shape[-1]) if cfg.rotate_values else x
 
     @staticmethod
-    def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig):
+    def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig, signs=None):
         """Per (sequence, head, channel) centre and scale over prompt tokens past the sinks.
 
         Tokens outside that range are masked with ``where``, never multiplied by a zero
@@ -132,7 +160,7 @@ class QuantLayer:
             return centre, jnp.ones((B, H, D), jnp.float32)
         y = x - centre[:, :, None, :]
         if cfg.rotate_keys:
-            y = y @ hadamard(D)
+            y = _apply_signs(y, signs) @ hadamard(D)
         if cfg.key_scale == "absmax":
             stat = jnp.max(jnp.where(use, jnp.abs(y), 0.0), axis=2)
             # as in quant.py: a non-finite prompt key stays visible (the CPU max may drop NaN)
@@ -145,28 +173,41 @@ class QuantLayer:
 
     # ----------------------------------------------------------- construction
     @classmethod
-    def create(cls, B: int, H: int, D: int, cfg: CacheConfig) -> "QuantLayer":
+    def create(cls, B: int, H: int, D: int, cfg: CacheConfig, layer: int = 0) -> "QuantLayer":
         S, W, Tq = cfg.sink, cfg.window, cfg.quant_capacity
         zeros = lambda n: jnp.zeros((B, H, n, D), COMPUTE_DTYPE)  # noqa: E731
         return cls(
-            k=empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d"),
-            v=empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t"),
+            k=empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d", which="k"),
+            v=empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t", which="v"),
             sink_k=zeros(S),
             sink_v=zeros(S),
             recent_k=zeros(W),
             recent_v=zeros(W),
             k_centre=jnp.zeros((B, H, D), jnp.float32),
             k_scale=jnp.ones((B, H, D), jnp.float32),
+            rot_signs=rotation_signs(cfg, layer, B, H, D),
         )
 
     @classmethod
-    def prefill(cls, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
-        """Builds the layer from a prompt's k, v [B, H, T, D] (ragged: lengths [B])."""
+    def prefill(cls, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig,
+                layer: int = 0, signs: jax.Array | None = None):
+        """Builds the layer from a prompt's k, v [B, H, T, D] (ragged: lengths [B]).
+
+        With ``cfg.rotation_signs`` the signs are ``signs`` when given (a model
+        under a mesh passes each device its heads' share), else those of
+        ``layer`` (:func:`rotation_signs`)."""
         B, H, T, D = k.shape
         S, G, Tq = cfg.sink, cfg.group_size, cfg.quant_capacity
-        centre, scale = cls.key_statistics(k, lengths, cfg)
-        kt = cls.key_transform(k, centre, scale, cfg)  # [B, H, T, D] f32
-        vt = cls.value_transform(v, cfg)
+        if cfg.rotation_signs:
+            signs = rotation_signs(cfg, layer, B, H, D) if signs is None else signs
+            if signs.shape != (B, H, D):
+                raise ValueError(f"signs shape {signs.shape} != [B, H, D] {(B, H, D)}")
+            signs = signs.astype(jnp.int8)
+        else:
+            signs = None
+        centre, scale = cls.key_statistics(k, lengths, cfg, signs)
+        kt = cls.key_transform(k, centre, scale, cfg, signs)  # [B, H, T, D] f32
+        vt = cls.value_transform(v, cfg, signs)
 
         def region(x, start, n):  # tokens start .. start + n of x, zero-padded past T
             pad = max(0, start + n - T)
@@ -183,11 +224,13 @@ class QuantLayer:
         # and nothing past a sequence's length is ever stored.
         nq = sizes.quantized  # [B]
         Tfill = min(Tq, max(0, (T - S) // G * G))
-        k_q = empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d")
-        v_q = empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t")
+        k_q = empty_quantized((B, H), Tq, D, cfg.k_grouping, cfg, packing="d", which="k")
+        v_q = empty_quantized((B, H), Tq, D, cfg.v_grouping, cfg, packing="t", which="v")
         if Tfill:
-            kq_new = quantize_tokens(region(kt, S, Tfill), cfg.k_grouping, cfg, packing="d")
-            vq_new = quantize_tokens(region(vt, S, Tfill), cfg.v_grouping, cfg, packing="t")
+            kq_new = quantize_tokens(region(kt, S, Tfill), cfg.k_grouping, cfg, packing="d",
+                                     which="k")
+            vq_new = quantize_tokens(region(vt, S, Tfill), cfg.v_grouping, cfg, packing="t",
+                                     which="v")
             k_q = _place_groups(k_q, kq_new, nq)
             v_q = _place_groups(v_q, vq_new, nq)
 
@@ -198,15 +241,16 @@ class QuantLayer:
         live4 = live[:, None, :, None]
         recent_k = jnp.where(live4, gather(kt), 0).astype(COMPUTE_DTYPE)
         recent_v = jnp.where(live4, gather(vt), 0).astype(COMPUTE_DTYPE)
-        return cls(k_q, v_q, sink_k, sink_v, recent_k, recent_v, centre, scale)
+        return cls(k_q, v_q, sink_k, sink_v, recent_k, recent_v, centre, scale, signs)
 
     # ----------------------------------------------------------------- decode
     def append(self, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
         """Adds one token per sequence (k, v [B, H, D], raw); lengths are before it."""
         S, W, G = cfg.sink, cfg.window, cfg.group_size
         full = lengths >= cfg.capacity
-        kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg)
-        vt = self.value_transform(v[:, :, None, :], cfg)  # [B, H, 1, D]
+        kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg,
+                                self.rot_signs)
+        vt = self.value_transform(v[:, :, None, :], cfg, self.rot_signs)  # [B, H, 1, D]
         kt, vt = kt.astype(COMPUTE_DTYPE), vt.astype(COMPUTE_DTYPE)
 
         to_sink = (lengths < S) & ~full
@@ -230,9 +274,9 @@ class QuantLayer:
         # host on a GPU, and one that returned the whole quantized tensors
         # would copy them.
         grp_k = quantize_tokens(take(recent_k, start_slot).astype(jnp.float32), cfg.k_grouping,
-                                cfg, packing="d")
+                                cfg, packing="d", which="k")
         grp_v = quantize_tokens(take(recent_v, start_slot).astype(jnp.float32), cfg.v_grouping,
-                                cfg, packing="t")
+                                cfg, packing="t", which="v")
         new_k = _write_group(self.k, grp_k, nq_old, flush)
         new_v = _write_group(self.v, grp_v, nq_old, flush)
         return dataclasses.replace(
@@ -246,35 +290,28 @@ class QuantLayer:
         )
 
 
-def _rows_per_group(qt: QuantizedTensor, field: str) -> int:
-    """Rows (axis 2) of ``field`` that one group of G tokens occupies."""
-    G = qt.group_size
-    if field == "mask":
-        return 1
-    if field == "codes":
-        return G if qt.packing == "d" else G * qt.bits // 32
-    return G if qt.grouping == "d" else 1
-
-
 def _write_group(qt: QuantizedTensor, grp: QuantizedTensor, token_start, enabled):
-    """Writes one quantized group of G tokens (grp) at token offset token_start [B]."""
-    G = qt.group_size
+    """Writes one flush group of tokens (grp) at token offset token_start [B].
+
+    Rows are counted from tokens with the tensor's own layout
+    (:func:`rows_per_token`), so a key tensor of G=16 groups along D takes a
+    flush of 32 tokens as 32 rows of scales and 2 rows of mask.
+    """
     out = {}
     for f in ("codes", "scale", "zero", "mask"):
-        n = _rows_per_group(qt, f)
-        out[f] = _scatter_rows(getattr(qt, f), token_start // G * n, getattr(grp, f), enabled)
+        num, den = rows_per_token(qt, f)
+        out[f] = _scatter_rows(getattr(qt, f), token_start * num // den, getattr(grp, f), enabled)
     return dataclasses.replace(qt, **out)
 
 
 def _place_groups(dst: QuantizedTensor, src: QuantizedTensor, nq: jax.Array):
-    """Copies src's first groups into dst, keeping only groups below nq [B] tokens."""
-    G = dst.group_size
+    """Copies src's first groups into dst, keeping only rows of tokens below nq [B]."""
     out = {}
     for f in ("codes", "scale", "zero", "mask"):
         a, b = getattr(dst, f), getattr(src, f)
-        n = _rows_per_group(dst, f)
+        num, den = rows_per_token(dst, f)
         rows = jnp.arange(b.shape[2])
-        keep = (rows // n * G)[None, :] < nq[:, None]  # [B, rows]
+        keep = (rows * den // num)[None, :] < nq[:, None]  # [B, rows]: a row's first token
         keep = keep.reshape(keep.shape[0], 1, -1, *([1] * (b.ndim - 3)))
         out[f] = jax.lax.dynamic_update_slice_in_dim(a, jnp.where(keep, b, 0).astype(a.dtype), 0, 2)
     return dataclasses.replace(dst, **out)
@@ -384,8 +421,8 @@ class KVCache:
         """An empty cache of static capacity ``config.capacity`` tokens per sequence."""
         num_layers, batch, num_kv_heads, head_dim = _check_sizes(
             config, num_layers, batch, num_kv_heads, head_dim)
-        layers = tuple(layer_class(config).create(batch, num_kv_heads, head_dim, config)
-                       for _ in range(num_layers))
+        layers = tuple(_create_layer(config, i, batch, num_kv_heads, head_dim)
+                       for i in range(num_layers))
         return cls(layers, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), config,
                    num_kv_heads, head_dim)
 
@@ -397,7 +434,8 @@ class KVCache:
         L, B, H, T, D = k.shape
         _check_sizes(config, L, B, H, D)
         lengths, clamped = _check_lengths(lengths, B, T, config)
-        layers = tuple(_prefill_layer(k[i], v[i], lengths, config) for i in range(L))
+        layers = tuple(_prefill_layer(k[i], v[i], lengths, config,
+                                      i if config.rotation_signs else 0) for i in range(L))
         return dataclasses.replace(cls.from_layers(config, layers, lengths), overflow=clamped)
 
     @classmethod
@@ -474,8 +512,16 @@ class KVCache:
 
 # jit here too, so eager callers get one compiled program instead of hundreds of
 # dispatches; inside a caller's jit these inline.
-@functools.partial(jax.jit, static_argnums=3)
-def _prefill_layer(k, v, lengths, cfg: CacheConfig):
+def _create_layer(cfg: CacheConfig, i: int, B: int, H: int, D: int):
+    if layer_class(cfg) is QuantLayer:
+        return QuantLayer.create(B, H, D, cfg, layer=i)
+    return layer_class(cfg).create(B, H, D, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _prefill_layer(k, v, lengths, cfg: CacheConfig, i: int = 0):
+    if layer_class(cfg) is QuantLayer:
+        return QuantLayer.prefill(k, v, lengths, cfg, layer=i)
     return layer_class(cfg).prefill(k, v, lengths, cfg)
 
 

@@ -24,14 +24,20 @@ HybridPolicy = Literal["hybrid", "asymmetric", "symmetric"]
 KeyNorm = Literal["centre_scale", "scale", "none"]
 KeyScaleStat = Literal["absmax", "std"]
 Rotation = Literal["none", "keys", "keys_values"]
-ScaleDtype = Literal["bfloat16", "float16"]
+ScaleDtype = Literal["bfloat16", "float16", "float8_e4m3fn"]
+Axis = Literal["auto", "d", "t"]
 
 _KINDS = ("innerq", "outerq", "bf16", "int8")
 _HYBRID = ("hybrid", "asymmetric", "symmetric")
 _KEY_NORM = ("centre_scale", "scale", "none")
 _KEY_SCALE = ("absmax", "std")
 _ROTATION = ("none", "keys", "keys_values")
-_SCALE_DTYPES = ("bfloat16", "float16")
+_SCALE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
+_AXES = ("auto", "d", "t")
+_KEY_GROUP_SIZES = (16, 32, 64, 128)
+_SCALE_JNP = {"bfloat16": jnp.bfloat16, "float16": jnp.float16,
+              "float8_e4m3fn": jnp.float8_e4m3fn}
+_SCALE_TAG = {"float16": "fp16", "float8_e4m3fn": "fp8"}
 _GROUP_SIZES = (16, 32, 64, 128)
 
 
@@ -65,7 +71,26 @@ class CacheConfig:
         standard deviation (``std``).
     rotation: InnerQ-H, an orthonormal Hadamard rotation along D applied to
         keys (``keys``) or keys and values (``keys_values``) before grouping.
-    scale_dtype: storage dtype of scales and zero-points.
+    scale_dtype: storage dtype of scales and zero-points: ``bfloat16``,
+        ``float16`` or ``float8_e4m3fn`` (1 byte, stored as such: scales round
+        up and offsets down to fp8's 4 significant bits; a group whose scale
+        or offset exceeds fp8's range (|x| > 448) gets a NaN scale, as a
+        group with a non-finite value does; see ``quant.py``).
+    key_scale_dtype: the same for the keys only (None: ``scale_dtype``).
+    k_axis, v_axis: axis along which a key / value group runs: ``d`` (the
+        head dimension), ``t`` (tokens) or ``auto`` (the kind's own: innerq K
+        along D and V along T, outerq the other way). Packing does not change
+        (K codes along D, V codes along T).
+    key_group_size: the key group along D (None: ``group_size``); only when
+        keys group along D. It must divide head_dim. Flushes still move
+        ``group_size`` tokens, so a cache may hold G=16 key groups beside
+        G=32 value groups.
+    rotation_signs: randomized Hadamard: the rotation is H diag(s) with
+        random signs s fixed per (layer, kv head), drawn from
+        ``rotation_seed`` (needs rotation != ``none``). The signs are a
+        cache leaf ``rot_signs`` [B, Hkv, D] (int8) of each layer, so
+        prefill, append, the query and the output all read the same ones.
+    rotation_seed: seed of those signs.
     capacity: static number of token slots per sequence.
     norm_eps: floor of sigma, so a constant channel never divides by zero.
     """
@@ -82,6 +107,12 @@ class CacheConfig:
     scale_dtype: ScaleDtype = "bfloat16"
     capacity: int = 4096
     norm_eps: float = 1e-3
+    k_axis: Axis = "auto"
+    v_axis: Axis = "auto"
+    key_group_size: int | None = None
+    key_scale_dtype: ScaleDtype | None = None
+    rotation_signs: bool = False
+    rotation_seed: int = 0
 
     def __post_init__(self):
         for name in ("bits", "group_size", "sink", "recent", "capacity"):
@@ -100,6 +131,25 @@ class CacheConfig:
         _choice("key_scale", self.key_scale, _KEY_SCALE)
         _choice("rotation", self.rotation, _ROTATION)
         _choice("scale_dtype", self.scale_dtype, _SCALE_DTYPES)
+        if self.key_scale_dtype is not None:
+            _choice("key_scale_dtype", self.key_scale_dtype, _SCALE_DTYPES)
+        _choice("k_axis", self.k_axis, _AXES)
+        _choice("v_axis", self.v_axis, _AXES)
+        if self.key_group_size is not None:
+            if not is_int(self.key_group_size):
+                raise ValueError(f"CacheConfig.key_group_size={self.key_group_size!r} must be "
+                                 f"an int or None")
+            object.__setattr__(self, "key_group_size", int(self.key_group_size))
+            if self.key_group_size not in _KEY_GROUP_SIZES:
+                raise ValueError(f"CacheConfig.key_group_size={self.key_group_size!r} is not "
+                                 f"allowed; choose one of {_KEY_GROUP_SIZES} or None")
+        if not isinstance(self.rotation_signs, (bool, np.bool_)):
+            raise ValueError(f"CacheConfig.rotation_signs={self.rotation_signs!r} must be a bool")
+        object.__setattr__(self, "rotation_signs", bool(self.rotation_signs))
+        if not is_int(self.rotation_seed) or self.rotation_seed < 0:
+            raise ValueError(f"CacheConfig.rotation_seed={self.rotation_seed!r} must be a "
+                             f"non-negative int")
+        object.__setattr__(self, "rotation_seed", int(self.rotation_seed))
         if self.bits not in (2, 4):
             raise ValueError(f"CacheConfig.bits={self.bits!r} is not allowed; choose 2 or 4")
         if self.group_size not in _GROUP_SIZES:
@@ -131,6 +181,22 @@ class CacheConfig:
             raise ValueError(
                 f"CacheConfig.rotation={self.rotation!r} is only defined for kind='innerq'"
             )
+        if self.rotation_signs and self.rotation == "none":
+            raise ValueError("CacheConfig.rotation_signs=True needs a rotation ('keys' or "
+                             "'keys_values'); got rotation='none'")
+        if not self.quantized:
+            for name, default in (("k_axis", "auto"), ("v_axis", "auto"),
+                                  ("key_group_size", None), ("key_scale_dtype", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"CacheConfig.{name}={getattr(self, name)!r} is only "
+                                     f"defined for a quantized cache (kind 'innerq' or "
+                                     f"'outerq'), not kind={self.kind!r}")
+        if self.key_group_size is not None and self.k_grouping != "d":
+            raise ValueError(
+                f"CacheConfig.key_group_size={self.key_group_size} is only defined when keys "
+                f"group along D; these keys group along T (kind={self.kind!r}, "
+                f"k_axis={self.k_axis!r}): their groups are the flush groups of "
+                f"group_size={self.group_size} tokens")
 
     # ----------------------------------------------------------------- presets
     @classmethod
@@ -203,16 +269,50 @@ class CacheConfig:
 
     @property
     def scale_jnp_dtype(self):
-        return jnp.bfloat16 if self.scale_dtype == "bfloat16" else jnp.float16
+        """Storage dtype of the value scales and zero-points."""
+        return _SCALE_JNP[self.scale_dtype]
+
+    @property
+    def key_scale_jnp_dtype(self):
+        """Storage dtype of the key scales and zero-points."""
+        return _SCALE_JNP[self.key_scale_dtype or self.scale_dtype]
+
+    @property
+    def k_group(self) -> int:
+        """Values per key group: key_group_size along D, else group_size."""
+        return self.key_group_size or self.group_size
 
     @property
     def k_grouping(self) -> Literal["d", "t"]:
         """Axis along which a key group runs: ``d`` (head_dim) or ``t`` (tokens)."""
+        if self.k_axis != "auto":
+            return self.k_axis
         return "d" if self.kind == "innerq" else "t"
 
     @property
     def v_grouping(self) -> Literal["d", "t"]:
+        if self.v_axis != "auto":
+            return self.v_axis
         return "t" if self.kind == "innerq" else "d"
+
+    @property
+    def kernel_unsupported(self) -> tuple[str, ...]:
+        """Fields set away from their defaults that no Pallas kernel reads yet.
+
+        ``rotation_signs`` is not among them: the signs, like the rotation, are
+        applied outside the kernel (to q before it, to the output after it, to k
+        and v as they enter the cache), so a kernel sees the same contract."""
+        out = []
+        if self.k_axis != "auto" and self.k_grouping != ("d" if self.kind == "innerq" else "t"):
+            out.append(f"k_axis={self.k_axis!r}")
+        if self.v_axis != "auto" and self.v_grouping != ("t" if self.kind == "innerq" else "d"):
+            out.append(f"v_axis={self.v_axis!r}")
+        if self.key_group_size is not None and self.key_group_size != self.group_size:
+            out.append(f"key_group_size={self.key_group_size}")
+        for name in ("scale_dtype", "key_scale_dtype"):
+            if getattr(self, name) == "float8_e4m3fn":
+                out.append(f"{name}='float8_e4m3fn'")
+        return tuple(out)
 
     @property
     def rotate_keys(self) -> bool:
@@ -231,6 +331,11 @@ class CacheConfig:
         if head_dim % self.group_size:
             raise ValueError(
                 f"CacheConfig.group_size={self.group_size} must divide head_dim={head_dim}"
+            )
+        if self.key_group_size is not None and head_dim % self.key_group_size:
+            raise ValueError(
+                f"CacheConfig.key_group_size={self.key_group_size} must divide "
+                f"head_dim={head_dim}"
             )
         if head_dim % 32:
             raise ValueError(
@@ -257,6 +362,16 @@ class CacheConfig:
             parts.append(f"norm-{self.key_norm}")
         if self.key_scale != "absmax":
             parts.append(f"sigma-{self.key_scale}")
+        if self.k_axis != "auto" or self.v_axis != "auto":
+            parts.append(f"K{self.k_grouping}V{self.v_grouping}")
+        if self.key_group_size is not None:
+            parts.append(f"KG{self.key_group_size}")
         if self.scale_dtype != "bfloat16":
-            parts.append("fp16scale")
+            parts.append(f"{_SCALE_TAG[self.scale_dtype]}scale")
+        if self.key_scale_dtype is not None:
+            parts.append(f"K{_SCALE_TAG.get(self.key_scale_dtype, 'bf16')}scale")
+        if self.rotation_signs:
+            parts.append(f"signs{self.rotation_seed}")
+        elif self.rotation_seed:
+            parts.append(f"seed{self.rotation_seed}")
         return "-".join(parts)

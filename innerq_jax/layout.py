@@ -131,16 +131,33 @@ def _check_axes(grouping, packing) -> Grouping:
     return packing
 
 
+def tensor_params(cfg: CacheConfig, which: str | None) -> tuple[int, object]:
+    """(group size, scale dtype) of the cache's keys (``"k"``), values (``"v"``) or,
+    for ``None``, of ``cfg.group_size`` and ``cfg.scale_dtype``.
+
+    Keys may have their own group along D (``key_group_size``) and their own scale
+    dtype (``key_scale_dtype``); the token groups a flush moves stay ``group_size``.
+    """
+    if which == "k":
+        return cfg.k_group, cfg.key_scale_jnp_dtype
+    if which in ("v", None):
+        return cfg.group_size, cfg.scale_jnp_dtype
+    raise ValueError(f"which={which!r}; allowed: 'k', 'v' or None")
+
+
 def empty_quantized(
     batch_shape: tuple[int, ...], T: int, D: int, grouping: Grouping, cfg: CacheConfig,
-    packing: Grouping | None = None,
+    packing: Grouping | None = None, which: str | None = None,
 ) -> QuantizedTensor:
-    """All-zero storage for T tokens (T a multiple of G); packing defaults to grouping."""
-    b, G = cfg.bits, cfg.group_size
+    """All-zero storage for T tokens (T a multiple of G); packing defaults to grouping.
+
+    ``which`` (``"k"`` / ``"v"``) takes that tensor's group size and scale dtype
+    (:func:`tensor_params`)."""
+    b = cfg.bits
+    G, sdt = tensor_params(cfg, which)
     packing = _check_axes(grouping, packing)
     codes_shape = (T, D * b // 32) if packing == "d" else (T * b // 32, D)
     scale_shape = (T, D // G) if grouping == "d" else (T // G, D)
-    sdt = cfg.scale_jnp_dtype
     return QuantizedTensor(
         codes=jnp.zeros(batch_shape + codes_shape, jnp.uint32),
         scale=jnp.zeros(batch_shape + scale_shape, sdt),
@@ -154,26 +171,29 @@ def empty_quantized(
 
 
 def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig,
-                    packing: Grouping | None = None) -> QuantizedTensor:
+                    packing: Grouping | None = None, which: str | None = None
+                    ) -> QuantizedTensor:
     """Quantizes x [..., T, D] (T a multiple of G) into the packed layout.
 
     ``grouping`` says which values share a scale; ``packing`` (default: the
-    grouping) which axis the codes are packed along.
+    grouping) which axis the codes are packed along; ``which`` (``"k"`` /
+    ``"v"``) whose group size and scale dtype to use (:func:`tensor_params`).
     """
     packing = _check_axes(grouping, packing)
     *batch, T, D = x.shape
-    G, b = cfg.group_size, cfg.bits
+    b = cfg.bits
+    G, sdt = tensor_params(cfg, which)
     if T % G:
         raise ValueError(f"quantize_tokens needs a whole number of groups: T={T}, G={G}")
     if grouping == "d":
         g = x.reshape(*batch, T, D // G, G)
-        q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
+        q = quantize_groups(g, b, cfg.hybrid, sdt)
         c = q.codes.reshape(*batch, T, D)
         scale, zero = q.scale, q.zero  # [..., T, D/G]
         flags = q.symmetric.reshape(*batch, T // G, G * (D // G))
     else:
         g = jnp.swapaxes(x.reshape(*batch, T // G, G, D), -1, -2)  # [..., T/G, D, G]
-        q = quantize_groups(g, b, cfg.hybrid, cfg.scale_jnp_dtype)
+        q = quantize_groups(g, b, cfg.hybrid, sdt)
         c = jnp.swapaxes(q.codes, -1, -2).reshape(*batch, T, D)
         scale, zero = q.scale, q.zero  # [..., T/G, D]
         flags = q.symmetric  # [..., T/G, D]
@@ -187,22 +207,32 @@ def token_block(qt: QuantizedTensor, start: jax.Array, n: int) -> QuantizedTenso
     ``start`` may be traced; it and the static ``n`` must be multiples of G (and
     so of a packed word's tokens). Every field keeps tokens on axis -2.
     """
-    G, b = qt.group_size, qt.bits
-    if n % G:
-        raise ValueError(f"token_block needs whole groups: n={n}, G={G}")
-    per_token = {  # rows of each field per token, as a fraction (numerator, denominator)
-        "codes": (1, 1) if qt.packing == "d" else (b, 32),
-        "scale": (1, 1) if qt.grouping == "d" else (1, G),
-        "mask": (1, G),
-    }
-    per_token["zero"] = per_token["scale"]
+    if n % qt.group_size:
+        raise ValueError(f"token_block needs whole groups: n={n}, G={qt.group_size}")
 
     def rows(field):
-        num, den = per_token[field]
+        num, den = rows_per_token(qt, field)
         x = getattr(qt, field)
         return jax.lax.dynamic_slice_in_dim(x, start * num // den, n * num // den, axis=x.ndim - 2)
 
     return dataclasses.replace(qt, **{f: rows(f) for f in ("codes", "scale", "zero", "mask")})
+
+
+def rows_per_token(qt: QuantizedTensor, field: str) -> tuple[int, int]:
+    """Rows (axis -2) of ``field`` per token, as a fraction (numerator, denominator).
+
+    Depends on the tensor's own group size, packing and grouping only, so a key
+    tensor of G=16 groups inside a cache whose flushes move 32 tokens stays
+    consistent: a flush writes 32 * num / den rows of each field.
+    """
+    G, b = qt.group_size, qt.bits
+    if field == "codes":
+        return (1, 1) if qt.packing == "d" else (b, 32)
+    if field in ("scale", "zero"):
+        return (1, 1) if qt.grouping == "d" else (1, G)
+    if field == "mask":
+        return (1, G)
+    raise ValueError(f"field={field!r}; allowed: codes, scale, zero, mask")
 
 
 def unpack_tensor_codes(qt: QuantizedTensor) -> jax.Array:
@@ -246,7 +276,9 @@ __all__ = [
     "quantized_count",
     "recent_slot_tokens",
     "region_sizes",
+    "rows_per_token",
     "symmetric_flags",
+    "tensor_params",
     "token_block",
     "unpack_tensor_codes",
 ]

@@ -17,6 +17,17 @@ code is clipped; a symmetric scale keeps few enough mantissa bits that
 c0 * s is exact, so the stored offset -c0 * s keeps the grid's exact zero: the error of an in-range value is at most s/2 (the test suite
 checks this bound with the stored s).
 
+Scales in fp8 (``float8_e4m3fn``, 1 byte, 4 significant bits, largest finite
+448, no infinity) follow the same rules: the scale rounds up and the offset
+down to the next fp8 value (computed on fp8's grid, no nextafter), the symmetric scale keeps 4 - bit_length(c0) (+1 for a power of
+two) significant bits, and a scale is never rounded below fp8's smallest
+subnormal (2^-9), so a tiny group's grid still covers it. Overflow: a group
+whose scale or offset would exceed 448 in magnitude (a range fp8 cannot hold)
+gets a NaN scale and reconstructs as NaN, exactly like a group holding a
+non-finite value (the fp8 arithmetic runs on fp8's grid in float32 and only the
+stored arrays are fp8: XLA's CPU compiler is very slow on chains of fp8 operations), never a saturated (wrong but finite) grid; under the hybrid
+policy a mode that overflows is never chosen while the other one fits.
+
 Non-finite inputs: a group containing NaN or Inf gets a NaN scale and
 reconstructs as NaN on every backend (set explicitly: XLA's CPU max reduction
 can drop a NaN, which would leave the group finite and wrong); nothing leaks
@@ -44,15 +55,43 @@ class QuantizedGroups(NamedTuple):
     symmetric: jax.Array  # [...] bool: True where the symmetric mode was chosen
 
 
+FP8 = jnp.float8_e4m3fn
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_FP8_MIN_EXP = -6  # exponent of its smallest normal, 2^-6; subnormals step by 2^-9
+
+
+def _is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(FP8)
+
+
+def _fp8_round_up(x: jax.Array) -> jax.Array:
+    """Smallest fp8 value >= x, as float32 (NaN past +-448: fp8 has no infinity).
+
+    Computed on fp8's grid in float32 (4 significant bits in a binade, a fixed
+    step of 2^-9 below 2^-6): exact, and XLA's CPU compiler handles float32
+    far better than long chains of fp8 operations. The result converts to
+    fp8 exactly.
+    """
+    a = jnp.abs(x)
+    _, e = jnp.frexp(a)  # a = m * 2^e, m in [0.5, 1)
+    quantum = jnp.ldexp(jnp.ones_like(a), jnp.maximum(e - 1, _FP8_MIN_EXP) - 3)
+    r = jnp.where(x >= 0, jnp.ceil(a / quantum) * quantum, -(jnp.floor(a / quantum) * quantum))
+    return jnp.where(jnp.abs(r) <= _FP8_MAX, r, jnp.nan)
+
+
 def _round_up(x: jax.Array, dtype) -> jax.Array:
-    """Smallest value of ``dtype`` that is >= x (x float32)."""
+    """Smallest value of ``dtype`` that is >= x (x float32); fp8: float32 holding it."""
+    if _is_fp8(dtype):
+        return _fp8_round_up(x)
     r = x.astype(dtype)
     bump = jax.lax.nextafter(r, jnp.full_like(r, jnp.inf))
     return jnp.where(r.astype(jnp.float32) < x, bump, r)
 
 
 def _round_down(x: jax.Array, dtype) -> jax.Array:
-    """Largest value of ``dtype`` that is <= x (x float32)."""
+    """Largest value of ``dtype`` that is <= x (x float32); fp8: float32 holding it."""
+    if _is_fp8(dtype):
+        return -_fp8_round_up(-x)
     r = x.astype(dtype)
     drop = jax.lax.nextafter(r, jnp.full_like(r, -jnp.inf))
     return jnp.where(r.astype(jnp.float32) > x, drop, r)
@@ -63,11 +102,18 @@ def _round_up_exact_multiple(x: jax.Array, c0: int, dtype) -> jax.Array:
 
     With c0 = 7 (4 bits), an 8-bit bf16 mantissa leaves 5 bits for s; then the
     stored offset -c0 * s is exact and the symmetric grid keeps its exact zero.
+    With fp8 (4 significant bits) the quantum never falls below fp8's smallest
+    subnormal, so a tiny scale is still representable and never rounds down.
     """
-    mant = 8 if dtype == jnp.bfloat16 else 11
+    mant = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float16): 11,
+            jnp.dtype(FP8): 4}[jnp.dtype(dtype)]
     keep = mant - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
     m, e = jnp.frexp(x)  # x = m * 2^e, m in [0.5, 1)
     quantum = jnp.ldexp(jnp.ones_like(x), e - keep)
+    if _is_fp8(dtype):  # float32 holding the fp8 value; NaN out of range
+        quantum = jnp.maximum(quantum, 2.0 ** (_FP8_MIN_EXP - 3))
+        s = jnp.ceil(x / quantum) * quantum
+        return jnp.where(s <= _FP8_MAX, s, jnp.nan)
     return (jnp.ceil(x / quantum) * quantum).astype(dtype)
 
 
@@ -94,7 +140,10 @@ def _quantize_symmetric(x, bits, dtype):
     scale = _round_up_exact_multiple(amax / c0, c0, dtype)
     inv = _safe_inverse(scale.astype(jnp.float32))
     c = jnp.round(x * inv[..., None]) + c0
-    zero = (-c0 * scale.astype(jnp.float32)).astype(dtype)
+    zero = -c0 * scale.astype(jnp.float32)
+    if _is_fp8(dtype):  # float32 until the end; an offset past -448 is NaN
+        return jnp.clip(c, 0, 2 * c0), scale, jnp.where(zero >= -_FP8_MAX, zero, jnp.nan)
+    zero = zero.astype(dtype)
     return jnp.clip(c, 0, 2 * c0), scale, zero
 
 
@@ -118,6 +167,9 @@ def quantize_groups(
         cs, ss, zs = _quantize_symmetric(x, bits, scale_dtype)
         err_a = jnp.sum(jnp.square(x - _reconstruct(ca, sa, za)), axis=-1)
         err_s = jnp.sum(jnp.square(x - _reconstruct(cs, ss, zs)), axis=-1)
+        if _is_fp8(scale_dtype):  # a mode out of fp8's range is never chosen over one in it
+            err_a = jnp.where(jnp.isfinite(sa) & jnp.isfinite(za), err_a, jnp.inf)
+            err_s = jnp.where(jnp.isfinite(ss) & jnp.isfinite(zs), err_s, jnp.inf)
         sym = err_s < err_a  # ties go to asymmetric
         c = jnp.where(sym[..., None], cs, ca)
         s = jnp.where(sym, ss, sa)
@@ -126,7 +178,11 @@ def quantize_groups(
         raise ValueError(f"policy={policy!r}; choose 'hybrid', 'asymmetric' or 'symmetric'")
     # NaN codes (non-finite input) become 0; the group's scale carries the NaN.
     c = jnp.where(jnp.isfinite(c), c, 0).astype(jnp.uint8)
-    s = jnp.where(jnp.all(jnp.isfinite(x), axis=-1), s, jnp.nan).astype(s.dtype)
+    ok = jnp.all(jnp.isfinite(x), axis=-1)
+    if _is_fp8(scale_dtype):  # exact fp8 values held in float32 until here
+        ok = ok & jnp.isfinite(s) & jnp.isfinite(z)  # overflow: NaN, like a non-finite group
+        return QuantizedGroups(c, jnp.where(ok, s, jnp.nan).astype(FP8), z.astype(FP8), sym)
+    s = jnp.where(ok, s, jnp.nan).astype(s.dtype)
     return QuantizedGroups(c, s, z, sym)
 
 

@@ -14,8 +14,12 @@ The integer-code products come first; each group's scale is applied once;
 the sums of q (per key group) and of p (per value group) are shared by every
 token and every channel. OuterQ's outer groups are handled with the same care
 (the scale folds into q or p per group). Key normalization is folded into the
-query: q' = sigma * (H q) with the optional rotation H; the centre drops out of
-the softmax, and the value rotation is undone on the output.
+query: q' = sigma * (H q) with the optional rotation H (H diag(s) with the
+layer's random signs s when ``rotation_signs``); the centre drops out of the
+softmax, and the value rotation is undone on the output. Key and value
+groupings are read from each tensor (any of "d" / "t" for either, any key
+group size), so mixed layouts and G=16 keys beside G=32 flushes need nothing
+more here.
 """
 
 from __future__ import annotations
@@ -52,15 +56,23 @@ def prepare_query(q: jax.Array, layer: QuantLayer, cfg: CacheConfig, softmax_sca
     H, D = layer.k_scale.shape[1], layer.k_scale.shape[2]
     qh = split_heads(q, H).astype(jnp.float32)
     if cfg.rotate_keys:
+        if layer.rot_signs is not None:  # randomized Hadamard: (q * s) @ H, as the keys
+            qh = qh * layer.rot_signs.astype(jnp.float32)[:, :, None, :]
         qh = qh @ hadamard(D)
     return qh * layer.k_scale[:, :, None, :] * softmax_scale
 
 
-def finish_output(o: jax.Array, cfg: CacheConfig, dtype) -> jax.Array:
-    """o [B, Hkv, r, D] f32 (rotated value space) -> [B, Hq, D]."""
+def finish_output(o: jax.Array, cfg: CacheConfig, dtype, signs: jax.Array | None = None
+                  ) -> jax.Array:
+    """o [B, Hkv, r, D] f32 (rotated value space) -> [B, Hq, D].
+
+    ``signs`` [B, Hkv, D]: the layer's randomized Hadamard signs (``rot_signs``),
+    undone after H (the values were stored as (v * s) @ H)."""
     B, H, r, D = o.shape
     if cfg.rotate_values:
         o = o @ hadamard(D)  # H is symmetric and orthonormal: its own inverse
+        if signs is not None:
+            o = o * signs.astype(jnp.float32)[:, :, None, :]
     return o.reshape(B, H * r, D).astype(dtype)
 
 

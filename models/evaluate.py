@@ -60,6 +60,9 @@ WHERE_TO_GET = (
     "https://github.com/openai/grade-school-math (grade_school_math/data/), saved in "
     f"DIR/{GSM8K}/; then pass --data-dir DIR (or --text FILE for any text)"
 )
+# finalists of search3 (bars first), for the 8-window runs on three texts
+FINALISTS3 = ("bf16", "outerq2+sinks", "recommended")
+SEARCH3_MAX_BYTES = 0.40  # B/elem at LONG_CAPACITY for every search3 candidate
 BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured (the eval's context)
 LONG_CAPACITY = 32768  # a long context, where the bf16 windows are amortized
 
@@ -134,7 +137,43 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
             ("innerq2 std", CacheConfig.innerq(key_scale="std")),
             ("innerq2 fp16", CacheConfig.innerq(scale_dtype="float16")),
         ]
-    raise ValueError(f"unknown set {name!r}; choose main, core, ablations, search or generation")
+    if name == "search3":
+        # Issue 14, 2-bit: inner-grouped candidates (keys along D and/or values along
+        # T) at <= 0.40 B/elem at 32k, with the bf16 windows of the bars (S + R <= 132),
+        # against OuterQ + 4 sinks. Families: cheaper (fp8) scales paying for G=16 key
+        # groups; other key/value groupings; randomized Hadamard signs; S / R.
+        fp8 = "float8_e4m3fn"
+        rec = CacheConfig.recommended()  # InnerQ-H, S36 R96
+        kg16 = dict(key_group_size=16, key_scale_dtype=fp8)
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("outerq2+sinks", CacheConfig.outerq(sink=4)),
+            ("recommended", rec),
+            ("h-kv signs", rec.replace(rotation_signs=True)),
+            ("h-kv K16fp8", rec.replace(**kg16)),
+            ("h-k K16fp8", rec.replace(rotation="keys", **kg16)),
+            ("h-kv K16fp8 signs", rec.replace(rotation_signs=True, **kg16)),
+            ("h-k K16fp8 signs", rec.replace(rotation="keys", rotation_signs=True, **kg16)),
+            ("h-kv G16 fp8", rec.replace(group_size=16, scale_dtype=fp8)),
+            ("h-kv G16 fp8 signs", rec.replace(group_size=16, scale_dtype=fp8,
+                                               rotation_signs=True)),
+            ("innerq K16fp8", CacheConfig.innerq(sink=36, recent=96, **kg16)),
+            ("Kt Vt", CacheConfig.innerq(sink=36, recent=96, k_axis="t")),
+            ("Kt Vt S4 R128", CacheConfig.innerq(k_axis="t")),
+            ("h-kv Kt Vt signs", rec.replace(k_axis="t", rotation_signs=True)),
+            ("h-kv Kd Vd", rec.replace(v_axis="d")),
+            ("h-kv Kd Vd K16fp8 signs", rec.replace(v_axis="d", rotation_signs=True, **kg16)),
+            ("h-kv K16fp8 signs S68 R64", rec.replace(sink=68, recent=64,
+                                                      rotation_signs=True, **kg16)),
+            ("h-kv K16fp8 signs S4 R128", rec.replace(sink=4, recent=128,
+                                                      rotation_signs=True, **kg16)),
+        ]
+    if name == "finalists3":
+        # chosen from the CPU search3 run (benchmarks/results/fidelity_ppl_search3_*);
+        # filled in below once that run is read
+        return [r for r in named_set("search3") if r[0] in FINALISTS3]
+    raise ValueError(f"unknown set {name!r}; choose main, core, ablations, search, search3, "
+                     f"finalists3 or generation")
 
 
 def bytes_per_element(model_cfg, cfg: CacheConfig, capacity: int = BYTES_CAPACITY,

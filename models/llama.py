@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
-from innerq_jax.cache import layer_class
+from innerq_jax.cache import layer_class, rotation_signs
 from innerq_jax.sharding import MODEL, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -192,9 +192,16 @@ class Attention(nnx.Module):
             p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
             o = jnp.einsum("bhrqk,bkhd->bqhrd", p, v).reshape(B, T, -1)
             # cache layout: [B, Hkv, T, D]; each device builds its own sequences and heads
-            build = lambda kk, vv, n: layer_class(cfg).prefill(kk, vv, n, cfg)  # noqa: E731
+            # randomized Hadamard signs (None unless cfg.rotation_signs) of the global
+            # heads, split by the mesh like the cache
+            signs = rotation_signs(cfg, ctx.layer, B, c.num_kv_heads, c.head_dim)
+
+            def build(kk, vv, n, sg):
+                extra = {} if sg is None else {"signs": sg}
+                return layer_class(cfg).prefill(kk, vv, n, cfg, **extra)
+
             layer_cache = on_mesh(build, ctx.mesh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
-                                  ctx.lengths)
+                                  ctx.lengths, signs)
         else:
             def step(q1, k1, v1, lay, n):
                 lay = lay.append(k1, v1, n, cfg)
@@ -242,6 +249,7 @@ class CacheContext:
     config: CacheConfig
     backend: str = "auto"
     mesh: Mesh | None = None  # data x model mesh; attention then runs per device
+    layer: int = 0  # index of the layer being built (prefill: its rotation signs)
 
 
 class Llama(nnx.Module):
@@ -312,8 +320,8 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     inv = model.inv_freq[...]
     ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
     layers = []
-    for block in model.layers:
-        x, layer_cache = block(x, pos, inv, ctx)
+    for i, block in enumerate(model.layers):
+        x, layer_cache = block(x, pos, inv, replace(ctx, layer=i))
         layers.append(layer_cache)
     cache = KVCache.from_layers(cache_config, layers, ctx.lengths)
     if all_logits:
