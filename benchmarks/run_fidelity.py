@@ -15,6 +15,14 @@ what it finished. Steps (``--steps``, comma-separated, in this order):
 * ``search``: inner-grouped 2-bit candidates at no more bytes than the
   paper-faithful configuration (``named_set("search")``) on WikiText-2; then
   ``search2`` runs the three best of them, with the bars, on the second text.
+* ``search3`` / ``search3b``: issue 14's 2-bit search (``named_set("search3")``:
+  fp8 scales with key groups of 16, other key / value groupings, randomized
+  Hadamard signs, sink / recent sizes, all at <= 0.40 B/elem at 32k) on
+  WikiText-2 / GSM8K solutions (``--search3-only`` keeps a subset).
+* ``final`` / ``final2`` / ``final3``: the finalists of that search
+  (``named_set("finalists3")``) with the bars on WikiText-2, GSM8K solutions and
+  the third text (``benchmarks/data/pride_and_prejudice_ch1.txt``, committed with
+  the repository, never tuned on), ``--windows`` windows each.
 * ``gsm8k``: 8-shot CoT on the first ``--gsm8k-n`` test problems.
 * ``passkey``: passkey retrieval at 1k, 2k and 4k tokens.
 
@@ -23,6 +31,7 @@ Then ``python benchmarks/fidelity_summary.py`` builds the summary tables.
 Usage (CPU, hours):  .venv/bin/python benchmarks/run_fidelity.py
 Usage (GPU machine): PYTHONPATH=$PWD python3 benchmarks/run_fidelity.py --model M.gguf \
                        --gen-batch 100
+Finals (GPU machine): bash benchmarks/run_fidelity_gpu.sh run final,final2,final3
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ sys.path.insert(0, ROOT)
 
 from models import evaluate as ev  # noqa: E402
 
-STEPS = ("check", "main", "main2", "ablations", "ablations2", "search", "search2", "gsm8k",
-         "passkey")
+STEPS = ("check", "main", "main2", "ablations", "ablations2", "search", "search2", "search3",
+         "search3b", "final", "final2", "final3", "gsm8k", "passkey")
+THIRD_TEXT = os.path.join(ROOT, "benchmarks", "data", "pride_and_prejudice_ch1.txt")
 SEARCH_BARS = ("innerq2", "outerq2+sinks", "innerq-h2 keys+values")
 
 
@@ -68,7 +78,8 @@ def compare(a_path: str, b_path: str, rtol: float = 0.01) -> bool:
 
 def run(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", default=",".join(s for s in STEPS if s != "check"))
+    ap.add_argument("--steps", default=None,
+                    help="comma-separated steps (default: every step but check, search3*, final*)")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--decode", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8, help="windows per compiled scan")
@@ -81,9 +92,15 @@ def run(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                     help="directory for the results")
     ap.add_argument("--check-tag", default="check_cpu")
+    ap.add_argument("--search3-only", default=None,
+                    help="comma-separated labels of search3 to run (default: all)")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                     help="compare two check files and exit")
     a = ap.parse_args(argv)
+    default_steps = ",".join(s for s in STEPS if s not in ("check", "search3", "search3b", "final",
+                                                            "final2", "final3"))
+    if a.steps is None:
+        a.steps = default_steps
     if a.compare:
         return 0 if compare(*a.compare) else 1
     steps = a.steps.split(",")
@@ -95,6 +112,7 @@ def run(argv=None) -> int:
     ppl = ["--windows", str(a.windows), "--decode", str(a.decode), "--batch", str(a.batch),
            *model]
     gen = ["--gen-batch", str(a.gen_batch), *model]
+    only3 = ["--only", a.search3_only] if a.search3_only else []
     plan = {
         "check": ["ppl", "--set", "main", "--windows", "1", "--decode", "64", "--batch", "1",
                   "--tag", a.check_tag, *model],
@@ -103,6 +121,11 @@ def run(argv=None) -> int:
         "ablations": ["ppl", "--set", "ablations", *ppl],
         "ablations2": ["ppl", "--set", "ablations", "--text", "gsm8k", *ppl],
         "search": ["ppl", "--set", "search", *ppl],
+        "search3": ["ppl", "--set", "search3", *only3, *ppl],
+        "search3b": ["ppl", "--set", "search3", "--text", "gsm8k", *only3, *ppl],
+        "final": ["ppl", "--set", "finalists3", *ppl],
+        "final2": ["ppl", "--set", "finalists3", "--text", "gsm8k", *ppl],
+        "final3": ["ppl", "--set", "finalists3", "--text", THIRD_TEXT, *ppl],
         "gsm8k": ["gsm8k", "--set", "generation", "--n", str(a.gsm8k_n), *gen],
         "passkey": ["passkey", "--set", "generation", "--lengths", "1024,2048,4096",
                     "--trials", str(a.passkey_trials), *gen],

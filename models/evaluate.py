@@ -504,23 +504,43 @@ def _write(out_dir: str, stem: str, payload: dict, table: str):
         f.write(table)
 
 
+SPREAD_BAR = "outerq2+sinks"  # the bar each row's per-window ratio is taken against
+
+
+def window_ratios(row, bar, decode_len: int) -> list[float]:
+    """Per-window perplexity ratio of ``row`` to ``bar`` (exp of the mean NLL difference)."""
+    return [math.exp((a - b) / decode_len)
+            for a, b in zip(row["nll_per_window"], bar["nll_per_window"])]
+
+
+def spread_text(row, bar, decode_len: int) -> str:
+    """'mean% [min%, max%]' of the per-window perplexity ratio to the bar."""
+    r = window_ratios(row, bar, decode_len)
+    ratio = row["perplexity"] / bar["perplexity"]
+    return (f"{100 * (ratio - 1):+.1f}% [{100 * (min(r) - 1):+.1f}, "
+            f"{100 * (max(r) - 1):+.1f}]")
+
+
 def _ppl_table(payload) -> str:
     rows = payload["rows"]
     ref = rows[0]["perplexity"]
+    bar = next((r for r in rows if r["label"] == SPREAD_BAR), None)
+    spread = bar is not None and len(rows[0]["nll_per_window"]) > 0
     lines = [f"# {payload['title']}", "",
              f"text: {payload['text']}; windows: {payload['windows']} ({payload['first_window']}.."
              f"{payload['first_window'] + payload['windows'] - 1}); P={payload['prefill_len']}, "
              f"Nd={payload['decode_len']}; scored tokens: {rows[0]['count']}; "
              f"wall time {payload['seconds']:.0f} s", "",
              "| label | config | B/elem (2k) | B/elem (32k) | perplexity | vs bf16 | mean KL "
-             "| top-1 agree |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| top-1 agree |" + (f" vs {SPREAD_BAR} [per-window min, max] |" if spread else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if spread else "")]
     for r in rows:
         b32 = r.get("bytes_per_element_32k", float("nan"))
         lines.append(f"| {r['label']} | {r['short_name']} | {r['bytes_per_element']:.4f} | "
                      f"{b32:.4f} | "
                      f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref - 1):+.1f}% | "
-                     f"{r['mean_kl']:.4f} | {r['top1_agreement']:.4f} |")
+                     f"{r['mean_kl']:.4f} | {r['top1_agreement']:.4f} |"
+                     + (f" {spread_text(r, bar, payload['decode_len'])} |" if spread else ""))
     return "\n".join(lines) + "\n"
 
 
