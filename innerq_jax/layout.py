@@ -33,6 +33,13 @@ bits of a block of G tokens in D/32 words (grouping ``d``: bit t_local*(D/G)+g;
 grouping ``t``: bit d). One flush of G tokens therefore writes exactly one
 row of codes-block, scales and mask in either grouping. Kernels read these
 arrays as they are; the accessors below are what they may rely on.
+
+G is the tensor's own ``group_size``: keys grouped along D may use a smaller
+group than the flush (``CacheConfig.key_group_size``, e.g. 16 beside 32-token
+flushes) and their own scale dtype (``key_scale_dtype``); a flush of 32 tokens
+then writes 32 rows of scales and two rows of mask (:func:`rows_per_token`).
+Which axis each tensor groups along is ``cfg.k_grouping`` / ``cfg.v_grouping``
+(``k_axis`` / ``v_axis``); the packing stays K along D and V along T.
 """
 
 from __future__ import annotations

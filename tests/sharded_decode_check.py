@@ -33,8 +33,13 @@ CONFIGS = {
     "bf16": CacheConfig.bf16(capacity=128),
     "innerq": CacheConfig.innerq(capacity=128, recent=32),  # groups flush during the steps
     "outerq": CacheConfig.outerq(capacity=128, recent=32),
+    # randomized Hadamard signs per (layer, kv head), fp8 key scales, key groups of 16:
+    # with one kv head per device, each device must see its own head's signs
+    "signs": CacheConfig.innerq_h(capacity=128, recent=32, rotation_signs=True,
+                                  key_group_size=16, key_scale_dtype="float8_e4m3fn"),
 }
 MESHES = [(1, 8), (2, 4), (8, 1)]
+MESHES_OF = {"signs": [(1, 8)]}
 
 
 def run(model, cfg, tokens, lengths, mesh, forced=None):
@@ -67,7 +72,7 @@ def main() -> None:
     results = {}
     for kind, cfg in CONFIGS.items():
         ref_logits, ref_tokens, _ = run(base, cfg, tokens, lengths, None)
-        for d, m in MESHES:
+        for d, m in MESHES_OF.get(kind, MESHES):
             mesh = make_mesh(d, m)
             model = shard_model(Llama(MC, nnx.Rngs(0), dtype=jnp.float32), mesh)
             # fed the single-device run's greedy tokens, so a near-tie decided the

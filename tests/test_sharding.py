@@ -27,6 +27,7 @@ import pytest
 
 HERE = Path(__file__).parent
 CASES = [f"{kind}:{m}" for kind in ("bf16", "innerq", "outerq") for m in ("1x8", "2x4", "8x1")]
+CASES += ["signs:1x8"]  # randomized Hadamard signs (a [B, Hkv, D] leaf), fp8 K16 keys
 NUM_LAYERS = 2
 
 
