@@ -36,6 +36,7 @@ from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import recent_slot_tokens, region_sizes
 from pallas_kernels import innerq_blocks as ib
+from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
 from pallas_kernels.innerq_blocks import NEG, Geometry, next_pow2
 from pallas_kernels.triton_ext import call_quietly, dot_acc
@@ -211,7 +212,15 @@ def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
 
 # ------------------------------------------------------------------- wrapper
 @functools.lru_cache(maxsize=64)
-def _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
+def _part(layout):
+    if layout == ("d", "t"):
+        return _innerq_part
+    if layout == ("t", "d"):
+        return ob.outerq_part
+    return mb.mixed_part(layout)
+
+
+def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
     NR, NP = geo.NR, NS + 1
@@ -230,7 +239,7 @@ def _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
     out_specs = [per_bh(s.shape) for s in out_shape[:4]] + [full(shapes[-1][0])]
     kernel = functools.partial(
         _fused_kernel, geo=geo, num_splits=NS, chunk=chunk, has_sink=cfg.sink > 0,
-        part=_innerq_part if cfg.kind == "innerq" else ob.outerq_part, interpret=interpret,
+        part=_part(layout), interpret=interpret,
     )
     call = pl.pallas_call(
         kernel,
@@ -284,17 +293,24 @@ def quantized_decode_attention(
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
     G, bits, S, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.quant_capacity
-    inner = cfg.kind == "innerq"
-    mod = ib if inner else ob
+    layout = (layer.k.grouping, layer.v.grouping)
+    if layout not in mb.LAYOUTS:
+        raise ValueError(f"K grouping {layout[0]!r} / V grouping {layout[1]!r} is not a layout "
+                         f"the fused kernel reads; layouts: {mb.LAYOUTS}")
+    mod = ib if layout == ("d", "t") else ob
     BT = block_tokens or mod.default_block_tokens(bits, G)
     if max_registers is None:
         max_registers = mod.DEFAULT_MAX_REGISTERS
-    # InnerQ keys may group along D by fewer channels than the flush group G (their own
-    # QuantizedTensor.group_size); values keep G along T
-    gk = layer.k.group_size if inner and layer.k.group_size != G else 0
+    # Keys grouped along D may group by fewer channels than the flush group G (their own
+    # QuantizedTensor.group_size); values keep G.
+    gk = layer.k.group_size if layout[0] == "d" and layer.k.group_size != G else 0
+    if gk and layout[1] == "d":
+        raise ValueError(f"keys and values both grouped along D need one group size; got keys "
+                         f"{gk}, values {G}")
     extra = {"Gk": gk} if gk else {}
-    geo = mod.Geometry(bits=bits, G=G, D=D, n_rep=r, BT=BT, unpack_chunk=unpack_chunk,
-                       max_registers=max_registers, **extra)
+    geo = mb.geometry_class(layout)(bits=bits, G=G, D=D, n_rep=r, BT=BT,
+                                    unpack_chunk=unpack_chunk, max_registers=max_registers,
+                                    **extra)
     geo.validate()
     n_blocks = max(1, pl.cdiv(Tq, BT))
     NS = num_splits or _default_splits(B, H, n_blocks)
@@ -304,11 +320,11 @@ def quantized_decode_attention(
     lengths = jnp.asarray(lengths, jnp.int32)
     sizes = region_sizes(lengths, cfg)
     _, live = recent_slot_tokens(lengths, cfg)
-    quant = mod.kernel_operands(layer, geo)
+    quant = mb.kernel_operands(layer, geo)
     inputs = [qp.astype(jnp.float32), sizes.quantized, sizes.sink, live.astype(jnp.int32), *quant]
     if S:
         inputs += [layer.sink_k, layer.sink_v]
     inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
-    call = _build_call(cfg, geo, NS, chunk, shapes, num_warps, num_stages, interpret)
+    call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret)
     return call_quietly(call, *inputs)[0]
