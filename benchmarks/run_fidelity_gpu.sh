@@ -12,6 +12,8 @@
 # Usage on the machine:
 #   bash benchmarks/run_fidelity_gpu.sh stash            # first call: keep half A
 #   bash benchmarks/run_fidelity_gpu.sh run STEPS [ARGS] # later call: join, check, run
+#   e.g. the issue-14 finals on three texts (the third, benchmarks/data/, travels with
+#   the working tree): bash benchmarks/run_fidelity_gpu.sh run final,final2,final3
 # Results go to $OUT/fidelity_results.tar.gz (the tool returns at most 8 files).
 set -uo pipefail
 MODEL_DIR=${MODEL_DIR:-/tmp/innerq_model}
