@@ -3,13 +3,15 @@
 The math lives in :mod:`innerq_jax.reference` (plain jnp, the contract) and in
 the kernels of :mod:`pallas_kernels`; this module only picks one per call.
 
-Layouts no kernel reads yet (``CacheConfig.kernel_unsupported``: keys or
-values grouped along a non-default axis, a key group size other than
-``group_size``, fp8 scales): backend ``auto`` runs them on the reference path on
-every device (correct, not fast); an explicit kernel backend (``pallas``,
-``interpret``, ``tpu``, ``tpu-interpret``) raises a ``ValueError`` naming the
-fields. Randomized Hadamard signs work on every backend: they are applied
-outside the kernel, with the rotation.
+Layouts beyond InnerQ and OuterQ (keys or values grouped along a non-default
+axis, a key group size other than ``group_size``, fp8 scales) are read by the
+fused Triton kernel (``pallas`` / ``interpret``; all but a key group of its own
+with keys and values both along D, ``CacheConfig.fused_unsupported``); the TPU
+and Mosaic GPU kernels read none of them (``CacheConfig.kernel_unsupported``).
+Backend ``auto`` runs a configuration its device's kernel cannot read on the
+reference path (correct, not fast); an explicit kernel backend raises a
+``ValueError`` naming the fields. Randomized Hadamard signs work on every
+backend: they are applied outside the kernel, with the rotation.
 """
 
 from __future__ import annotations
@@ -99,16 +101,20 @@ def decode_attention_layer(
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
-    if isinstance(layer, QuantLayer) and cfg.kernel_unsupported:
-        if backend == "auto":
-            backend = "reference"  # no kernel reads this layout yet
-        elif backend != "reference":
-            raise ValueError(
-                f"backend={backend!r}: no kernel supports "
-                f"{', '.join(cfg.kernel_unsupported)} yet; use backend='reference' or 'auto' "
-                f"(which runs such configurations on the reference path)")
-    if backend == "auto":
+    chosen = backend == "auto"
+    if chosen:
         backend = _default_backend()
+    if isinstance(layer, QuantLayer):
+        unread = {"pallas": cfg.fused_unsupported, "interpret": cfg.fused_unsupported,
+                  "tpu": cfg.kernel_unsupported, "tpu-interpret": cfg.kernel_unsupported,
+                  }.get(backend, ())
+        if unread and chosen:
+            backend = "reference"  # no kernel of this device reads this layout yet
+        elif unread:
+            raise ValueError(
+                f"backend={backend!r}: its kernel does not read {', '.join(unread)}; use "
+                "backend='reference', 'auto' (which runs such configurations on the "
+                "reference path) or, on a GPU, 'pallas' where the fused kernel reads them")
     if isinstance(layer, QuantLayer):
         if layer.k_scale.shape[-1] != D or layer.k_scale.shape[0] != q.shape[0]:
             raise ValueError(
@@ -124,7 +130,8 @@ def decode_attention_layer(
             o = quantized_decode_attention_tpu(
                 qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
             )
-        elif backend == "pallas" and _mosaic_preferred(cfg, kernel_options):
+        elif (backend == "pallas" and not cfg.kernel_unsupported
+              and _mosaic_preferred(cfg, kernel_options)):
             from pallas_kernels.mgpu_decode import mgpu_decode_attention
 
             o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)

@@ -297,7 +297,8 @@ class CacheConfig:
 
     @property
     def kernel_unsupported(self) -> tuple[str, ...]:
-        """Fields set away from their defaults that no Pallas kernel reads yet.
+        """Fields set away from their defaults that the TPU and Mosaic GPU kernels do not
+        read (the fused Triton kernel reads more: :attr:`fused_unsupported`).
 
         ``rotation_signs`` is not among them: the signs, like the rotation, are
         applied outside the kernel (to q before it, to the output after it, to k
@@ -313,6 +314,18 @@ class CacheConfig:
             if getattr(self, name) == "float8_e4m3fn":
                 out.append(f"{name}='float8_e4m3fn'")
         return tuple(out)
+
+    @property
+    def fused_unsupported(self) -> tuple[str, ...]:
+        """Fields the fused Triton kernel (``backend='pallas'`` / ``'interpret'``) cannot read.
+
+        It reads all four (key, value) grouping layouts, key groups along D smaller than
+        ``group_size`` (with values along T) and fp8 scales; what is left is a key group
+        size different from the value group when both group along D."""
+        if (self.quantized and self.k_grouping == "d" and self.v_grouping == "d"
+                and self.key_group_size not in (None, self.group_size)):
+            return (f"key_group_size={self.key_group_size} with v_axis='d'",)
+        return ()
 
     @property
     def rotate_keys(self) -> bool:

@@ -338,13 +338,25 @@ def test_defaults_unchanged_and_short_names():
     assert CacheConfig(scale_dtype=FP8).short_name() == "innerq2-G32-S4-R128-fp8scale"
 
 
-def test_dispatch_routes_unsupported_layouts_to_the_reference():
+def test_dispatch_runs_layouts_where_a_kernel_reads_them():
+    """The fused (Triton) kernel reads key groups of 16 with fp8 scales; the TPU kernel
+    does not (an explicit request raises), nor does any kernel read a key group of its
+    own with keys and values both along D; ``auto`` on the CPU is the reference."""
+    rng = np.random.default_rng(1)
     cfg = CacheConfig.innerq(key_group_size=16, key_scale_dtype=FP8, capacity=256)
-    k = jnp.asarray(np.random.default_rng(1).standard_normal((1, 1, 2, 100, 64)), jnp.float32)
-    cache = KVCache.from_prefill(cfg, k, k, np.array([100]))
-    q = jnp.ones((1, 2, 64), jnp.float32)
-    ref = decode_attention(q, cache, backend="reference")
-    np.testing.assert_array_equal(np.asarray(decode_attention(q, cache)), np.asarray(ref))
-    for backend in ("pallas", "interpret", "tpu", "tpu-interpret"):
+    k = jnp.asarray(rng.standard_normal((1, 1, 2, 100, 64)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 1, 2, 100, 64)), jnp.float32)
+    cache = KVCache.from_prefill(cfg, k, v, np.array([100]))
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.float32)
+    ref = np.asarray(decode_attention(q, cache, backend="reference"), np.float64)
+    np.testing.assert_array_equal(np.asarray(decode_attention(q, cache)), ref)
+    out = np.asarray(decode_attention(q, cache, backend="interpret"), np.float64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+    for backend in ("tpu", "tpu-interpret"):
         with pytest.raises(ValueError, match="key_group_size=16"):
             decode_attention(q, cache, backend=backend)
+    dd = CacheConfig.innerq(v_axis="d", key_group_size=16, capacity=256)
+    cache_dd = KVCache.from_prefill(dd, k, v, np.array([100]))
+    for backend in ("pallas", "interpret"):
+        with pytest.raises(ValueError, match="key_group_size=16 with v_axis='d'"):
+            decode_attention(q, cache_dd, backend=backend)

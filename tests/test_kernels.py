@@ -76,11 +76,20 @@ FUSED = {
                                64, 9, 3, [500, 1, 260], 1, {}),
     "outerq2-sinks-mha": (CacheConfig.outerq(sink=4, capacity=512), 64, 2, 2, [400, 2], 2,
                           {"num_splits": 2}),
+    # the mixed layouts and key groups of 16 with fp8 scales (the fidelity search's families)
+    "innerq2-Kt-Vt-D64": (CacheConfig.innerq(k_axis="t", capacity=512), 64, 4, 2,
+                          [500, 3, 200], 2, {}),
+    "innerq2-Kd-Vd-D128": (CacheConfig.innerq(v_axis="d", capacity=512), 128, 8, 2,
+                           [505, 140, 40], 1, {}),
+    "innerq2-K16fp8-D64-smollm": (CacheConfig.innerq(key_group_size=16,
+                                                     key_scale_dtype="float8_e4m3fn",
+                                                     capacity=512), 64, 9, 3, [510, 300, 1], 1, {}),
 }
 
 
 # Variants of shapes the default suite already covers run with -m slow (CI time).
-SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha"}
+SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha",
+              "innerq2-Kd-Vd-D128"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FUSED
