@@ -268,7 +268,7 @@ class Shape:
     def cfg(self, kind, **kw):
         make = {"innerq": CacheConfig.innerq, "outerq": CacheConfig.outerq,
                 "innerq-h": CacheConfig.innerq_h}[kind]
-        return make(bits=self.bits, group_size=self.G, capacity=self.T, **kw)
+        return make(**{"bits": self.bits, "group_size": self.G, "capacity": self.T, **kw})
 
 
 def _copy_budget() -> int:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The fused kernel on the fidelity search's cache families (H200): the compiled Triton
+# kernel against the reference on the new layouts (GPU tests), then each candidate's
+# fused decode attention at B 8 / 32k in the same run as InnerQ, OuterQ, InnerQ-H and the
+# fastest bf16 kernel (bench_kernels cfg_fused@{CacheConfig.innerq overrides}).
+# Usage (repository root, on the GPU machine): bash benchmarks/run_fidelity_kernels.sh
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+INNERQ_KERNEL_TESTS=gpu timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py -m "slow or not slow" \
+  -k "Kt-Vt or Kd-Vd or K16fp8 or innerq2-G32-D128-gqa4 or outerq2-G32-D128-gqa4" \
+  > "$OUT/kernels_gpu_tests_layouts.txt" 2>&1
+echo "GPU tests rc=$? (elapsed $SECONDS s)"; tail -3 "$OUT/kernels_gpu_tests_layouts.txt"
+REC='"rotation": "keys_values", "sink": 36, "recent": 96'
+K16='"key_group_size": 16, "key_scale_dtype": "float8_e4m3fn"'
+C=(
+  "{$REC}"
+  "{$REC, \"rotation_signs\": true}"
+  "{$REC, $K16}"
+  "{$REC, \"rotation_signs\": true, $K16}"
+  "{\"sink\": 36, \"recent\": 96, \"k_axis\": \"t\"}"
+  "{$REC, \"v_axis\": \"d\"}"
+  "{$REC, \"group_size\": 16, \"scale_dtype\": \"float8_e4m3fn\"}"
+)
+V='"bf16_pallas", "innerq_fused", "outerq_fused", "innerq-h_fused"'
+for c in "${C[@]}"; do V+=", $(python3 -c 'import json,sys; print(json.dumps("cfg_fused@" + sys.argv[1]))' "$c")"; done
+timeout "${BENCH_S:-300}" $PY benchmarks/bench_kernels.py --suite points --tag _fidelity_candidates \
+  --out "$OUT" --reps 5 --points "[[8, 32768, {}, [$V]]]" > "$OUT/kernels_fidelity_candidates.log" 2>&1
+echo "bench rc=$? (elapsed $SECONDS s)"
+grep -E "ms|MISMATCH|FAILED" "$OUT/kernels_fidelity_candidates.log" | tail -20
