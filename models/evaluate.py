@@ -61,7 +61,8 @@ WHERE_TO_GET = (
     f"DIR/{GSM8K}/; then pass --data-dir DIR (or --text FILE for any text)"
 )
 # finalists of search3 (bars first), for the 8-window runs on three texts
-FINALISTS3 = ("bf16", "outerq2+sinks", "recommended")
+FINALISTS3 = ("bf16", "outerq2+sinks", "recommended", "h-kv Kd Vd", "h-kv K16fp8 signs", "h-kv signs",
+              "h-kv G16 fp8", "h-kv K16fp8 signs S68 R64")
 SEARCH3_MAX_BYTES = 0.40  # B/elem at LONG_CAPACITY for every search3 candidate
 BYTES_CAPACITY = 2048  # capacity at which bytes per cached element are measured (the eval's context)
 LONG_CAPACITY = 32768  # a long context, where the bf16 windows are amortized

@@ -150,6 +150,34 @@ def default_block_tokens(bits: int, G: int) -> int:
 DEFAULT_MAX_REGISTERS = 128
 
 
+def fp8_bits_to_f32(b: jax.Array) -> jax.Array:
+    """float8_e4m3fn values from their bits (uint8), decoded with integer and float32
+    arithmetic only: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+    subnormal (m/8 * 2^-6), bits S.1111.111 are NaN (e4m3fn has no infinity)."""
+    b = b.astype(jnp.int32)
+    e = (b >> 3) & 15
+    m = (b & 7).astype(jnp.float32)
+    mag = jnp.where(e == 0, m * (2.0 ** -9),
+                    (8.0 + m) * jnp.exp2((e - 10).astype(jnp.float32)))  # (1 + m/8) 2^(e-7)
+    mag = jnp.where((e == 15) & (m == 7.0), jnp.nan, mag)
+    return jnp.where(b >= 128, -mag, mag)
+
+
+def load_scale(ref, idx, mask) -> jax.Array:
+    """Scales or zero-points as float32, 0 where ``mask`` is off. fp8 ones arrive as their
+    uint8 bits (:func:`scale_operand`): Triton cannot fill a masked fp8 load with 0."""
+    x = plgpu.load(ref.at[idx], mask=mask, other=0)
+    return fp8_bits_to_f32(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+
+
+def scale_operand(x: jax.Array) -> jax.Array:
+    """A scale / zero-point array as the kernels take it: fp8 as its uint8 bits (a free
+    bitcast), others unchanged."""
+    if x.dtype == jnp.float8_e4m3fn:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8)
+    return x
+
+
 def load_q(q_ref, rows, cols, scale=LOG2E):
     """q' [r, D] (the caller's rows, unpadded) gathered at [rows, cols], times ``scale``
     (log2(e): scores in log2 units for exp2). Rows >= r (padding up to NR heads) read 0.
@@ -316,8 +344,8 @@ def load_key_block(kw_ref, ks_ref, kz_ref, base, nq, geo: Geometry):
     r0, rows, ok = _key_rows(base, nq, geo)
     kw = load_key_words(kw_ref, base, nq, geo)
     sc = (rows, geo.P * geo.ng)
-    ks = plgpu.load(ks_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, sc), other=0)
-    kz = plgpu.load(kz_ref.at[pl.ds(r0, rows), :], mask=jnp.broadcast_to(ok, sc), other=0)
+    ks = load_scale(ks_ref, (pl.ds(r0, rows), slice(None)), jnp.broadcast_to(ok, sc))
+    kz = load_scale(kz_ref, (pl.ds(r0, rows), slice(None)), jnp.broadcast_to(ok, sc))
     return kw, ks, kz
 
 
@@ -330,8 +358,8 @@ def load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
     dg = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 0)
     g = base // G + jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 1)
     okg = g * G < nq
-    vst = plgpu.load(vs_ref.at[g, dg], mask=okg, other=0)
-    vzt = plgpu.load(vz_ref.at[g, dg], mask=okg, other=0)
+    vst = load_scale(vs_ref, (g, dg), okg)
+    vzt = load_scale(vz_ref, (g, dg), okg)
     return vwt, vst, vzt
 
 

@@ -58,7 +58,8 @@ def kernel_operands(layer, geo) -> list[jax.Array]:
         raise ValueError(f"quant_capacity={Tq} must be a multiple of {geo.P}")
     view = lambda x: x.reshape(B, H, Tq // geo.P, -1)  # noqa: E731
     ks, kz = (view(k.scale), view(k.zero)) if k.grouping == "d" else (k.scale, k.zero)
-    return [view(k.codes), ks, kz, v.codes, v.scale, v.zero]
+    so = ib.scale_operand  # fp8 scales travel as their bits
+    return [view(k.codes), so(ks), so(kz), v.codes, so(v.scale), so(v.zero)]
 
 
 def mixed_part(layout):

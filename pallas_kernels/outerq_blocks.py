@@ -100,7 +100,7 @@ def block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo: G
     ok = (g0 + gt) * G < nq
     qexp, total = [], jnp.zeros(qtiles[0].shape, jnp.float32)
     for qj, ch in zip(qtiles, chans):
-        s = plgpu.load(ks_ref.at[g0 + gt, ch], mask=ok, other=0).astype(jnp.float32)
+        s = ib.load_scale(ks_ref, (g0 + gt, ch), ok)
         e = (qj * s).astype(jnp.bfloat16)
         total = total + e.astype(jnp.float32)
         qexp.append(e)
@@ -111,7 +111,7 @@ def block_key_scores(kw, ks_ref, kz_ref, base, nq, qtiles, chans, gt, qt, geo: G
     # sum_d q[h, d] z[gt, d] for the block's token groups
     dz = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 0)
     gz = jax.lax.broadcasted_iota(jnp.int32, (D, ngv), 1)
-    z = plgpu.load(kz_ref.at[g0 + gz, dz], mask=(g0 + gz) * G < nq, other=0).astype(jnp.float32)
+    z = ib.load_scale(kz_ref, (g0 + gz, dz), (g0 + gz) * G < nq)
     zq = jnp.sum(qt[:, :, None] * z[:, None, :], axis=0)  # [NR, ngv]
     x = acc.reshape(rows, P, NR, ngv) + zq[None, None]
     tok = (jax.lax.broadcasted_iota(jnp.int32, (rows, P, NR, ngv), 0) * P
@@ -151,8 +151,8 @@ def _load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
     vwt = plgpu.load(vw_ref.at[r, d], mask=r * cpw < nq, other=0)
     t = base + jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 0)
     g = jax.lax.broadcasted_iota(jnp.int32, (BT, ng), 1)
-    vs = plgpu.load(vs_ref.at[t, g], mask=t < nq, other=0)
-    vz = plgpu.load(vz_ref.at[t, g], mask=t < nq, other=0)
+    vs = ib.load_scale(vs_ref, (t, g), t < nq)
+    vz = ib.load_scale(vz_ref, (t, g), t < nq)
     return vwt, vs, vz
 
 

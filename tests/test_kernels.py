@@ -84,12 +84,14 @@ FUSED = {
     "innerq2-K16fp8-D64-smollm": (CacheConfig.innerq(key_group_size=16,
                                                      key_scale_dtype="float8_e4m3fn",
                                                      capacity=512), 64, 9, 3, [510, 300, 1], 1, {}),
+    "innerq2-G16-fp8-D64": (CacheConfig.innerq(group_size=16, scale_dtype="float8_e4m3fn",
+                                               capacity=512), 64, 4, 2, [500, 77], 1, {}),
 }
 
 
 # Variants of shapes the default suite already covers run with -m slow (CI time).
 SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha",
-              "innerq2-Kd-Vd-D128"}
+              "innerq2-Kd-Vd-D128", "innerq2-G16-fp8-D64"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FUSED
@@ -135,6 +137,22 @@ def test_innerq_h_through_dispatch(rotation):
     ref = decode_attention_layer(q, layer, cache.lengths, cfg, backend="reference")
     out = decode_attention_layer(q, layer, cache.lengths, cfg, backend="interpret" if INTERPRET else "pallas")
     assert _rel(out, ref) < TOL
+
+
+def test_fp8_scale_bits_decode_exactly():
+    """The kernels take fp8 scales as their bits (Triton cannot fill a masked fp8 load);
+    the in-kernel decode must give every one of the 256 values exactly (NaN for NaN)."""
+    import ml_dtypes
+
+    from pallas_kernels.innerq_blocks import fp8_bits_to_f32
+
+    bits = np.arange(256, dtype=np.uint8)
+    ref = bits.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = np.asarray(fp8_bits_to_f32(jnp.asarray(bits)))
+    nan = np.isnan(ref)
+    assert nan.sum() == 2 and np.all(np.isnan(got[nan]))
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+    np.testing.assert_array_equal(np.signbit(got[~nan]), np.signbit(ref[~nan]))
 
 
 @pytest.mark.parametrize("bits,G,D", [(2, 32, 128), (4, 64, 64), (2, 64, 64)])
