@@ -20,7 +20,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 R=$OUT/res
 mkdir -p "$R"
 timeout "${FINALS_S:-400}" python3 benchmarks/run_fidelity_parallel.py --set "${SET:-finalists3}" \
-  --tag final --gpus 2 --model "$model" --data-dir "$PWD/.evaldata" --out "$R" \
+  --tag finalists3 --gpus 2 --model "$model" --data-dir "$PWD/.evaldata" --out "$R" \
   > "$R/final_log.txt" 2>&1
 echo "finals rc=$? (elapsed $SECONDS s)"
 grep -E "rc=|^\| |^# " "$R/final_log.txt" | tail -45
