@@ -170,8 +170,7 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
                                                       rotation_signs=True, **kg16)),
         ]
     if name == "finalists3":
-        # chosen from the CPU search3 run (benchmarks/results/fidelity_ppl_search3_*);
-        # filled in below once that run is read
+        # the bars and the five finalists picked from the CPU search3 run (FINALISTS3)
         return [r for r in named_set("search3") if r[0] in FINALISTS3]
     raise ValueError(f"unknown set {name!r}; choose main, core, ablations, search, search3, "
                      f"finalists3 or generation")
