@@ -91,7 +91,7 @@ FUSED = {
 
 # Variants of shapes the default suite already covers run with -m slow (CI time).
 SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha",
-              "innerq2-Kd-Vd-D128", "innerq2-G16-fp8-D64"}
+              "innerq2-Kd-Vd-D128", "innerq2-G16-fp8-D64", "innerq2-G64-D128-mha"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FUSED
