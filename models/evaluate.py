@@ -169,11 +169,18 @@ def named_set(name: str) -> list[tuple[str, CacheConfig]]:
             ("h-kv K16fp8 signs S4 R128", rec.replace(sink=4, recent=128,
                                                       rotation_signs=True, **kg16)),
         ]
+    if name == "fourbit":  # the 4-bit bound (within 0.5% of bf16) on a further text
+        return [
+            ("bf16", CacheConfig.bf16()),
+            ("innerq4", CacheConfig.innerq(bits=4)),
+            ("innerq-h4 keys", CacheConfig.innerq_h(bits=4, rotation="keys")),
+            ("outerq4", CacheConfig.outerq(bits=4)),
+        ]
     if name == "finalists3":
         # the bars and the five finalists picked from the CPU search3 run (FINALISTS3)
         return [r for r in named_set("search3") if r[0] in FINALISTS3]
     raise ValueError(f"unknown set {name!r}; choose main, core, ablations, search, search3, "
-                     f"finalists3 or generation")
+                     f"finalists3, fourbit or generation")
 
 
 def bytes_per_element(model_cfg, cfg: CacheConfig, capacity: int = BYTES_CAPACITY,
