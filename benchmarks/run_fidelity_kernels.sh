@@ -3,16 +3,19 @@
 # kernel against the reference on the new layouts (GPU tests), then each candidate's
 # fused decode attention at B 8 / 32k in the same run as InnerQ, OuterQ, InnerQ-H and the
 # fastest bf16 kernel (bench_kernels cfg_fused@{CacheConfig.innerq overrides}).
-# Usage (repository root, on the GPU machine): bash benchmarks/run_fidelity_kernels.sh
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_fidelity_kernels.sh
+# (COMMIT names the tested code in the record: the machine's copy of .git can be stale)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+{ echo "# commit ${COMMIT:-unknown}; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+  $PY -c 'import jax; print("# jax", jax.__version__)'; } > "$OUT/kernels_gpu_tests_layouts.txt"
 INNERQ_KERNEL_TESTS=gpu timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py -m "slow or not slow" \
-  -k "Kt-Vt or Kd-Vd or K16fp8 or innerq2-G32-D128-gqa4 or outerq2-G32-D128-gqa4" \
-  > "$OUT/kernels_gpu_tests_layouts.txt" 2>&1
+  -k "Kt-Vt or Kd-Vd or fp8 or innerq2-G32-D128-gqa4 or outerq2-G32-D128-gqa4" \
+  >> "$OUT/kernels_gpu_tests_layouts.txt" 2>&1
 echo "GPU tests rc=$? (elapsed $SECONDS s)"; tail -3 "$OUT/kernels_gpu_tests_layouts.txt"
 REC='"rotation": "keys_values", "sink": 36, "recent": 96'
 K16='"key_group_size": 16, "key_scale_dtype": "float8_e4m3fn"'

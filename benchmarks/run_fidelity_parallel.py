@@ -107,11 +107,16 @@ def main(argv=None) -> int:
         log = open(os.path.join(a.out, f"{part}.log"), "w")
         procs.append((label, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
     t0 = time.time()
+    failed = []
     for label, p in procs:
         rc = p.wait()
         print(f"{label}: rc={rc} ({time.time() - t0:.0f} s)", flush=True)
+        if rc:
+            failed.append(label)
     merge(a.out, a.tag, parts, labels)
-    return 0
+    if failed:
+        print(f"failed: {failed} (their logs: {a.out}/{a.tag}part*.log)", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -115,7 +115,6 @@ def decode_attention_layer(
                 f"backend={backend!r}: its kernel does not read {', '.join(unread)}; use "
                 "backend='reference', 'auto' (which runs such configurations on the "
                 "reference path) or, on a GPU, 'pallas' where the fused kernel reads them")
-    if isinstance(layer, QuantLayer):
         if layer.k_scale.shape[-1] != D or layer.k_scale.shape[0] != q.shape[0]:
             raise ValueError(
                 f"q shape {q.shape} does not match the cache (B={layer.k_scale.shape[0]}, "

@@ -327,13 +327,13 @@ class DenseLayer:
     v: jax.Array  # [B, H, C, D] bf16
 
     @classmethod
-    def create(cls, B, H, D, cfg):
+    def create(cls, B, H, D, cfg, layer: int = 0):
         # two distinct buffers: a donated cache may not hold one array twice
         z = lambda: jnp.zeros((B, H, cfg.capacity, D), COMPUTE_DTYPE)  # noqa: E731
         return cls(z(), z())
 
     @classmethod
-    def prefill(cls, k, v, lengths, cfg):
+    def prefill(cls, k, v, lengths, cfg, layer: int = 0, signs=None):
         B, H, T, D = k.shape
         ok = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, :, None]
         pad = ((0, 0), (0, 0), (0, cfg.capacity - T), (0, 0))
@@ -370,13 +370,13 @@ class Int8Layer:
     v_scale: jax.Array  # [B, H, C] bf16
 
     @classmethod
-    def create(cls, B, H, D, cfg):
+    def create(cls, B, H, D, cfg, layer: int = 0):
         c = lambda: jnp.zeros((B, H, cfg.capacity, D), jnp.int8)  # noqa: E731
         s = lambda: jnp.zeros((B, H, cfg.capacity), COMPUTE_DTYPE)  # noqa: E731
         return cls(c(), c(), s(), s())
 
     @classmethod
-    def prefill(cls, k, v, lengths, cfg):
+    def prefill(cls, k, v, lengths, cfg, layer: int = 0, signs=None):
         dense = DenseLayer.prefill(k, v, lengths, cfg)
         (kc, ks), (vc, vs) = _int8_quantize(dense.k), _int8_quantize(dense.v)
         return cls(kc, vc, ks, vs)
@@ -397,6 +397,9 @@ _LAYER_KIND = {"innerq": QuantLayer, "outerq": QuantLayer, "bf16": DenseLayer, "
 
 
 def layer_class(cfg: CacheConfig):
+    """The layer class of a cache kind. Every class takes ``create(B, H, D, cfg, layer=0)``
+    and ``prefill(k, v, lengths, cfg, layer=0, signs=None)``; the layer index and the
+    randomized Hadamard signs only matter to a rotated quantized layer."""
     return _LAYER_KIND[cfg.kind]
 
 
@@ -421,7 +424,7 @@ class KVCache:
         """An empty cache of static capacity ``config.capacity`` tokens per sequence."""
         num_layers, batch, num_kv_heads, head_dim = _check_sizes(
             config, num_layers, batch, num_kv_heads, head_dim)
-        layers = tuple(_create_layer(config, i, batch, num_kv_heads, head_dim)
+        layers = tuple(layer_class(config).create(batch, num_kv_heads, head_dim, config, layer=i)
                        for i in range(num_layers))
         return cls(layers, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), config,
                    num_kv_heads, head_dim)
@@ -435,7 +438,7 @@ class KVCache:
         _check_sizes(config, L, B, H, D)
         lengths, clamped = _check_lengths(lengths, B, T, config)
         layers = tuple(_prefill_layer(k[i], v[i], lengths, config,
-                                      i if config.rotation_signs else 0) for i in range(L))
+                                      rotation_signs(config, i, B, H, D)) for i in range(L))
         return dataclasses.replace(cls.from_layers(config, layers, lengths), overflow=clamped)
 
     @classmethod
@@ -511,18 +514,11 @@ class KVCache:
 
 
 # jit here too, so eager callers get one compiled program instead of hundreds of
-# dispatches; inside a caller's jit these inline.
-def _create_layer(cfg: CacheConfig, i: int, B: int, H: int, D: int):
-    if layer_class(cfg) is QuantLayer:
-        return QuantLayer.create(B, H, D, cfg, layer=i)
-    return layer_class(cfg).create(B, H, D, cfg)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _prefill_layer(k, v, lengths, cfg: CacheConfig, i: int = 0):
-    if layer_class(cfg) is QuantLayer:
-        return QuantLayer.prefill(k, v, lengths, cfg, layer=i)
-    return layer_class(cfg).prefill(k, v, lengths, cfg)
+# dispatches; inside a caller's jit these inline. The signs are traced, so every
+# layer shares one compilation.
+@functools.partial(jax.jit, static_argnums=3)
+def _prefill_layer(k, v, lengths, cfg: CacheConfig, signs=None):
+    return layer_class(cfg).prefill(k, v, lengths, cfg, signs=signs)
 
 
 @functools.partial(jax.jit, static_argnums=4)

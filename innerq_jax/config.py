@@ -34,11 +34,13 @@ _KEY_SCALE = ("absmax", "std")
 _ROTATION = ("none", "keys", "keys_values")
 _SCALE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 _AXES = ("auto", "d", "t")
-_KEY_GROUP_SIZES = (16, 32, 64, 128)
 _SCALE_JNP = {"bfloat16": jnp.bfloat16, "float16": jnp.float16,
               "float8_e4m3fn": jnp.float8_e4m3fn}
 _SCALE_TAG = {"float16": "fp16", "float8_e4m3fn": "fp8"}
 _GROUP_SIZES = (16, 32, 64, 128)
+# (key grouping, value grouping) of each quantized kind when k_axis / v_axis are "auto"
+# (the dense kinds report OuterQ's pair; they have no groups)
+_KIND_AXES = {"innerq": ("d", "t"), "outerq": ("t", "d")}
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -140,9 +142,9 @@ class CacheConfig:
                 raise ValueError(f"CacheConfig.key_group_size={self.key_group_size!r} must be "
                                  f"an int or None")
             object.__setattr__(self, "key_group_size", int(self.key_group_size))
-            if self.key_group_size not in _KEY_GROUP_SIZES:
+            if self.key_group_size not in _GROUP_SIZES:
                 raise ValueError(f"CacheConfig.key_group_size={self.key_group_size!r} is not "
-                                 f"allowed; choose one of {_KEY_GROUP_SIZES} or None")
+                                 f"allowed; choose one of {_GROUP_SIZES} or None")
         if not isinstance(self.rotation_signs, (bool, np.bool_)):
             raise ValueError(f"CacheConfig.rotation_signs={self.rotation_signs!r} must be a bool")
         object.__setattr__(self, "rotation_signs", bool(self.rotation_signs))
@@ -285,15 +287,11 @@ class CacheConfig:
     @property
     def k_grouping(self) -> Literal["d", "t"]:
         """Axis along which a key group runs: ``d`` (head_dim) or ``t`` (tokens)."""
-        if self.k_axis != "auto":
-            return self.k_axis
-        return "d" if self.kind == "innerq" else "t"
+        return self.k_axis if self.k_axis != "auto" else _KIND_AXES.get(self.kind, ("t", "d"))[0]
 
     @property
     def v_grouping(self) -> Literal["d", "t"]:
-        if self.v_axis != "auto":
-            return self.v_axis
-        return "t" if self.kind == "innerq" else "d"
+        return self.v_axis if self.v_axis != "auto" else _KIND_AXES.get(self.kind, ("t", "d"))[1]
 
     @property
     def kernel_unsupported(self) -> tuple[str, ...]:
@@ -304,9 +302,10 @@ class CacheConfig:
         applied outside the kernel (to q before it, to the output after it, to k
         and v as they enter the cache), so a kernel sees the same contract."""
         out = []
-        if self.k_axis != "auto" and self.k_grouping != ("d" if self.kind == "innerq" else "t"):
+        own = _KIND_AXES.get(self.kind)
+        if own and self.k_grouping != own[0]:
             out.append(f"k_axis={self.k_axis!r}")
-        if self.v_axis != "auto" and self.v_grouping != ("t" if self.kind == "innerq" else "d"):
+        if own and self.v_grouping != own[1]:
             out.append(f"v_axis={self.v_axis!r}")
         if self.key_group_size is not None and self.key_group_size != self.group_size:
             out.append(f"key_group_size={self.key_group_size}")

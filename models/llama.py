@@ -197,8 +197,7 @@ class Attention(nnx.Module):
             signs = rotation_signs(cfg, ctx.layer, B, c.num_kv_heads, c.head_dim)
 
             def build(kk, vv, n, sg):
-                extra = {} if sg is None else {"signs": sg}
-                return layer_class(cfg).prefill(kk, vv, n, cfg, **extra)
+                return layer_class(cfg).prefill(kk, vv, n, cfg, signs=sg)
 
             layer_cache = on_mesh(build, ctx.mesh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
                                   ctx.lengths, signs)

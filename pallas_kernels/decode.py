@@ -211,8 +211,8 @@ def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
 
 
 # ------------------------------------------------------------------- wrapper
-@functools.lru_cache(maxsize=64)
 def _part(layout):
+    """The quantized-region part of one (K grouping, V grouping) layout."""
     if layout == ("d", "t"):
         return _innerq_part
     if layout == ("t", "d"):
@@ -220,6 +220,7 @@ def _part(layout):
     return mb.mixed_part(layout)
 
 
+@functools.lru_cache(maxsize=64)
 def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
@@ -297,10 +298,9 @@ def quantized_decode_attention(
     if layout not in mb.LAYOUTS:
         raise ValueError(f"K grouping {layout[0]!r} / V grouping {layout[1]!r} is not a layout "
                          f"the fused kernel reads; layouts: {mb.LAYOUTS}")
-    mod = ib if layout == ("d", "t") else ob
-    BT = block_tokens or mod.default_block_tokens(bits, G)
+    BT = block_tokens or ib.default_block_tokens(bits, G)  # every layout shares these
     if max_registers is None:
-        max_registers = mod.DEFAULT_MAX_REGISTERS
+        max_registers = ib.DEFAULT_MAX_REGISTERS
     # Keys grouped along D may group by fewer channels than the flush group G (their own
     # QuantizedTensor.group_size); values keep G.
     gk = layer.k.group_size if layout[0] == "d" and layer.k.group_size != G else 0

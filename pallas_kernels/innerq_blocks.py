@@ -361,20 +361,3 @@ def load_value_block(vw_ref, vs_ref, vz_ref, base, nq, geo: Geometry):
     vst = load_scale(vs_ref, (g, dg), okg)
     vzt = load_scale(vz_ref, (g, dg), okg)
     return vwt, vst, vzt
-
-
-def kernel_operands(layer, geo: Geometry) -> list[jax.Array]:
-    """The quantized-region arrays in kernel views (free reshapes of the cache layout).
-
-    K (grouping d): codes [B, H, Tq/P, P*nw], scale / zero [B, H, Tq/P, P*ng];
-    V (grouping t): codes [B, H, Tq/cpw, D], scale / zero [B, H, Tq/G, D].
-    """
-    k, v = layer.k, layer.v
-    if k.grouping != "d" or v.grouping != "t":
-        raise ValueError(f"InnerQ kernels need K grouping 'd' and V grouping 't', got {k.grouping}/{v.grouping}")
-    B, H, Tq, _ = k.codes.shape
-    P = geo.P
-    if Tq % P:
-        raise ValueError(f"quant_capacity={Tq} must be a multiple of {P}")
-    view = lambda x: x.reshape(B, H, Tq // P, -1)
-    return [view(k.codes), view(k.scale), view(k.zero), v.codes, v.scale, v.zero]

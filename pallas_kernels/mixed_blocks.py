@@ -1,4 +1,4 @@
-"""The fused kernel's quantized part for the two mixed layouts.
+"""The fused kernel's layouts: geometry, operands and quantized part of each of the four.
 
 Keys and values each group either along the reduction dimension of their product (keys
 along D, values along T: inner) or across it (keys along T, values along D: outer). The

@@ -52,27 +52,6 @@ class Geometry(ib.Geometry):
         return self.ng
 
 
-def default_block_tokens(bits: int, G: int) -> int:
-    return ib.default_block_tokens(bits, G)
-
-
-DEFAULT_MAX_REGISTERS = ib.DEFAULT_MAX_REGISTERS
-
-
-def kernel_operands(layer, geo: Geometry) -> list[jax.Array]:
-    """K: codes [B, H, Tq/P, P*nw] (packed along D), scale / zero [B, H, Tq/G, D];
-    V: codes [B, H, Tq/cpw, D] (packed along T), scale / zero [B, H, Tq, D/G]."""
-    k, v = layer.k, layer.v
-    if (k.grouping, k.packing, v.grouping, v.packing) != ("t", "d", "d", "t"):
-        raise ValueError(
-            "OuterQ kernels need K grouped along T and packed along D, V grouped along D and "
-            f"packed along T; got K {k.grouping}/{k.packing}, V {v.grouping}/{v.packing}")
-    B, H, Tq, _ = k.codes.shape
-    if Tq % geo.P:
-        raise ValueError(f"quant_capacity={Tq} must be a multiple of {geo.P}")
-    return [k.codes.reshape(B, H, Tq // geo.P, -1), k.scale, k.zero, v.codes, v.scale, v.zero]
-
-
 def _query_tiles(q_ref, geo: Geometry):
     """Per program: the query part of each Qexp_j, [2Kd, NK] f32 (times 2**-e_j, zero off
     the row's token), the channel / token-group index of each entry, and q as [D, NR]."""
@@ -172,4 +151,4 @@ def outerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
     return ib.online_softmax_loop(start, nq, chunk, geo, scores, values)
 
 
-__all__ = ["Geometry", "LOG2E", "default_block_tokens", "kernel_operands", "outerq_part"]
+__all__ = ["Geometry", "LOG2E", "outerq_part"]

@@ -248,20 +248,6 @@ def test_reference_equals_dense_attention_over_stored_cache(name):
                                            atol=2e-5 * np.abs(o).max())
 
 
-def _error_vs_exact(cfg):
-    cache, k, v, q = _build(cfg)
-    out = np.asarray(decode_attention(jnp.asarray(q), cache, 0, backend="reference"))
-    r, err = Hq // H, 0.0
-    for b in range(B):
-        n = int(cache.lengths[b])
-        for h in range(H):
-            o = oracle.softmax_attention(q[b, h * r:(h + 1) * r].astype(np.float64) / np.sqrt(D),
-                                         k[0, b, h, :n].astype(np.float64),
-                                         v[0, b, h, :n].astype(np.float64), np.ones(n, bool))
-            err = max(err, np.abs(out[b, h * r:(h + 1) * r] - o).max())
-    return err
-
-
 def test_signs_are_undone_against_exact_kv():
     """With windows that keep every token in bf16 (nothing quantized), attention through
     the signed rotation (keys, query, values and output) equals exact attention over the
