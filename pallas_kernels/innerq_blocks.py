@@ -151,15 +151,17 @@ DEFAULT_MAX_REGISTERS = 128
 
 
 def fp8_bits_to_f32(b: jax.Array) -> jax.Array:
-    """float8_e4m3fn values from their bits (uint8), decoded with integer and float32
-    arithmetic only: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
-    subnormal (m/8 * 2^-6), bits S.1111.111 are NaN (e4m3fn has no infinity)."""
+    """float8_e4m3fn values from their bits (uint8), decoded with integer arithmetic and a
+    bitcast, so every value is exact on any backend (a GPU's exp2 is approximate): sign,
+    4 exponent bits (bias 7), 3 mantissa bits. A normal value's exponent and mantissa move
+    into float32's fields with the bias raised by 120 (127 - 7); exponent 0 is subnormal
+    (m/8 * 2^-6, exact in float32); bits S.1111.111 are NaN (e4m3fn has no infinity)."""
     b = b.astype(jnp.int32)
-    e = (b >> 3) & 15
-    m = (b & 7).astype(jnp.float32)
-    mag = jnp.where(e == 0, m * (2.0 ** -9),
-                    (8.0 + m) * jnp.exp2((e - 10).astype(jnp.float32)))  # (1 + m/8) 2^(e-7)
-    mag = jnp.where((e == 15) & (m == 7.0), jnp.nan, mag)
+    low = b & 0x7F
+    normal = jax.lax.bitcast_convert_type((low << 20) + (120 << 23), jnp.float32)
+    subnormal = (b & 7).astype(jnp.float32) * (2.0 ** -9)
+    mag = jnp.where(low < 8, subnormal, normal)
+    mag = jnp.where(low == 0x7F, jnp.nan, mag)
     return jnp.where(b >= 128, -mag, mag)
 
 
