@@ -231,6 +231,10 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="trace --steps more steps of each row (jax.profiler, perfetto) under "
                          "OUT/traces and record device busy, collective and idle time per step")
+    ap.add_argument("--writers", default="auto",
+                    help="comma-separated cache writers for the quantized caches' appends "
+                         "(auto, scatter, pallas; see QuantLayer.append): each quantized row "
+                         "runs once per writer, labelled kind/writer when not auto")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="stop starting new rows after this many seconds")
     args = ap.parse_args(argv)
@@ -255,67 +259,84 @@ def main(argv=None) -> None:
         shard_model(model, mesh)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     rows = []
+    writers = args.writers.split(",")
+    bad = set(writers) - {"auto", "scatter", "pallas", "interpret"}
+    if bad:
+        ap.error(f"--writers: unknown {sorted(bad)}; choose from auto, scatter, pallas, interpret")
+    plan = []
     for suite in suites:
         for kind, B, ctx in suite_rows(suite):
             if args.only and f"{kind}:{B}" not in args.only.split(","):
                 continue
-            cfg = KINDS[kind](capacity=ctx)
-            per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
-                                     mc.head_dim).total_nbytes()
-            if B == "max":
-                B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
-            row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
-                       jax=jax.__version__, model=mname, cache=kind, B=B, context=ctx, suite=suite,
-                       mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
-                       cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
-            # per device: weights split over model, cache over data x model
-            dev_bytes = weight_bytes / model_axis + per_seq * B / ndev
-            row["roofline_ms"] = dev_bytes / bw * 1e3
-            if time.perf_counter() - t_start > args.budget_s:
-                row["skipped"] = "time budget"
-                rows.append(row)
-                continue
-            if limit and weight_bytes / model_axis + per_seq * B / ndev > 0.99 * limit:
-                row["skipped"] = "does not fit"
-                rows.append(row)
-                continue
-            for attempt in range(3):
-                try:
-                    cache = random_cache(cfg, mc, B, ctx - args.steps - 2,
-                                         jax.random.PRNGKey(B + ctx), mesh)
-                    pdir = None
-                    if args.profile:
-                        pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{kind}_B{B}")
-                    (med, lo, hi), comp, foot, cache, prof = time_step(
-                        model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir)
-                    attn = time_attention(cache, mc, B, args.reps, mesh)
-                    row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
-                               tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
-                               peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
-                               attention_ms_per_layer=attn * 1e3,
-                               attention_ms_all_layers=attn * 1e3 * mc.num_layers,
-                               weights_plus_attention_ms=(weight_bytes / model_axis / bw
-                                                          + attn * mc.num_layers) * 1e3)
-                    if prof is not None:
-                        row["profile"] = prof  # per device, per step (trace_summary.py)
-                    row["vs_roofline"] = row["step_ms"] / row["roofline_ms"]
-                    row["vs_weights_plus_attention"] = (row["step_ms"]
-                                                        / row["weights_plus_attention_ms"])
-                    del cache
-                    break
-                except Exception as err:  # recorded, never hidden
-                    msg = f"{type(err).__name__}: {str(err)[:300]}"
-                    cache = None  # noqa: F841 - frees a failed attempt's buffers before a retry
-                    if "RESOURCE_EXHAUSTED" in msg and row["B"] > data and attempt < 2:
-                        B = max(data, int(B * 0.9) // data * data)  # largest batch: back off
-                        row.update(B=B, cache_bytes=per_seq * B, oom_retry=msg[:120])
-                        row["roofline_ms"] = (weight_bytes / model_axis + per_seq * B / ndev) \
-                            / bw * 1e3
-                        continue
-                    row["error"] = msg
-                    break
+            quant = KINDS[kind](capacity=ctx).quantized
+            plan += [(suite, kind, B, ctx, w) for w in (writers if quant else ["auto"])]
+    for suite, kind, B, ctx, writer in plan:
+        if writer != os.environ.get("INNERQ_CACHE_WRITER", "auto"):
+            # read when the step is traced: trace again under the new writer
+            if writer == "auto":
+                os.environ.pop("INNERQ_CACHE_WRITER", None)
+            else:
+                os.environ["INNERQ_CACHE_WRITER"] = writer
+            jax.clear_caches()
+        cfg = KINDS[kind](capacity=ctx)
+        per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
+                                 mc.head_dim).total_nbytes()
+        if B == "max":
+            B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
+        label = kind if writer == "auto" else f"{kind}/{writer}"
+        row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
+                   jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
+                   B=B, context=ctx, suite=suite,
+                   mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
+                   cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
+        # per device: weights split over model, cache over data x model
+        dev_bytes = weight_bytes / model_axis + per_seq * B / ndev
+        row["roofline_ms"] = dev_bytes / bw * 1e3
+        if time.perf_counter() - t_start > args.budget_s:
+            row["skipped"] = "time budget"
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            continue
+        if limit and weight_bytes / model_axis + per_seq * B / ndev > 0.99 * limit:
+            row["skipped"] = "does not fit"
+            rows.append(row)
+            continue
+        for attempt in range(3):
+            try:
+                cache = random_cache(cfg, mc, B, ctx - args.steps - 2,
+                                     jax.random.PRNGKey(B + ctx), mesh)
+                pdir = None
+                if args.profile:
+                    pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{kind}_B{B}")
+                (med, lo, hi), comp, foot, cache, prof = time_step(
+                    model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir)
+                attn = time_attention(cache, mc, B, args.reps, mesh)
+                row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
+                           tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
+                           peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
+                           attention_ms_per_layer=attn * 1e3,
+                           attention_ms_all_layers=attn * 1e3 * mc.num_layers,
+                           weights_plus_attention_ms=(weight_bytes / model_axis / bw
+                                                      + attn * mc.num_layers) * 1e3)
+                if prof is not None:
+                    row["profile"] = prof  # per device, per step (trace_summary.py)
+                row["vs_roofline"] = row["step_ms"] / row["roofline_ms"]
+                row["vs_weights_plus_attention"] = (row["step_ms"]
+                                                    / row["weights_plus_attention_ms"])
+                del cache
+                break
+            except Exception as err:  # recorded, never hidden
+                msg = f"{type(err).__name__}: {str(err)[:300]}"
+                cache = None  # noqa: F841 - frees a failed attempt's buffers before a retry
+                if "RESOURCE_EXHAUSTED" in msg and row["B"] > data and attempt < 2:
+                    B = max(data, int(B * 0.9) // data * data)  # largest batch: back off
+                    row.update(B=B, cache_bytes=per_seq * B, oom_retry=msg[:120])
+                    row["roofline_ms"] = (weight_bytes / model_axis + per_seq * B / ndev) \
+                        / bw * 1e3
+                    continue
+                row["error"] = msg
+                break
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 devices=ndev, mesh=args.mesh or "single", weights="random (real shapes)",

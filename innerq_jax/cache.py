@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Union
 
 import jax
@@ -244,8 +245,16 @@ class QuantLayer:
         return cls(k_q, v_q, sink_k, sink_v, recent_k, recent_v, centre, scale, signs)
 
     # ----------------------------------------------------------------- decode
-    def append(self, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig):
-        """Adds one token per sequence (k, v [B, H, D], raw); lengths are before it."""
+    def append(self, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig,
+               writer: str = "auto"):
+        """Adds one token per sequence (k, v [B, H, D], raw); lengths are before it.
+
+        ``writer`` moves the rows: ``"scatter"`` (XLA scatters, one per array),
+        ``"pallas"`` (one kernel per layer, :mod:`pallas_kernels.cache_update`),
+        ``"interpret"`` (that kernel in Pallas interpret mode) or ``"auto"`` (the
+        environment variable ``INNERQ_CACHE_WRITER`` if set, else the kernel on a
+        GPU and scatters elsewhere). All give the same arrays, bit for bit.
+        """
         S, W, G = cfg.sink, cfg.window, cfg.group_size
         full = lengths >= cfg.capacity
         kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg,
@@ -256,11 +265,7 @@ class QuantLayer:
         to_sink = (lengths < S) & ~full
         to_ring = (lengths >= S) & ~full
         rest_old = jnp.maximum(lengths - S, 0)
-        sink_k = _scatter_rows(self.sink_k, jnp.minimum(lengths, S), kt, to_sink)
-        sink_v = _scatter_rows(self.sink_v, jnp.minimum(lengths, S), vt, to_sink)
         slot = jnp.mod(rest_old, W)
-        recent_k = _scatter_rows(self.recent_k, slot, kt, to_ring)
-        recent_v = _scatter_rows(self.recent_v, slot, vt, to_ring)
 
         # Flush: the window reached R + G tokens, so its oldest G leave it.
         nq_old = quantized_count(rest_old, cfg)
@@ -268,17 +273,34 @@ class QuantLayer:
         flush = nq_new > nq_old
         start_slot = jnp.mod(nq_old, W)  # a multiple of G: groups never wrap
         take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
+        # The group's slots as they were before this token, with the token in its
+        # slot where it is one of them (recent = 0): every write below then reads
+        # only the old arrays, so all of them can go in one kernel.
+        own = to_ring[:, None] & (start_slot[:, None] + jnp.arange(G) == slot[:, None])
+
+        def group(ring, new):
+            return jnp.where(own[:, None, :, None], new, take(ring, start_slot))
+
         # The oldest G ring tokens [B, H, G, D] are quantized on every step (a few
-        # thousand values per layer, far less than the cache read) and scattered
+        # thousand values per layer, far less than the cache read) and written
         # only into the sequences that flush; a lax.cond here would sync the
         # host on a GPU, and one that returned the whole quantized tensors
         # would copy them.
-        grp_k = quantize_tokens(take(recent_k, start_slot).astype(jnp.float32), cfg.k_grouping,
+        grp_k = quantize_tokens(group(self.recent_k, kt).astype(jnp.float32), cfg.k_grouping,
                                 cfg, packing="d", which="k")
-        grp_v = quantize_tokens(take(recent_v, start_slot).astype(jnp.float32), cfg.v_grouping,
+        grp_v = quantize_tokens(group(self.recent_v, vt).astype(jnp.float32), cfg.v_grouping,
                                 cfg, packing="t", which="v")
-        new_k = _write_group(self.k, grp_k, nq_old, flush)
-        new_v = _write_group(self.v, grp_v, nq_old, flush)
+        sink_row = jnp.minimum(lengths, S)
+        writes = [(self.sink_k, kt, sink_row, to_sink), (self.sink_v, vt, sink_row, to_sink),
+                  (self.recent_k, kt, slot, to_ring), (self.recent_v, vt, slot, to_ring)]
+        for qt, grp in ((self.k, grp_k), (self.v, grp_v)):
+            for f in _QFIELDS:
+                num, den = rows_per_token(qt, f)
+                writes.append((getattr(qt, f), getattr(grp, f), nq_old * num // den, flush))
+        out = iter(write_rows(writes, writer))
+        sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
+        new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in _QFIELDS})
+                        for qt in (self.k, self.v))
         return dataclasses.replace(
             self,
             k=new_k,
@@ -290,18 +312,44 @@ class QuantLayer:
         )
 
 
-def _write_group(qt: QuantizedTensor, grp: QuantizedTensor, token_start, enabled):
-    """Writes one flush group of tokens (grp) at token offset token_start [B].
+_QFIELDS = ("codes", "scale", "zero", "mask")
+WRITERS = ("auto", "scatter", "pallas", "interpret")
 
-    Rows are counted from tokens with the tensor's own layout
-    (:func:`rows_per_token`), so a key tensor of G=16 groups along D takes a
-    flush of 32 tokens as 32 rows of scales and 2 rows of mask.
+
+def write_rows(writes, writer: str = "auto") -> list[jax.Array]:
+    """``dst[b, :, start[b]:start[b] + n] = src[b]`` where ``enabled[b]``, for every
+    ``(dst [B, H, N, ...], src [B, H, n, ...], start [B], enabled [B])`` of ``writes``;
+    the new destinations in order. See :meth:`QuantLayer.append` for ``writer``.
+    Writes the kernel cannot take (blocks that are not powers of two) use scatters.
     """
-    out = {}
-    for f in ("codes", "scale", "zero", "mask"):
-        num, den = rows_per_token(qt, f)
-        out[f] = _scatter_rows(getattr(qt, f), token_start * num // den, getattr(grp, f), enabled)
-    return dataclasses.replace(qt, **out)
+    if writer == "auto":
+        # INNERQ_CACHE_WRITER overrides the choice (read when a step is traced: after
+        # changing it, jax.clear_caches() so jitted steps trace again)
+        writer = os.environ.get("INNERQ_CACHE_WRITER") or (
+            "pallas" if jax.default_backend() == "gpu" else "scatter")
+        if writer == "auto":
+            raise ValueError("INNERQ_CACHE_WRITER=auto; name a writer: scatter, pallas or "
+                             "interpret")
+    if writer not in WRITERS:
+        raise ValueError(f"writer={writer!r}; choose one of {WRITERS}")
+    out: list = [None] * len(writes)
+    fused = []
+    if writer != "scatter":
+        from pallas_kernels.cache_update import kernel_can_write
+    for i, (dst, src, start, enabled) in enumerate(writes):
+        if dst.shape[2] == 0:  # no sink
+            out[i] = dst
+        elif writer != "scatter" and kernel_can_write(dst, src):
+            fused.append(i)
+        else:
+            out[i] = _scatter_rows(dst, start, src, enabled)
+    if fused:
+        from pallas_kernels.cache_update import write_rows as kernel_write_rows
+
+        done = kernel_write_rows([writes[i] for i in fused], interpret=writer == "interpret")
+        for i, arr in zip(fused, done):
+            out[i] = arr
+    return out
 
 
 def _place_groups(dst: QuantizedTensor, src: QuantizedTensor, nq: jax.Array):

@@ -71,55 +71,67 @@ class Generation:
     cache: object  # the final KVCache (every token but the last generated one)
     compile_s: float = 0.0  # compiling the prefill + decode loop (once per shape and config)
     run_s: float = 0.0  # running it, up to the tokens on the host
+    # [B, max_new_tokens] float32 with record_margins: the top logit minus the second
+    # one at each generated token (how near a tie each greedy choice was); else None
+    margins: np.ndarray | None = None
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
-                     "stream", "mesh"),
+                     "stream", "mesh", "record_margins"),
 )
 def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
-              backend, stream, mesh=None):
+              backend, stream, mesh=None, record_margins=False):
     B = tokens.shape[0]
     logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
     key = jax.random.PRNGKey(sampling.seed)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
+    gaps = jnp.zeros((B, max_new_tokens if record_margins else 0), jnp.float32)
 
-    def record(i, tok, done, out, n):
+    def gap(logits):
+        if not record_margins:
+            return jnp.zeros((B,), jnp.float32)
+        top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
+        return top[:, 0] - top[:, 1]
+
+    def record(i, tok, done, out, n, gaps, g):
         """Token i of every sequence not yet stopped: stored, counted, streamed."""
         out = out.at[:, i].set(jnp.where(done, 0, tok))
+        if record_margins:
+            gaps = gaps.at[:, i].set(jnp.where(done, jnp.nan, g))
         n = n + (~done).astype(jnp.int32)
         if stream is not None:
             jax.debug.callback(stream, i, tok, done, ordered=True)
-        return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1), gaps
 
     # Token i + 1 needs token i in the cache, so the loop appends tokens 0 .. N - 2;
     # the last token's logits would never be used, so it is recorded, not appended.
     def cond(state):
-        i, _, _, done, _, _, _ = state
+        i, done = state[0], state[3]
         return (i < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state):
-        i, tok, cache, done, out, n, key = state
-        out, n, done = record(i, tok, done, out, n)
+        i, tok, cache, done, out, n, key, gaps, g = state
+        out, n, done, gaps = record(i, tok, done, out, n, gaps, g)
         logits, cache = decode_step(model, cache, tok, backend=backend, mesh=mesh)
         key, sub = jax.random.split(key)
-        return i + 1, sample(logits, sub, sampling), cache, done, out, n, key
+        return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, gap(logits)
 
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
-             key)
-    i, tok, cache, done, out, n, _ = jax.lax.while_loop(cond, body, state)
+             key, gaps, gap(logits))
+    i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, body, state)
 
     def last(args):
-        out, n, _ = record(i, tok, done, *args)
-        return out, n
+        out, n, _, gaps = record(i, tok, done, *args, g)
+        return out, n, gaps
 
     # (skipped when every sequence stopped early: then nothing is left to record)
-    out, n = jax.lax.cond(jnp.all(done), lambda args: args, last, (out, n))
-    return out, n, cache
+    out, n, gaps = jax.lax.cond(jnp.all(done), lambda args: args, last, (out, n, gaps))
+    return out, n, cache, gaps
 
 
 def generate(
@@ -134,6 +146,7 @@ def generate(
     stream: Callable | None = None,
     mesh: Mesh | None = None,
     pad_to: int | None = None,
+    record_margins: bool = False,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
 
@@ -144,7 +157,8 @@ def generate(
     step when given (used by the CLI to print text as it comes). With a ``mesh``
     (the model placed by ``models.llama.shard_model``) the prompts are split over
     its data axis and the cache over (data, model). The loop is compiled ahead of
-    the run, so ``compile_s`` and ``run_s`` are reported apart.
+    the run, so ``compile_s`` and ``run_s`` are reported apart. ``record_margins``
+    also returns, per generated token, its logit's lead over the runner-up.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -178,8 +192,10 @@ def generate(
         lengths = jax.device_put(lengths, NamedSharding(mesh, P(DATA)))
     t0 = time.perf_counter()
     compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
-                               tuple(eos_ids), backend, stream, mesh).compile()
+                               tuple(eos_ids), backend, stream, mesh,
+                               bool(record_margins)).compile()
     t1 = time.perf_counter()
-    out, n, cache = compiled(model, tokens, lengths)
+    out, n, cache, gaps = compiled(model, tokens, lengths)
     out, n = np.asarray(out), np.asarray(n)
-    return Generation(out, n, cache, compile_s=t1 - t0, run_s=time.perf_counter() - t1)
+    return Generation(out, n, cache, compile_s=t1 - t0, run_s=time.perf_counter() - t1,
+                      margins=np.asarray(gaps) if record_margins else None)

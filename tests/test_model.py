@@ -172,6 +172,32 @@ def test_sampling_options(tiny):
         Sampling(top_p=0.0)
 
 
+def test_margins_are_each_tokens_lead_over_the_runner_up(tiny):
+    """record_margins: the first token's margin is the top-2 gap of the prefill logits
+    (computed here apart, in float64), every later one is positive and finite while the
+    sequence runs, NaN after its stop; the tokens are those of a run without margins."""
+    cfg = CacheConfig.innerq(group_size=16, recent=16, capacity=96)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 97, size=n).tolist() for n in (9, 30)]
+    plain = generate(tiny, prompts, cfg, max_new_tokens=20)
+    eos = int(plain.tokens[0, 5])
+    gen = generate(tiny, prompts, cfg, max_new_tokens=20, record_margins=True, eos_ids=(eos,))
+    ref = generate(tiny, prompts, cfg, max_new_tokens=20, eos_ids=(eos,))
+    assert plain.margins is None
+    np.testing.assert_array_equal(gen.tokens, ref.tokens)
+    tokens = np.zeros((2, 30), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    logits, _ = jit_prefill(tiny, jnp.asarray(tokens), jnp.asarray([9, 30]), cfg)
+    top = np.sort(np.asarray(logits, np.float64), axis=-1)[:, -2:]
+    np.testing.assert_allclose(gen.margins[:, 0], top[:, 1] - top[:, 0], rtol=1e-5, atol=1e-6)
+    for i in range(2):
+        n = gen.lengths[i]
+        assert np.all(np.isfinite(gen.margins[i, :n])) and np.all(gen.margins[i, :n] >= 0)
+        assert np.all(np.isnan(gen.margins[i, n:]))
+    assert gen.lengths[0] <= 6 < 20
+
+
 def test_eos_stops_each_sequence(tiny):
     cfg = CacheConfig.bf16(capacity=64)
     p = [[1, 2, 3], [4, 5, 6, 7]]
