@@ -72,7 +72,8 @@ class Generation:
     compile_s: float = 0.0  # compiling the prefill + decode loop (once per shape and config)
     run_s: float = 0.0  # running it, up to the tokens on the host
     # [B, max_new_tokens] float32 with record_margins: the top logit minus the second
-    # one at each generated token (how near a tie each greedy choice was); else None
+    # one at each generated token (how near a tie each greedy choice was), NaN where
+    # no token was generated; else None
     margins: np.ndarray | None = None
 
 
@@ -88,7 +89,7 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
     key = jax.random.PRNGKey(sampling.seed)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
-    gaps = jnp.zeros((B, max_new_tokens if record_margins else 0), jnp.float32)
+    gaps = jnp.full((B, max_new_tokens if record_margins else 0), jnp.nan, jnp.float32)
 
     def gap(logits):
         if not record_margins:
