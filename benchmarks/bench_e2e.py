@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 
 from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer
+from innerq_jax.cache import WRITERS
 from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
 from models.llama import Llama, ModelConfig, jit_decode_step, shard_model
 
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
                          "OUT/traces and record device busy, collective and idle time per step")
     ap.add_argument("--writers", default="auto",
                     help="comma-separated cache writers for the quantized caches' appends "
-                         "(auto, scatter, pallas; see QuantLayer.append): each quantized row "
+                         f"({', '.join(WRITERS)}; see QuantLayer.append): each quantized row "
                          "runs once per writer, labelled kind/writer when not auto")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="stop starting new rows after this many seconds")
@@ -260,17 +261,18 @@ def main(argv=None) -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     rows = []
     writers = args.writers.split(",")
-    bad = set(writers) - {"auto", "scatter", "pallas", "interpret"}
+    bad = set(writers) - set(WRITERS)
     if bad:
-        ap.error(f"--writers: unknown {sorted(bad)}; choose from auto, scatter, pallas, interpret")
+        ap.error(f"--writers: unknown {sorted(bad)}; choose from {', '.join(WRITERS)}")
     plan = []
     for suite in suites:
         for kind, B, ctx in suite_rows(suite):
             if args.only and f"{kind}:{B}" not in args.only.split(","):
                 continue
-            quant = KINDS[kind](capacity=ctx).quantized
-            plan += [(suite, kind, B, ctx, w) for w in (writers if quant else ["auto"])]
-    for suite, kind, B, ctx, writer in plan:
+            cfg = KINDS[kind](capacity=ctx)
+            plan += [(suite, kind, cfg, B, ctx, w)
+                     for w in (writers if cfg.quantized else ["auto"])]
+    for suite, kind, cfg, B, ctx, writer in plan:
         if writer != os.environ.get("INNERQ_CACHE_WRITER", "auto"):
             # read when the step is traced: trace again under the new writer
             if writer == "auto":
@@ -278,7 +280,6 @@ def main(argv=None) -> None:
             else:
                 os.environ["INNERQ_CACHE_WRITER"] = writer
             jax.clear_caches()
-        cfg = KINDS[kind](capacity=ctx)
         per_seq = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
                                  mc.head_dim).total_nbytes()
         if B == "max":

@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
 # The fidelity plan (benchmarks/run_fidelity.py) on the GPU machine, reference path.
 #
-# The machine has no network and takes at most 64 MiB of working tree per call,
-# so what the run needs travels beside the repository (all git-ignored):
-#   .whl/gguf-*.whl       the one package the machine lacks
-#   .evaldata/            a copy of ../shared/data (WikiText-2, GSM8K)
-#   .model_a/part, .model_b/part, .model_b/sha256
-#                         the default GGUF split in two halves (`split -n 2`);
-#                         a first call copies .model_a/part to $MODEL_DIR,
-#                         the next (on the still-warm machine) brings .model_b.
+# What the run needs beyond the repository travels beside it, git-ignored: the default
+# model in two halves and the gguf wheel (benchmarks/gpu_model.sh), and .evaldata/, a copy
+# of ../shared/data (WikiText-2, GSM8K).
 # Usage on the machine:
 #   bash benchmarks/run_fidelity_gpu.sh stash            # first call: keep half A
 #   bash benchmarks/run_fidelity_gpu.sh run STEPS [ARGS] # later call: join, check, run
@@ -18,25 +13,16 @@
 #       if GREEDY_S > 0, the sharded greedy check with XLA's GEMM autotuning off
 # Results go to $OUT/fidelity_results.tar.gz (the tool returns at most 8 files).
 set -uo pipefail
-MODEL_DIR=${MODEL_DIR:-/tmp/innerq_model}
-mkdir -p "$MODEL_DIR"
+source benchmarks/gpu_model.sh
 case "${1:-}" in
-  stash)
-    cp .model_a/part "$MODEL_DIR/part_a" && echo "stashed half A in $MODEL_DIR"
-    exit 0 ;;
+  stash) stash_half_a; exit $? ;;
   run) mode=run; shift; steps=${1:?steps}; shift ;;
   finals) mode=finals; shift ;;
   *) echo "usage: $0 stash | run STEPS [run_fidelity args] | finals" >&2; exit 2 ;;
 esac
-model="$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ ! -f "$model" ]; then
-  [ -f "$MODEL_DIR/part_a" ] || { echo "half A missing: the machine was not kept warm" >&2; exit 3; }
-  cat "$MODEL_DIR/part_a" .model_b/part > "$model"
-fi
-echo "$(cut -d' ' -f1 .model_b/sha256)  $model" | sha256sum -c - || exit 4
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 5
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+join_model || exit $?
+model=$MODEL
+export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 results=$OUT/results
 mkdir -p "$results"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-kernel cache write (pallas_kernels/cache_update.py) on one H200, in two calls
-# on a warm machine (the default model travels in two halves, see run_fidelity_gpu.sh):
+# on a warm machine (the default model travels in two halves, see gpu_model.sh):
 #   call 1, carry .model_a:  bash benchmarks/run_writes_gpu.sh one
 #       stash half A; the compiled kernel against the scatters (GPU tests) and the fp8
 #       scale decode; end-to-end decode (Llama-3-8B shape, random weights) with the
@@ -11,8 +11,8 @@
 #       on the real model with each writer
 set -u
 OUT=${OUT:-/tmp/out}
-MODEL_DIR=${MODEL_DIR:-/tmp/innerq_model}
-mkdir -p "$OUT" "$MODEL_DIR"
+mkdir -p "$OUT"
+source benchmarks/gpu_model.sh
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 PY=python3
 e2e() {  # tag, limit s, bench_e2e args...
@@ -24,7 +24,7 @@ e2e() {  # tag, limit s, bench_e2e args...
 }
 case "${1:-}" in
   one)
-    cp .model_a/part "$MODEL_DIR/part_a"
+    stash_half_a
     { echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name --format=csv,noheader; } \
       > "$OUT/writes_gpu_tests.txt"
     timeout 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_cache_update.py \
@@ -33,12 +33,8 @@ case "${1:-}" in
     e2e writes_h200_8b "${E2E_S:-400}" --suite decode,grid --only bf16:8,innerq2:8,bf16:1,innerq2:1
     ;;
   two)
-    model="$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
-    [ -f "$model" ] || cat "$MODEL_DIR/part_a" .model_b/part > "$model"
-    echo "$(cut -d' ' -f1 .model_b/sha256)  $model" | sha256sum -c - || exit 4
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-      .whl/*.whl || exit 5
-    export PYTHONPATH=/tmp/site:$PWD
+    join_model || exit $?
+    model=$MODEL
     e2e writes_h200_smollm2 "${SMOL_S:-150}" --model smollm2 --suite grid --only bf16:1,innerq2:1,bf16:8,innerq2:8
     timeout "${GREEDY_S:-150}" $PY benchmarks/sharded_greedy_check.py --model "$model" --mesh none \
       --new 96 --out "$OUT" --tag _h200 > "$OUT/greedy_margins_log.txt" 2>&1

@@ -33,6 +33,7 @@ import numpy as np
 
 from innerq_jax.config import CacheConfig, is_int
 from innerq_jax.layout import (
+    ARRAY_FIELDS,
     QuantizedTensor,
     empty_quantized,
     quantize_tokens,
@@ -294,12 +295,12 @@ class QuantLayer:
         writes = [(self.sink_k, kt, sink_row, to_sink), (self.sink_v, vt, sink_row, to_sink),
                   (self.recent_k, kt, slot, to_ring), (self.recent_v, vt, slot, to_ring)]
         for qt, grp in ((self.k, grp_k), (self.v, grp_v)):
-            for f in _QFIELDS:
+            for f in ARRAY_FIELDS:
                 num, den = rows_per_token(qt, f)
                 writes.append((getattr(qt, f), getattr(grp, f), nq_old * num // den, flush))
         out = iter(write_rows(writes, writer))
         sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
-        new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in _QFIELDS})
+        new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in ARRAY_FIELDS})
                         for qt in (self.k, self.v))
         return dataclasses.replace(
             self,
@@ -312,7 +313,6 @@ class QuantLayer:
         )
 
 
-_QFIELDS = ("codes", "scale", "zero", "mask")
 WRITERS = ("auto", "scatter", "pallas", "interpret")
 
 
@@ -325,28 +325,27 @@ def write_rows(writes, writer: str = "auto") -> list[jax.Array]:
     if writer == "auto":
         # INNERQ_CACHE_WRITER overrides the choice (read when a step is traced: after
         # changing it, jax.clear_caches() so jitted steps trace again)
-        writer = os.environ.get("INNERQ_CACHE_WRITER") or (
+        env = os.environ.get("INNERQ_CACHE_WRITER", "auto") or "auto"
+        if env not in WRITERS:
+            raise ValueError(f"INNERQ_CACHE_WRITER={env!r}; choose one of {WRITERS}")
+        writer = env if env != "auto" else (
             "pallas" if jax.default_backend() == "gpu" else "scatter")
-        if writer == "auto":
-            raise ValueError("INNERQ_CACHE_WRITER=auto; name a writer: scatter, pallas or "
-                             "interpret")
-    if writer not in WRITERS:
+    elif writer not in WRITERS:
         raise ValueError(f"writer={writer!r}; choose one of {WRITERS}")
     out: list = [None] * len(writes)
     fused = []
     if writer != "scatter":
-        from pallas_kernels.cache_update import kernel_can_write
+        from pallas_kernels import cache_update
     for i, (dst, src, start, enabled) in enumerate(writes):
-        if dst.shape[2] == 0:  # no sink
+        if dst.shape[2] == 0:  # no sink: nothing to write
             out[i] = dst
-        elif writer != "scatter" and kernel_can_write(dst, src):
+        elif writer != "scatter" and cache_update.kernel_can_write(dst, src):
             fused.append(i)
         else:
             out[i] = _scatter_rows(dst, start, src, enabled)
     if fused:
-        from pallas_kernels.cache_update import write_rows as kernel_write_rows
-
-        done = kernel_write_rows([writes[i] for i in fused], interpret=writer == "interpret")
+        done = cache_update.write_rows([writes[i] for i in fused],
+                                       interpret=writer == "interpret")
         for i, arr in zip(fused, done):
             out[i] = arr
     return out
@@ -355,7 +354,7 @@ def write_rows(writes, writer: str = "auto") -> list[jax.Array]:
 def _place_groups(dst: QuantizedTensor, src: QuantizedTensor, nq: jax.Array):
     """Copies src's first groups into dst, keeping only rows of tokens below nq [B]."""
     out = {}
-    for f in ("codes", "scale", "zero", "mask"):
+    for f in ARRAY_FIELDS:
         a, b = getattr(dst, f), getattr(src, f)
         num, den = rows_per_token(dst, f)
         rows = jnp.arange(b.shape[2])

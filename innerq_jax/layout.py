@@ -104,6 +104,9 @@ def recent_slot_tokens(lengths: jax.Array, cfg: CacheConfig) -> tuple[jax.Array,
 
 
 # ------------------------------------------------------------ quantized tensor
+ARRAY_FIELDS = ("codes", "scale", "zero", "mask")  # a QuantizedTensor's arrays, in order
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
@@ -127,7 +130,7 @@ class QuantizedTensor:
         return self.mask.shape[-2] * self.group_size
 
     def nbytes(self) -> dict[str, int]:
-        return {f: getattr(self, f).nbytes for f in ("codes", "scale", "zero", "mask")}
+        return {f: getattr(self, f).nbytes for f in ARRAY_FIELDS}
 
 
 def _check_axes(grouping, packing) -> Grouping:
@@ -222,7 +225,7 @@ def token_block(qt: QuantizedTensor, start: jax.Array, n: int) -> QuantizedTenso
         x = getattr(qt, field)
         return jax.lax.dynamic_slice_in_dim(x, start * num // den, n * num // den, axis=x.ndim - 2)
 
-    return dataclasses.replace(qt, **{f: rows(f) for f in ("codes", "scale", "zero", "mask")})
+    return dataclasses.replace(qt, **{f: rows(f) for f in ARRAY_FIELDS})
 
 
 def rows_per_token(qt: QuantizedTensor, field: str) -> tuple[int, int]:

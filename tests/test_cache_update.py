@@ -69,27 +69,33 @@ def test_kernel_writes_equal_scatters(name, monkeypatch):
         a, b = scatter(a, k1, v1, n), kernel(b, k1, v1, n)
         _assert_same(a, b, f"{name} step {step}")
         n = jnp.minimum(n + 1, cfg.capacity)
-    # the decode really wrote: the layer changed where the sequences had room
-    assert not np.array_equal(np.asarray(a.recent_k), np.asarray(layer.recent_k))
+    # the decode really wrote the ring and flushed groups (codes, scales of K and V)
+    for field in ("recent_k", "recent_v"):
+        assert not np.array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(layer, field)))
+    for qt, old in ((a.k, layer.k), (a.v, layer.v)):
+        assert not np.array_equal(np.asarray(qt.codes), np.asarray(old.codes))
+        assert not np.array_equal(np.asarray(qt.scale).view(np.uint8),
+                                  np.asarray(old.scale).view(np.uint8))
 
 
 def test_blocks_past_the_end_are_not_written():
     """A block that would not fit (start < 0 or start + n > N) or is disabled leaves the
     destination untouched; the others land exactly where asked."""
     rng = np.random.default_rng(3)
-    dst = jnp.asarray(rng.integers(0, 2**31, (3, 2, 8, 4)), jnp.uint32)
-    src = jnp.asarray(rng.integers(0, 2**31, (3, 2, 2, 4)), jnp.uint32)
-    start = jnp.asarray([6, 7, 2], jnp.int32)  # fits, overruns by one, fits
-    enabled = jnp.asarray([True, True, False])
+    dst = jnp.asarray(rng.integers(0, 2**31, (4, 2, 8, 4)), jnp.uint32)
+    src = jnp.asarray(rng.integers(0, 2**31, (4, 2, 2, 4)), jnp.uint32)
+    start = jnp.asarray([6, 7, 2, -1], jnp.int32)  # fits, overruns by one, fits, negative
+    enabled = jnp.asarray([True, True, False, True])
     (got,) = kernel_write_rows([(dst, src, start, enabled)], interpret=not ON_GPU)
     want = np.asarray(dst).copy()
     want[0, :, 6:8] = np.asarray(src)[0]
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_writes_the_kernel_cannot_take_use_scatters():
+def test_writes_the_kernel_cannot_take_use_scatters(monkeypatch):
     """Non-power-of-two blocks go to scatters, with the same result; the kernel entry
-    point itself refuses them with a clear error."""
+    point itself refuses them with a clear error, as the dispatch does an unknown writer
+    (argument or INNERQ_CACHE_WRITER)."""
     rng = np.random.default_rng(4)
     dst = jnp.asarray(rng.standard_normal((2, 3, 10, 6)), jnp.bfloat16)
     src = jnp.asarray(rng.standard_normal((2, 3, 1, 6)), jnp.bfloat16)
@@ -102,6 +108,12 @@ def test_writes_the_kernel_cannot_take_use_scatters():
         kernel_write_rows([(dst, src, start, en)], interpret=True)
     with pytest.raises(ValueError, match="writer="):
         write_rows([(dst, src, start, en)], "fast")
+    monkeypatch.setenv("INNERQ_CACHE_WRITER", "fast")
+    with pytest.raises(ValueError, match="INNERQ_CACHE_WRITER='fast'; choose one of"):
+        write_rows([(dst, src, start, en)])
+    monkeypatch.setenv("INNERQ_CACHE_WRITER", "scatter")  # the environment chooses "auto"
+    np.testing.assert_array_equal(np.asarray(write_rows([(dst, src, start, en)])[0], np.float32),
+                                  np.asarray(a, np.float32))
 
 
 @pytest.mark.gpu
