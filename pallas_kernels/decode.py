@@ -97,7 +97,29 @@ def _window_part(q_ref, windows, D, chunk=32):
 
 
 # ------------------------------------------------------------------- kernels
-def _fused_kernel(*refs, geo, num_splits: int, chunk: int, has_sink: bool, part, interpret: bool):
+def _fused_kernel(
+    q_ref,  # [r, D] f32: this (sequence, kv head)'s queries, sigma / rotation / scale folded in
+    nq_ref,  # [B] int32: tokens in each sequence's quantized region
+    sink_len_ref,  # [B] int32: tokens in each sink window
+    live_ref,  # [B, W] int32: 1 where a recent-ring slot holds a live token
+    kw_ref,  # [Tq/P, P*nw] uint32: key code words, P tokens per row
+    ks_ref,  # key scales: grouped along D [Tq/P, P*ng]; along T [Tq/G, D] (fp8 as uint8)
+    kz_ref,  # key zero-points, as ks_ref
+    vw_ref,  # [Tq/cpw, D] uint32: value code words packed along T
+    vs_ref,  # value scales: along T [Tq/G, D]; along D [Tq, D/G]
+    vz_ref,  # value zero-points, as vs_ref
+    sk_ref,  # [S, D] bf16: the sink window (the ring again, never read, when S = 0)
+    sv_ref,  # [S, D] bf16
+    rk_ref,  # [W, D] bf16: the recent ring
+    rv_ref,  # [W, D] bf16
+    cnt_in_ref,  # [H, B] int32: done-counters, aliased with cnt_ref (never read)
+    o_ref,  # [r, D] f32: the output
+    po_ref,  # [NS + 1, NR, D] f32: each program's partial output (scratch)
+    pm_ref,  # [NS + 1, NR] f32: its running max
+    pl_ref,  # [NS + 1, NR] f32: its softmax denominator
+    cnt_ref,  # [H, B] int32: programs of each (b, h) done so far
+    *, geo, num_splits: int, chunk: int, has_sink: bool, part, interpret: bool,
+):
     """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
 
     Every program stores its partial (o, running max m, sum l) in slot s of
@@ -105,13 +127,8 @@ def _fused_kernel(*refs, geo, num_splits: int, chunk: int, has_sink: bool, part,
     last of the num_splits + 1 programs of (b, h) merges the partials and writes
     the output (no separate combine launch).
     """
-    it = iter(refs)
-    q_ref, nq_ref, sink_len_ref, live_ref = (next(it) for _ in range(4))
-    quant_refs = [next(it) for _ in range(6)]
-    sk_ref, sv_ref = (next(it), next(it)) if has_sink else (None, None)
-    rk_ref, rv_ref = next(it), next(it)
-    _cnt_in = next(it)  # aliased with cnt_ref
-    o_ref, po_ref, pm_ref, pl_ref, cnt_ref = (next(it) for _ in range(5))
+    del cnt_in_ref
+    quant_refs = (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
     s, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     NR, D = geo.NR, geo.D
 
@@ -322,8 +339,9 @@ def quantized_decode_attention(
     _, live = recent_slot_tokens(lengths, cfg)
     quant = mb.kernel_operands(layer, geo)
     inputs = [qp.astype(jnp.float32), sizes.quantized, sizes.sink, live.astype(jnp.int32), *quant]
-    if S:
-        inputs += [layer.sink_k, layer.sink_v]
+    # without sinks the ring fills the sink operands' places (the kernel never reads them),
+    # so the kernel's parameters are the same for every configuration
+    inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
     inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret)
