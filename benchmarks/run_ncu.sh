@@ -40,7 +40,9 @@ if [[ ${NCU:-1} == 1 ]]; then
   NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   echo "ncu: ${NCU_BIN:-not found}" | tee -a "$LOG"
   # kernels launched one by one (no command buffers), each profiled kernel replayed per pass
-  export XLA_FLAGS="--xla_gpu_enable_command_buffer="
+  # and no preallocated pool: kernel replay saves and restores the memory a kernel may
+  # write, and with jax's 75% pool that is about 105 GB (the profiled process segfaulted)
+  export XLA_FLAGS="--xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_PREALLOCATE=false
   P='[[8, 32768, {}, ["innerq_fused", "innerq_mgpu"]]]'
   timeout "${NCU_S:-240}" "$NCU_BIN" --clock-control none --target-processes all \
     -k "regex:innerq_decode|mgpu_decode" --launch-count 4 --set full --import-source yes \
