@@ -27,9 +27,10 @@ for p in xla triton; do
   echo "== $p rc=$?" | tee -a "$LOG"; grep -E "==PROF==|==ERROR==|Segmentation|^[0-9.]+$" /tmp/ncu_$p.log | head -8 | tee -a "$LOG"
 done
 P='[[8, 32768, {}, ["innerq_fused", "innerq_mgpu"]]]'
-for k in mgpu_decode innerq_decode; do
+for k in innerq_decode mgpu_decode; do
   for mode in kernel application; do
-    timeout 150 "$NCU" --clock-control none --replay-mode $mode -k "regex:$k" --launch-count 1 $S \
+    [[ $mode == application && $k == mgpu_decode ]] && continue
+    timeout $([[ $mode == kernel ]] && echo 90 || echo 240) "$NCU" --clock-control none --replay-mode $mode -k "regex:$k" --launch-count 1 $S \
       --import-source yes -f -o "$OUT/ncu_${k}_$mode" \
       python3 benchmarks/bench_kernels.py --suite points --calls 1 --reps 1 --out /tmp/nb --points "$P" \
       > /tmp/ncu_$k.log 2>&1
