@@ -1,0 +1,66 @@
+"""A small program for Nsight Compute: builds a random InnerQ cache at one shape and calls
+the fused decode kernels (Triton, and Mosaic GPU on Hopper) a few times, printing a line
+after each step (under ncu the benchmark script died with a segfault and no trace)."""
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+
+def say(s):
+    print(s, flush=True)
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--kernels", default="triton,mgpu")
+    ap.add_argument("--calls", type=int, default=3)
+    a = ap.parse_args()
+    from innerq_jax import CacheConfig
+    from innerq_jax.cache import QuantLayer
+    from innerq_jax.reference import prepare_query, quantized_attention_core
+
+    say(f"devices {jax.devices()}")
+    B, T, H, r, D = a.B, a.T, 8, 4, 128
+    cfg = CacheConfig.innerq(bits=2, group_size=32, capacity=T)
+    key = jax.random.PRNGKey(0)
+    k = jax.random.normal(key, (B, H, T, D), jnp.float32) + 0.5
+    v = jax.random.normal(jax.random.fold_in(key, 1), (B, H, T, D), jnp.float32)
+    lengths = jnp.full((B,), T, jnp.int32)
+    say("random k, v")
+    layer = jax.jit(QuantLayer.prefill, static_argnames=("cfg",))(k, v, lengths, cfg=cfg)
+    jax.block_until_ready(layer)
+    del k, v
+    say("prefilled")
+    q = jax.random.normal(jax.random.fold_in(key, 2), (B, H * r, D), jnp.float32)
+    qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
+    ref = jax.jit(quantized_attention_core, static_argnames=("cfg",))(qp, layer, lengths, cfg=cfg)
+    jax.block_until_ready(ref)
+    say("reference")
+    fns = {}
+    if "triton" in a.kernels:
+        from pallas_kernels.decode import quantized_decode_attention
+        fns["triton"] = jax.jit(lambda qp, layer, n: quantized_decode_attention(qp, layer, n, cfg))
+    if "mgpu" in a.kernels:
+        from pallas_kernels.mgpu_decode import mgpu_decode_attention
+        fns["mgpu"] = jax.jit(lambda qp, layer, n: mgpu_decode_attention(qp, layer, n, cfg))
+    for name, fn in fns.items():
+        lowered = fn.lower(qp, layer, lengths)
+        say(f"{name}: lowered")
+        compiled = lowered.compile()
+        say(f"{name}: compiled")
+        for i in range(a.calls):
+            out = compiled(qp, layer, lengths)
+            jax.block_until_ready(out)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            say(f"{name}: call {i} rel err {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
