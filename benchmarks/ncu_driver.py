@@ -21,6 +21,8 @@ def main():
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--kernels", default="triton,mgpu")
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--save", default="", help="build the inputs and save them here (.npz), run nothing")
+    ap.add_argument("--load", default="", help="take the inputs from --save's file")
     a = ap.parse_args()
     from innerq_jax import CacheConfig
     from innerq_jax.cache import QuantLayer
@@ -30,19 +32,39 @@ def main():
     B, T, H, r, D = a.B, a.T, 8, 4, 128
     cfg = CacheConfig.innerq(bits=2, group_size=32, capacity=T)
     key = jax.random.PRNGKey(0)
-    k = jax.random.normal(key, (B, H, T, D), jnp.float32) + 0.5
-    v = jax.random.normal(jax.random.fold_in(key, 1), (B, H, T, D), jnp.float32)
     lengths = jnp.full((B,), T, jnp.int32)
-    say("random k, v")
-    layer = jax.jit(QuantLayer.prefill, static_argnames=("cfg",))(k, v, lengths, cfg=cfg)
-    jax.block_until_ready(layer)
-    del k, v
-    say("prefilled")
-    q = jax.random.normal(jax.random.fold_in(key, 2), (B, H * r, D), jnp.float32)
-    qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-    ref = jax.jit(quantized_attention_core, static_argnames=("cfg",))(qp, layer, lengths, cfg=cfg)
-    jax.block_until_ready(ref)
-    say("reference")
+    prefill = jax.jit(QuantLayer.prefill, static_argnames=("cfg",))
+    core = jax.jit(quantized_attention_core, static_argnames=("cfg",))
+    if a.load:
+        import numpy as np
+
+        kv = jax.ShapeDtypeStruct((B, H, T, D), jnp.float32)
+        treedef = jax.tree.structure(jax.eval_shape(
+            lambda k, v, n: QuantLayer.prefill(k, v, n, cfg), kv, kv, lengths))
+        z = np.load(a.load)
+        layer = jax.tree.unflatten(treedef, [jnp.asarray(z[f"l{i}"]) for i in range(treedef.num_leaves)])
+        qp, ref = jnp.asarray(z["qp"]), jnp.asarray(z["ref"])
+        say("loaded")
+    else:
+        k = jax.random.normal(key, (B, H, T, D), jnp.float32) + 0.5
+        v = jax.random.normal(jax.random.fold_in(key, 1), (B, H, T, D), jnp.float32)
+        say("random k, v")
+        layer = prefill(k, v, lengths, cfg=cfg)
+        jax.block_until_ready(layer)
+        del k, v
+        say("prefilled")
+        q = jax.random.normal(jax.random.fold_in(key, 2), (B, H * r, D), jnp.float32)
+        qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
+        ref = core(qp, layer, lengths, cfg=cfg)
+        jax.block_until_ready(ref)
+        say("reference")
+    if a.save:
+        import numpy as np
+
+        leaves = {f"l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(layer))}
+        np.savez(a.save, qp=np.asarray(qp), ref=np.asarray(ref), **leaves)
+        say(f"saved {a.save}")
+        return
     fns = {}
     if "triton" in a.kernels:
         from pallas_kernels.decode import quantized_decode_attention

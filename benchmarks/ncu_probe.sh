@@ -10,10 +10,12 @@ export XLA_FLAGS="--xla_gpu_enable_command_buffer="
 NCU=$(command -v ncu)
 LOG="$OUT/ncu_probe_log.txt"
 S="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section SourceCounters --section InstructionStats --section ComputeWorkloadAnalysis"
+python3 benchmarks/ncu_driver.py --save /tmp/inputs.npz --kernels none 2>&1 | tail -2 | tee -a "$LOG"
+export XLA_FLAGS="$XLA_FLAGS --xla_gpu_autotune_level=0"
 declare -A RX=([triton]=innerq_decode [mgpu]=mgpu_decode)
 for k in ${@:-triton mgpu}; do
   timeout 150 "$NCU" --clock-control none -k "regex:${RX[$k]}" --launch-skip 1 --launch-count 1 $S \
-    --import-source yes -f -o "$OUT/ncu_$k" python3 benchmarks/ncu_driver.py --kernels $k \
+    --import-source yes -f -o "$OUT/ncu_$k" python3 benchmarks/ncu_driver.py --load /tmp/inputs.npz --kernels $k \
     > /tmp/ncu_$k.log 2>&1
   echo "== $k rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
   grep -vE "^\s+File|^\s{4}" /tmp/ncu_$k.log | tail -12 | tee -a "$LOG"
