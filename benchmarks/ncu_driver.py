@@ -42,7 +42,11 @@ def main():
         treedef = jax.tree.structure(jax.eval_shape(
             lambda k, v, n: QuantLayer.prefill(k, v, n, cfg), kv, kv, lengths))
         z = np.load(a.load)
-        layer = jax.tree.unflatten(treedef, [jnp.asarray(z[f"l{i}"]) for i in range(treedef.num_leaves)])
+        shapes = jax.tree.leaves(jax.eval_shape(
+            lambda k, v, n: QuantLayer.prefill(k, v, n, cfg), kv, kv, lengths))
+        # npz keeps bf16 as raw bytes: view them back as the leaf's dtype
+        layer = jax.tree.unflatten(treedef, [
+            jnp.asarray(z[f"l{i}"].view(sd.dtype).reshape(sd.shape)) for i, sd in enumerate(shapes)])
         qp, ref = jnp.asarray(z["qp"]), jnp.asarray(z["ref"])
         say("loaded")
     else:
@@ -61,7 +65,7 @@ def main():
     if a.save:
         import numpy as np
 
-        leaves = {f"l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(layer))}
+        leaves = {f"l{i}": np.asarray(x).view(np.uint8) for i, x in enumerate(jax.tree.leaves(layer))}
         np.savez(a.save, qp=np.asarray(qp), ref=np.asarray(ref), **leaves)
         say(f"saved {a.save}")
         return
