@@ -13,6 +13,8 @@ The backend provides:
   ``store(ref, off, vals, kind, pred=None)``   n consecutive elements
   ``where, maximum, exp2, shfl_xor, round_bf16, f32, imin``   arithmetic
   ``bf16x2(bits)``     a wgmma A register from 32 bits (two bf16)
+  ``and_or(x, mask, bits)``   (x & mask) | bits as one ``lop3`` (two constants: ptxas
+                       splits the plain ``&``, ``|`` pair into two instructions)
   ``frag(kind, shape, regs)`` / ``get(frag, idx, e)``   register arrays in the wgmma
                        layout ("wgmma": index (m_tile, t8, rho)) or its column
                        reduction ("col": index (t8,)); register elements e = 0, 1
@@ -31,7 +33,7 @@ def _unpack(ops, word, bits: int, j: int, shifted: dict):
     key = (id(word), sh)
     if key not in shifted:
         shifted[key] = word >> sh if sh else word
-    return ops.bf16x2((shifted[key] & pair_mask(bits, j)) | MAGIC)
+    return ops.bf16x2(ops.and_or(shifted[key], pair_mask(bits, j), MAGIC))
 
 
 def k_operands(ops, geo: Geometry, kw):

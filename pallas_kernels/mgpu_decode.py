@@ -211,8 +211,14 @@ class _I:
     __hash__ = object.__hash__
 
 
+def _contract():
+    """arith fastmath ``contract``: lets LLVM fuse a multiply and an add into one FFMA (without
+    it the H200 profile showed no FFMA at all: every ``s * acc + z * q`` was FMUL + FADD)."""
+    return ir.Attribute.parse("#arith.fastmath<contract>")
+
+
 class _F:
-    """An f32 value; operators emit arith ops."""
+    """An f32 value; operators emit arith ops (multiplies and adds may contract to FMAs)."""
 
     __slots__ = ("v",)
 
@@ -227,15 +233,15 @@ class _F:
         return arith.constant(f32, ir.FloatAttr.get(f32, float(x)))
 
     def __add__(self, o):
-        return _F(arith.addf(self.v, _F._v(o)))
+        return _F(arith.addf(self.v, _F._v(o), fastmath=_contract()))
 
     __radd__ = __add__
 
     def __sub__(self, o):
-        return _F(arith.subf(self.v, _F._v(o)))
+        return _F(arith.subf(self.v, _F._v(o), fastmath=_contract()))
 
     def __mul__(self, o):
-        return _F(arith.mulf(self.v, _F._v(o)))
+        return _F(arith.mulf(self.v, _F._v(o), fastmath=_contract()))
 
     __rmul__ = __mul__
 
@@ -288,6 +294,14 @@ class MlirOps:
     @staticmethod
     def shfl_xor(x, d):
         return _F(mu.shfl_bfly(_F._v(x), d))
+
+    @staticmethod
+    def and_or(x, mask: int, bits: int):
+        """(x & mask) | bits in one lop3 (LUT 0xea = (a & b) | c), both constants in
+        registers; written as two arith ops, ptxas emits two LOP3s (one immediate each)."""
+        i32 = _i32()
+        return _I(llvm.inline_asm(i32, [_I._v(x), _c(mask), _c(bits)],
+                                  "lop3.b32 $0, $1, $2, $3, 0xea;", "=r,r,r,r"))
 
     @staticmethod
     def bf16x2(bits):

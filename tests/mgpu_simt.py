@@ -68,6 +68,10 @@ class SimOps:
         x = np.broadcast_to(np.asarray(x), (N,))
         return x[np.arange(N) ^ d].copy()
 
+    @staticmethod
+    def and_or(x, mask, bits):
+        return (np.asarray(x, np.int64) & mask) | bits
+
     def bf16x2(self, bits):
         bits = np.asarray(bits, np.int64).astype(np.uint32)
         lo = ((bits & 0xFFFF) << 16).view(np.float32)
