@@ -63,6 +63,14 @@ def collectives(model, cache, tok, mesh) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="", help="kind:DxM,... (default: every kind on its meshes)")
+    wanted = set(filter(None, ap.parse_args().cases.split(",")))
+    known = {f"{k}:{d}x{m}" for k in CONFIGS for d, m in MESHES_OF.get(k, MESHES)}
+    if wanted - known:
+        ap.error(f"unknown cases {sorted(wanted - known)}; cases are {sorted(known)}")
     assert len(jax.devices()) == 8, jax.devices()
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, MC.vocab_size, (B, 60)), jnp.int32)
@@ -71,8 +79,12 @@ def main() -> None:
     base = Llama(MC, nnx.Rngs(0), dtype=jnp.float32)
     results = {}
     for kind, cfg in CONFIGS.items():
+        meshes = [(d, m) for d, m in MESHES_OF.get(kind, MESHES)
+                  if not wanted or f"{kind}:{d}x{m}" in wanted]
+        if not meshes:
+            continue
         ref_logits, ref_tokens, _ = run(base, cfg, tokens, lengths, None)
-        for d, m in MESHES_OF.get(kind, MESHES):
+        for d, m in meshes:
             mesh = make_mesh(d, m)
             model = shard_model(Llama(MC, nnx.Rngs(0), dtype=jnp.float32), mesh)
             # fed the single-device run's greedy tokens, so a near-tie decided the

@@ -97,11 +97,18 @@ def test_greedy_generation_matches_transformers(model32, golden, ckpt):
 
 
 def test_innerq_cache_generation_is_coherent(ckpt):
-    """The bf16 model on the 2-bit InnerQ cache still answers the factual prompt."""
+    """The bf16 model on the 2-bit InnerQ cache answers a question about its own context,
+    the context quantized: 74 prompt tokens, of which the first group of 32 after the sink
+    is stored as 2-bit codes before the first answer token is drawn."""
     model = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
-    ids = ckpt.tokenizer.encode("The capital of France is").ids
+    text = ("Paris is the capital and largest city of France. The city is known for the Eiffel "
+            "Tower, the Louvre museum and its cafes. Berlin is the capital of Germany, and Madrid "
+            "is the capital of Spain. Rome, the capital of Italy, is famous for its ancient "
+            "history. Question: What is the capital of France? Answer: The capital of France is")
+    ids = ckpt.tokenizer.encode(text).ids
     cfg = CacheConfig.innerq(recent=32, group_size=32, capacity=256)
-    gen = generate(model, [ids], cfg, max_new_tokens=80, backend="reference")
+    assert len(ids) > cfg.sink + cfg.recent + cfg.group_size  # a group flushes at prefill
+    gen = generate(model, [ids], cfg, max_new_tokens=8, backend="reference")
     assert int(gen.cache.region_sizes().quantized[0]) >= 32  # tokens really quantized
     assert "Paris" in ckpt.tokenizer.decode(gen.tokens[0, :4].tolist())
 
