@@ -72,11 +72,12 @@ def _check_jax_version() -> None:
 
 
 # Tuned defaults per device kind: the fastest point measured on the GPU and checked there
-# (benchmarks/KERNEL_NOTES.md, section "Mosaic GPU"; results/kernels_mgpu_probe.json).
+# (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU" and "Round 5"; results/mgpu5_log.txt).
 # ``preferred``: whether the backend dispatch runs this kernel instead of the Triton one;
-# on the H200 the Triton kernel measured faster, so it stays the default there.
-# pipeline="bulk" and windows="kernel" are implemented and pass the CPU checks, but had
-# not run on a GPU when these defaults were set.
+# on the H200 the Triton kernel measured faster over the shape suite (round 5: the Mosaic
+# op wins at B 32 / 16k and at 4 bits, ties at B 8 / 32k, loses at short contexts), so it
+# stays the default there. pipeline="bulk" and windows="kernel" pass the GPU tests and
+# measured slower (runs 3-5).
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
                         pipeline="emit", windows="xla", preferred=False),
