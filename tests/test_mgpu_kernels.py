@@ -348,6 +348,8 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
     text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    # the code-pair unpack is one lop3 per register (two LOP3s each when written as & and |)
+    assert "lop3.b32" in text
 
 
 def test_rejects_outerq_and_bad_block():
