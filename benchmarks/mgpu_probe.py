@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_kernels import Shape, _copies, _prefill, _random_kv, _rel, time_calls
+from benchmarks.bench_kernels import (
+    Shape,
+    _copies,
+    _prefill,
+    _random_kv,
+    _rel,
+    measure_copy_gbps,
+    time_calls,
+)
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from pallas_kernels import mgpu_decode as md
 
@@ -75,7 +83,9 @@ def check_stage(log, points):
                 traceback.print_exc()
 
 
-def kernel_stage(log, points, reps):
+def kernel_stage(log, points, reps, save, copy_gbps):
+    """Times each point at the two long shapes; ``save(records)`` after every record, so a
+    time limit keeps what was measured."""
     out = []
     for B, T in [(8, 32 * 1024), (1, 128 * 1024)]:
         shape = Shape(B, T)
@@ -126,19 +136,37 @@ def kernel_stage(log, points, reps):
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {e}"[:600]
                 log(f"  {shape.label} {json.dumps(opts)} FAILED {rec['error'][:300]}")
+            rec.update(bytes=nbytes, roofline_ms=nbytes / copy_gbps / 1e6)
             out.append(rec)
+            save(out)
         del sets, layer
     return out
 
 
+def best_point(path: str) -> dict:
+    """The options of the fastest checked point at B 8 / T 32k in a kernel-stage JSON ({} if none)."""
+    try:
+        recs = json.load(open(path))["records"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    ok = [r for r in recs if "op_ms" in r and not r["options"].get("ablate")
+          and r["shape"].startswith("B8-T32k")]
+    return min(ok, key=lambda r: r["op_ms"])["options"] if ok else {}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["check", "kernel"], required=True)
+    ap.add_argument("--stage", choices=["check", "kernel", "best"], required=True,
+                    help="best: print the options of the fastest point in mgpu_probe<tag>.json")
     ap.add_argument("--points", default='[{}]', help="JSON list of kernel option dicts")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    path = os.path.join(args.out, f"mgpu_probe{args.tag}.json")
+    if args.stage == "best":
+        print(json.dumps(best_point(path)))
+        return 0
     dev = jax.devices()[0]
     meta = {"device_kind": dev.device_kind, "jax": jax.__version__, "sms": md.sm_count(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -152,10 +180,16 @@ def main():
     if args.stage == "check":
         check_stage(log, json.loads(args.points))
         return 0
-    recs = kernel_stage(log, json.loads(args.points), args.reps)
+    meta["copy_gbps"] = measure_copy_gbps()  # the roofline's bandwidth, measured in this run
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"mgpu_probe{args.tag}.json"), "w") as f:
-        json.dump({"meta": meta, "records": recs, "log": lines}, f, indent=1)
+
+    def save(recs, partial=True):
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "records": recs, "log": lines, "partial": partial}, f,
+                      indent=1)
+
+    save(kernel_stage(log, json.loads(args.points), args.reps, save, meta["copy_gbps"]),
+         partial=False)
     return 0
 
 

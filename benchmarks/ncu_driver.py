@@ -4,7 +4,6 @@ after each step (under ncu the benchmark script died with a segfault and no trac
 
 import argparse
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ import jax.numpy as jnp
 
 def say(s):
     print(s, flush=True)
-    sys.stdout.flush()
 
 
 def main():

@@ -35,16 +35,7 @@ P='[{"explicit_barriers": true}, {"explicit_barriers": true, "ablate": ["stream"
 timeout 170 $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" --tag _5 \
   2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
 
-BEST=$($PY - "$OUT/mgpu_probe_5.json" <<'PYEOF'
-import json, sys
-try:
-    recs = json.load(open(sys.argv[1]))["records"]
-except Exception:
-    print("{}"); sys.exit()
-ok = [r for r in recs if "op_ms" in r and not r["options"].get("ablate") and r["shape"].startswith("B8-T32k")]
-print(json.dumps(min(ok, key=lambda r: r["op_ms"])["options"]) if ok else "{}")
-PYEOF
-)
+BEST=$($PY benchmarks/mgpu_probe.py --stage best --out "$OUT" --tag _5)
 echo "best point at B8/32k: $BEST" | tee -a "$LOG"
 
 echo "== beside Triton and bf16 (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -54,16 +54,7 @@ timeout 125 $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OU
   2>&1 | grep -vE "^\s+File|^\s{4}" | tail -24
 echo "(elapsed $SECONDS s)"
 
-BEST=$($PY - "$OUT/mgpu_probe_$TAG.json" <<'EOF'
-import json, sys
-try:
-    recs = json.load(open(sys.argv[1]))["records"]
-except Exception:
-    print("{}"); sys.exit()
-ok = [r for r in recs if "op_ms" in r and not r["options"].get("ablate") and r["shape"].startswith("B8-T32k")]
-print(json.dumps(min(ok, key=lambda r: r["op_ms"])["options"]) if ok else "{}")
-EOF
-)
+BEST=$($PY benchmarks/mgpu_probe.py --stage best --out "$OUT" --tag "_$TAG")
 echo "best point at B8/32k: $BEST"
 
 LEFT=$((BUDGET - SECONDS - 10))
