@@ -617,6 +617,9 @@ def main():
                     help='points suite: JSON [[B, T, {Shape kwargs}, [variants]], ...]')
     ap.add_argument("--tag", default="", help="suffix of the output files (kernels_<suite><tag>.*)")
     ap.add_argument("--ncu", action="store_true", help="profile suite: full kernel only")
+    ap.add_argument("--shapes", default="",
+                    help='profile and trace suites: JSON [[B, T, {Shape kwargs}], ...] '
+                         "(default B 8 / T 32k)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
@@ -741,19 +744,28 @@ def sweep(log, reps):
     return out
 
 
-def profile(log, reps, args):
-    """Where the fused InnerQ kernel's time goes, at B=8, T=32k: ablations.
+def _shapes_arg(args):
+    """The shapes of the profile and trace suites: --shapes JSON, default B 8 / T 32k."""
+    spec = json.loads(args.shapes) if args.shapes else [[8, 32 * 1024, {}]]
+    return [Shape(B, T, **kw) for B, T, kw in spec]
 
-    Each ablation replaces one piece of the per-block math (patched here, never
-    in the kernel modules) and is timed like a variant; differences locate the
-    time. ``--ncu`` runs only the full kernel a few times, for Nsight Compute.
+
+def profile(log, reps, args):
+    """Where the fused InnerQ kernel's time goes: ablations, at each --shapes shape.
+
+    Each ablation replaces one piece of the kernel (patched here, never in the
+    kernel modules) and is timed like a variant; differences locate the time.
+    ``no_windows`` skips the window program's work, ``no_combine`` the last
+    program's merge of the split partials, ``no_quantized`` the split programs'
+    loop (the time left is the skeleton: launch, window program, merge).
+    ``--ncu`` runs only the full kernel a few times, for Nsight Compute.
     """
     from pallas_kernels import decode as dec
     from pallas_kernels import innerq_blocks as ib
 
-    shape = Shape(8, 32 * 1024)
     orig = {"ks": ib.block_key_scores, "vo": ib.value_operands, "vs": ib.block_value_sum,
-                "un": ib.unpack_pairs_bf16}
+            "un": ib.unpack_pairs_bf16, "win": dec._window_part,
+            "comb": dec._combine_partials, "part": dec._part}
 
     def no_v_sum(vwt, vst, vzt, pexp, psum, poff, geo):
         # keeps the value loads alive, skips the unpack, MMAs and epilogue
@@ -771,75 +783,108 @@ def profile(log, reps, args):
              + jnp.sum(ks.astype(jnp.float32) + kz.astype(jnp.float32), axis=1, keepdims=True))
         return jnp.broadcast_to(x, (geo.BT // geo.P, geo.P * geo.NR)).reshape(geo.BT, geo.NR)
 
+    def no_win(q_ref, windows, D, chunk=32):
+        nh = dec._WINDOW_HEADS
+        return (jnp.zeros((nh, D), jnp.float32), jnp.full((nh,), dec.NEG, jnp.float32),
+                jnp.zeros((nh,), jnp.float32))
+
+    def no_comb(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
+        pass  # the output stays unwritten: timing only
+
+    def no_part(layout):
+        def part(q_ref, refs, nq, start, chunk, geo):
+            return (jnp.zeros((geo.NR, geo.D), jnp.float32),
+                    jnp.full((geo.NR,), dec.NEG, jnp.float32), jnp.zeros((geo.NR,), jnp.float32))
+        return part
+
     ablations = {"full": {}, "no_value_side": {"vs": no_v_sum, "vo": no_v_ops},
                  "no_key_dots": {"ks": no_k},
-                 "no_value_side+no_key_dots": {"vs": no_v_sum, "vo": no_v_ops, "ks": no_k}}
+                 "no_value_side+no_key_dots": {"vs": no_v_sum, "vo": no_v_ops, "ks": no_k},
+                 "no_windows": {"win": no_win}, "no_combine": {"comb": no_comb},
+                 "no_quantized": {"part": no_part},
+                 "no_quantized+no_windows": {"part": no_part, "win": no_win}}
     if args.ncu:
         ablations = {"full": {}}
-    names = {}
-    out = {}
-    for ab, patch in ablations.items():
-        ib.block_key_scores = patch.get("ks", orig["ks"])
-        ib.value_operands = patch.get("vo", orig["vo"])
-        ib.block_value_sum = patch.get("vs", orig["vs"])
-        ib.unpack_pairs_bf16 = patch.get("un", orig["un"])
+    out = []
+    try:
+        for shape in _shapes_arg(args):
+            names = {}
+            for ab, patch in ablations.items():
+                ib.block_key_scores = patch.get("ks", orig["ks"])
+                ib.value_operands = patch.get("vo", orig["vo"])
+                ib.block_value_sum = patch.get("vs", orig["vs"])
+                ib.unpack_pairs_bf16 = patch.get("un", orig["un"])
+                dec._window_part = patch.get("win", orig["win"])
+                dec._combine_partials = patch.get("comb", orig["comb"])
+                dec._part = patch.get("part", orig["part"])
+                dec._build_call.cache_clear()
+                pts = json.loads(args.options or "{}").get("points", [{}])
+                for opts in (pts if ab == "full" else pts[:2]):
+                    name = f"innerq_fused@{json.dumps(opts)}"
+                    peers = ["bf16_pallas"] if ab == "full" and not names else []
+                    r = run_shape(shape, [name] + peers, reps, {}, log, check=(ab == "full"))
+                    r["ablation"] = ab
+                    names[f"{ab} {json.dumps(opts)}"] = r["results"].get(name)
+                    out.append(r)
+            log("  profile " + shape.label)
+            for name, v in names.items():
+                log(f"    {v.get('ms', float('nan')):8.4f} ms  {name}" if v else f"    FAILED {name}")
+    finally:
+        ib.block_key_scores, ib.value_operands, ib.block_value_sum, ib.unpack_pairs_bf16 = (
+            orig["ks"], orig["vo"], orig["vs"], orig["un"])
+        dec._window_part, dec._combine_partials, dec._part = orig["win"], orig["comb"], orig["part"]
         dec._build_call.cache_clear()
-        pts = json.loads(args.options or "{}").get("points", [{}])
-        for opts in (pts if ab == "full" else pts[:2]):
-            name = f"innerq_fused@{json.dumps(opts)}"
-            r = run_shape(shape, [name] + (["bf16_pallas"] if ab == "full" and not names else []),
-                          reps, {}, log, check=(ab == "full"))
-            names[f"{ab} {json.dumps(opts)}"] = r["results"].get(name)
-            out.setdefault("runs", []).append(r)
-    ib.block_key_scores, ib.value_operands, ib.block_value_sum, ib.unpack_pairs_bf16 = (
-        orig["ks"], orig["vo"], orig["vs"], orig["un"])
-    log("  profile " + shape.label)
-    for name, v in names.items():
-        log(f"    {v.get('ms', float('nan')):8.4f} ms  {name}" if v else f"    FAILED {name}")
-    return out.get("runs", [])
+    return out
 
 
 def trace(log, args):
-    """GPU kernel durations of one fused call (jax profiler): kernel vs jnp glue."""
+    """GPU kernel durations of one call (jax profiler): kernel vs jnp glue, per --shapes
+    shape, for the fused Triton op and (on Hopper) the Mosaic GPU op."""
     import glob
-    import gzip
 
-    shape = Shape(8, 32 * 1024)
-    B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
-    key = jax.random.PRNGKey(0)
-    lengths = jnp.full((B,), T, jnp.int32)
-    k, v = _random_kv(key, B, H, T, D)
-    q = jax.random.normal(key, (B, H * r, D), jnp.float32)
-    opts = json.loads(args.options or "{}").get("innerq", {})
-    for kind in ("innerq", "outerq"):
-        cfg = shape.cfg(kind)
-        layer = _prefill(k, v, lengths, cfg)
-        qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-        fn = jax.jit(functools.partial(quantized_decode_attention, cfg=cfg,
-                                       **(opts if kind == "innerq" else {})))
-        jax.block_until_ready(fn(qp, layer, lengths))
-        d = os.path.join("/tmp", f"trace_{kind}")
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(5):
-                out = fn(qp, layer, lengths)
-            jax.block_until_ready(out)
-        files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-        if not files:
-            log(f"  no perfetto trace under {d}")
-            continue
-        with gzip.open(files[0]) as f:
-            ev = json.load(f)
-        ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-        agg = {}
-        for e in ev:
-            if e.get("ph") == "X" and "dur" in e:
-                a = agg.setdefault(e["name"], [0, 0.0])
-                a[0] += 1
-                a[1] += float(e["dur"])
-        log(f"  trace {kind} {shape.label} (5 calls): top events by total duration")
-        for name, (n, dur) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
-            log(f"    {dur / 5:9.1f} us/call  x{n // 5:<3d} {name[:110]}")
-    return []
+    from trace_summary import summarize
+
+    opts = json.loads(args.options or "{}")
+    out = []
+    for shape in _shapes_arg(args):
+        B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
+        key = jax.random.PRNGKey(0)
+        lengths = jnp.full((B,), T, jnp.int32)
+        k, v = _random_kv(key, B, H, T, D)
+        q = jax.random.normal(key, (B, H * r, D), jnp.float32)
+        ops = {"innerq": quantized_decode_attention, "outerq": quantized_decode_attention}
+        if jax.default_backend() == "gpu":
+            ops["innerq_mgpu"] = mgpu_decode_attention
+        for name, op in ops.items():
+            cfg = shape.cfg(name.split("_")[0])
+            layer = _prefill(k, v, lengths, cfg)
+            qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
+            fn = jax.jit(functools.partial(op, cfg=cfg, **opts.get(name, {})))
+            try:
+                jax.block_until_ready(fn(qp, layer, lengths))
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                log(f"  trace {name} {shape.label}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            d = os.path.join("/tmp", f"trace_{name}_{shape.label}")
+            n = 10
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(n):
+                    res = fn(qp, layer, lengths)
+                jax.block_until_ready(res)
+            files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+            if not files:
+                log(f"  no perfetto trace under {d}")
+                continue
+            for dev, s in summarize(files[0], n).items():
+                log(f"  trace {name} {shape.label} {dev}: {s['ops']:.0f} ops, kernels "
+                    f"{s['kernel_ms'] * 1e3:.1f} us, busy {s['busy_ms'] * 1e3:.1f} us per call")
+                for op_name, (cnt, ms) in list(s["by_op"].items())[:12]:
+                    log(f"    {ms * 1e3:9.1f} us  x{cnt:<4.0f} {op_name[:100]}")
+                out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
+                            "device": dev, "calls": n, **{k_: s[k_] for k_ in (
+                                "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
+            del layer
+    return out
 
 
 def summary(runs, log):
