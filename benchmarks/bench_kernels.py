@@ -238,23 +238,25 @@ def dense_reference_quantized(qp, layer, lengths, cfg):
 CALLS = 32  # kernel calls per timed program (one launch of the program, one sync)
 
 
-def time_calls(fn, arg_sets, reps, n_calls=None):
-    """Median / min / max ms per call.
-
-    ``n_calls`` (default CALLS) calls in one jitted program, call i on input set
-    i % len(arg_sets) (distinct buffers) with its own copy of the first argument
-    (the query), so no two calls are identical and XLA cannot merge them.
-    """
+def _multi(fn, arg_sets, n_calls=None):
+    """(jitted program, its argument): ``n_calls`` (default CALLS) calls of ``fn`` in one
+    program, call i on input set i % len(arg_sets) (distinct buffers) with its own copy of
+    the first argument (the query), so no two calls are identical and XLA cannot merge them."""
     n_calls = n_calls or CALLS
     calls = [(jax.tree.map(lambda x: x.copy(), arg_sets[i % len(arg_sets)][0]),)
              + tuple(arg_sets[i % len(arg_sets)][1:]) for i in range(n_calls)]
-    multi = jax.jit(lambda cs: [fn(*a) for a in cs])
+    return jax.jit(lambda cs: [fn(*a) for a in cs]), calls
+
+
+def time_calls(fn, arg_sets, reps, n_calls=None):
+    """Median / min / max ms per call of the :func:`_multi` program (one sync per run)."""
+    multi, calls = _multi(fn, arg_sets, n_calls)
     jax.block_until_ready(multi(calls))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(multi(calls))
-        ts.append((time.perf_counter() - t0) * 1e3 / n_calls)
+        ts.append((time.perf_counter() - t0) * 1e3 / len(calls))
     return statistics.median(ts), min(ts), max(ts)
 
 
@@ -689,7 +691,7 @@ def main():
             log(f"  (elapsed {time.time() - t_start:.0f} s)")
             _write(args, meta, kernel_opts, runs)  # partial results survive a time limit
     doc = {"meta": meta, "suite": args.suite, "kernel_options": kernel_opts, "runs": runs,
-           "rows": flat_rows(meta, runs),
+           "rows": flat_rows(meta, runs) if args.suite != "trace" else [],
            "protocol": f"{n_calls or CALLS} calls per jitted program on distinct input copies "
                        "(len(sets) of them), one sync, median of reps"}
     os.makedirs(args.out, exist_ok=True)
@@ -838,9 +840,13 @@ def profile(log, reps, args):
 
 
 def trace(log, args):
-    """GPU kernel durations of one call (jax profiler): kernel vs jnp glue, per --shapes
-    shape, for the fused Triton op and (on Hopper) the Mosaic GPU op."""
+    """Device time of the timed program (jax profiler), per --shapes shape and op: the
+    timed ms per call beside the kernels' summed durations, their union (busy) and the
+    first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
+    jax's bf16 Pallas kernel; with the rotating input copies of the timing protocol and
+    with one input set. ``span - busy`` is time the device waited for launches."""
     import glob
+    import tempfile
 
     from trace_summary import summarize
 
@@ -852,38 +858,51 @@ def trace(log, args):
         lengths = jnp.full((B,), T, jnp.int32)
         k, v = _random_kv(key, B, H, T, D)
         q = jax.random.normal(key, (B, H * r, D), jnp.float32)
-        ops = {"innerq": quantized_decode_attention, "outerq": quantized_decode_attention}
+        ops = {"innerq_fused": ("innerq", quantized_decode_attention),
+               "outerq_fused": ("outerq", quantized_decode_attention)}
         if jax.default_backend() == "gpu":
-            ops["innerq_mgpu"] = mgpu_decode_attention
-        for name, op in ops.items():
-            cfg = shape.cfg(name.split("_")[0])
+            ops["innerq_mgpu"] = ("innerq", mgpu_decode_attention)
+        cases = {}
+        for name, (kind, op) in ops.items():
+            cfg = shape.cfg(kind)
             layer = _prefill(k, v, lengths, cfg)
             qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-            fn = jax.jit(functools.partial(op, cfg=cfg, **opts.get(name, {})))
-            try:
-                jax.block_until_ready(fn(qp, layer, lengths))
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                log(f"  trace {name} {shape.label}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                continue
-            d = os.path.join("/tmp", f"trace_{name}_{shape.label}")
-            n = 10
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                for _ in range(n):
-                    res = fn(qp, layer, lengths)
-                jax.block_until_ready(res)
-            files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-            if not files:
-                log(f"  no perfetto trace under {d}")
-                continue
-            for dev, s in summarize(files[0], n).items():
-                log(f"  trace {name} {shape.label} {dev}: {s['ops']:.0f} ops, kernels "
-                    f"{s['kernel_ms'] * 1e3:.1f} us, busy {s['busy_ms'] * 1e3:.1f} us per call")
-                for op_name, (cnt, ms) in list(s["by_op"].items())[:12]:
-                    log(f"    {ms * 1e3:9.1f} us  x{cnt:<4.0f} {op_name[:100]}")
-                out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
-                            "device": dev, "calls": n, **{k_: s[k_] for k_ in (
-                                "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
-            del layer
+            cases[name] = (functools.partial(op, cfg=cfg, **opts.get(name, {})), (qp, layer, lengths))
+        qd = q.reshape(B, H, r, D) / math.sqrt(D)
+        cases["bf16_pallas"] = (bf16_pallas, (qd, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)))
+        for name, (fn, args0) in cases.items():
+            nbytes = _nbytes(args0)
+            n_sets = int(min(32, max(4, math.ceil(6 * L2_BYTES / nbytes))))
+            n_sets = int(max(2, min(n_sets, _copy_budget() // nbytes)))
+            for label, sets in (("rotating", _copies(args0, n_sets)), ("one set", [args0])):
+                try:
+                    ms = time_calls(fn, sets, args.reps)[0]
+                    multi, calls = _multi(fn, sets)
+                    jax.block_until_ready(multi(calls))
+                    d = tempfile.mkdtemp(prefix="trace_")
+                    with jax.profiler.trace(d, create_perfetto_trace=True):
+                        for _ in range(2):
+                            res = multi(calls)
+                        jax.block_until_ready(res)
+                except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                    log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"),
+                                  recursive=True)
+                steps = 2 * len(calls)
+                for dev, s in (summarize(files[0], steps).items() if files else []):
+                    log(f"  {shape.label} {name:13s} {label:8s} timed {ms * 1e3:7.1f} us | "
+                        f"kernels {s['kernel_ms'] * 1e3:7.1f} busy {s['busy_ms'] * 1e3:7.1f} "
+                        f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")
+                    for op_name, (cnt, ms_) in list(s["by_op"].items())[:6]:
+                        log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
+                    out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
+                                "inputs": label, "n_sets": len(sets), "timed_ms": ms,
+                                "device": dev, **{k_: s[k_] for k_ in (
+                                    "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
+                del sets
+            del fn, args0
+        del cases, k, v
     return out
 
 
