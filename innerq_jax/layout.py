@@ -94,13 +94,16 @@ def recent_slot_tokens(lengths: jax.Array, cfg: CacheConfig) -> tuple[jax.Array,
     rest token j < rest with j % W == s; it is live when j is not yet
     quantized.
     """
-    W = cfg.window
     sizes = region_sizes(lengths, cfg)
-    s = jnp.arange(W, dtype=jnp.int32)[None, :]
-    rest = sizes.rest[:, None]
-    j = rest - 1 - jnp.mod(rest - 1 - s, W)
-    valid = (j >= sizes.quantized[:, None]) & (j >= 0)
-    return j, valid
+    s = jnp.arange(cfg.window, dtype=jnp.int32)[None, :]
+    return slot_tokens(sizes.rest[:, None], sizes.quantized[:, None], s, cfg.window)
+
+
+def slot_tokens(rest: jax.Array, quantized: jax.Array, slot: jax.Array, window: int):
+    """:func:`recent_slot_tokens` for given rest / quantized counts and slot indices
+    (broadcast together; the fused kernels call it on their own scalars and rows)."""
+    j = rest - 1 - jnp.mod(rest - 1 - slot, window)
+    return j, (j >= quantized) & (j >= 0)
 
 
 # ------------------------------------------------------------ quantized tensor
@@ -286,6 +289,7 @@ __all__ = [
     "quantized_count",
     "recent_slot_tokens",
     "region_sizes",
+    "slot_tokens",
     "rows_per_token",
     "symmetric_flags",
     "tensor_params",

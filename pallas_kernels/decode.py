@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 from innerq_jax.reference import quantized_attention_core
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
-from innerq_jax.layout import recent_slot_tokens, region_sizes
+from innerq_jax.layout import region_sizes, slot_tokens
 from pallas_kernels import innerq_blocks as ib
 from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
@@ -99,9 +99,7 @@ def _window_part(q_ref, windows, D, chunk=32):
 # ------------------------------------------------------------------- kernels
 def _fused_kernel(
     q_ref,  # [r, D] f32: this (sequence, kv head)'s queries, sigma / rotation / scale folded in
-    nq_ref,  # [B] int32: tokens in each sequence's quantized region
-    sink_len_ref,  # [B] int32: tokens in each sink window
-    live_ref,  # [B, W] int32: 1 where a recent-ring slot holds a live token
+    len_ref,  # [B] int32: tokens in each sequence (regions and live ring slots follow from it)
     kw_ref,  # [Tq/P, P*nw] uint32: key code words, P tokens per row
     ks_ref,  # key scales: grouped along D [Tq/P, P*ng]; along T [Tq/G, D] (fp8 as uint8)
     kz_ref,  # key zero-points, as ks_ref
@@ -118,14 +116,17 @@ def _fused_kernel(
     pm_ref,  # [NS + 1, NR] f32: its running max
     pl_ref,  # [NS + 1, NR] f32: its softmax denominator
     cnt_ref,  # [H, B] int32: programs of each (b, h) done so far
-    *, geo, num_splits: int, chunk: int, has_sink: bool, part, interpret: bool,
+    *, geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
 ):
     """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
 
     Every program stores its partial (o, running max m, sum l) in slot s of
     the scratch outputs, then counts itself done on a per-(b, h) counter; the
     last of the num_splits + 1 programs of (b, h) merges the partials and writes
-    the output (no separate combine launch).
+    the output (no separate combine launch). The region sizes and the live ring slots
+    are computed here from the length (:mod:`innerq_jax.layout`'s formulas), so the op
+    is this one launch: a jnp prelude costs a launch of its own per call, and at short
+    contexts launches, not the kernel, set the time (benchmarks/KERNEL_NOTES.md).
     """
     del cnt_in_ref
     quant_refs = (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
@@ -140,26 +141,24 @@ def _fused_kernel(
         plgpu.store(pm_ref.at[s, r1], m, mask=r1 < NR)
         plgpu.store(pl_ref.at[s, r1], l, mask=r1 < NR)
 
+    sizes = region_sizes(len_ref[b], cfg)
+
     @pl.when(s < num_splits)
     def _quantized():
-        nq = nq_ref[b]
+        nq = sizes.quantized
         o, m, l = part(q_ref, quant_refs, nq, s * chunk, chunk, geo)
         store_partial(o, m, l, NR)
 
     @pl.when(s == num_splits)
     def _windows():
         W = rk_ref.shape[0]
-        bb = jnp.full((1, 1), b, jnp.int32)
 
         def live(rows):
-            lv = plgpu.load(live_ref.at[bb + 0 * rows, jnp.minimum(rows, W - 1)],
-                            mask=rows < W, other=0)
-            return (rows < W) & (lv != 0)
+            return (rows < W) & slot_tokens(sizes.rest, sizes.quantized, rows, W)[1]
 
         windows = [(rk_ref, rv_ref, live)]
-        if has_sink:
-            sink_len = sink_len_ref[b]
-            windows.insert(0, (sk_ref, sv_ref, lambda rows: rows < sink_len))
+        if cfg.sink:
+            windows.insert(0, (sk_ref, sv_ref, lambda rows: rows < sizes.sink))
         o, m, l = _window_part(q_ref, windows, D)
         store_partial(o, m, l, _WINDOW_HEADS)
 
@@ -245,8 +244,8 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     full = lambda shape: pl.BlockSpec(shape, lambda s, h, b: (0,) * len(shape))
     per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda s, h, b: (b, h) + (0,) * (len(shape) - 2))
-    in_specs = [per_bh(shapes[0][0])] + [full(sh) for sh, _ in shapes[1:4]]
-    in_specs += [per_bh(sh) for sh, _ in shapes[4:-1]] + [full(shapes[-1][0])]
+    in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
+    in_specs += [per_bh(sh) for sh, _ in shapes[2:-1]] + [full(shapes[-1][0])]
     out_shape = [
         jax.ShapeDtypeStruct((B, H, r, D), jnp.float32),
         jax.ShapeDtypeStruct((B, H, NP, NR, D), jnp.float32),  # partials (scratch)
@@ -256,7 +255,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     ]
     out_specs = [per_bh(s.shape) for s in out_shape[:4]] + [full(shapes[-1][0])]
     kernel = functools.partial(
-        _fused_kernel, geo=geo, num_splits=NS, chunk=chunk, has_sink=cfg.sink > 0,
+        _fused_kernel, geo=geo, cfg=cfg, num_splits=NS, chunk=chunk,
         part=_part(layout), interpret=interpret,
     )
     call = pl.pallas_call(
@@ -335,10 +334,8 @@ def quantized_decode_attention(
     NS = max(1, pl.cdiv(Tq, chunk))
 
     lengths = jnp.asarray(lengths, jnp.int32)
-    sizes = region_sizes(lengths, cfg)
-    _, live = recent_slot_tokens(lengths, cfg)
     quant = mb.kernel_operands(layer, geo)
-    inputs = [qp.astype(jnp.float32), sizes.quantized, sizes.sink, live.astype(jnp.int32), *quant]
+    inputs = [qp.astype(jnp.float32), lengths, *quant]
     # without sinks the ring fills the sink operands' places (the kernel never reads them),
     # so the kernel's parameters are the same for every configuration
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
