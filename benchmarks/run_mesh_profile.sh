@@ -5,6 +5,7 @@
 #       traced (--profile): device busy, collective and idle time per step beside ms/step
 #   bash benchmarks/run_mesh_profile.sh flags    # model=2 under XLA's CUDA-graph settings
 #       (default command buffers, collectives recorded too, command buffers off), one GPU beside
+#   SPECS="data=1,model=2 single" bash benchmarks/run_mesh_profile.sh   # some meshes, in order
 set -u
 OUT=${OUT:-/tmp/out}
 R=$OUT/r
@@ -27,7 +28,7 @@ if [[ ${1:-profile} == flags ]]; then
   run tp2_cb_off data=1,model=2 "--xla_gpu_enable_command_buffer="
   run single_default single ""
 else
-  for spec in single data=1,model=2 data=2,model=1; do
+  for spec in ${SPECS:-single data=1,model=2 data=2,model=1}; do
     run "prof_${spec//[=,]/}" "$spec" "" --profile
   done
   ( cd "$R" && tar -czf "$OUT/traces.tar.gz" traces 2>/dev/null && rm -rf traces )
