@@ -708,6 +708,8 @@ def main():
         else:
             plot(runs, png, meta)
         summary(runs, log)
+    if args.suite == "trace":
+        plot_trace(runs, os.path.join(args.out, f"kernels_{args.suite}{args.tag}.png"))
     log(f"total {time.time() - t_start:.0f} s; wrote {path}")
 
 
@@ -924,6 +926,34 @@ def summary(runs, log):
             so = f"{oq / v['ms']:8.2f}x" if oq and name.startswith("innerq") else ""
             gb = f"{v['gbps']:6.0f}" if v["gbps"] >= 10 else f"{v['gbps']:6.2f}"
             log(f"{run['shape']['label']:34s} {name:44s} {v['ms']:8.4f} {gb} {sp:>8s} {so:>9s}")
+
+
+def plot_trace(records, path):
+    """Per shape: timed us per call beside the traced device busy time and span, per op."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = list(dict.fromkeys(r["shape"]["label"] for r in records))
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, label in zip(axes[0], shapes):
+        recs = [r for r in records if r["shape"]["label"] == label]
+        names = [f"{r['op']}\n{r['inputs']}" for r in recs]
+        x = np.arange(len(recs))
+        for i, (key, what) in enumerate((("timed_ms", "timed"), ("busy_ms", "device busy"),
+                                         ("span_ms", "device span"))):
+            ax.bar(x + (i - 1) * 0.27, [r[key] * 1e3 for r in recs], 0.27, label=what)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("us per call")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(runs, path, meta):

@@ -280,8 +280,11 @@ def test_missing_jax_internals_fail_at_the_kernel_naming_the_version():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    # no preallocated pool: on a GPU the test process already holds most of the memory
-    env = {**os.environ, "PYTHONPATH": str(root), "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    # On the CPU, as in CI: what is checked is where the missing internals surface, not
+    # the device. (On the H200 the subprocess's interpret-mode run missed the 1e-2 bound
+    # through XLA's GPU compile of the interpreted kernel, results/one_launch_gpu_tests.txt;
+    # the compiled kernels pass there.)
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", _WITHOUT_INTERNALS], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
