@@ -73,6 +73,8 @@ def flat_rows(meta, runs) -> list[dict]:
     """One row per (shape, variant), every row self-describing (ROW_SCHEMA)."""
     rows = []
     for run in runs:
+        if run.get("ablation", "full") != "full" or "results" not in run:
+            continue  # ablated kernels and trace records are not variants' timings
         sh = run["shape"]
         for name, res in run["results"].items():
             rows.append({
@@ -283,6 +285,13 @@ def _copy_budget() -> int:
     return int(min(40 * 2**30, 0.4 * limit))
 
 
+def _n_sets(read_bytes: float, copy_bytes: float) -> int:
+    """Input copies to rotate: enough that one pass over them reads 6x L2 (4 to 32), and
+    at least 2, within the copy budget for copies of ``copy_bytes`` each."""
+    n = int(min(32, max(4, math.ceil(6 * L2_BYTES / read_bytes))))
+    return int(max(2, min(n, _copy_budget() // copy_bytes)))
+
+
 def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_calls=None):
     B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
     key = jax.random.PRNGKey(B * 1000 + T)
@@ -306,9 +315,8 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         win = (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2
         quant_bytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
                           for f in ("codes", "scale", "zero")) + win + qbytes
-    n_sets = int(min(32, max(4, math.ceil(6 * L2_BYTES / (quant_bytes or bf16_bytes / 5)))))
-    # keep the bf16 copies within ~40 GB (less on smaller devices)
-    n_sets = int(max(2, min(n_sets, _copy_budget() // bf16_bytes)))
+    # the bf16 copies are the largest: they set the budget (~40 GB, less on smaller devices)
+    n_sets = _n_sets(quant_bytes or bf16_bytes / 5, bf16_bytes)
     log(f"[{shape.label}] n_sets={n_sets} bf16 {bf16_bytes / 1e6:.0f} MB  quant "
         f"{(quant_bytes or 0) / 1e6:.0f} MB")
 
@@ -631,6 +639,13 @@ def main():
     n_calls = args.calls or (4 if args.suite == "cpu" else None)
     if (args.suite == "points") != (args.points != "[]"):
         ap.error("--points is required by --suite points and used by no other suite")
+    if args.shapes:
+        if args.suite not in ("profile", "trace"):
+            ap.error("--shapes is used by --suite profile and --suite trace only")
+        try:
+            _shapes_arg(args)
+        except (ValueError, TypeError) as e:
+            ap.error(f"--shapes must be JSON [[B, T, {{Shape kwargs}}], ...]: {e}")
     if args.suite == "points":
         try:
             points = [(Shape(B, T, **kw), list(names)) for B, T, kw, names in json.loads(args.points)]
@@ -662,9 +677,9 @@ def main():
     if args.suite == "sweep":
         runs = sweep(log, args.reps)
     elif args.suite == "trace":
-        runs = trace(log, args)
+        runs = trace(log, args, lambda recs: _write(args, meta, {}, recs))
     elif args.suite == "profile":
-        runs = profile(log, args.reps, args)
+        runs = profile(log, args.reps, args, lambda recs: _write(args, meta, {}, recs))
         kernel_opts = {}
     else:
         if args.suite == "points":
@@ -691,7 +706,7 @@ def main():
             log(f"  (elapsed {time.time() - t_start:.0f} s)")
             _write(args, meta, kernel_opts, runs)  # partial results survive a time limit
     doc = {"meta": meta, "suite": args.suite, "kernel_options": kernel_opts, "runs": runs,
-           "rows": flat_rows(meta, runs) if args.suite != "trace" else [],
+           "rows": flat_rows(meta, runs),
            "protocol": f"{n_calls or CALLS} calls per jitted program on distinct input copies "
                        "(len(sets) of them), one sync, median of reps"}
     os.makedirs(args.out, exist_ok=True)
@@ -754,7 +769,7 @@ def _shapes_arg(args):
     return [Shape(B, T, **kw) for B, T, kw in spec]
 
 
-def profile(log, reps, args):
+def profile(log, reps, args, save):
     """Where the fused InnerQ kernel's time goes: ablations, at each --shapes shape.
 
     Each ablation replaces one piece of the kernel (patched here, never in the
@@ -833,6 +848,7 @@ def profile(log, reps, args):
             log("  profile " + shape.label)
             for name, v in names.items():
                 log(f"    {v.get('ms', float('nan')):8.4f} ms  {name}" if v else f"    FAILED {name}")
+            save(out)
     finally:
         ib.block_key_scores, ib.value_operands, ib.block_value_sum, ib.unpack_pairs_bf16 = (
             orig["ks"], orig["vo"], orig["vs"], orig["un"])
@@ -841,7 +857,7 @@ def profile(log, reps, args):
     return out
 
 
-def trace(log, args):
+def trace(log, args, save):
     """Device time of the timed program (jax profiler), per --shapes shape and op: the
     timed ms per call beside the kernels' summed durations, their union (busy) and the
     first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
@@ -864,19 +880,32 @@ def trace(log, args):
                "outerq_fused": ("outerq", quantized_decode_attention)}
         if jax.default_backend() == "gpu":
             ops["innerq_mgpu"] = ("innerq", mgpu_decode_attention)
-        cases = {}
+        cases, refs = {}, {}
+        TOL = {"innerq_fused": TOL_QUANT, "outerq_fused": TOL_OUTERQ, "innerq_mgpu": TOL_QUANT,
+               "bf16_pallas": TOL_BF16}
         for name, (kind, op) in ops.items():
             cfg = shape.cfg(kind)
             layer = _prefill(k, v, lengths, cfg)
             qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
             cases[name] = (functools.partial(op, cfg=cfg, **opts.get(name, {})), (qp, layer, lengths))
+            refs[name] = quantized_attention_core(qp, layer, lengths, cfg)
         qd = q.reshape(B, H, r, D) / math.sqrt(D)
-        cases["bf16_pallas"] = (bf16_pallas, (qd, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)))
+        kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+        cases["bf16_pallas"] = (bf16_pallas, (qd, kb, vb))
+        refs["bf16_pallas"] = dense_reference(qd, kb, vb)
         for name, (fn, args0) in cases.items():
             nbytes = _nbytes(args0)
-            n_sets = int(min(32, max(4, math.ceil(6 * L2_BYTES / nbytes))))
-            n_sets = int(max(2, min(n_sets, _copy_budget() // nbytes)))
-            for label, sets in (("rotating", _copies(args0, n_sets)), ("one set", [args0])):
+            try:  # checked against the reference before anything is timed
+                err = _rel(fn(*args0), refs[name])
+                assert err < TOL[name], f"rel err {err:.2e}"
+            except AssertionError as e:
+                log(f"  {shape.label} {name}: MISMATCH, not timed: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            for label, sets in (("rotating", _copies(args0, _n_sets(nbytes, nbytes))),
+                                ("one set", [args0])):
                 try:
                     ms = time_calls(fn, sets, args.reps)[0]
                     multi, calls = _multi(fn, sets)
@@ -900,11 +929,13 @@ def trace(log, args):
                         log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
                     out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
                                 "inputs": label, "n_sets": len(sets), "timed_ms": ms,
+                                "rel_err": err, "bytes": nbytes,
                                 "device": dev, **{k_: s[k_] for k_ in (
                                     "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
                 del sets
             del fn, args0
-        del cases, k, v
+        del cases, refs, k, v
+        save(out)
     return out
 
 

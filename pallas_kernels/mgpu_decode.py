@@ -72,7 +72,8 @@ def _check_jax_version() -> None:
 
 
 # Tuned defaults per device kind: the fastest point measured on the GPU and checked there
-# (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU" and "Round 5"; results/mgpu5_log.txt).
+# (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU" and "Round 5";
+# results/kernels_points_mgpu5_suite.json, results/kernels_mgpu6_probe.json).
 # ``preferred``: whether the backend dispatch runs this kernel instead of the Triton one;
 # on the H200 the Triton kernel measured faster over the shape suite (round 5: the Mosaic
 # op wins at B 32 / 16k and at 4 bits, ties at B 8 / 32k, loses at short contexts), so it
