@@ -34,66 +34,20 @@ from jax.experimental.pallas import triton as plgpu
 from innerq_jax.reference import quantized_attention_core
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
-from innerq_jax.layout import region_sizes, slot_tokens
+from innerq_jax.layout import region_sizes
 from pallas_kernels import innerq_blocks as ib
 from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
-from pallas_kernels.innerq_blocks import NEG, Geometry, next_pow2
-from pallas_kernels.triton_ext import call_quietly, dot_acc
+from pallas_kernels import window_blocks as wb
+from pallas_kernels.innerq_blocks import NEG, Geometry
+from pallas_kernels.triton_ext import call_quietly
 
 NUM_SMS = 132  # H100 / H200 SXM; only used by the default split count
-_WINDOW_HEADS = 16  # query rows of the window MMAs (>= 16)
 
 
 def quantized_decode_attention_reference(qp, layer, lengths, cfg):
     """The contract: innerq_jax.reference.quantized_attention_core."""
     return quantized_attention_core(qp, layer, lengths, cfg)
-
-
-# ------------------------------------------------------------------- windows
-def _hi_lo(x):
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
-def _window_part(q_ref, windows, D, chunk=32):
-    """Online softmax over dense bf16 windows: (o [NH, D], m [NH], l [NH]).
-
-    windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window
-    row indices [rows, 1] to bool. Rows go through in chunks of ``chunk`` so the
-    window tiles stay small (shared memory and registers are sized by the
-    quantized loop, which runs in the other programs).
-    """
-    NH = _WINDOW_HEADS
-    dd = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 0)
-    hh = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 1)
-    qt = ib.load_q(q_ref, hh, dd)
-    q_hi, q_lo = _hi_lo(qt)  # [D, NH]
-    m = jnp.full((NH,), NEG, jnp.float32)
-    l = jnp.zeros((NH,), jnp.float32)
-    o = jnp.zeros((NH, D), jnp.float32)
-    for k_ref, v_ref, valid in windows:
-        n = k_ref.shape[0]
-        c = min(chunk, max(16, next_pow2(n)))
-        for c0 in range(0, n, c):
-            rows = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, D), 0)
-            cols = jax.lax.broadcasted_iota(jnp.int32, (c, D), 1)
-            inb = rows < n
-            rr = jnp.minimum(rows, n - 1)
-            k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
-            v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
-            s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
-            ok = valid(c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)) & (
-                c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) < n)
-            s = jnp.where(ok, s, NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=0))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.where(ok, jnp.exp2(s - m_new[None, :]), 0.0)
-            l = alpha * l + jnp.sum(p, axis=0)
-            p_hi, p_lo = _hi_lo(p.T)
-            o = dot_acc(dot_acc(alpha[:, None] * o, p_hi, v), p_lo, v)
-            m = m_new
-    return o, m, l
 
 
 # ------------------------------------------------------------------- kernels
@@ -151,16 +105,9 @@ def _fused_kernel(
 
     @pl.when(s == num_splits)
     def _windows():
-        W = rk_ref.shape[0]
-
-        def live(rows):
-            return (rows < W) & slot_tokens(sizes.rest, sizes.quantized, rows, W)[1]
-
-        windows = [(rk_ref, rv_ref, live)]
-        if cfg.sink:
-            windows.insert(0, (sk_ref, sv_ref, lambda rows: rows < sizes.sink))
-        o, m, l = _window_part(q_ref, windows, D)
-        store_partial(o, m, l, _WINDOW_HEADS)
+        windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
+        o, m, l = wb.window_part(q_ref, windows, D)
+        store_partial(o, m, l, wb.WINDOW_HEADS)
 
     if not interpret:  # (interpret mode runs programs one at a time)
         plgpu.debug_barrier()  # every thread's partial stores precede the (release) atomic

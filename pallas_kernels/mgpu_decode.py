@@ -19,8 +19,10 @@ Structure (one launch of the Mosaic GPU kernel, plus two small XLA fusions):
   the value chain (wgmma, A = unpacked value codes, channels on M), and the
   per-group scale multiply of both in registers. Each program writes its partial
   (o, running max, sum) in its own accumulator-column order;
-* XLA: the bf16 sink and recent windows (at most S + R + G - 1 tokens, an
-  einsum pair) and the merge of all partials, which also undoes the column order.
+* the bf16 sink and recent windows (at most S + R + G - 1 tokens) and the merge of
+  all partials, which also undoes the column order: either XLA (an einsum pair and
+  the merge, ``windows="xla"``, about fifteen small launches) or one Triton launch
+  (``windows="epilogue"``, :mod:`pallas_kernels.mgpu_epilogue`).
 
 Per-thread code lives in :mod:`pallas_kernels.mgpu_block` (tested on the CPU by a
 simulator), the tile maps in :mod:`pallas_kernels.mgpu_geometry`. Mosaic GPU
@@ -86,6 +88,10 @@ TUNED = {
 _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 
 
+# where the bf16 windows are attended and the splits merged: "xla" (an einsum pair and the
+# merge as XLA fusions), "kernel" (one more Mosaic program per (sequence, kv head), merged in
+# XLA) or "epilogue" (one Triton launch after the kernel does both, mgpu_epilogue.py)
+WINDOWS = ("xla", "kernel", "epilogue")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows"})
 
@@ -421,7 +427,7 @@ class KernelConfig:
     num_stages: int
     explicit_barriers: bool = False
     pipeline: str = "emit"  # "emit": plgpu.emit_pipeline; "bulk": one arrive + bulk copies
-    windows: str = "xla"  # "xla" or "kernel" (one extra program per (sequence, kv head))
+    windows: str = "xla"  # "kernel": one extra program per (sequence, kv head); else "xla"
     sink: int = 0  # S
     window: int = 0  # R + G, the recent ring
     ablate: tuple[str, ...] = ()
@@ -810,8 +816,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     windows = windows or tuned.get("windows", "xla")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
-    if windows not in ("xla", "kernel"):
-        raise ValueError(f"windows={windows!r}; choose 'xla' or 'kernel'")
+    if windows not in WINDOWS:
+        raise ValueError(f"windows={windows!r}; choose one of {WINDOWS}")
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
@@ -830,11 +836,15 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     nq = region_sizes(lengths, cfg).quantized
     qexp, kconst = query_operands(qp, geo)
     qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
-    qw, wvalid = window_operands(qp, layer, lengths, cfg)
     sk, sv = layer.sink_k, layer.sink_v
     if cfg.sink == 0:  # a stand-in: the kernel never reads it
-        sk = sv = jnp.zeros((1, 1, 1, D), jnp.bfloat16)
-    kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline, windows, cfg.sink,
+        sk, sv = layer.recent_k, layer.recent_v
+    if windows == "kernel":
+        qw, wvalid = window_operands(qp, layer, lengths, cfg)
+    else:  # stand-ins the kernel never reads (building the real ones would cost launches)
+        qw, wvalid = kconst, nq
+    kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline,
+                      "kernel" if windows == "kernel" else "xla", cfg.sink,
                       cfg.window, tuple(ablate))
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo), qw, wvalid, sk, sv,
@@ -860,13 +870,17 @@ def mgpu_decode_attention(
     barrier before every copy), ``pipeline`` ("emit": ``plgpu.emit_pipeline``, whose copies
     arrive on the slot barrier from all 128 threads each; "bulk": one thread registers a
     block's bytes with one arrive and issues contiguous bulk copies), ``windows`` ("xla":
-    an einsum pair beside the kernel; "kernel": one more program per (sequence, kv head)).
+    an einsum pair and the merge in XLA; "kernel": one more program per (sequence, kv head);
+    "epilogue": windows and merge in one Triton launch after the kernel).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
     """
     call, operands, geo, windows = prepare_call(qp, layer, lengths, cfg, **options)
     o_part, ml_part = call(*operands)
+    if windows == "epilogue":
+        from pallas_kernels.mgpu_epilogue import windows_and_merge
+        return windows_and_merge(qp, layer, lengths, cfg, o_part, ml_part, geo)
     window = None
     if windows == "xla":
         window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)

@@ -40,6 +40,7 @@ from innerq_jax.layout import region_sizes
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import mgpu_decode as md
+from pallas_kernels.mgpu_epilogue import windows_and_merge
 from pallas_kernels.mgpu_geometry import Geometry, pair_plan, unpack_pair_reference
 
 TOL = 1e-2
@@ -245,7 +246,9 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     return o_part, ml_part
 
 
-def _simulated_attention(cache, qp, opts):
+def _simulated_attention(cache, qp, opts, merge="xla"):
+    """The simulated kernel's partials merged with the windows in XLA (``merge="xla"``)
+    or by the Triton epilogue in interpret mode (``"epilogue"``)."""
     cfg, layer = cache.config, cache.layer(0)
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
@@ -258,6 +261,9 @@ def _simulated_attention(cache, qp, opts):
     qexp, kconst = md.query_operands(qp, geo)
     operands = md.kernel_operands(layer, geo)
     o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
+    if merge == "epilogue":
+        return windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
+                                 jnp.asarray(ml_part), geo, interpret=True)
     window = md.window_partial(qp, layer, cache.lengths, cfg)
     return md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), window, geo)
 
@@ -281,6 +287,19 @@ def test_simulated_kernel_equals_reference(name):
     assert _rel(out, ref) < TOL
     empty = np.asarray(cache.lengths) == 0
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm"])
+def test_simulated_kernel_with_epilogue_equals_reference(name):
+    """windows="epilogue": the simulated kernel's partials, merged with the windows by the
+    Triton epilogue (interpret mode), give the reference."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    out = _simulated_attention(cache, qp, opts, merge="epilogue")
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < TOL
 
 
 def test_grid_exercises_regions():
@@ -328,9 +347,78 @@ def test_combine_merges_splits_like_one_softmax():
     assert _rel(out, ref) < 1e-5
 
 
+# names: 2 and 4 bits, G 32 and 64 (4 and 1 token groups per value chunk), D 64 and 128,
+# 1, 3, 4 and 8 query heads per kv head, with and without sinks
+_EPILOGUE_CASES = ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm", "innerq2-G64-D128-mha",
+                   "innerq4-G64-D128-gqa8", "innerq2-nosink"]
+
+
+def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
+    """Partials in the kernel's column order: each head's running max repeated over its
+    token-group columns, sums and outputs random; every column no head owns (and every
+    padding head's) is NaN, so a merge that read one would show it. Splits in
+    ``empty_splits`` hold nothing (max NEG, sum 0, output 0), as the kernel leaves them."""
+    o_part = np.full((B, H, NS, geo.D, geo.NV), np.nan, np.float32)
+    ml_part = np.full((B, H, NS, 2, geo.NV), np.nan, np.float32)
+    cols, rows = geo.combine_tables
+    for hh in range(geo.n_rep):
+        ml_part[:, :, :, 0, cols[hh]] = (rng.standard_normal((B, H, NS, 1)) * 4)
+        ml_part[:, :, :, 1, cols[hh]] = rng.uniform(0.2, 3.0, (B, H, NS, len(cols[hh])))
+        o_part[..., cols[hh]] = rng.standard_normal((B, H, NS, geo.D, len(cols[hh])))
+    for s in empty_splits:
+        ml_part[:, :, s, 0, cols] = NEG_INF
+        ml_part[:, :, s, 1, cols] = 0.0
+        o_part[:, :, s][..., cols] = 0.0
+    return o_part, ml_part
+
+
+NEG_INF = float(md.NEG)
+
+
+@pytest.mark.parametrize("name", _EPILOGUE_CASES)
+def test_epilogue_equals_xla_merge(name):
+    """The Triton epilogue (interpret mode) gives the XLA windows and merge on random
+    partials, reads no column outside the heads' own, and leaves empty sequences 0."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    layer = cache.layer(0)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    B, NS = len(lengths), 3
+    o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(3),
+                                       empty_splits=(1,))
+    window = md.window_partial(qp, layer, cache.lengths, cfg)
+    # the XLA merge reads only the heads' columns too, but NaN-free inputs keep it simple
+    ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
+                              jnp.asarray(np.nan_to_num(ml_part)), window, geo)
+    out = windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
+                            jnp.asarray(ml_part), geo, interpret=True)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+    # a sequence that holds nothing (all splits empty, no window token) is exactly 0
+    o0, ml0 = _random_partials(geo, B, Hkv, NS, np.random.default_rng(4),
+                               empty_splits=range(NS))
+    empty_cache = KVCache.create(cfg, 1, B, Hkv, D)
+    out0 = windows_and_merge(qp, empty_cache.layer(0), empty_cache.lengths, cfg,
+                             jnp.asarray(o0), jnp.asarray(ml0), geo, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out0), 0.0)
+
+
+def test_epilogue_rejects_mismatched_partials():
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID["innerq2-nosink"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    o_part = jnp.ones((len(lengths), Hkv, 2, D, geo.NV + 16), jnp.float32)
+    ml_part = jnp.ones((len(lengths), Hkv, 2, 2, geo.NV), jnp.float32)
+    with pytest.raises(ValueError, match="value columns"):
+        windows_and_merge(_query(cache, Hq), cache.layer(0), cache.lengths, cfg, o_part,
+                          ml_part, geo, interpret=True)
+
+
 # ------------------------------------------------------------------ lowering
 # the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
 VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
+            "emit-epilogue": dict(pipeline="emit", windows="epilogue"),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
 
 
@@ -346,7 +434,16 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     kw = dict(opts, **VARIANTS[variant])
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
-    text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    if kw["windows"] == "epilogue":  # Pallas' Triton lowering needs a GPU: an abstract H200
+        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+        h200 = AbstractMesh((1,), ("x",),
+                            abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+        with use_abstract_mesh(h200):
+            text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+        # the windows and the merge are the Triton call's: no einsum is left in XLA
+        assert text.count("__gpu$xla.gpu.triton") == 1 and "dot_general" not in text
+    else:
+        text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     # the code-pair unpack is one lop3 per register (two LOP3s each when written as & and |)
     assert "lop3.b32" in text
@@ -509,9 +606,10 @@ def test_simulated_kernel_agrees_with_reference_on_non_finite_keys():
                                  np.array([400, 300, 250]))
     qp = _query(cache, 4)
     ref = np.asarray(quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg))
-    out = np.asarray(_simulated_attention(cache, qp, dict(num_splits=2)))
     bad = ~np.isfinite(ref)
     assert bad[0, 0].all() and bad[1, 1].all() and bad[2, 1].all() and bad[2, 0, :, 3].all()
-    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
-    np.testing.assert_array_equal(~np.isfinite(out), bad)
-    assert _rel(out[~bad], ref[~bad]) < TOL
+    for merge in ("xla", "epilogue"):
+        out = np.asarray(_simulated_attention(cache, qp, dict(num_splits=2), merge))
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        np.testing.assert_array_equal(~np.isfinite(out), bad)
+        assert _rel(out[~bad], ref[~bad]) < TOL

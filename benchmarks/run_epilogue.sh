@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One H200 call for the Mosaic GPU op's one-launch epilogue (windows + merge in a Triton
+# kernel, pallas_kernels/mgpu_epilogue.py): the Mosaic GPU tests compiled (XLA merge and
+# epilogue), then the shape suite with the bf16 peer, the fused Triton op and the Mosaic op
+# with each merge, every point checked against the reference before it is timed; the timed
+# figure is pipelined (4 timed programs back to back, one sync), the one-run-per-sync
+# figure is kept beside it (ms_one_program).
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_epilogue.sh
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=python3
+LOG="$OUT/epilogue_log.txt"
+{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader; } > "$LOG"
+
+T="$OUT/epilogue_gpu_tests.txt"
+head -2 "$LOG" > "$T"
+timeout "${TESTS_S:-160}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
+  tests/test_mgpu_kernels.py -k "emit-xla or emit-epilogue" >> "$T" 2>&1
+echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
+grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+
+V='["bf16_pallas", "innerq_fused", "innerq_mgpu", "innerq_mgpu@{\"windows\": \"epilogue\"}"]'
+SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'
+timeout "${BENCH_S:-360}" $PY benchmarks/bench_kernels.py --suite points --tag _epilogue \
+  --out "$OUT" --reps 5 --points "[[1, 4096, {}, $V], [8, 8192, $SM, $V], [8, 32768, {}, $V],
+    [1, 131072, {}, $V], [8, 4096, {}, $V], [1, 32768, {}, $V], [8, 16384, {}, $V],
+    [32, 16384, {}, $V]]" > "$OUT/kernels_points_epilogue_log.txt" 2>&1
+echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+grep -E "^\[| ms |MISMATCH|FAILED" "$OUT/kernels_points_epilogue_log.txt" | grep -vE "^\s+File" >> "$LOG"
+echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -1,0 +1,83 @@
+"""The bf16 sink and recent windows of a quantized cache, in a Triton Pallas kernel.
+
+Both the fused Triton kernel (its window program) and the Mosaic GPU op's
+epilogue (:mod:`pallas_kernels.mgpu_epilogue`) attend over the windows with
+this code: an online softmax over at most S + R + G bf16 rows per (sequence,
+kv head), with q and p split into hi/lo bf16 pairs so the tensor-core dots keep
+float32 accuracy. Which ring slots are live follows from the sequence's
+length alone (:func:`innerq_jax.layout.slot_tokens`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import RegionSizes, slot_tokens
+from pallas_kernels import innerq_blocks as ib
+from pallas_kernels.innerq_blocks import NEG, next_pow2
+from pallas_kernels.triton_ext import dot_acc
+
+WINDOW_HEADS = 16  # query rows of the window MMAs (>= 16)
+
+
+def hi_lo(x):
+    """x (f32) as bf16 hi + lo, hi + lo = x to ~16 bits."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes: RegionSizes, cfg: CacheConfig):
+    """The windows of one (sequence, kv head) as :func:`window_part` takes them: the sink
+    (if the cache has one: rows below the sink count) and the recent ring (live slots)."""
+    W = rk_ref.shape[0]
+
+    def live(rows):
+        return (rows < W) & slot_tokens(sizes.rest, sizes.quantized, rows, W)[1]
+
+    windows = [(rk_ref, rv_ref, live)]
+    if cfg.sink:
+        windows.insert(0, (sk_ref, sv_ref, lambda rows: rows < sizes.sink))
+    return windows
+
+
+def window_part(q_ref, windows, D, chunk=32):
+    """Online softmax over dense bf16 windows: (o [NH, D], m [NH], l [NH]), scores in log2
+    units (q times log2 e); rows past q_ref's heads (up to NH) hold finite filler.
+
+    windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window
+    row indices [rows, 1] to bool. Rows go through in chunks of ``chunk`` so the
+    window tiles stay small.
+    """
+    NH = WINDOW_HEADS
+    dd = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 0)
+    hh = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 1)
+    qt = ib.load_q(q_ref, hh, dd)
+    q_hi, q_lo = hi_lo(qt)  # [D, NH]
+    m = jnp.full((NH,), NEG, jnp.float32)
+    l = jnp.zeros((NH,), jnp.float32)
+    o = jnp.zeros((NH, D), jnp.float32)
+    for k_ref, v_ref, valid in windows:
+        n = k_ref.shape[0]
+        c = min(chunk, max(16, next_pow2(n)))
+        for c0 in range(0, n, c):
+            rows = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, D), 0)
+            cols = jax.lax.broadcasted_iota(jnp.int32, (c, D), 1)
+            inb = rows < n
+            rr = jnp.minimum(rows, n - 1)
+            k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
+            v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
+            s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
+            ok = valid(c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)) & (
+                c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) < n)
+            s = jnp.where(ok, s, NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=0))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.where(ok, jnp.exp2(s - m_new[None, :]), 0.0)
+            l = alpha * l + jnp.sum(p, axis=0)
+            p_hi, p_lo = hi_lo(p.T)
+            o = dot_acc(dot_acc(alpha[:, None] * o, p_hi, v), p_lo, v)
+            m = m_new
+    return o, m, l
