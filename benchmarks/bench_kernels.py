@@ -925,6 +925,8 @@ def trace(log, args, save):
         kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
         cases["bf16_pallas"] = (bf16_pallas, (qd, kb, vb))
         refs["bf16_pallas"] = dense_reference(qd, kb, vb)
+        if opts.get("ops"):  # only these ops ("ops" in --options)
+            cases = {n: c for n, c in cases.items() if n in opts["ops"]}
         for name, (fn, args0) in cases.items():
             nbytes = _nbytes(args0)
             try:  # checked against the reference before anything is timed

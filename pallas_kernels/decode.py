@@ -71,6 +71,7 @@ def _fused_kernel(
     pl_ref,  # [NS + 1, NR] f32: its softmax denominator
     cnt_ref,  # [H, B] int32: programs of each (b, h) done so far
     *, geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
+    window_rows: int,
 ):
     """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
 
@@ -106,7 +107,7 @@ def _fused_kernel(
     @pl.when(s == num_splits)
     def _windows():
         windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
-        o, m, l = wb.window_part(q_ref, windows, D)
+        o, m, l = wb.window_part(q_ref, windows, D, chunk=window_rows)
         store_partial(o, m, l, wb.WINDOW_HEADS)
 
     if not interpret:  # (interpret mode runs programs one at a time)
@@ -184,7 +185,8 @@ def _part(layout):
 
 
 @functools.lru_cache(maxsize=64)
-def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret):
+def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
+                window_rows):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
     NR, NP = geo.NR, NS + 1
@@ -203,7 +205,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     out_specs = [per_bh(s.shape) for s in out_shape[:4]] + [full(shapes[-1][0])]
     kernel = functools.partial(
         _fused_kernel, geo=geo, cfg=cfg, num_splits=NS, chunk=chunk,
-        part=_part(layout), interpret=interpret,
+        part=_part(layout), interpret=interpret, window_rows=window_rows,
     )
     call = pl.pallas_call(
         kernel,
@@ -238,6 +240,7 @@ def quantized_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     unpack_chunk: int = 0,
+    window_rows: int = 32,
     max_registers: int | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).
@@ -248,8 +251,9 @@ def quantized_decode_attention(
     default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
     thread cap, 0 = ptxas decides, None = the layout's default; see
-    :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`). Defaults are the
-    fastest points of the H200 sweep in benchmarks/KERNEL_NOTES.md.
+    :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`), ``window_rows`` (bf16 window rows
+    per step of the window program). Defaults are the fastest points of the H200 sweep in
+    benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):
         raise ValueError(f"quantized_decode_attention needs an innerq/outerq cache, got {cfg.kind!r}")
@@ -288,5 +292,8 @@ def quantized_decode_attention(
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
     inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
-    call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret)
+    if window_rows not in (16, 32, 64, 128):
+        raise ValueError(f"window_rows={window_rows}; choose 16, 32, 64 or 128")
+    call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
+                       window_rows)
     return call_quietly(call, *inputs)[0]
