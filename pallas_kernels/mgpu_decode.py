@@ -80,7 +80,10 @@ def _check_jax_version() -> None:
 # on the H200 the Triton kernel measured faster over the shape suite (round 5: the Mosaic
 # op wins at B 32 / 16k and at 4 bits, ties at B 8 / 32k, loses at short contexts), so it
 # stays the default there. pipeline="bulk" and windows="kernel" pass the GPU tests and
-# measured slower (runs 3-5).
+# measured slower (runs 3-5). windows="epilogue" (round 7, results/kernels_points_epilogue.json)
+# passes the GPU tests and is the fastest InnerQ op at B 8 / 32k (0.154 ms against Triton's
+# 0.161) but slower at every other suite shape (its epilogue runs after the kernel on
+# B x Hkv programs), so it is not the default either.
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
                         pipeline="emit", windows="xla", preferred=False),
