@@ -240,7 +240,7 @@ def quantized_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     unpack_chunk: int = 0,
-    window_rows: int = 64,
+    window_rows: int = wb.WINDOW_ROWS,
     max_registers: int | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).

@@ -21,6 +21,10 @@ from pallas_kernels.innerq_blocks import NEG, next_pow2
 from pallas_kernels.triton_ext import dot_acc
 
 WINDOW_HEADS = 16  # query rows of the window MMAs (>= 16)
+# window rows per online-softmax step: 64 took the fused kernel at B 1 / 4k from 15.4 to
+# 12.2 us per call on the H200 and costs nothing at long contexts (benchmarks/KERNEL_NOTES.md,
+# "Round 7")
+WINDOW_ROWS = 64
 
 
 def hi_lo(x):
@@ -43,7 +47,7 @@ def cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes: RegionSizes, cfg: Cache
     return windows
 
 
-def window_part(q_ref, windows, D, chunk=32):
+def window_part(q_ref, windows, D, chunk=WINDOW_ROWS):
     """Online softmax over dense bf16 windows: (o [NH, D], m [NH], l [NH]), scores in log2
     units (q times log2 e); rows past q_ref's heads (up to NH) hold finite filler.
 
