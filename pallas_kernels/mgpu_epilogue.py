@@ -149,7 +149,7 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     B, H, r, D = qp.shape
     if r > wb.WINDOW_HEADS:
         raise ValueError(f"windows_and_merge takes at most {wb.WINDOW_HEADS} query heads per kv "
-                         f"head, got {r}")
+                         f"head, got {r}; use windows='xla' for more")
     NS = o_part.shape[2]
     if o_part.shape != (B, H, NS, D, geo.NV) or ml_part.shape != (B, H, NS, 2, geo.NV):
         raise ValueError(f"partials {o_part.shape} / {ml_part.shape} do not match qp {qp.shape} "

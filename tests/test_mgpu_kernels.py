@@ -246,9 +246,10 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     return o_part, ml_part
 
 
-def _simulated_attention(cache, qp, opts, merge="xla"):
-    """The simulated kernel's partials merged with the windows in XLA (``merge="xla"``)
-    or by the Triton epilogue in interpret mode (``"epilogue"``)."""
+def _simulated_attention(cache, qp, opts, merges=("xla",)):
+    """The simulated kernel's partials merged with the windows, once per entry of
+    ``merges``: in XLA (``"xla"``) or by the Triton epilogue in interpret mode
+    (``"epilogue"``). One output for one merge, else a list."""
     cfg, layer = cache.config, cache.layer(0)
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
@@ -261,11 +262,16 @@ def _simulated_attention(cache, qp, opts, merge="xla"):
     qexp, kconst = md.query_operands(qp, geo)
     operands = md.kernel_operands(layer, geo)
     o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
-    if merge == "epilogue":
-        return windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
-                                 jnp.asarray(ml_part), geo, interpret=True)
-    window = md.window_partial(qp, layer, cache.lengths, cfg)
-    return md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), window, geo)
+    o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
+    outs = []
+    for merge in merges:
+        if merge == "epilogue":
+            outs.append(windows_and_merge(qp, layer, cache.lengths, cfg, o_part, ml_part, geo,
+                                          interpret=True))
+        else:
+            window = md.window_partial(qp, layer, cache.lengths, cfg)
+            outs.append(md.combine_partials(o_part, ml_part, window, geo))
+    return outs[0] if len(outs) == 1 else outs
 
 
 # the simulation runs in Python per lane: four cases by default (2 and 4 bits, G 32 and
@@ -282,24 +288,12 @@ def test_simulated_kernel_equals_reference(name):
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     qp = _query(cache, Hq)
     ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
-    out = _simulated_attention(cache, qp, opts)
-    assert out.shape == ref.shape
-    assert _rel(out, ref) < TOL
-    empty = np.asarray(cache.lengths) == 0
-    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
-
-
-@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm"])
-def test_simulated_kernel_with_epilogue_equals_reference(name):
-    """windows="epilogue": the simulated kernel's partials, merged with the windows by the
-    Triton epilogue (interpret mode), give the reference."""
-    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
-    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
-    qp = _query(cache, Hq)
-    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
-    out = _simulated_attention(cache, qp, opts, merge="epilogue")
-    assert out.shape == ref.shape
-    assert _rel(out, ref) < TOL
+    # the XLA merge and (windows="epilogue") the Triton epilogue in interpret mode
+    for out in _simulated_attention(cache, qp, opts, ("xla", "epilogue")):
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < TOL
+        empty = np.asarray(cache.lengths) == 0
+        np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
 
 
 def test_grid_exercises_regions():
@@ -375,7 +369,10 @@ def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
 NEG_INF = float(md.NEG)
 
 
-@pytest.mark.parametrize("name", _EPILOGUE_CASES)
+# two cases by default (2 and 4 bits, G 32 and 64, D 128 and 64, 4 and 3 heads per kv
+# head), the rest with -m slow (CI time: each interprets the kernel twice)
+@pytest.mark.parametrize("name", [n if i < 2 else pytest.param(n, marks=pytest.mark.slow)
+                                  for i, n in enumerate(_EPILOGUE_CASES)])
 def test_epilogue_equals_xla_merge(name):
     """The Triton epilogue (interpret mode) gives the XLA windows and merge on random
     partials, reads no column outside the heads' own, and leaves empty sequences 0."""
@@ -608,8 +605,8 @@ def test_simulated_kernel_agrees_with_reference_on_non_finite_keys():
     ref = np.asarray(quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg))
     bad = ~np.isfinite(ref)
     assert bad[0, 0].all() and bad[1, 1].all() and bad[2, 1].all() and bad[2, 0, :, 3].all()
-    for merge in ("xla", "epilogue"):
-        out = np.asarray(_simulated_attention(cache, qp, dict(num_splits=2), merge))
+    for out in _simulated_attention(cache, qp, dict(num_splits=2), ("xla", "epilogue")):
+        out = np.asarray(out)
         np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
         np.testing.assert_array_equal(~np.isfinite(out), bad)
         assert _rel(out[~bad], ref[~bad]) < TOL
