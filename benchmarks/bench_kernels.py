@@ -263,10 +263,11 @@ def _time_programs(multi, calls, reps: int, programs: int) -> list[float]:
     return ts
 
 
-def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS) -> dict:
+def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
+                      one_program=True) -> dict:
     """ms per call of the :func:`_multi` program: ``ms`` / ``min_ms`` / ``max_ms`` (median,
     min, max over ``reps`` repetitions) with ``programs`` runs of it dispatched back to back
-    and one sync, and ``ms_one_program`` (median) with one run per sync.
+    and one sync, and (``one_program``) ``ms_one_program`` (median) with one run per sync.
 
     The pipelined figure is the headline: a decode loop dispatches step after step, so the
     host's per-run work (taking the program's arguments, setting up its launch) overlaps
@@ -276,17 +277,17 @@ def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS) -> di
     multi, calls = _multi(fn, arg_sets, n_calls)
     jax.block_until_ready(multi(calls))
     piped = _time_programs(multi, calls, reps, programs)
-    one = _time_programs(multi, calls, reps, 1)
-    return dict(ms=statistics.median(piped), min_ms=min(piped), max_ms=max(piped),
-                ms_one_program=statistics.median(one), programs=programs)
+    out = dict(ms=statistics.median(piped), min_ms=min(piped), max_ms=max(piped),
+               programs=programs)
+    if one_program:
+        out["ms_one_program"] = statistics.median(_time_programs(multi, calls, reps, 1))
+    return out
 
 
 def time_calls(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS):
     """(median, min, max) ms per call, pipelined as in :func:`time_calls_detail`."""
-    multi, calls = _multi(fn, arg_sets, n_calls)
-    jax.block_until_ready(multi(calls))
-    ts = _time_programs(multi, calls, reps, programs)
-    return statistics.median(ts), min(ts), max(ts)
+    t = time_calls_detail(fn, arg_sets, reps, n_calls, programs, one_program=False)
+    return t["ms"], t["min_ms"], t["max_ms"]
 
 
 # ------------------------------------------------------------------ shapes
@@ -912,6 +913,9 @@ def trace(log, args, save):
                "outerq_fused": ("outerq", quantized_decode_attention)}
         if jax.default_backend() == "gpu":
             ops["innerq_mgpu"] = ("innerq", mgpu_decode_attention)
+        wanted = opts.get("ops")  # only these ops ("ops" in --options), caches built for them
+        if wanted:
+            ops = {n: o for n, o in ops.items() if n in wanted}
         cases, refs = {}, {}
         TOL = {"innerq_fused": TOL_QUANT, "outerq_fused": TOL_OUTERQ, "innerq_mgpu": TOL_QUANT,
                "bf16_pallas": TOL_BF16}
@@ -923,10 +927,9 @@ def trace(log, args, save):
             refs[name] = quantized_attention_core(qp, layer, lengths, cfg)
         qd = q.reshape(B, H, r, D) / math.sqrt(D)
         kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-        cases["bf16_pallas"] = (bf16_pallas, (qd, kb, vb))
-        refs["bf16_pallas"] = dense_reference(qd, kb, vb)
-        if opts.get("ops"):  # only these ops ("ops" in --options)
-            cases = {n: c for n, c in cases.items() if n in opts["ops"]}
+        if not wanted or "bf16_pallas" in wanted:
+            cases["bf16_pallas"] = (bf16_pallas, (qd, kb, vb))
+            refs["bf16_pallas"] = dense_reference(qd, kb, vb)
         for name, (fn, args0) in cases.items():
             nbytes = _nbytes(args0)
             try:  # checked against the reference before anything is timed

@@ -6,12 +6,9 @@
 # figure is pipelined (4 timed programs back to back, one sync), the one-run-per-sync
 # figure is kept beside it (ms_one_program).
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_epilogue.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 LOG="$OUT/epilogue_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 
 T="$OUT/epilogue_gpu_tests.txt"
 head -2 "$LOG" > "$T"

@@ -3,12 +3,9 @@
 # and span beside the timed ms, rotating inputs and one input set) at B 1 / 4k and B 8 / 32k,
 # then the timed ops under three XLA command-buffer settings.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_launch.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 LOG="$OUT/launch_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 echo "== trace of the timed program (elapsed $SECONDS s)" | tee -a "$LOG"
 timeout 200 $PY benchmarks/bench_kernels.py --suite trace --tag _launch --out "$OUT" --reps 5 \
   --shapes '[[1, 4096, {}], [8, 32768, {}]]' 2>&1 | grep -vE "^\s*$" >> "$LOG"

@@ -5,12 +5,9 @@
 # in the kernel with the splits that keep one wave), the side-by-side timing against the
 # Triton kernel and the bf16 peers, then Nsight Compute on the new kernel.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_mgpu5.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 LOG="$OUT/mgpu5_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 
 echo "== SASS of the compiled kernel" | tee -a "$LOG"
 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py --stage check \

@@ -3,10 +3,7 @@
 # program in the kernel: its unpack changed too), then the shape suite with the Mosaic GPU
 # kernel beside the Triton kernel and the fastest bf16 peer.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_mgpu5b.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 T="$OUT/mgpu5_gpu_tests_bulk.txt"
 echo "# commit ${COMMIT:-unknown}; $(nvidia-smi --query-gpu=name --format=csv,noheader)" > "$T"
 timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_mgpu_kernels.py -k "bulk-kernel" -rA \

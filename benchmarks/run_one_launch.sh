@@ -4,12 +4,9 @@
 # contexts beside the bf16 peer, OuterQ and the Mosaic op, then the trace of the timed
 # program at the short contexts (launches per call, device busy time, span).
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_one_launch.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 LOG="$OUT/one_launch_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 
 T="$OUT/one_launch_gpu_tests.txt"
 head -2 "$LOG" > "$T"

@@ -5,12 +5,9 @@
 # the fused Triton kernel (no window program, no merge, no quantized loop), then the Mosaic
 # kernel alone at B 8 / 32k with its JSON.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_short.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=python3
+source benchmarks/gpu_env.sh
 LOG="$OUT/short_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 
 echo "== trace (elapsed $SECONDS s)" | tee -a "$LOG"
 timeout 150 $PY benchmarks/bench_kernels.py --suite trace --tag _short --out "$OUT" \

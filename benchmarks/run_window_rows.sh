@@ -3,11 +3,9 @@
 # 128 rows at the short contexts: compiled GPU tests of the new cases, the timed programs
 # traced (kernel duration per call) and the shape-suite points beside the bf16 peer.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_window_rows.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 LOG="$OUT/window_rows_log.txt"
-{ echo "# commit ${COMMIT:-unknown}"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader; } > "$LOG"
+start_log "$LOG"
 INNERQ_KERNEL_TESTS=gpu timeout 120 python3 -m pytest -q -p no:cacheprovider -rA -m "slow or not slow" \
   tests/test_kernels.py -k "win128 or win64 or innerq2-G32-D128-gqa4" > "$OUT/window_rows_gpu_tests.txt" 2>&1
 echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"; grep -E "passed|failed" "$OUT/window_rows_gpu_tests.txt" | tail -1 >> "$LOG"

@@ -2,9 +2,7 @@
 # One H200 call: window_rows 64 against the default 32 at the long contexts (does the window
 # program's larger step cost the quantized programs registers?), beside the bf16 peer.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_window_rows_long.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 V='["bf16_pallas", "innerq_fused", "innerq_fused@{\"window_rows\": 64}"]'
 timeout "${BENCH_S:-300}" python3 benchmarks/bench_kernels.py --suite points --tag _window_rows_long \
   --out "$OUT" --reps 5 --points "[[8, 32768, {}, $V], [1, 131072, {}, $V], [8, 16384, {}, $V]]" \

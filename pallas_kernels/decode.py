@@ -265,6 +265,8 @@ def quantized_decode_attention(
     if layout not in mb.LAYOUTS:
         raise ValueError(f"K grouping {layout[0]!r} / V grouping {layout[1]!r} is not a layout "
                          f"the fused kernel reads; layouts: {mb.LAYOUTS}")
+    if window_rows not in (16, 32, 64, 128):
+        raise ValueError(f"window_rows={window_rows}; choose 16, 32, 64 or 128")
     BT = block_tokens or ib.default_block_tokens(bits, G)  # every layout shares these
     if max_registers is None:
         max_registers = ib.DEFAULT_MAX_REGISTERS
@@ -292,8 +294,6 @@ def quantized_decode_attention(
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
     inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
-    if window_rows not in (16, 32, 64, 128):
-        raise ValueError(f"window_rows={window_rows}; choose 16, 32, 64 or 128")
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
                        window_rows)
     return call_quietly(call, *inputs)[0]

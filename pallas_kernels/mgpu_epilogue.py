@@ -39,17 +39,6 @@ from pallas_kernels.triton_ext import call_quietly
 _SPLIT_STEP = 16  # splits per gather of the running maxima and sums
 
 
-def _value_col(h, gt, ngc: int):
-    """Value accumulator column of (head h, token group gt) (Geometry.v_col, from iotas)."""
-    k = (h >> 2) * ngc + gt
-    return 8 * (k >> 1) + 2 * (h & 3) + (k & 1)
-
-
-def _mrow(d):
-    """Value M-row holding channel d (Geometry.v_row, from iotas)."""
-    return 64 * (d >> 6) + 16 * ((d & 63) >> 4) + ((d & 15) >> 1) + 8 * (d & 1)
-
-
 def _epilogue_kernel(
     q_ref,  # [r, D] f32: this (sequence, kv head)'s queries (sigma, rotation, scale folded in)
     len_ref,  # [B] int32: tokens in each sequence
@@ -66,6 +55,10 @@ def _epilogue_kernel(
     NS, D, NV = op_ref.shape
     r, ngc, NH = o_ref.shape[0], geo.ngc, wb.WINDOW_HEADS
     sizes = region_sizes(len_ref[b], cfg)
+
+    def col(h, gt):  # value accumulator column of (head h, token group gt); h, gt arrays
+        return geo.v_col(h // 4, gt, h % 4)
+
     o_w, m_w, l_w = wb.window_part(q_ref, wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref,
                                                           sizes, cfg), D)
 
@@ -74,29 +67,29 @@ def _epilogue_kernel(
         hh = jax.lax.broadcasted_iota(jnp.int32, (_SPLIT_STEP, NH), 1)
         ok = (ss < NS) & (hh < r)
         sc, hc = jnp.minimum(ss, NS - 1), jnp.minimum(hh, r - 1)  # in bounds where masked
-        m = plgpu.load(ml_ref.at[sc, 0, _value_col(hc, 0, ngc)], mask=ok, other=NEG)
+        m = plgpu.load(ml_ref.at[sc, 0, col(hc, 0)], mask=ok, other=NEG)
         l = jnp.zeros((_SPLIT_STEP, NH), jnp.float32)
         for gt in range(ngc):
-            l = l + plgpu.load(ml_ref.at[sc, 1, _value_col(hc, gt, ngc)], mask=ok, other=0.0)
+            l = l + plgpu.load(ml_ref.at[sc, 1, col(hc, gt)], mask=ok, other=0.0)
         return m, l, ok
 
+    stats = [split_stats(s0) for s0 in range(0, NS, _SPLIT_STEP)]  # read once
     m_max = m_w
-    for s0 in range(0, NS, _SPLIT_STEP):
-        m_max = jnp.maximum(m_max, jnp.max(split_stats(s0)[0], axis=0))
+    for m, _, _ in stats:
+        m_max = jnp.maximum(m_max, jnp.max(m, axis=0))
     w_w = jnp.exp2(m_w - m_max)
     l_tot = w_w * l_w
-    for s0 in range(0, NS, _SPLIT_STEP):
-        m, l, ok = split_stats(s0)
+    for m, l, ok in stats:
         l_tot = l_tot + jnp.sum(jnp.where(ok, jnp.exp2(m - m_max[None, :]) * l, 0.0), axis=0)
 
-    # accumulator [D, NH]: channel d, head h; a split's channel d sits in its M-row _mrow(d)
+    # accumulator [D, NH]: channel d, head h; a split's channel d sits in M-row v_row(d)
     dd = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 0)
     hh = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 1)
-    rows = _mrow(dd)
+    rows = geo.v_row(dd)
     head_ok = hh < r
-    cols = [_value_col(jnp.minimum(hh, r - 1), gt, ngc) for gt in range(ngc)]
+    cols = [col(jnp.minimum(hh, r - 1), gt) for gt in range(ngc)]
     h1 = jax.lax.broadcasted_iota(jnp.int32, (NH,), 0)
-    col1 = _value_col(jnp.minimum(h1, r - 1), 0, ngc)
+    col1 = col(jnp.minimum(h1, r - 1), 0)
 
     def body(s, acc):
         m_s = plgpu.load(ml_ref.at[s, 0, col1], mask=h1 < r, other=NEG)

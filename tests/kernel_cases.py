@@ -42,3 +42,11 @@ def cache_after_appends(cfg, B, H, D, lengths, appends=0, seed=0):
         cache = step(cache, jnp.asarray(kn, jnp.float32), jnp.asarray(vn, jnp.float32))
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
     return cache
+
+
+def abstract_h200():
+    """A one-device abstract mesh of an H200: under ``use_abstract_mesh`` Pallas' Triton
+    lowering runs on the CPU (it needs a GPU's compute capability, which this supplies)."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))

@@ -23,6 +23,7 @@ import pytest
 
 from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer
+from kernel_cases import abstract_h200
 from kernel_cases import cache_after_appends as _cache
 from kernel_cases import kv_with_outliers as _kv
 from innerq_jax.reference import prepare_query, quantized_attention_core
@@ -127,7 +128,7 @@ def test_fused_op_is_one_triton_launch(name):
     import re
 
     from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+    from jax.sharding import use_abstract_mesh
 
     cfg, D, Hq, Hkv, lengths, _, opts = FUSED[name]
     B = len(lengths)
@@ -135,8 +136,7 @@ def test_fused_op_is_one_triton_launch(name):
     qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     f = jax.jit(lambda q, lay, n: quantized_decode_attention(q, lay, n, cfg, **opts))
-    h200 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
-    with use_abstract_mesh(h200):
+    with use_abstract_mesh(abstract_h200()):
         text = export.export(f, platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
                 qp, layer, lens).mlir_module()

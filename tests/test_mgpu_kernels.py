@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import mgpu_simt as simt
+from kernel_cases import abstract_h200
 from kernel_cases import cache_after_appends as _cache
 from kernel_cases import kv_with_outliers as _kv
 from innerq_jax import CacheConfig, KVCache
@@ -249,7 +250,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
 def _simulated_attention(cache, qp, opts, merges=("xla",)):
     """The simulated kernel's partials merged with the windows, once per entry of
     ``merges``: in XLA (``"xla"``) or by the Triton epilogue in interpret mode
-    (``"epilogue"``). One output for one merge, else a list."""
+    (``"epilogue"``); a list, one output per merge."""
     cfg, layer = cache.config, cache.layer(0)
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
@@ -271,7 +272,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
         else:
             window = md.window_partial(qp, layer, cache.lengths, cfg)
             outs.append(md.combine_partials(o_part, ml_part, window, geo))
-    return outs[0] if len(outs) == 1 else outs
+    return outs
 
 
 # the simulation runs in Python per lane: four cases by default (2 and 4 bits, G 32 and
@@ -294,8 +295,7 @@ def test_simulated_kernel_equals_reference(name):
     # the XLA merge and, for two cases (CI time; test_epilogue_equals_xla_merge covers
     # the rest of the grid), windows="epilogue": the Triton epilogue in interpret mode
     merges = ("xla", "epilogue") if name in _SIM_EPILOGUE else ("xla",)
-    outs = _simulated_attention(cache, qp, opts, merges)
-    for out in (outs if len(merges) > 1 else [outs]):
+    for out in _simulated_attention(cache, qp, opts, merges):
         assert out.shape == ref.shape
         assert _rel(out, ref) < TOL
         empty = np.asarray(cache.lengths) == 0
@@ -366,13 +366,10 @@ def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
         ml_part[:, :, :, 1, cols[hh]] = rng.uniform(0.2, 3.0, (B, H, NS, len(cols[hh])))
         o_part[..., cols[hh]] = rng.standard_normal((B, H, NS, geo.D, len(cols[hh])))
     for s in empty_splits:
-        ml_part[:, :, s, 0, cols] = NEG_INF
+        ml_part[:, :, s, 0, cols] = md.NEG
         ml_part[:, :, s, 1, cols] = 0.0
         o_part[:, :, s][..., cols] = 0.0
     return o_part, ml_part
-
-
-NEG_INF = float(md.NEG)
 
 
 # one case by default (4 bits, G 64, D 64, 3 heads per kv head; the simulated-kernel
@@ -418,6 +415,11 @@ def test_epilogue_rejects_mismatched_partials():
     with pytest.raises(ValueError, match="value columns"):
         windows_and_merge(_query(cache, Hq), cache.layer(0), cache.lengths, cfg, o_part,
                           ml_part, geo, interpret=True)
+    # more query heads per kv head than the window MMA's 16 rows: refused, naming the way out
+    qp17 = jnp.ones((len(lengths), Hkv, 17, D), jnp.float32)
+    with pytest.raises(ValueError, match="at most 16 query heads.*windows='xla'"):
+        windows_and_merge(qp17, cache.layer(0), cache.lengths, cfg, o_part, ml_part, geo,
+                          interpret=True)
 
 
 # ------------------------------------------------------------------ lowering
@@ -440,10 +442,8 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     kw = dict(opts, **VARIANTS[variant])
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
     if kw["windows"] == "epilogue":  # Pallas' Triton lowering needs a GPU: an abstract H200
-        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
-        h200 = AbstractMesh((1,), ("x",),
-                            abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
-        with use_abstract_mesh(h200):
+        from jax.sharding import use_abstract_mesh
+        with use_abstract_mesh(abstract_h200()):
             text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
         # the windows and the merge are the Triton call's: no einsum is left in XLA
         assert text.count("__gpu$xla.gpu.triton") == 1 and "dot_general" not in text
