@@ -100,12 +100,12 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
                 valid = tau < n_valid
                 for uh in range(OWN):
                     u = p * OWN + uh
-                    s = None
+                    s = None  # s = sum_g ks*a + kz*qsum as a chain of FMAs (no FADDs)
                     for g in range(ng):
                         k = u * ng + g
                         a = ops.get(acc_k, (mt, k // 2, rho), k % 2)
-                        term = ksv[g] * a + kzv[g] * qsum[(u, g)]
-                        s = term if s is None else s + term
+                        s = kzv[g] * qsum[(u, g)] if s is None else s + kzv[g] * qsum[(u, g)]
+                        s = s + ksv[g] * a
                     scores[(mt, rho, p, uh)] = ops.where(valid, s, NEG)
 
     # block maximum per head: thread -> warp (shuffles over rr) -> warpgroup (shared memory)

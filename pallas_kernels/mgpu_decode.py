@@ -96,7 +96,7 @@ _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 # XLA) or "epilogue" (one Triton launch after the kernel does both, mgpu_epilogue.py)
 WINDOWS = ("xla", "kernel", "epilogue")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
-                      "explicit_barriers", "pipeline", "windows"})
+                      "explicit_barriers", "pipeline", "windows", "wide_copies"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None) -> bool:
@@ -336,6 +336,8 @@ class MlirOps:
         return (2 if kind == "bf16" else 4) * (n & -n)
 
     def load(self, ref, off, kind, n):
+        if kind == "bf16" and n % 2 == 0:
+            return self._load_bf16_pairs(ref, off, n)
         et = self._elem(kind)
         ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], et)
         nbytes = self._align(kind, n)
@@ -351,6 +353,25 @@ class MlirOps:
         if kind == "bf16":
             return [_F(arith.extf(ir.F32Type.get(), v)) for v in vals]
         return [_F(v) for v in vals]
+
+    def _load_bf16_pairs(self, ref, off, n):
+        """n bf16 (n even) as float32, two per 32-bit word: the low one by a 16-bit shift, the
+        high one by masking off the low half (one LOP3; ``extf`` of a vector element costs a
+        PRMT and a shift for it)."""
+        i32, f32 = _i32(), ir.F32Type.get()
+        ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], ir.BF16Type.get())
+        if n == 2:
+            words = [llvm.load(i32, ptr, alignment=4)]
+        else:
+            vec = llvm.load(ir.VectorType.get((n // 2,), i32), ptr, alignment=self._align("bf16", n))
+            words = [vector.extract(vec, dynamic_position=[],
+                                    static_position=ir.DenseI64ArrayAttr.get([k]))
+                     for k in range(n // 2)]
+        out = []
+        for w in words:
+            out.append(_F(arith.bitcast(f32, arith.shli(w, _c(16)))))
+            out.append(_F(arith.bitcast(f32, arith.andi(w, _c(-65536)))))
+        return out
 
     def store(self, ref, off, vals, kind, pred=None):
         et = self._elem(kind)
@@ -431,17 +452,45 @@ class KernelConfig:
     explicit_barriers: bool = False
     pipeline: str = "emit"  # "emit": plgpu.emit_pipeline; "bulk": one arrive + bulk copies
     windows: str = "xla"  # "kernel": one extra program per (sequence, kv head); else "xla"
+    boxes: tuple = ()  # (rows, width) per block array: the copy boxes (see block_boxes)
     sink: int = 0  # S
     window: int = 0  # R + G, the recent ring
     ablate: tuple[str, ...] = ()
 
 
+_BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat16, jnp.bfloat16)
+
+
 def _block_specs(geo: Geometry):
-    """(rows per block, row width, dtype) of the six per-block arrays, in kernel order."""
+    """(rows per block, row width) of the six per-block arrays, in kernel order, in the
+    cache's natural rows: key words [BT/P, KW], key scales and zeros [BT*ng/8, 8], value
+    words [BT/cpw, D], value scales and zeros [BT/G, D]."""
     ng8 = geo.BT * geo.ng // 8
-    return [(geo.BT // geo.P, geo.KW, jnp.uint32), (ng8, 8, jnp.bfloat16),
-            (ng8, 8, jnp.bfloat16), (geo.BT // geo.cpw, geo.D, jnp.uint32),
-            (geo.BT // geo.G, geo.D, jnp.bfloat16), (geo.BT // geo.G, geo.D, jnp.bfloat16)]
+    return [(geo.BT // geo.P, geo.KW), (ng8, 8), (ng8, 8), (geo.BT // geo.cpw, geo.D),
+            (geo.BT // geo.G, geo.D), (geo.BT // geo.G, geo.D)]
+
+
+def block_boxes(geo: Geometry, Tq: int, wide: bool) -> tuple[tuple[int, int], ...]:
+    """The copy box (rows, width) of each per-block array.
+
+    Each array's block is one contiguous run of its (sequence, kv head) slice, and the
+    kernel addresses its shared-memory copy by flat offsets, so any row width that divides
+    both the block and the whole slice gives the same bytes in the same places. ``wide``
+    takes the widest such row (at most 256 elements, TMA's box limit): a 2-bit D 128 block's
+    key scales then move as 2 rows of 512 bytes instead of 64 rows of 16 bytes (TMA moves a
+    box row by row). Otherwise the cache's natural rows."""
+    boxes = []
+    for (rows, width), dt in zip(_block_specs(geo), _BLOCK_DTYPES):
+        if wide:
+            per_block, per_slice = rows * width, Tq * rows * width // geo.BT
+            for w in (256, 128, 64, 32, 16):
+                if w <= width:
+                    break
+                if per_block % w == 0 and per_slice % w == 0 and w * jnp.dtype(dt).itemsize % 16 == 0:
+                    rows, width = per_block // w, w
+                    break
+        boxes.append((rows, width))
+    return tuple(boxes)
 
 
 def _mbarrier_init(ctx, bar, n: int):
@@ -456,7 +505,7 @@ def _mbarrier_init(ctx, bar, n: int):
     return ()
 
 
-def _bulk_fetch(ctx, *args, geo: Geometry):
+def _bulk_fetch(ctx, *args, boxes):
     """One thread registers the block's bytes on the slot's mbarrier (one arrive) and issues
     the six contiguous bulk copies; bytes past the end of an array are left undefined (the
     block math masks every token past the sequence)."""
@@ -466,12 +515,12 @@ def _bulk_fetch(ctx, *args, geo: Geometry):
     pred = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
     slot_v = _scalar(slot)
     base = mu.memref_ptr(bar)
-    total = sum(r * w * jnp.dtype(dt).itemsize for r, w, dt in _block_specs(geo))
+    total = sum(r * w * jnp.dtype(dt).itemsize for (r, w), dt in zip(boxes, _BLOCK_DTYPES))
     nvvm.mbarrier_arrive_expect_tx(mu.getelementptr(base, [slot_v], i64), _c(total),
                                    predicate=pred)
     barrier = mu.BarrierRef(base, slot_v, _c(0), 1)
     b_i, h_i = (arith.index_cast(idx, _scalar(x)) for x in (b, h))
-    for g, buf, (rows, _, _) in zip(gmem, bufs, _block_specs(geo)):
+    for g, buf, (rows, _) in zip(gmem, bufs, boxes):
         row0 = arith.index_cast(idx, arith.muli(_scalar(blk), _c(rows)))
         ctx.async_copy(src_ref=g, dst_ref=mu.memref_slice(buf, arith.index_cast(idx, slot_v)),
                        gmem_slice=(b_i, h_i, mu.DynamicSlice(row0, rows)), barrier=barrier,
@@ -642,8 +691,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                 barrier()
             return out
 
-        specs = [plgpu.BlockSpec((rows, width), lambda i: (blk0 + i, 0))
-                 for rows, width, _ in _block_specs(geo)]
+        specs = [plgpu.BlockSpec(box, lambda i: (blk0 + i, 0)) for box in kc.boxes]
         m_cols, l_cols, o_full = plgpu.emit_pipeline(
             emit_body, grid=(nblk,), in_specs=specs, max_concurrent_steps=kc.num_stages,
             init_carry=init)(*gmem_bh)
@@ -655,7 +703,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
 
         def fetch(i, slot):
             plgpu.inline_mgpu(arg_types=tuple(fetch_ty), return_type=())(
-                functools.partial(_bulk_fetch, geo=geo))(*gmem, *bufs, bar, b, h, blk0 + i, slot)
+                functools.partial(_bulk_fetch, boxes=kc.boxes))(*gmem, *bufs, bar, b, h, blk0 + i, slot)
 
         for k in range(stages):
             pl.when(k < nblk)(functools.partial(fetch, jnp.int32(k), jnp.int32(k)))
@@ -697,8 +745,8 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
         n_win = blk.window_scratch_size(geo, kc.sink + kc.window)
         scratch.append(plgpu.SMEM((n_win,), jnp.float32))
     if kc.pipeline == "bulk":
-        scratch += [plgpu.SMEM((kc.num_stages, rows, width), dt)
-                    for rows, width, dt in _block_specs(geo)]
+        scratch += [plgpu.SMEM((kc.num_stages, *box), dt)
+                    for box, dt in zip(kc.boxes, _BLOCK_DTYPES)]
         scratch.append(plgpu.SMEM((kc.num_stages, 2), jnp.uint32))  # the slots' mbarriers
     no_auto = kc.explicit_barriers or kc.pipeline == "bulk"
     return plgpu.kernel(
@@ -778,8 +826,10 @@ def combine_partials(o_part, ml_part, window, geo: Geometry):
     return jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[..., None]))
 
 
-def kernel_operands(layer: QuantLayer, geo: Geometry) -> list[jax.Array]:
-    """The quantized region in the kernel's views (free reshapes of the cache layout)."""
+def kernel_operands(layer: QuantLayer, geo: Geometry, boxes=None) -> list[jax.Array]:
+    """The quantized region in the kernel's views (free reshapes of the cache layout): each
+    array as [B, H, rows, width] with the widths of ``boxes`` (:func:`block_boxes`; default
+    the cache's natural rows)."""
     k, v = layer.k, layer.v
     if (k.grouping, k.packing, v.grouping, v.packing) != ("d", "d", "t", "t"):
         raise ValueError(
@@ -788,9 +838,9 @@ def kernel_operands(layer: QuantLayer, geo: Geometry) -> list[jax.Array]:
     B, H, Tq, _ = k.codes.shape
     if Tq % geo.G:
         raise ValueError(f"quant_capacity={Tq} must be a multiple of G={geo.G}")
-    sv = lambda x: x.reshape(B, H, Tq * geo.ng // 8, 8)  # noqa: E731
-    return [k.codes.reshape(B, H, Tq // geo.P, geo.KW), sv(k.scale), sv(k.zero),
-            v.codes, v.scale, v.zero]
+    boxes = boxes or block_boxes(geo, Tq, wide=False)
+    arrays = [k.codes, k.scale, k.zero, v.codes, v.scale, v.zero]
+    return [x.reshape(B, H, x[0, 0].size // w, w) for x, (_, w) in zip(arrays, boxes)]
 
 
 def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int) -> int:
@@ -800,7 +850,7 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
-                 pipeline=None, windows=None, ablate=()):
+                 pipeline=None, windows=None, wide_copies=None, ablate=()):
     """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
     gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -817,6 +867,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         explicit_barriers = tuned.get("explicit_barriers", False)
     pipeline = pipeline or tuned.get("pipeline", "emit")
     windows = windows or tuned.get("windows", "xla")
+    if wide_copies is None:
+        wide_copies = tuned.get("wide_copies", False)
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
@@ -846,11 +898,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         qw, wvalid = window_operands(qp, layer, lengths, cfg)
     else:  # stand-ins the kernel never reads (building the real ones would cost launches)
         qw, wvalid = kconst, nq
+    boxes = block_boxes(geo, Tq, bool(wide_copies))
     kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline,
-                      "kernel" if windows == "kernel" else "xla", cfg.sink,
+                      "kernel" if windows == "kernel" else "xla", boxes, cfg.sink,
                       cfg.window, tuple(ablate))
     call = _build_kernel(kc, B, H, NS)
-    operands = (nq, qexp, kconst, *kernel_operands(layer, geo), qw, wvalid, sk, sv,
+    operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
     return call, operands, geo, windows
 
@@ -874,7 +927,10 @@ def mgpu_decode_attention(
     arrive on the slot barrier from all 128 threads each; "bulk": one thread registers a
     block's bytes with one arrive and issues contiguous bulk copies), ``windows`` ("xla":
     an einsum pair and the merge in XLA; "kernel": one more program per (sequence, kv head);
-    "epilogue": windows and merge in one Triton launch after the kernel).
+    "epilogue": windows and merge in one Triton launch after the kernel), ``wide_copies``
+    (each block array copied in rows as wide as divide it, at most 256 elements, instead of
+    the cache's natural rows: 16 boxes of up to 1 KB instead of 260 rows of 16-512 bytes
+    per 2-bit D 128 block; see :func:`block_boxes`).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -895,7 +951,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "TUNED", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "MlirOps", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

@@ -163,6 +163,32 @@ def test_geometry_maps_are_bijective(geo):
     assert np.all(hits == 1)
 
 
+@pytest.mark.parametrize("geo", GEOS, ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
+def test_wide_copy_boxes_move_the_same_bytes(geo):
+    """Every block of every per-block array, copied as TMA does (a box of rows, zeros past
+    the array), holds the same flat bytes in the wide view as in the cache's natural rows,
+    also for a capacity that ends inside a block; the wide boxes are never narrower, stay
+    within TMA's 256-element box row and 16-byte row multiple, and widen the 16-byte rows."""
+    rng = np.random.default_rng(geo.BT + geo.D)
+    for Tq in (8 * geo.BT, 8 * geo.BT - geo.G, 3 * geo.G):
+        natural, wide = md.block_boxes(geo, Tq, False), md.block_boxes(geo, Tq, True)
+        for (rn, wn), (rw, ww), dt in zip(natural, wide, md._BLOCK_DTYPES):
+            item = np.dtype(dt).itemsize
+            assert rn * wn == rw * ww and ww >= wn and ww <= 256 and ww * item % 16 == 0
+            flat = rng.integers(1, 2**15, size=Tq * rn * wn // geo.BT).astype(np.int64)
+            for i in range(-(-Tq // geo.BT)):
+                got = []
+                for rows, width in ((rn, wn), (rw, ww)):
+                    view = flat.reshape(-1, width)
+                    box = np.zeros((rows, width), np.int64)
+                    part = view[i * rows:(i + 1) * rows]
+                    box[:len(part)] = part
+                    got.append(box.reshape(-1))
+                np.testing.assert_array_equal(got[0], got[1])
+    if geo.D == 128 and geo.bits == 2:  # the scales' 16-byte rows become wide ones
+        assert md.block_boxes(geo, 8 * geo.BT, True)[1][1] * 2 >= 256
+
+
 def test_geometry_rejects_bad_options():
     with pytest.raises(ValueError, match="block_tokens"):
         Geometry(2, 32, 128, 4, 96).validate()
@@ -178,7 +204,7 @@ def _np(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
-def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int):
+def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int, boxes=None):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
 
     Follows the Pallas body step for step: the same block functions, wgmma modelled as a
@@ -194,8 +220,8 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     ops = simt.SimOps()
     pexp_log = lambda buf, ck, j: np.array(  # noqa: E731  (logical B through the offsets)
         [[buf[geo.pexp_offset(ck, j, a, c)] for c in range(NV)] for a in range(16)], np.float32)
-    rows_k, rows_v = BT // geo.P, BT // geo.cpw
-    ng8, gr = BT * geo.ng // 8, BT // geo.G
+    Tq = kw[0, 0].size * BT // (BT // geo.P * geo.KW)
+    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (rows for rows, _ in boxes or md.block_boxes(geo, Tq, False))
 
     def block(ref, i, rows):  # TMA: a block of rows, zeros past the array
         out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
@@ -218,10 +244,10 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                 n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
                 for i in range(-(-n // BT)):
                     g = s * bps + i
-                    kw_s = block(kw[b, h], g, rows_k)
-                    ks_s, kz_s = block(ks[b, h], g, ng8), block(kz[b, h], g, ng8)
-                    vw_s = block(vw[b, h], g, rows_v)
-                    vs_s, vz_s = block(vs[b, h], g, gr), block(vz[b, h], g, gr)
+                    kw_s = block(kw[b, h], g, r_kw)
+                    ks_s, kz_s = block(ks[b, h], g, r_ks), block(kz[b, h], g, r_kz)
+                    vw_s = block(vw[b, h], g, r_vw)
+                    vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
                     n_valid = n - i * BT
                     a_k = blk.k_operands(ops, geo, kw_s)
                     acc = acc_init
@@ -261,8 +287,9 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     NS = -(-n_blocks // bps)
     nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
     qexp, kconst = md.query_operands(qp, geo)
-    operands = md.kernel_operands(layer, geo)
-    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
+    boxes = md.block_boxes(geo, cfg.quant_capacity, opts.get("wide_copies", False))
+    operands = md.kernel_operands(layer, geo, boxes)
+    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps, boxes)
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
@@ -426,6 +453,7 @@ def test_epilogue_rejects_mismatched_partials():
 # the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
 VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
             "emit-epilogue": dict(pipeline="emit", windows="epilogue"),
+            "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Round 8 (one H200 call): the Mosaic GPU kernel's copy boxes and instruction cuts.
+# SASS opcode counts of the compiled kernel (bf16 pairs converted by a shift and a mask,
+# scores as an FMA chain), kernel-only and op timings at B 8 / 32k and B 1 / 128k of the
+# natural and the wide copy boxes (copies alone, the XLA merge, the epilogue), then the
+# GPU tests of the base and the wide variant.
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_wide.sh
+source benchmarks/gpu_env.sh
+LOG="$OUT/wide_log.txt"
+start_log "$LOG"
+
+echo "== SASS of the compiled kernel" | tee -a "$LOG"
+MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py --stage check \
+  --points '[{}]' > /tmp/check.log 2>&1
+grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
+gzip -c /tmp/check.log > "$OUT/wide_sass.log.gz"
+
+echo "== copy boxes, kernel alone and op (elapsed $SECONDS s)" | tee -a "$LOG"
+P='[{}, {"wide_copies": true}, {"ablate": ["stream"]}, {"ablate": ["stream"], "wide_copies": true},
+    {"windows": "epilogue"}, {"windows": "epilogue", "wide_copies": true},
+    {"windows": "epilogue", "wide_copies": true, "ctas_per_sm": 4}]'
+timeout "${PROBE_S:-260}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \
+  --tag _wide 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
+
+echo "== GPU tests (elapsed $SECONDS s)" | tee -a "$LOG"
+T="$OUT/wide_gpu_tests.txt"
+head -2 "$LOG" > "$T"
+timeout "${TESTS_S:-200}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
+  tests/test_mgpu_kernels.py -k "emit-wide or emit-xla" >> "$T" 2>&1
+echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
+grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
