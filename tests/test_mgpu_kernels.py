@@ -413,23 +413,27 @@ def test_epilogue_equals_xla_merge(name):
     qp = _query(cache, Hq)
     layer = cache.layer(0)
     geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
-    B, NS = len(lengths), 3
+    # 11 splits: a full merge step of 8 and a partial one; channel blocks of 16
+    B, NS, n_dc = len(lengths), 11, D // 16
     o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(3),
-                                       empty_splits=(1,))
+                                       empty_splits=(1, 9))
     window = md.window_partial(qp, layer, cache.lengths, cfg)
     # the XLA merge reads only the heads' columns too, but NaN-free inputs keep it simple
     ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
                               jnp.asarray(np.nan_to_num(ml_part)), window, geo)
-    out = windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
-                            jnp.asarray(ml_part), geo, interpret=True)
-    assert out.shape == ref.shape
-    assert _rel(out, ref) < 1e-5
+    for blocks in (1, n_dc):
+        out = windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
+                                jnp.asarray(ml_part), geo, n_channel_blocks=blocks,
+                                interpret=True)
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < 1e-5
     # a sequence that holds nothing (all splits empty, no window token) is exactly 0
     o0, ml0 = _random_partials(geo, B, Hkv, NS, np.random.default_rng(4),
                                empty_splits=range(NS))
     empty_cache = KVCache.create(cfg, 1, B, Hkv, D)
     out0 = windows_and_merge(qp, empty_cache.layer(0), empty_cache.lengths, cfg,
-                             jnp.asarray(o0), jnp.asarray(ml0), geo, interpret=True)
+                             jnp.asarray(o0), jnp.asarray(ml0), geo, n_channel_blocks=n_dc,
+                             interpret=True)
     np.testing.assert_array_equal(np.asarray(out0), 0.0)
 
 
@@ -447,6 +451,21 @@ def test_epilogue_rejects_mismatched_partials():
     with pytest.raises(ValueError, match="at most 16 query heads.*windows='xla'"):
         windows_and_merge(qp17, cache.layer(0), cache.lengths, cfg, o_part, ml_part, geo,
                           interpret=True)
+    # channel blocks must be power-of-two blocks of at least 16 of the D = 64 channels
+    o_ok = jnp.ones((len(lengths), Hkv, 2, D, geo.NV), jnp.float32)
+    for bad in (0, 3, 8):
+        with pytest.raises(ValueError, match="n_channel_blocks"):
+            windows_and_merge(_query(cache, Hq), cache.layer(0), cache.lengths, cfg, o_ok,
+                              ml_part, geo, n_channel_blocks=bad, interpret=True)
+
+
+def test_epilogue_channel_blocks_fill_the_device():
+    from pallas_kernels.mgpu_epilogue import channel_blocks
+    assert channel_blocks(1, 8, 128, 132) == 8  # 64 programs (one per SM would be 16.5)
+    assert channel_blocks(8, 8, 128, 132) == 4  # 256 programs, about two per SM
+    assert channel_blocks(8, 3, 64, 132) == 4  # blocks of 16 channels at most
+    assert channel_blocks(64, 8, 128, 132) == 1  # B x H already fills the device
+    assert channel_blocks(1, 8, 128, None) == 1  # no SM count: one program per (b, h)
 
 
 # ------------------------------------------------------------------ lowering
@@ -454,6 +473,7 @@ def test_epilogue_rejects_mismatched_partials():
 VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
             "emit-epilogue": dict(pipeline="emit", windows="epilogue"),
             "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True),
+            "epilogue-wide": dict(pipeline="emit", windows="epilogue", wide_copies=True),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Round 8 (one H200 call): the epilogue's merge spread over channel blocks (grid (kv head,
+# sequence, channel block), eight splits' loads in flight per step) with the wide copy
+# boxes: the Mosaic GPU tests of both epilogue variants compiled, kernel-only and op
+# timings at B 8 / 32k and B 1 / 128k, then the shape suite beside the fused Triton op and
+# jax's bf16 kernel (every point checked against the reference first; pipelined).
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_epilogue_blocks.sh
+source benchmarks/gpu_env.sh
+LOG="$OUT/epilogue_blocks_log.txt"
+start_log "$LOG"
+
+T="$OUT/epilogue_blocks_gpu_tests.txt"
+head -2 "$LOG" > "$T"
+timeout "${TESTS_S:-160}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
+  tests/test_mgpu_kernels.py -k "emit-epilogue or epilogue-wide" >> "$T" 2>&1
+echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
+grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+
+P='[{"windows": "epilogue", "wide_copies": true}, {"windows": "epilogue"}]'
+timeout "${PROBE_S:-90}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \
+  --tag _epilogue_blocks 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
+echo "probe done (elapsed $SECONDS s)" | tee -a "$LOG"
+
+V='["bf16_pallas", "innerq_fused", "innerq_mgpu@{\"windows\": \"epilogue\", \"wide_copies\": true}"]'
+SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'
+timeout "${BENCH_S:-300}" $PY benchmarks/bench_kernels.py --suite points --tag _epilogue_blocks \
+  --out "$OUT" --reps 5 --points "[[8, 32768, {}, $V], [1, 131072, {}, $V], [8, 16384, {}, $V],
+    [1, 32768, {}, $V], [8, 4096, {}, $V], [1, 4096, {}, $V], [8, 8192, $SM, $V],
+    [32, 16384, {}, $V]]" > "$OUT/kernels_points_epilogue_blocks_log.txt" 2>&1
+echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+grep -E "^\[| ms |MISMATCH|FAILED" "$OUT/kernels_points_epilogue_blocks_log.txt" | grep -vE "^\s+File" >> "$LOG"
+echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
