@@ -217,6 +217,22 @@ def max_batch(limit: int, weight_bytes: int, per_seq: int, data: int, model: int
     return max(data, int(free * data * model // per_seq) // data * data)
 
 
+def attention_kernel(cfg: CacheConfig, pairs: int) -> str:
+    """Which decode-attention path the dispatch takes for this cache on this device, with
+    ``pairs`` (sequence, kv head) pairs per device: "mosaic" or "triton" (GPU, fused),
+    "tpu", or "reference"/"dense" where no fused kernel reads the cache."""
+    platform = jax.devices()[0].platform
+    if not cfg.quantized:
+        return "dense"
+    if platform == "tpu":
+        return "tpu" if not cfg.kernel_unsupported else "reference"
+    if platform != "gpu" or cfg.fused_unsupported:
+        return "reference"
+    from pallas_kernels.mgpu_decode import preferred
+
+    return "mosaic" if not cfg.kernel_unsupported and preferred(cfg, pairs=pairs) else "triton"
+
+
 # --------------------------------------------------------------------- running
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -285,10 +301,12 @@ def main(argv=None) -> None:
         if B == "max":
             B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
         label = kind if writer == "auto" else f"{kind}/{writer}"
+        pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)
         row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
                    jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
                    B=B, context=ctx, suite=suite,
                    mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
+                   attention_kernel=attention_kernel(cfg, pairs),
                    cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
         # per device: weights split over model, cache over data x model
         dev_bytes = weight_bytes / model_axis + per_seq * B / ndev

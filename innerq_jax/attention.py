@@ -70,11 +70,12 @@ def _default_backend() -> str:
     return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "reference")
 
 
-def _mosaic_preferred(cfg: CacheConfig, kernel_options) -> bool:
-    """The Mosaic GPU kernel where it measured faster on this device (Hopper), else Triton."""
+def _mosaic_preferred(cfg: CacheConfig, kernel_options, pairs: int) -> bool:
+    """The Mosaic GPU kernel where it measured faster on this device (Hopper) for this many
+    (sequence, kv head) pairs and this cache capacity, else Triton."""
     from pallas_kernels.mgpu_decode import preferred
 
-    return preferred(cfg, kernel_options)
+    return preferred(cfg, kernel_options, pairs=pairs)
 
 
 def decode_attention_layer(
@@ -130,7 +131,7 @@ def decode_attention_layer(
                 qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
             )
         elif (backend == "pallas" and not cfg.kernel_unsupported
-              and _mosaic_preferred(cfg, kernel_options)):
+              and _mosaic_preferred(cfg, kernel_options, qp.shape[0] * qp.shape[1])):
             from pallas_kernels.mgpu_decode import mgpu_decode_attention
 
             o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)

@@ -74,19 +74,21 @@ def _check_jax_version() -> None:
 
 
 # Tuned defaults per device kind: the fastest point measured on the GPU and checked there
-# (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU" and "Round 5";
-# results/kernels_points_mgpu5_suite.json, results/kernels_mgpu6_probe.json).
-# ``preferred``: whether the backend dispatch runs this kernel instead of the Triton one;
-# on the H200 the Triton kernel measured faster over the shape suite (round 5: the Mosaic
-# op wins at B 32 / 16k and at 4 bits, ties at B 8 / 32k, loses at short contexts), so it
-# stays the default there. pipeline="bulk" and windows="kernel" pass the GPU tests and
-# measured slower (runs 3-5). windows="epilogue" (round 7, results/kernels_points_epilogue.json)
-# passes the GPU tests and is the fastest InnerQ op at B 8 / 32k (0.154 ms against Triton's
-# 0.161) but slower at every other suite shape (its epilogue runs after the kernel on
-# B x Hkv programs), so it is not the default either.
+# (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU", "Round 5" and "Round 8").
+# ``preferred``: where the backend dispatch runs this kernel instead of the Triton one:
+# False, True, or a rule over the call's shape, ``dict(min_pairs=P, min_capacity=T)``: at
+# least P (sequence, kv head) pairs and a cache of at least T tokens. On the H200, with the
+# one-launch epilogue spread over channel blocks and the wide copy boxes (round 8,
+# results/kernels_points_epilogue_blocks.json), this op beats the fused Triton one at B 8 /
+# 16k, B 8 / 32k and B 32 / 16k (64 and 256 pairs: 0.087 / 0.137 / 0.268 ms against 0.091
+# / 0.156 / 0.303) and loses with fewer pairs or shorter caches (B 1 / 128k 0.098 against
+# 0.089; B 8 / 4k, B 1 / 32k, B 1 / 4k, SmolLM2 B 8 / 8k), where the Triton kernel's
+# in-kernel merge and window program cost less than the epilogue launch.
+# pipeline="bulk" and windows="kernel" pass the GPU tests and measured slower (runs 3-5).
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
-                        pipeline="emit", windows="xla", preferred=False),
+                        pipeline="emit", windows="epilogue", wide_copies=True,
+                        preferred=dict(min_pairs=64, min_capacity=16384)),
 }
 _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 
@@ -99,14 +101,21 @@ _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies"})
 
 
-def preferred(cfg: CacheConfig, options=(), device=None) -> bool:
+def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
     """Whether the backend dispatch should run this kernel: an InnerQ cache, a GPU whose
-    tuned entry says this kernel measured faster than the Triton one, and only options this
-    kernel takes (Triton-only options keep the Triton kernel)."""
+    tuned entry says this kernel measured faster than the Triton one (for a shape rule: at
+    ``pairs`` = batch x kv heads and the cache's capacity), and only options this kernel
+    takes (Triton-only options keep the Triton kernel)."""
     if cfg.kind != "innerq" or set(options) - _OPTIONS:
         return False
     device = device or jax.devices()[0]
-    return device.platform == "gpu" and bool(TUNED.get(device.device_kind, {}).get("preferred"))
+    rule = TUNED.get(device.device_kind, {}).get("preferred", False)
+    if device.platform != "gpu" or not rule:
+        return False
+    if isinstance(rule, dict):
+        return (pairs is not None and pairs >= rule["min_pairs"]
+                and cfg.capacity >= rule["min_capacity"])
+    return True
 
 
 def tuned_defaults(device=None) -> dict:

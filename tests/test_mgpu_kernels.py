@@ -470,11 +470,12 @@ def test_epilogue_channel_blocks_fill_the_device():
 
 # ------------------------------------------------------------------ lowering
 # the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
-VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla"),
-            "emit-epilogue": dict(pipeline="emit", windows="epilogue"),
+VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False),
+            "emit-epilogue": dict(pipeline="emit", windows="epilogue", wide_copies=False),
             "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True),
             "epilogue-wide": dict(pipeline="emit", windows="epilogue", wide_copies=True),
-            "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True)}
+            "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True,
+                                wide_copies=False)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -570,8 +571,38 @@ def test_dispatch_prefers_mosaic_only_where_measured():
     assert not md.preferred(CacheConfig.outerq(capacity=512), device=h200)
     assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
     assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
-    expect = bool(md.TUNED["NVIDIA H200"].get("preferred"))
-    assert md.preferred(cfg, {"num_stages": 4}, h200) == expect
+    # the H200's rule: at least 64 (sequence, kv head) pairs and a 16k-token cache
+    assert md.TUNED["NVIDIA H200"]["preferred"] == dict(min_pairs=64, min_capacity=16384)
+    long = CacheConfig.innerq(capacity=32768)
+    assert md.preferred(long, {"num_stages": 4}, h200, pairs=64)
+    assert md.preferred(CacheConfig.innerq(capacity=16384), device=h200, pairs=256)
+    assert not md.preferred(long, device=h200, pairs=8)  # B 1 x 8 kv heads: Triton
+    assert not md.preferred(cfg, device=h200, pairs=256)  # a 512-token cache: Triton
+    assert not md.preferred(long, device=h200)  # no shape given: Triton
+    assert not md.preferred(long, {"num_warps": 4}, h200, pairs=64)
+
+
+def test_dispatch_runs_the_kernel_the_rule_picks(monkeypatch):
+    """decode_attention_layer on a GPU-looking device runs the Mosaic op exactly where the
+    tuned rule says, with the call's batch x kv heads (stand-in kernels record the choice)."""
+    import innerq_jax.attention as att
+
+    picked = []
+    monkeypatch.setattr(att, "_default_backend", lambda: "pallas")
+    monkeypatch.setattr(md, "mgpu_decode_attention",
+                        lambda qp, *a, **k: picked.append("mosaic") or jnp.zeros(qp.shape))
+    monkeypatch.setattr(att, "_fused_kernel", lambda: (
+        lambda qp, *a, **k: picked.append("triton") or jnp.zeros(qp.shape)))
+    h200 = _Device("gpu", "NVIDIA H200")
+    monkeypatch.setattr(md.jax, "devices", lambda *a: [h200])
+    cfg = CacheConfig.innerq(capacity=16384)
+    for B, Hkv, want in ((8, 8, "mosaic"), (1, 8, "triton"), (8, 4, "triton")):
+        layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, 64).layer(0))
+        q = jax.ShapeDtypeStruct((B, 4 * Hkv, 64), jnp.float32)
+        lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+        jax.eval_shape(lambda q_, lay, n: att.decode_attention_layer(q_, lay, n, cfg), q,
+                       layer, lens)
+        assert picked[-1] == want, (B, Hkv, picked)
 
 
 # ------------------------------------------------------------- window program
