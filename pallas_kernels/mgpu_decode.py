@@ -97,8 +97,11 @@ _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 # merge as XLA fusions), "kernel" (one more Mosaic program per (sequence, kv head), merged in
 # XLA) or "epilogue" (one Triton launch after the kernel does both, mgpu_epilogue.py)
 WINDOWS = ("xla", "kernel", "epilogue")
+# where the query operands (Qexp, kconst) are built: "xla" (query_operands, four small
+# fusions) or "kernel" (one Triton launch, mgpu_query.py)
+QUERY = ("xla", "kernel")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
-                      "explicit_barriers", "pipeline", "windows", "wide_copies"})
+                      "explicit_barriers", "pipeline", "windows", "wide_copies", "query"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
@@ -859,7 +862,7 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
-                 pipeline=None, windows=None, wide_copies=None, ablate=()):
+                 pipeline=None, windows=None, wide_copies=None, query=None, ablate=()):
     """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
     gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -878,6 +881,9 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     windows = windows or tuned.get("windows", "xla")
     if wide_copies is None:
         wide_copies = tuned.get("wide_copies", False)
+    query = query or tuned.get("query", "xla")
+    if query not in QUERY:
+        raise ValueError(f"query={query!r}; choose one of {QUERY}")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
@@ -898,7 +904,11 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     NS = -(-n_blocks // bps)
     lengths = jnp.asarray(lengths, jnp.int32)
     nq = region_sizes(lengths, cfg).quantized
-    qexp, kconst = query_operands(qp, geo)
+    if query == "kernel":
+        from pallas_kernels.mgpu_query import query_operands_kernel
+        qexp, kconst = query_operands_kernel(qp, geo)
+    else:
+        qexp, kconst = query_operands(qp, geo)
     qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
     sk, sv = layer.sink_k, layer.sink_v
     if cfg.sink == 0:  # a stand-in: the kernel never reads it
@@ -939,7 +949,8 @@ def mgpu_decode_attention(
     "epilogue": windows and merge in one Triton launch after the kernel), ``wide_copies``
     (each block array copied in rows as wide as divide it, at most 256 elements, instead of
     the cache's natural rows: 16 boxes of up to 1 KB instead of 260 rows of 16-512 bytes
-    per 2-bit D 128 block; see :func:`block_boxes`).
+    per 2-bit D 128 block; see :func:`block_boxes`), ``query`` ("xla": the query operands
+    as XLA fusions; "kernel": one Triton launch, :mod:`pallas_kernels.mgpu_query`).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -960,7 +971,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

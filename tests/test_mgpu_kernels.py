@@ -189,6 +189,24 @@ def test_wide_copy_boxes_move_the_same_bytes(geo):
         assert md.block_boxes(geo, 8 * geo.BT, True)[1][1] * 2 >= 256
 
 
+@pytest.mark.parametrize("geo", GEOS + [Geometry(2, 32, 128, 12, 128)],
+                         ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
+def test_query_kernel_equals_xla_operands(geo):
+    """The one-launch query operands (interpret mode) equal query_operands: Qexp bit for
+    bit (koff cancels the 128x offset only for exactly these bf16 values), koff and the
+    query sums up to the order of their float32 sums (NK = 48 at 12 heads: padded tiles)."""
+    from pallas_kernels.mgpu_query import query_operands_kernel
+    qp = jax.random.normal(jax.random.PRNGKey(geo.D + geo.n_rep), (2, 3, geo.n_rep, geo.D)) * 3
+    qe_ref, kc_ref = md.query_operands(qp, geo)
+    qe, kc = query_operands_kernel(qp, geo, interpret=True)
+    assert qe.shape == qe_ref.shape and qe.dtype == jnp.bfloat16 and kc.shape == kc_ref.shape
+    np.testing.assert_array_equal(np.asarray(qe, np.float32), np.asarray(qe_ref, np.float32))
+    np.testing.assert_allclose(np.asarray(kc), np.asarray(kc_ref), rtol=2e-6, atol=2e-5)
+    assert np.abs(np.asarray(kc)).max() > 1.0  # not vacuous: real sums
+    with pytest.raises(ValueError, match="does not match the geometry"):
+        query_operands_kernel(qp[..., :16], geo, interpret=True)
+
+
 def test_geometry_rejects_bad_options():
     with pytest.raises(ValueError, match="block_tokens"):
         Geometry(2, 32, 128, 4, 96).validate()
@@ -474,6 +492,8 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False),
             "emit-epilogue": dict(pipeline="emit", windows="epilogue", wide_copies=False),
             "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True),
             "epilogue-wide": dict(pipeline="emit", windows="epilogue", wide_copies=True),
+            "epilogue-query": dict(pipeline="emit", windows="epilogue", wide_copies=True,
+                                   query="kernel"),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True,
                                 wide_copies=False)}
 
@@ -491,11 +511,12 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     kw = dict(opts, **VARIANTS[variant])
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
     if kw["windows"] == "epilogue":  # Pallas' Triton lowering needs a GPU: an abstract H200
+        n_triton = 1 + (kw.get("query") == "kernel")
         from jax.sharding import use_abstract_mesh
         with use_abstract_mesh(abstract_h200()):
             text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
         # the windows and the merge are the Triton call's: no einsum is left in XLA
-        assert text.count("__gpu$xla.gpu.triton") == 1 and "dot_general" not in text
+        assert text.count("__gpu$xla.gpu.triton") == n_triton and "dot_general" not in text
     else:
         text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -514,7 +535,8 @@ def test_rejects_outerq_and_bad_block():
     with pytest.raises(ValueError, match="block_tokens"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, block_tokens=96)
-    for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(ablate=("nothing",))):
+    for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
+                dict(ablate=("nothing",))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)

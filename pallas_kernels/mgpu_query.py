@@ -1,0 +1,109 @@
+"""The Mosaic GPU op's query operands in one Triton launch.
+
+Before the Mosaic GPU kernel runs, each (sequence, kv head) needs the expanded
+query ``Qexp`` (the B operand of the key MMAs: ``q * 2**-e_j`` at the column of
+(token, head, channel group), rounded to bf16) and its column constants
+``kconst`` (``koff`` = 128 x the sum of exactly those bf16 values, which cancels
+the codes' +128 offset, and the per-group query sums).
+:func:`pallas_kernels.mgpu_decode.query_operands` builds them in XLA, which
+makes four small fusions of it: four launches per call, ~7 us of device time
+and more of waiting at B 1 / 128k (benchmarks/KERNEL_NOTES.md, round 8). This
+kernel does the same in one launch, one program per (kv head, sequence), from
+the same gather tables (:attr:`Geometry.qexp_tables`, :attr:`Geometry.qsum_tables`):
+``Qexp`` bit for bit, ``kconst`` up to the order of the float32 sums.
+It runs in Pallas interpret mode on the CPU (tests/test_mgpu_kernels.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.innerq_blocks import load_q, next_pow2
+from pallas_kernels.mgpu_geometry import Geometry
+from pallas_kernels.triton_ext import call_quietly
+
+
+def _query_kernel(
+    q_ref,  # [r, D] f32: this (sequence, kv head)'s queries
+    head_ref,  # [S16, NKp] int32: Qexp's query head per entry (S16 = n_ksteps * 16)
+    chan_ref,  # [S16, NKp] int32: its channel
+    fac_ref,  # [S16, NKp] f32: its factor 2**-e_j (0: a structural zero)
+    qh_ref,  # [NKp, G] int32: per key column, the head of its query sum
+    qc_ref,  # [NKp, G] int32: the group's channels
+    qok_ref,  # [NKp, G] int32: 1 where the column has a query sum
+    qexp_ref,  # out [S16, NK] bf16: Qexp, steps stacked
+    kconst_ref,  # out [2, NK] f32: koff, query sums
+    *, NK: int,
+):
+    S16, NKp = head_ref.shape
+    rows = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 1)
+    # q * log2 e, then * 2**-e_j, rounded to bf16: the operations of query_operands in order
+    qx = (load_q(q_ref, head_ref[...], chan_ref[...]) * fac_ref[...]).astype(jnp.bfloat16)
+    plgpu.store(qexp_ref.at[rows, cols], qx, mask=cols < NK)
+    koff = 128.0 * jnp.sum(qx.astype(jnp.float32), axis=0)  # [NKp]
+    qg = jnp.where(qok_ref[...] != 0, load_q(q_ref, qh_ref[...], qc_ref[...]), 0.0)
+    qsum = jnp.sum(qg, axis=1)  # [NKp]
+    c1 = jax.lax.broadcasted_iota(jnp.int32, (NKp,), 0)
+    plgpu.store(kconst_ref.at[0, c1], koff, mask=c1 < NK)
+    plgpu.store(kconst_ref.at[1, c1], qsum, mask=c1 < NK)
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(geo: Geometry):
+    """The gather tables padded to power-of-two widths (Triton tiles), as numpy arrays."""
+    head, chan, fac = geo.qexp_tables
+    S16, NK = geo.n_ksteps * 16, geo.NK
+    NKp = next_pow2(NK)
+    pad = lambda x: np.pad(x.reshape(S16, NK), ((0, 0), (0, NKp - NK)))  # noqa: E731
+    qh, qg, ok = geo.qsum_tables
+    g = np.arange(geo.G)
+    qcol = np.pad(qg, (0, NKp - NK))[:, None] * geo.G + g[None, :]
+    return (pad(head).astype(np.int32), pad(chan).astype(np.int32), pad(fac).astype(np.float32),
+            np.repeat(np.pad(qh, (0, NKp - NK))[:, None], geo.G, 1).astype(np.int32),
+            qcol.astype(np.int32),
+            np.repeat(np.pad(ok, (0, NKp - NK))[:, None], geo.G, 1).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=32)
+def _build_call(geo: Geometry, B: int, H: int, interpret: bool):
+    S16, NK = geo.n_ksteps * 16, geo.NK
+    tables = _tables(geo)
+    full = lambda shape: pl.BlockSpec(shape, lambda h, b: (0,) * len(shape))  # noqa: E731
+    per_bh = lambda shape: pl.BlockSpec((None, None) + shape, lambda h, b: (b, h, 0, 0))  # noqa: E731
+    kw = {}
+    if not interpret:
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=1)
+    return pl.pallas_call(
+        functools.partial(_query_kernel, NK=NK),
+        grid=(H, B),
+        in_specs=[per_bh((geo.n_rep, geo.D))] + [full(t.shape) for t in tables],
+        out_specs=[per_bh((S16, NK)), per_bh((2, NK))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, S16, NK), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((B, H, 2, NK), jnp.float32)],
+        interpret=interpret,
+        name="innerq_mgpu_query",
+        **kw,
+    )
+
+
+def query_operands_kernel(qp: jax.Array, geo: Geometry, *, interpret: bool = False):
+    """qp [B, H, r, D] -> (Qexp [B, H, n_ksteps, 16, NK] bf16, kconst [B, H, 2, NK] f32), as
+    :func:`pallas_kernels.mgpu_decode.query_operands` gives them, in one launch."""
+    B, H, r, D = qp.shape
+    if (r, D) != (geo.n_rep, geo.D):
+        raise ValueError(f"qp {qp.shape} does not match the geometry (n_rep={geo.n_rep}, "
+                         f"D={geo.D})")
+    tables = [jnp.asarray(t) for t in _tables(geo)]
+    qexp, kconst = call_quietly(_build_call(geo, B, H, interpret), qp.astype(jnp.float32),
+                                *tables)
+    return qexp.reshape(B, H, geo.n_ksteps, 16, geo.NK), kconst
+
+
+__all__ = ["query_operands_kernel"]
