@@ -83,11 +83,13 @@ def _check_jax_version() -> None:
 # 16k, B 8 / 32k and B 32 / 16k (64 and 256 pairs: 0.087 / 0.137 / 0.268 ms against 0.091
 # / 0.156 / 0.303) and loses with fewer pairs or shorter caches (B 1 / 128k 0.098 against
 # 0.089; B 8 / 4k, B 1 / 32k, B 1 / 4k, SmolLM2 B 8 / 8k), where the Triton kernel's
-# in-kernel merge and window program cost less than the epilogue launch.
-# pipeline="bulk" and windows="kernel" pass the GPU tests and measured slower (runs 3-5).
+# in-kernel merge and window program cost less than the epilogue launch. The query
+# operands in one Triton launch (query="kernel") took B 8 / 32k from 0.142 to 0.136 ms in
+# one run (results/mgpu_probe_query.json). pipeline="bulk" and windows="kernel" pass the
+# GPU tests and measured slower (runs 3-5).
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
-                        pipeline="emit", windows="epilogue", wide_copies=True,
+                        pipeline="emit", windows="epilogue", wide_copies=True, query="kernel",
                         preferred=dict(min_pairs=64, min_capacity=16384)),
 }
 _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)

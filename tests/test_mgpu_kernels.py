@@ -189,7 +189,12 @@ def test_wide_copy_boxes_move_the_same_bytes(geo):
         assert md.block_boxes(geo, 8 * geo.BT, True)[1][1] * 2 >= 256
 
 
-@pytest.mark.parametrize("geo", GEOS + [Geometry(2, 32, 128, 12, 128)],
+_QUERY_GEOS = [Geometry(2, 32, 128, 4, 128), Geometry(4, 64, 64, 3, 64),
+               Geometry(2, 32, 128, 12, 128)]  # by default (CI time); the rest with -m slow
+
+
+@pytest.mark.parametrize("geo", _QUERY_GEOS + [pytest.param(g, marks=pytest.mark.slow)
+                                               for g in GEOS if g not in _QUERY_GEOS],
                          ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
 def test_query_kernel_equals_xla_operands(geo):
     """The one-launch query operands (interpret mode) equal query_operands: Qexp bit for
@@ -487,19 +492,28 @@ def test_epilogue_channel_blocks_fill_the_device():
 
 
 # ------------------------------------------------------------------ lowering
-# the kernel's structural variants: (copy pipeline, where the bf16 windows are computed)
-VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False),
-            "emit-epilogue": dict(pipeline="emit", windows="epilogue", wide_copies=False),
-            "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True),
-            "epilogue-wide": dict(pipeline="emit", windows="epilogue", wide_copies=True),
+# the kernel's structural variants: copy pipeline, where the bf16 windows are computed,
+# copy boxes, where the query operands are built
+VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, query="xla"),
+            "emit-epilogue": dict(pipeline="emit", windows="epilogue", wide_copies=False,
+                                  query="xla"),
+            "emit-wide": dict(pipeline="emit", windows="xla", wide_copies=True, query="xla"),
+            "epilogue-wide": dict(pipeline="emit", windows="epilogue", wide_copies=True,
+                                  query="xla"),
             "epilogue-query": dict(pipeline="emit", windows="epilogue", wide_copies=True,
                                    query="kernel"),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True,
-                                wide_copies=False)}
+                                wide_copies=False, query="xla")}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("name", list(GRID))
+# the copy-box variants differ from their natural-box twins only in the copies' views:
+# one grid case by default, the rest with -m slow (CI time)
+_LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
+                if v in ("emit-wide", "epilogue-wide") and n != "innerq2-G32-D128-gqa4"
+                else (n, v) for v in VARIANTS for n in GRID]
+
+
+@pytest.mark.parametrize("name,variant", _LOWER_CASES)
 def test_kernel_lowers_to_mosaic_gpu(name, variant):
     """The whole kernel lowers to Mosaic GPU IR (layouts, shapes, copies, wgmma operand
     checks); compiling it to SASS needs the GPU."""
