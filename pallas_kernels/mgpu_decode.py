@@ -5,16 +5,18 @@
 bf16 sink window, the packed quantized region and the bf16 recent ring, then the
 probability-weighted values; f32 [B, Hkv, n_rep, D].
 
-Structure (one launch of the Mosaic GPU kernel, plus two small XLA fusions):
+Structure (one launch of the Mosaic GPU kernel, plus the work around it):
 
-* XLA, per call: the expanded query ``Qexp`` (the B operand of the key MMAs,
-  built once per (sequence, kv head) instead of once per program) and its column
-  constants (``koff``, the codes' +128 offset, and the per-group query sums);
+* per call, the expanded query ``Qexp`` (the B operand of the key MMAs, built once
+  per (sequence, kv head) instead of once per program) and its column constants
+  (``koff``, the codes' +128 offset, and the per-group query sums): in XLA
+  (``query="xla"``) or one Triton launch (``query="kernel"``,
+  :mod:`pallas_kernels.mgpu_query`);
 * kernel, grid (splits, Hkv, B), one warpgroup per program: ``plgpu.emit_pipeline``
   streams the blocks of the program's token range with TMA (key words, key
   scales and zeros, value words, value scales and zeros; ``num_stages`` blocks in
-  flight); per block the key chain (wgmma, A = unpacked codes in registers,
-  tokens on M), the scores and the online softmax (maxima exchanged once per block
+  flight; ``wide_copies``: each in boxes of rows as wide as divide it); per block
+  the key chain (wgmma, A = unpacked codes in registers, tokens on M), the scores and the online softmax (maxima exchanged once per block
   through shared memory), the probabilities written as the B operand ``Pexp`` of
   the value chain (wgmma, A = unpacked value codes, channels on M), and the
   per-group scale multiply of both in registers. Each program writes its partial
