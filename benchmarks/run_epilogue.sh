@@ -10,12 +10,7 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/epilogue_log.txt"
 start_log "$LOG"
 
-T="$OUT/epilogue_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-timeout "${TESTS_S:-160}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
-  tests/test_mgpu_kernels.py -k "emit-xla or emit-epilogue" >> "$T" 2>&1
-echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+mosaic_gpu_tests "$OUT/epilogue_gpu_tests.txt" "emit-xla or emit-epilogue" "${TESTS_S:-160}"
 
 V='["bf16_pallas", "innerq_fused", "innerq_mgpu", "innerq_mgpu@{\"windows\": \"epilogue\"}"]'
 SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'

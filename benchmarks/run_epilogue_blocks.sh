@@ -9,12 +9,7 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/epilogue_blocks_log.txt"
 start_log "$LOG"
 
-T="$OUT/epilogue_blocks_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-timeout "${TESTS_S:-160}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
-  tests/test_mgpu_kernels.py -k "emit-epilogue or epilogue-wide" >> "$T" 2>&1
-echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+mosaic_gpu_tests "$OUT/epilogue_blocks_gpu_tests.txt" "emit-epilogue or epilogue-wide" "${TESTS_S:-160}"
 
 P='[{"windows": "epilogue", "wide_copies": true}, {"windows": "epilogue"}]'
 timeout "${PROBE_S:-90}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \

@@ -10,12 +10,7 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/query_kernel_log.txt"
 start_log "$LOG"
 
-T="$OUT/query_kernel_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-timeout "${TESTS_S:-110}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
-  tests/test_mgpu_kernels.py -k "epilogue-query" >> "$T" 2>&1
-echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+mosaic_gpu_tests "$OUT/query_kernel_gpu_tests.txt" "epilogue-query" "${TESTS_S:-110}"
 
 P='[{"windows": "epilogue", "wide_copies": true, "query": "kernel"},
     {"windows": "epilogue", "wide_copies": true, "query": "kernel", "ctas_per_sm": 2},

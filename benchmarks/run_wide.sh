@@ -23,10 +23,5 @@ timeout "${PROBE_S:-260}" $PY benchmarks/mgpu_probe.py --stage kernel --points "
   --tag _wide 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
 
 echo "== GPU tests (elapsed $SECONDS s)" | tee -a "$LOG"
-T="$OUT/wide_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-timeout "${TESTS_S:-200}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
-  tests/test_mgpu_kernels.py -k "emit-wide or emit-xla" >> "$T" 2>&1
-echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+mosaic_gpu_tests "$OUT/wide_gpu_tests.txt" "emit-wide or emit-xla" "${TESTS_S:-200}"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
