@@ -83,6 +83,10 @@ GRID = {
                               [480, 230], 0, dict(num_splits=2)),
     "innerq2-nosink": (CacheConfig.innerq(sink=0, capacity=512), 64, 4, 1, [480, 33], 3,
                        dict(num_splits=2)),
+    # the recommended cache (InnerQ-H: rotation, key centring; 36 sinks, 96 recent), which
+    # the H200 dispatch runs on this kernel at long contexts
+    "recommended-D128-gqa4": (CacheConfig.recommended(capacity=704), 128, 8, 2,
+                              [700, 30, 36 + 128 + 32 + 3, 150], 2, dict(num_splits=2)),
 }
 
 
@@ -329,7 +333,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
 # 64, D 64 and 128, GQA, no sinks), the rest of the grid with -m slow (CI time); the GPU
 # module runs the whole grid compiled
 _SIM_SLOW = {"innerq2-G64-D128-gqa4", "innerq2-G32-D64-smollm", "innerq2-G64-D128-mha",
-             "innerq2-G32-D64-mha-bt256", "innerq4-G64-D128-gqa8"}
+             "innerq2-G32-D64-mha-bt256", "innerq4-G64-D128-gqa8", "recommended-D128-gqa4"}
 
 
 _SIM_EPILOGUE = {"innerq2-G32-D128-gqa4", "innerq2-nosink"}
