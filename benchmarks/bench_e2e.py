@@ -381,7 +381,8 @@ def main(argv=None) -> None:
 
 def table(rows) -> str:
     head = (f"{'cache':8s} {'mesh':16s} {'B':>4s} {'ctx':>6s} {'ms/step':>8s} {'tok/s':>7s} "
-            f"{'roofline':>8s} {'x roof':>6s} {'attn*L':>7s} {'x (W+A)':>7s} {'compile':>7s}")
+            f"{'roofline':>8s} {'x roof':>6s} {'attn*L':>7s} {'x (W+A)':>7s} {'compile':>7s} "
+            f"{'kernel':>8s}")
     out = [head]
     for r in rows:
         if "step_ms" not in r:
@@ -391,7 +392,8 @@ def table(rows) -> str:
         out.append(f"{r['cache']:8s} {r['mesh']:16s} {r['B']:4d} {r['context']:6d} "
                    f"{r['step_ms']:8.2f} {r['tokens_per_s']:7.0f} {r['roofline_ms']:8.2f} "
                    f"{r['vs_roofline']:6.2f} {r['attention_ms_all_layers']:7.2f} "
-                   f"{r['vs_weights_plus_attention']:7.2f} {r['compile_s']:6.1f}s")
+                   f"{r['vs_weights_plus_attention']:7.2f} {r['compile_s']:6.1f}s "
+                   f"{r.get('attention_kernel', ''):>8s}")
     return "\n".join(out)
 
 
