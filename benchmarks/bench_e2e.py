@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from innerq_jax import CacheConfig, KVCache
-from innerq_jax.attention import decode_attention_layer
+from innerq_jax.attention import decode_attention_layer, quantized_path
 from innerq_jax.cache import WRITERS
 from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
 from models.llama import Llama, ModelConfig, jit_decode_step, shard_model
@@ -218,19 +218,12 @@ def max_batch(limit: int, weight_bytes: int, per_seq: int, data: int, model: int
 
 
 def attention_kernel(cfg: CacheConfig, pairs: int) -> str:
-    """Which decode-attention path the dispatch takes for this cache on this device, with
-    ``pairs`` (sequence, kv head) pairs per device: "mosaic" or "triton" (GPU, fused),
-    "tpu", or "reference"/"dense" where no fused kernel reads the cache."""
-    platform = jax.devices()[0].platform
-    if not cfg.quantized:
-        return "dense"
-    if platform == "tpu":
-        return "tpu" if not cfg.kernel_unsupported else "reference"
-    if platform != "gpu" or cfg.fused_unsupported:
-        return "reference"
-    from pallas_kernels.mgpu_decode import preferred
-
-    return "mosaic" if not cfg.kernel_unsupported and preferred(cfg, pairs=pairs) else "triton"
+    """The decode-attention path the dispatch takes for this cache on this device with
+    ``pairs`` (sequence, kv head) pairs per device (``quantized_path``; "dense" for the
+    bf16 cache, "int8" for the int8 one)."""
+    if cfg.quantized:
+        return quantized_path(cfg, pairs)
+    return "dense" if cfg.kind == "bf16" else cfg.kind
 
 
 # --------------------------------------------------------------------- running
@@ -301,12 +294,11 @@ def main(argv=None) -> None:
         if B == "max":
             B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
         label = kind if writer == "auto" else f"{kind}/{writer}"
-        pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)
         row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
                    jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
                    B=B, context=ctx, suite=suite,
                    mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
-                   attention_kernel=attention_kernel(cfg, pairs),
+
                    cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
         # per device: weights split over model, cache over data x model
         dev_bytes = weight_bytes / model_axis + per_seq * B / ndev
@@ -329,7 +321,9 @@ def main(argv=None) -> None:
                 (med, lo, hi), comp, foot, cache, prof = time_step(
                     model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir)
                 attn = time_attention(cache, mc, B, args.reps, mesh)
-                row.update(step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
+                pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)  # per device
+                row.update(attention_kernel=attention_kernel(cfg, pairs),
+                           step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
                            tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
                            peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
                            attention_ms_per_layer=attn * 1e3,

@@ -23,3 +23,35 @@ mosaic_gpu_tests() {
   echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$1" "$LOG"
   grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
 }
+
+# mosaic_sass FILE.gz: the compiled Mosaic GPU kernel's SASS and ptxas report (one checked
+# run of mgpu_probe.py), gzipped into FILE.gz; registers, spills and opcode counts to $LOG
+mosaic_sass() {
+  echo "== SASS of the compiled kernel" | tee -a "$LOG"
+  MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py \
+    --stage check --points '[{}]' > /tmp/check.log 2>&1
+  grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
+  for op in LOP3 FFMA FMUL FADD IMAD HGMMA SHF PRMT; do
+    printf "%s %s\n" "$op" "$(grep -cE "^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T]+\s+)?$op" /tmp/check.log)"
+  done | tee -a "$LOG"
+  gzip -c /tmp/check.log > "$1"
+}
+
+# mosaic_probe TAG POINTS [TIMEOUT_S]: kernel-alone and op timings of the Mosaic GPU op's
+# option points at B 8 / 32k and B 1 / 128k (mgpu_probe.py, $OUT/mgpu_probe<TAG>.json)
+mosaic_probe() {
+  timeout "${3:-120}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$2" --out "$OUT" \
+    --tag "$1" 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
+  echo "probe done (elapsed $SECONDS s)" | tee -a "$LOG"
+}
+
+# kernel_points TAG POINTS [TIMEOUT_S]: bench_kernels.py's points suite (every point checked
+# against the reference, then timed) into $OUT/kernels_points<TAG>.{json,png,_log.txt}; its
+# timing lines to $LOG
+kernel_points() {
+  local log="$OUT/kernels_points$1_log.txt"
+  timeout "${3:-300}" $PY benchmarks/bench_kernels.py --suite points --tag "$1" --out "$OUT" \
+    --reps 5 --points "$2" > "$log" 2>&1
+  echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+  grep -E "^\[| ms |MISMATCH|FAILED" "$log" | grep -vE "^\s+File" >> "$LOG"
+}

@@ -14,10 +14,7 @@ mosaic_gpu_tests "$OUT/epilogue_gpu_tests.txt" "emit-xla or emit-epilogue" "${TE
 
 V='["bf16_pallas", "innerq_fused", "innerq_mgpu", "innerq_mgpu@{\"windows\": \"epilogue\"}"]'
 SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'
-timeout "${BENCH_S:-360}" $PY benchmarks/bench_kernels.py --suite points --tag _epilogue \
-  --out "$OUT" --reps 5 --points "[[1, 4096, {}, $V], [8, 8192, $SM, $V], [8, 32768, {}, $V],
-    [1, 131072, {}, $V], [8, 4096, {}, $V], [1, 32768, {}, $V], [8, 16384, {}, $V],
-    [32, 16384, {}, $V]]" > "$OUT/kernels_points_epilogue_log.txt" 2>&1
-echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "^\[| ms |MISMATCH|FAILED" "$OUT/kernels_points_epilogue_log.txt" | grep -vE "^\s+File" >> "$LOG"
+kernel_points _epilogue "[[1, 4096, {}, $V], [8, 8192, $SM, $V], [8, 32768, {}, $V],
+  [1, 131072, {}, $V], [8, 4096, {}, $V], [1, 32768, {}, $V], [8, 16384, {}, $V],
+  [32, 16384, {}, $V]]" "${BENCH_S:-360}"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -12,16 +12,11 @@ start_log "$LOG"
 mosaic_gpu_tests "$OUT/epilogue_blocks_gpu_tests.txt" "emit-epilogue or epilogue-wide" "${TESTS_S:-160}"
 
 P='[{"windows": "epilogue", "wide_copies": true}, {"windows": "epilogue"}]'
-timeout "${PROBE_S:-90}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \
-  --tag _epilogue_blocks 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
-echo "probe done (elapsed $SECONDS s)" | tee -a "$LOG"
+mosaic_probe _epilogue_blocks "$P" "${PROBE_S:-90}"
 
 V='["bf16_pallas", "innerq_fused", "innerq_mgpu@{\"windows\": \"epilogue\", \"wide_copies\": true}"]'
 SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'
-timeout "${BENCH_S:-300}" $PY benchmarks/bench_kernels.py --suite points --tag _epilogue_blocks \
-  --out "$OUT" --reps 5 --points "[[8, 32768, {}, $V], [1, 131072, {}, $V], [8, 16384, {}, $V],
-    [1, 32768, {}, $V], [8, 4096, {}, $V], [1, 4096, {}, $V], [8, 8192, $SM, $V],
-    [32, 16384, {}, $V]]" > "$OUT/kernels_points_epilogue_blocks_log.txt" 2>&1
-echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "^\[| ms |MISMATCH|FAILED" "$OUT/kernels_points_epilogue_blocks_log.txt" | grep -vE "^\s+File" >> "$LOG"
+kernel_points _epilogue_blocks "[[8, 32768, {}, $V], [1, 131072, {}, $V], [8, 16384, {}, $V],
+  [1, 32768, {}, $V], [8, 4096, {}, $V], [1, 4096, {}, $V], [8, 8192, $SM, $V],
+  [32, 16384, {}, $V]]" "${BENCH_S:-300}"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

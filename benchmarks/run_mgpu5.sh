@@ -9,14 +9,7 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/mgpu5_log.txt"
 start_log "$LOG"
 
-echo "== SASS of the compiled kernel" | tee -a "$LOG"
-MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py --stage check \
-  --points '[{}]' > /tmp/check.log 2>&1
-grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
-for op in LOP3 FFMA FMUL FADD IMAD HGMMA SHF PRMT; do
-  printf "%s %s\n" "$op" "$(grep -cE "^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T]+\s+)?$op" /tmp/check.log)"
-done | tee -a "$LOG"
-gzip -c /tmp/check.log > "$OUT/mgpu5_sass.log.gz"
+mosaic_sass "$OUT/mgpu5_sass.log.gz"
 
 echo "== GPU tests (elapsed $SECONDS s)" | tee -a "$LOG"
 timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_mgpu_kernels.py -k "emit-xla" -rA \

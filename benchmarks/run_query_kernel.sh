@@ -15,15 +15,10 @@ mosaic_gpu_tests "$OUT/query_kernel_gpu_tests.txt" "epilogue-query" "${TESTS_S:-
 P='[{"windows": "epilogue", "wide_copies": true, "query": "kernel"},
     {"windows": "epilogue", "wide_copies": true, "query": "kernel", "ctas_per_sm": 2},
     {"windows": "epilogue", "wide_copies": true, "query": "xla"}]'
-timeout "${PROBE_S:-110}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \
-  --tag _query 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
-echo "probe done (elapsed $SECONDS s)" | tee -a "$LOG"
+mosaic_probe _query "$P" "${PROBE_S:-110}"
 
 V='["bf16_pallas", "innerq_fused", "innerq_mgpu@{\"windows\": \"epilogue\", \"wide_copies\": true, \"query\": \"kernel\"}"]'
 SM='{"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B8-T8k-Hq9-Hkv3-D64"}'
-timeout "${BENCH_S:-170}" $PY benchmarks/bench_kernels.py --suite points --tag _query_kernel \
-  --out "$OUT" --reps 5 --points "[[8, 16384, {}, $V], [1, 32768, {}, $V], [8, 4096, {}, $V],
-    [8, 8192, $SM, $V], [1, 4096, {}, $V]]" > "$OUT/kernels_points_query_kernel_log.txt" 2>&1
-echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "^\[| ms |MISMATCH|FAILED" "$OUT/kernels_points_query_kernel_log.txt" | grep -vE "^\s+File" >> "$LOG"
+kernel_points _query_kernel "[[8, 16384, {}, $V], [1, 32768, {}, $V], [8, 4096, {}, $V],
+  [8, 8192, $SM, $V], [1, 4096, {}, $V]]" "${BENCH_S:-170}"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -9,18 +9,13 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/wide_log.txt"
 start_log "$LOG"
 
-echo "== SASS of the compiled kernel" | tee -a "$LOG"
-MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py --stage check \
-  --points '[{}]' > /tmp/check.log 2>&1
-grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
-gzip -c /tmp/check.log > "$OUT/wide_sass.log.gz"
+mosaic_sass "$OUT/wide_sass.log.gz"
 
 echo "== copy boxes, kernel alone and op (elapsed $SECONDS s)" | tee -a "$LOG"
 P='[{}, {"wide_copies": true}, {"ablate": ["stream"]}, {"ablate": ["stream"], "wide_copies": true},
     {"windows": "epilogue"}, {"windows": "epilogue", "wide_copies": true},
     {"windows": "epilogue", "wide_copies": true, "ctas_per_sm": 4}]'
-timeout "${PROBE_S:-260}" $PY benchmarks/mgpu_probe.py --stage kernel --points "$P" --out "$OUT" \
-  --tag _wide 2>&1 | grep -E " op |FAILED" | tee -a "$LOG"
+mosaic_probe _wide "$P" "${PROBE_S:-260}"
 
 echo "== GPU tests (elapsed $SECONDS s)" | tee -a "$LOG"
 mosaic_gpu_tests "$OUT/wide_gpu_tests.txt" "emit-wide or emit-xla" "${TESTS_S:-200}"

@@ -70,12 +70,42 @@ def _default_backend() -> str:
     return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "reference")
 
 
-def _mosaic_preferred(cfg: CacheConfig, kernel_options, pairs: int) -> bool:
-    """The Mosaic GPU kernel where it measured faster on this device (Hopper) for this many
-    (sequence, kv head) pairs and this cache capacity, else Triton."""
+def _resolve(backend: str) -> str:
+    """The backend a call runs on: ``auto`` is the device's default; bad names refused."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
+    return _default_backend() if backend == "auto" else backend
+
+
+def quantized_path(cfg: CacheConfig, pairs: int, backend: Backend = "auto",
+                   kernel_options=()) -> str:
+    """The path :func:`decode_attention_layer` takes for a quantized cache with ``pairs``
+    (sequence, kv head) pairs: "reference", "tpu", "tpu-interpret", "mosaic" (the Mosaic
+    GPU kernel, where the device's tuned entry says it measured faster for this shape),
+    "triton" (the fused Triton kernel) or "interpret" (that kernel in interpret mode).
+
+    ``auto`` runs a configuration its device's kernel cannot read on the reference path;
+    an explicit kernel backend that cannot read it raises a ValueError naming the fields.
+    """
+    requested, backend = backend, _resolve(backend)
+    chosen = requested == "auto"
+    unread = {"pallas": cfg.fused_unsupported, "interpret": cfg.fused_unsupported,
+              "tpu": cfg.kernel_unsupported, "tpu-interpret": cfg.kernel_unsupported,
+              }.get(backend, ())
+    if unread and chosen:
+        return "reference"  # no kernel of this device reads this layout yet
+    if unread:
+        raise ValueError(
+            f"backend={backend!r}: its kernel does not read {', '.join(unread)}; use "
+            "backend='reference', 'auto' (which runs such configurations on the "
+            "reference path) or, on a GPU, 'pallas' where the fused kernel reads them")
+    if backend in ("reference", "tpu", "tpu-interpret", "interpret"):
+        return backend
     from pallas_kernels.mgpu_decode import preferred
 
-    return preferred(cfg, kernel_options, pairs=pairs)
+    if not cfg.kernel_unsupported and preferred(cfg, kernel_options, pairs=pairs):
+        return "mosaic"
+    return "triton"
 
 
 def decode_attention_layer(
@@ -100,46 +130,34 @@ def decode_attention_layer(
     _check_lengths(lengths, q.shape[0], cfg.capacity)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
-    chosen = backend == "auto"
-    if chosen:
-        backend = _default_backend()
+    resolved = _resolve(backend)  # a bad backend name first, whatever the layer
     if isinstance(layer, QuantLayer):
-        unread = {"pallas": cfg.fused_unsupported, "interpret": cfg.fused_unsupported,
-                  "tpu": cfg.kernel_unsupported, "tpu-interpret": cfg.kernel_unsupported,
-                  }.get(backend, ())
-        if unread and chosen:
-            backend = "reference"  # no kernel of this device reads this layout yet
-        elif unread:
-            raise ValueError(
-                f"backend={backend!r}: its kernel does not read {', '.join(unread)}; use "
-                "backend='reference', 'auto' (which runs such configurations on the "
-                "reference path) or, on a GPU, 'pallas' where the fused kernel reads them")
         if layer.k_scale.shape[-1] != D or layer.k_scale.shape[0] != q.shape[0]:
             raise ValueError(
                 f"q shape {q.shape} does not match the cache (B={layer.k_scale.shape[0]}, "
                 f"D={layer.k_scale.shape[-1]})"
             )
+        path = quantized_path(cfg, q.shape[0] * layer.k_scale.shape[1], backend,
+                              kernel_options)
         qp = prepare_query(q, layer, cfg, scale)
-        if backend == "reference":
+        if path == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
-        elif backend in ("tpu", "tpu-interpret"):
+        elif path in ("tpu", "tpu-interpret"):
             from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
 
             o = quantized_decode_attention_tpu(
-                qp, layer, lengths, cfg, interpret=backend == "tpu-interpret", **kernel_options
+                qp, layer, lengths, cfg, interpret=path == "tpu-interpret", **kernel_options
             )
-        elif (backend == "pallas" and not cfg.kernel_unsupported
-              and _mosaic_preferred(cfg, kernel_options, qp.shape[0] * qp.shape[1])):
+        elif path == "mosaic":
             from pallas_kernels.mgpu_decode import mgpu_decode_attention
 
             o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)
         else:
             o = _fused_kernel()(
-                qp, layer, lengths, cfg, interpret=backend == "interpret", **kernel_options
+                qp, layer, lengths, cfg, interpret=path == "interpret", **kernel_options
             )
         return finish_output(o, cfg, q.dtype, layer.rot_signs)
+    backend = resolved
     H = layer.k.shape[1]
     if layer.k.shape[0] != q.shape[0] or layer.k.shape[-1] != D:
         raise ValueError(f"q shape {q.shape} does not match the cache k shape {layer.k.shape}")

@@ -465,10 +465,10 @@ class KernelConfig:
     geo: Geometry
     blocks_per_split: int
     num_stages: int
+    boxes: tuple[tuple[int, int], ...]  # (rows, width) per block array: see block_boxes
     explicit_barriers: bool = False
     pipeline: str = "emit"  # "emit": plgpu.emit_pipeline; "bulk": one arrive + bulk copies
     windows: str = "xla"  # "kernel": one extra program per (sequence, kv head); else "xla"
-    boxes: tuple = ()  # (rows, width) per block array: the copy boxes (see block_boxes)
     sink: int = 0  # S
     window: int = 0  # R + G, the recent ring
     ablate: tuple[str, ...] = ()
@@ -885,6 +885,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     windows = windows or tuned.get("windows", "xla")
     if wide_copies is None:
         wide_copies = tuned.get("wide_copies", False)
+    if not isinstance(wide_copies, bool):
+        raise ValueError(f"wide_copies={wide_copies!r}; choose True or False")
     query = query or tuned.get("query", "xla")
     if query not in QUERY:
         raise ValueError(f"query={query!r}; choose one of {QUERY}")
@@ -921,10 +923,10 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         qw, wvalid = window_operands(qp, layer, lengths, cfg)
     else:  # stand-ins the kernel never reads (building the real ones would cost launches)
         qw, wvalid = kconst, nq
-    boxes = block_boxes(geo, Tq, bool(wide_copies))
-    kc = KernelConfig(geo, bps, stages, bool(explicit_barriers), pipeline,
-                      "kernel" if windows == "kernel" else "xla", boxes, cfg.sink,
-                      cfg.window, tuple(ablate))
+    boxes = block_boxes(geo, Tq, wide_copies)
+    kc = KernelConfig(geo, bps, stages, boxes, explicit_barriers=bool(explicit_barriers),
+                      pipeline=pipeline, windows="kernel" if windows == "kernel" else "xla",
+                      sink=cfg.sink, window=cfg.window, ablate=tuple(ablate))
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)

@@ -37,6 +37,7 @@ from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
 from pallas_kernels import window_blocks as wb
+from pallas_kernels.mgpu_decode import sm_count
 from pallas_kernels.mgpu_geometry import NEG, Geometry
 from pallas_kernels.triton_ext import call_quietly
 
@@ -181,8 +182,7 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     n_dc = n_channel_blocks
     if n_dc is None:
-        sms = None if interpret else getattr(jax.devices()[0], "core_count", None)
-        n_dc = channel_blocks(B, H, D, sms)
+        n_dc = channel_blocks(B, H, D, None if interpret else sm_count())
     if n_dc < 1 or D % n_dc or D // n_dc < _MIN_CHANNELS or (D // n_dc) & (D // n_dc - 1):
         raise ValueError(f"n_channel_blocks={n_dc}: D={D} must split into power-of-two blocks of "
                          f"at least {_MIN_CHANNELS} channels")

@@ -554,6 +554,7 @@ def test_rejects_outerq_and_bad_block():
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
+                dict(wide_copies="yes"),
                 dict(ablate=("nothing",))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
@@ -643,6 +644,11 @@ def test_dispatch_runs_the_kernel_the_rule_picks(monkeypatch):
         jax.eval_shape(lambda q_, lay, n: att.decode_attention_layer(q_, lay, n, cfg), q,
                        layer, lens)
         assert picked[-1] == want, (B, Hkv, picked)
+        # the same choice, named, as benchmarks read it
+        assert att.quantized_path(cfg, B * Hkv) == want
+    assert att.quantized_path(cfg, 64, "reference") == "reference"
+    assert att.quantized_path(cfg, 64, "interpret") == "interpret"
+    assert att.quantized_path(cfg, 64, kernel_options={"num_warps": 4}) == "triton"
 
 
 # ------------------------------------------------------------- window program
