@@ -231,7 +231,7 @@ def _np(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
-def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int, boxes=None):
+def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
 
     Follows the Pallas body step for step: the same block functions, wgmma modelled as a
@@ -247,8 +247,10 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     ops = simt.SimOps()
     pexp_log = lambda buf, ck, j: np.array(  # noqa: E731  (logical B through the offsets)
         [[buf[geo.pexp_offset(ck, j, a, c)] for c in range(NV)] for a in range(16)], np.float32)
-    Tq = kw[0, 0].size * BT // (BT // geo.P * geo.KW)
-    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (rows for rows, _ in boxes or md.block_boxes(geo, Tq, False))
+    # rows per block of each operand's view: a block's elements over the view's row width
+    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (
+        rows * width // x.shape[-1]
+        for (rows, width), x in zip(md._block_specs(geo), (kw, ks, kz, vw, vs, vz)))
 
     def block(ref, i, rows):  # TMA: a block of rows, zeros past the array
         out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
@@ -316,7 +318,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     qexp, kconst = md.query_operands(qp, geo)
     boxes = md.block_boxes(geo, cfg.quant_capacity, opts.get("wide_copies", False))
     operands = md.kernel_operands(layer, geo, boxes)
-    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps, boxes)
+    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
