@@ -225,22 +225,38 @@ def v_acc_init(ops, geo: Geometry, poff_cols):
     return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
 
 
-def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, n_valid, ck: int):
+def zero_tail_groups(ops, geo: Geometry, vs, vz, n_valid):
+    """Zeros the value scales and zeros [BT/G, D] (flat bf16) of the groups at or past
+    ``n_valid`` in shared memory, so that :func:`v_epilogue` needs no mask: their
+    probabilities are 0, so their accumulator columns are exactly 0, and 0 * 0 adds
+    nothing, whatever the cache held there (a stale NaN included). Only a program's last
+    block can end inside it (the kernel runs this there alone); the softmax step's
+    barriers order these stores before every thread's loads."""
+    off = 8 * (32 * ops.w + 4 * ops.rr + ops.c)  # 8 channels (16 bytes) per thread
+    in_row = off < geo.D  # (D <= 1024: one pass)
+    zeros = [ops.f32(0.0)] * 8
+    for gg in range(geo.BT // geo.G):
+        ok = (n_valid <= gg * geo.G) & in_row
+        ops.store(vs, gg * geo.D + off, zeros, "bf16", pred=ok)
+        ops.store(vz, gg * geo.D + off, zeros, "bf16", pred=ok)
+
+
+def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, ck: int):
     """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (after alpha * o_full
     when ``alpha_cols`` is given). vs, vz: the block's value scales / zeros [BT/G, D] (flat
-    bf16). Groups past ``n_valid`` are skipped (their scales may be anything)."""
+    bf16); those of groups past the block's valid tokens must be zero
+    (:func:`zero_tail_groups`)."""
     w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
     ngc, OWN = geo.ngc, geo.OWN
     sc, zc = {}, {}
     for mv in range(geo.MV):
         for gt in range(ngc):
             off = (ck * ngc + gt) * geo.D + 64 * mv + 16 * w + 2 * rr
-            ok = ck * geo.TC + gt * geo.G < n_valid
             s2 = ops.load(vs, off, "bf16", 2)
             z2 = ops.load(vz, off, "bf16", 2)
             for rho in range(2):
-                sc[(mv, gt, rho)] = ops.where(ok, s2[rho], ops.f32(0.0))
-                zc[(mv, gt, rho)] = ops.where(ok, z2[rho], ops.f32(0.0))
+                sc[(mv, gt, rho)] = s2[rho]
+                zc[(mv, gt, rho)] = z2[rho]
     regs = {}
     for mv in range(geo.MV):
         for t8 in range(geo.NV // 8):

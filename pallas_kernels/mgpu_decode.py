@@ -660,6 +660,12 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         if "stream" in ablate:  # timing ablation: the pipeline's copies alone
             return carry
         n_valid = n - idx[0] * BT
+
+        @pl.when(n_valid < BT)  # a program's last block may end inside it (uniform branch)
+        def _zero_tail():
+            _inline([ref, ref, _SPLAT], (), lambda ops, vs, vz, nv: blk.zero_tail_groups(
+                ops, geo, vs, vz, _I(_scalar(nv))) or ())(vs_s, vz_s, n_valid)
+
         a_k = _inline([ref], k_ops_ty, lambda ops, kw: tuple(blk.k_operands(ops, geo, kw)))(kw_s)
 
         def k_chain(acc_ref):
@@ -684,18 +690,18 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             acc_v = pl.run_state(v_chain)(plgpu.ACC.init(v_init))
             if ck == 0:
                 o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL, _SPLAT],
+                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL],
                     _sds((D, NV), jnp.float32, _WGMMA),
-                    lambda ops, o, a, vs, vz, ps, al, nv, ck=ck: blk.v_epilogue(
-                        ops, geo, o, a, vs, vz, ps, al, _I(_scalar(nv)), ck))(
-                    o_full, acc_v, vs_s, vz_s, psums[ck], alpha, n_valid)
+                    lambda ops, o, a, vs, vz, ps, al, ck=ck: blk.v_epilogue(
+                        ops, geo, o, a, vs, vz, ps, al, ck))(
+                    o_full, acc_v, vs_s, vz_s, psums[ck], alpha)
             else:
                 o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL, _SPLAT],
+                    [_WGMMA, _WGMMA, ref, ref, _COL],
                     _sds((D, NV), jnp.float32, _WGMMA),
-                    lambda ops, o, a, vs, vz, ps, nv, ck=ck: blk.v_epilogue(
-                        ops, geo, o, a, vs, vz, ps, None, _I(_scalar(nv)), ck))(
-                    o_full, acc_v, vs_s, vz_s, psums[ck], n_valid)
+                    lambda ops, o, a, vs, vz, ps, ck=ck: blk.v_epilogue(
+                        ops, geo, o, a, vs, vz, ps, None, ck))(
+                    o_full, acc_v, vs_s, vz_s, psums[ck])
         return m_new, l_new, o_full
 
     barrier = lambda: _inline([], (), lambda ops: ops.barrier() or ())()  # noqa: E731

@@ -23,6 +23,7 @@ p * 2**-e; the codes are exact), as the Triton kernel does: relative L2 < 1e-2
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -278,6 +279,8 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                     vw_s = block(vw[b, h], g, r_vw)
                     vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
                     n_valid = n - i * BT
+                    if n_valid < BT:  # the kernel's last-block step
+                        blk.zero_tail_groups(ops, geo, vs_s, vz_s, n_valid)
                     a_k = blk.k_operands(ops, geo, kw_s)
                     acc = acc_init
                     for st in range(geo.n_ksteps):
@@ -292,7 +295,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                         for j in range(geo.half):
                             acc_v = simt.wgmma(acc_v, a_v[j], pexp_log(pexp, ck, j))
                         o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
-                                                alpha if ck == 0 else None, n_valid, ck)
+                                                alpha if ck == 0 else None, ck)
                     m_cols = m_new
                 o_out = np.zeros(D * NV, np.float32)
                 ml_out = np.zeros(2 * NV, np.float32)
@@ -721,6 +724,28 @@ def test_simulated_kernel_with_window_program_equals_reference(name):
     out = md.combine_partials(jnp.asarray(np.concatenate([o_q, o_w], 2)),
                               jnp.asarray(np.concatenate([ml_q, ml_w], 2)), None, geo)
     ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    assert _rel(out, ref) < TOL
+
+
+def test_simulated_kernel_ignores_stale_values_past_the_quantized_tokens():
+    """Value scales and zero-points past a sequence's quantized tokens (slots an earlier,
+    longer sequence may have left; NaN here) never reach the output: the kernel zeroes
+    its last block's dead groups in shared memory (mgpu_block.zero_tail_groups) instead
+    of masking the scales of every block."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID["innerq2-G32-D128-gqa4"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    layer = cache.layer(0)
+    ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
+    groups = np.arange(layer.v.scale.shape[2])
+    dead = (groups[None, :] * cfg.group_size >= nq[:, None])[:, None, :, None]
+    # some sequence's quantized tokens end inside a kernel block, and one holds none
+    assert (nq % 128 != 0).any() and (nq == 0).any() and not dead.all()
+    poison = lambda x: jnp.where(dead, jnp.nan, x).astype(x.dtype)  # noqa: E731
+    v = dataclasses.replace(layer.v, scale=poison(layer.v.scale), zero=poison(layer.v.zero))
+    stale = dataclasses.replace(cache, layers=(dataclasses.replace(layer, v=v),))
+    (out,) = _simulated_attention(stale, qp, opts)
     assert _rel(out, ref) < TOL
 
 
