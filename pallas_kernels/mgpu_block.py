@@ -24,7 +24,7 @@ Integer values support + - * // % & | ^ << >> and comparisons; floats + - *.
 
 from __future__ import annotations
 
-from pallas_kernels.mgpu_geometry import MAGIC, NEG, Geometry, pair_mask, pair_plan
+from pallas_kernels.mgpu_geometry import LOG2E, MAGIC, NEG, Geometry, pair_mask, pair_plan
 
 
 def _unpack(ops, word, bits: int, j: int, shifted: dict):
@@ -311,7 +311,7 @@ def window_attention(ops, geo: Geometry, q, windows, valid, scr, o_out, ml_out):
     """Online-softmax partial of the bf16 sink and recent windows of one (sequence, kv head),
     on CUDA cores (at most S + R + G - 1 live tokens), written like a kernel split's partial.
 
-    q: [r*D] f32 (q' * log2 e); windows: [(k, v, n_tokens)] bf16 [n*D] refs (sink, recent
+    q: [r*D] f32 (q'; scaled by log2 e here); windows: [(k, v, n_tokens)] bf16 [n*D] refs (sink, recent
     ring), tokens numbered in that order; valid: [sum n] int32 (1 = live); scr: f32 scratch
     (:func:`window_scratch_size`); o_out [D, NV], ml_out [2, NV] as :func:`store_partials`.
     """
@@ -324,7 +324,8 @@ def window_attention(ops, geo: Geometry, q, windows, valid, scr, o_out, ml_out):
     for base in range(0, r * D, 4 * 128):
         off = base + 4 * tid
         ok = off < r * D
-        ops.store(scr, off, ops.load(q, ops.imin(off, r * D - 4), "f32", 4), "f32", pred=ok)
+        qv = ops.load(q, ops.imin(off, r * D - 4), "f32", 4)
+        ops.store(scr, off, [x * LOG2E for x in qv], "f32", pred=ok)
     ops.barrier()
 
     # scores of the thread's tokens (token tid + 128k of each window)

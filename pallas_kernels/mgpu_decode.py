@@ -23,8 +23,10 @@ Structure (one launch of the Mosaic GPU kernel, plus the work around it):
   (o, running max, sum) in its own accumulator-column order;
 * the bf16 sink and recent windows (at most S + R + G - 1 tokens) and the merge of
   all partials, which also undoes the column order: either XLA (an einsum pair and
-  the merge, ``windows="xla"``, about fifteen small launches) or one Triton launch
-  (``windows="epilogue"``, :mod:`pallas_kernels.mgpu_epilogue`).
+  the merge, ``windows="xla"``, about fifteen small launches), one Triton launch
+  (``windows="epilogue"``, :mod:`pallas_kernels.mgpu_epilogue`), or the windows in one
+  more program of the kernel per (sequence, kv head) and the merge alone in the Triton
+  launch (``windows="kernel"``).
 
 Per-thread code lives in :mod:`pallas_kernels.mgpu_block` (tested on the CPU by a
 simulator), the tile maps in :mod:`pallas_kernels.mgpu_geometry`. Mosaic GPU
@@ -50,6 +52,7 @@ from innerq_jax.layout import recent_slot_tokens, region_sizes
 from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels.mgpu_geometry import LOG2E, NEG, SWIZZLE, Geometry, default_block_tokens
+from pallas_kernels.window_blocks import WINDOW_HEADS
 
 try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
     from jax.experimental.mosaic.gpu import fragmented_array as fa
@@ -98,8 +101,9 @@ _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
 
 
 # where the bf16 windows are attended and the splits merged: "xla" (an einsum pair and the
-# merge as XLA fusions), "kernel" (one more Mosaic program per (sequence, kv head), merged in
-# XLA) or "epilogue" (one Triton launch after the kernel does both, mgpu_epilogue.py)
+# merge as XLA fusions), "kernel" (one more Mosaic program per (sequence, kv head), merged by
+# one Triton launch, mgpu_epilogue.merge_partials; in XLA past 16 query heads per kv head)
+# or "epilogue" (one Triton launch after the kernel does both, mgpu_epilogue.py)
 WINDOWS = ("xla", "kernel", "epilogue")
 # where the query operands (Qexp, kconst) are built: "xla" (query_operands, four small
 # fusions) or "kernel" (one Triton launch, mgpu_query.py)
@@ -800,13 +804,14 @@ def query_operands(qp: jax.Array, geo: Geometry):
 
 
 def window_operands(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
-    """(q' * log2 e [B, H, r*D] f32, live mask [B, S + R + G] int32) for the window program:
-    the ring's live slots come from the layout's own accessor."""
+    """(q' [B, H, r*D] f32 (a free reshape; the window program scales it by log2 e), live
+    mask [B, S + R + G] int32) for the window program: the ring's live slots come from the
+    layout's own accessor."""
     B, H, r, D = qp.shape
     sizes = region_sizes(lengths, cfg)
     _, live = recent_slot_tokens(lengths, cfg)
     valid = jnp.concatenate([jnp.arange(cfg.sink)[None, :] < sizes.sink[:, None], live], axis=-1)
-    return (qp.astype(jnp.float32) * LOG2E).reshape(B, H, r * D), valid.astype(jnp.int32)
+    return qp.astype(jnp.float32).reshape(B, H, r * D), valid.astype(jnp.int32)
 
 
 def window_partial(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
@@ -957,8 +962,9 @@ def mgpu_decode_attention(
     barrier before every copy), ``pipeline`` ("emit": ``plgpu.emit_pipeline``, whose copies
     arrive on the slot barrier from all 128 threads each; "bulk": one thread registers a
     block's bytes with one arrive and issues contiguous bulk copies), ``windows`` ("xla":
-    an einsum pair and the merge in XLA; "kernel": one more program per (sequence, kv head);
-    "epilogue": windows and merge in one Triton launch after the kernel), ``wide_copies``
+    an einsum pair and the merge in XLA; "kernel": one more program per (sequence, kv head),
+    then the merge alone in one Triton launch; "epilogue": windows and merge in one Triton
+    launch after the kernel), ``wide_copies``
     (each block array copied in rows as wide as divide it, at most 256 elements, instead of
     the cache's natural rows: 16 boxes of up to 1 KB instead of 260 rows of 16-512 bytes
     per 2-bit D 128 block; see :func:`block_boxes`), ``query`` ("xla": the query operands
@@ -972,6 +978,9 @@ def mgpu_decode_attention(
     if windows == "epilogue":
         from pallas_kernels.mgpu_epilogue import windows_and_merge
         return windows_and_merge(qp, layer, lengths, cfg, o_part, ml_part, geo)
+    if windows == "kernel" and qp.shape[2] <= WINDOW_HEADS:  # the window program's partial
+        from pallas_kernels.mgpu_epilogue import merge_partials  # is the last split
+        return merge_partials(o_part, ml_part, geo, qp.shape[2])
     window = None
     if windows == "xla":
         window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)

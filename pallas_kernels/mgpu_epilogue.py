@@ -58,16 +58,33 @@ def _epilogue_kernel(
     o_ref,  # [r, D] f32: the output
     *, geo: Geometry, cfg: CacheConfig, DC: int,
 ):
+    """Windows and merge: the windows' partial, then every split's, merged."""
     b, d0 = pl.program_id(1), pl.program_id(2) * DC  # this program's channels d0 .. d0 + DC
+    sizes = region_sizes(len_ref[b], cfg)
+    windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
+    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC))
+    _merge(op_ref, ml_ref, o_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC)
+
+
+def _merge_kernel(
+    op_ref,  # [NS, D, NV] f32: partial outputs (M-row, column order), the windows' among them
+    ml_ref,  # [NS, 2, NV] f32: running maxima (row 0) and sums (row 1), column order
+    o_ref,  # [r, D] f32: the output
+    *, geo: Geometry, DC: int,
+):
+    """Merge only: the Mosaic kernel's window program left the windows' partial as one
+    more split (``windows="kernel"``)."""
+    _merge(op_ref, ml_ref, o_ref, None, pl.program_id(2) * DC, geo=geo, DC=DC)
+
+
+def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
+    """o[h, d0:d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits (and ``window``,
+    (o [NH, DC], m [NH], l [NH]) when given), w_s = 2**(m_s - max m)."""
     NS, D, NV = op_ref.shape
     r, ngc, NH = o_ref.shape[0], geo.ngc, wb.WINDOW_HEADS
-    sizes = region_sizes(len_ref[b], cfg)
 
     def col(h, gt):  # value accumulator column of (head h, token group gt); h, gt arrays
         return geo.v_col(h // 4, gt, h % 4)
-
-    o_w, m_w, l_w = wb.window_part(q_ref, wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref,
-                                                          sizes, cfg), D, v_cols=(d0, DC))
 
     def split_stats(s0):  # (m [STEP, NH], l [STEP, NH], valid) of splits s0 .. s0 + STEP
         ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (_SPLIT_STEP, NH), 0)
@@ -81,11 +98,15 @@ def _epilogue_kernel(
         return m, l, ok
 
     stats = [split_stats(s0) for s0 in range(0, NS, _SPLIT_STEP)]  # read once
-    m_max = m_w
+    m_max = jnp.full((NH,), NEG, jnp.float32) if window is None else window[1]
     for m, _, _ in stats:
         m_max = jnp.maximum(m_max, jnp.max(m, axis=0))
-    w_w = jnp.exp2(m_w - m_max)
-    l_tot = w_w * l_w
+    l_tot = jnp.zeros((NH,), jnp.float32)
+    acc = jnp.zeros((DC, NH), jnp.float32)
+    if window is not None:
+        o_w, m_w, l_w = window
+        w_w = jnp.exp2(m_w - m_max)
+        l_tot, acc = w_w * l_w, o_w.T * w_w[None, :]
     for m, l, ok in stats:
         l_tot = l_tot + jnp.sum(jnp.where(ok, jnp.exp2(m - m_max[None, :]) * l, 0.0), axis=0)
 
@@ -113,7 +134,7 @@ def _epilogue_kernel(
         return acc
 
     n_steps = -(-NS // _MERGE_STEP)
-    acc = jax.lax.fori_loop(0, n_steps, body, o_w.T * w_w[None, :])
+    acc = jax.lax.fori_loop(0, n_steps, body, acc)
     # zero only where nothing is held; a NaN l_tot (non-finite key or value) stays NaN
     empty = l_tot == 0
     out = jnp.where(empty[None, :], 0.0, acc / jnp.where(empty, 1.0, l_tot)[None, :])
@@ -134,26 +155,70 @@ def channel_blocks(B: int, H: int, D: int, sms: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _build_call(geo: Geometry, cfg: CacheConfig, shapes, n_dc: int, interpret: bool):
-    B, H, r, D = shapes[0][0]
+def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: int,
+                interpret: bool):
+    """Windows and merge (``cfg`` given; inputs q, lengths, the four windows, the partials)
+    or the merge alone (``cfg`` None; inputs the partials)."""
+    B, H, _, D, _ = shapes[-2][0]
     full = lambda shape: pl.BlockSpec(shape, lambda h, b, c: (0,) * len(shape))  # noqa: E731
     per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
         (None, None) + shape[2:], lambda h, b, c: (b, h) + (0,) * (len(shape) - 2))
-    in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
-    in_specs += [per_bh(sh) for sh, _ in shapes[2:]]
+    if cfg is None:
+        kernel = functools.partial(_merge_kernel, geo=geo, DC=D // n_dc)
+        in_specs = [per_bh(sh) for sh, _ in shapes]
+    else:
+        kernel = functools.partial(_epilogue_kernel, geo=geo, cfg=cfg, DC=D // n_dc)
+        in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
+        in_specs += [per_bh(sh) for sh, _ in shapes[2:]]
     kw = {}
     if not interpret:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(
-        functools.partial(_epilogue_kernel, geo=geo, cfg=cfg, DC=D // n_dc),
+        kernel,
         grid=(H, B, n_dc),
         in_specs=in_specs,
         out_specs=[per_bh((B, H, r, D))],
         out_shape=[jax.ShapeDtypeStruct((B, H, r, D), jnp.float32)],
         interpret=interpret,
-        name="innerq_mgpu_epilogue",
+        name="innerq_mgpu_epilogue" if cfg is not None else "innerq_mgpu_merge",
         **kw,
     )
+
+
+def _check_partials(o_part, ml_part, geo: Geometry, B: int, H: int, r: int, D: int):
+    if r > wb.WINDOW_HEADS:
+        raise ValueError(f"the epilogue takes at most {wb.WINDOW_HEADS} query heads per kv "
+                         f"head, got {r}; use windows='xla' (windows and merge in XLA)")
+    NS = o_part.shape[2] if o_part.ndim == 5 else 0
+    if o_part.shape != (B, H, NS, D, geo.NV) or ml_part.shape != (B, H, NS, 2, geo.NV):
+        raise ValueError(f"partials {o_part.shape} / {ml_part.shape} do not match [B, H, r, D] = "
+                         f"{(B, H, r, D)} and the geometry's {geo.NV} value columns")
+
+
+def _channel_blocks_arg(n_dc: int | None, B: int, H: int, D: int, interpret: bool) -> int:
+    if n_dc is None:
+        n_dc = channel_blocks(B, H, D, None if interpret else sm_count())
+    if n_dc < 1 or D % n_dc or D // n_dc < _MIN_CHANNELS or (D // n_dc) & (D // n_dc - 1):
+        raise ValueError(f"n_channel_blocks={n_dc}: D={D} must split into power-of-two blocks of "
+                         f"at least {_MIN_CHANNELS} channels")
+    return n_dc
+
+
+def merge_partials(o_part: jax.Array, ml_part: jax.Array, geo: Geometry, r: int, *,
+                   n_channel_blocks: int | None = None, interpret: bool = False) -> jax.Array:
+    """The splits' partials merged, one launch; f32 [B, H, r, D], what
+    ``combine_partials(o_part, ml_part, None, geo)`` gives in XLA. For ``windows="kernel"``,
+    whose window program leaves the windows' partial as the last split.
+
+    o_part [B, H, NS, D, NV] and ml_part [B, H, NS, 2, NV] as the Mosaic kernel writes them
+    for ``geo``; r query heads per kv head; ``n_channel_blocks`` as in
+    :func:`windows_and_merge`.
+    """
+    B, H, _, D = o_part.shape[:4]
+    _check_partials(o_part, ml_part, geo, B, H, r, D)
+    n_dc = _channel_blocks_arg(n_channel_blocks, B, H, D, interpret)
+    shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in (o_part, ml_part))
+    return call_quietly(_build_call(geo, None, shapes, r, n_dc, interpret), o_part, ml_part)[0]
 
 
 def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg: CacheConfig,
@@ -169,21 +234,10 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     :func:`channel_blocks` for the device's SM count).
     """
     B, H, r, D = qp.shape
-    if r > wb.WINDOW_HEADS:
-        raise ValueError(f"windows_and_merge takes at most {wb.WINDOW_HEADS} query heads per kv "
-                         f"head, got {r}; use windows='xla' for more")
-    NS = o_part.shape[2]
-    if o_part.shape != (B, H, NS, D, geo.NV) or ml_part.shape != (B, H, NS, 2, geo.NV):
-        raise ValueError(f"partials {o_part.shape} / {ml_part.shape} do not match qp {qp.shape} "
-                         f"and the geometry's {geo.NV} value columns")
+    _check_partials(o_part, ml_part, geo, B, H, r, D)
     sk, sv = (layer.sink_k, layer.sink_v) if cfg.sink else (layer.recent_k, layer.recent_v)
     inputs = [qp.astype(jnp.float32), jnp.asarray(lengths, jnp.int32), sk, sv, layer.recent_k,
               layer.recent_v, o_part, ml_part]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
-    n_dc = n_channel_blocks
-    if n_dc is None:
-        n_dc = channel_blocks(B, H, D, None if interpret else sm_count())
-    if n_dc < 1 or D % n_dc or D // n_dc < _MIN_CHANNELS or (D // n_dc) & (D // n_dc - 1):
-        raise ValueError(f"n_channel_blocks={n_dc}: D={D} must split into power-of-two blocks of "
-                         f"at least {_MIN_CHANNELS} channels")
-    return call_quietly(_build_call(geo, cfg, shapes, n_dc, interpret), *inputs)[0]
+    n_dc = _channel_blocks_arg(n_channel_blocks, B, H, D, interpret)
+    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret), *inputs)[0]

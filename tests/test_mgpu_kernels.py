@@ -42,7 +42,7 @@ from innerq_jax.layout import region_sizes
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import mgpu_decode as md
-from pallas_kernels.mgpu_epilogue import windows_and_merge
+from pallas_kernels.mgpu_epilogue import merge_partials, windows_and_merge
 from pallas_kernels.mgpu_geometry import Geometry, pair_plan, unpack_pair_reference
 
 TOL = 1e-2
@@ -512,13 +512,16 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
             "epilogue-query": dict(pipeline="emit", windows="epilogue", wide_copies=True,
                                    query="kernel"),
             "bulk-kernel": dict(pipeline="bulk", windows="kernel", explicit_barriers=True,
-                                wide_copies=False, query="xla")}
+                                wide_copies=False, query="xla"),
+            # the window program in the kernel, the merge alone in the Triton launch after it
+            "kernel-merge": dict(pipeline="emit", windows="kernel", wide_copies=True,
+                                 query="kernel")}
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views:
 # one grid case by default, the rest with -m slow (CI time)
 _LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
-                if v in ("emit-wide", "epilogue-wide") and n != "innerq2-G32-D128-gqa4"
+                if v in ("emit-wide", "epilogue-wide", "kernel-merge") and n != "innerq2-G32-D128-gqa4"
                 else (n, v) for v in VARIANTS for n in GRID]
 
 
@@ -533,12 +536,12 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     kw = dict(opts, **VARIANTS[variant])
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
-    if kw["windows"] == "epilogue":  # Pallas' Triton lowering needs a GPU: an abstract H200
+    if kw["windows"] in ("epilogue", "kernel"):  # Triton lowering needs an (abstract) H200
         n_triton = 1 + (kw.get("query") == "kernel")
         from jax.sharding import use_abstract_mesh
         with use_abstract_mesh(abstract_h200()):
             text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
-        # the windows and the merge are the Triton call's: no einsum is left in XLA
+        # the windows (epilogue) and the merge are the Triton call's: no einsum in XLA
         assert text.count("__gpu$xla.gpu.triton") == n_triton and "dot_general" not in text
     else:
         text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
@@ -721,10 +724,42 @@ def test_simulated_kernel_with_window_program_equals_reference(name):
     o_q, ml_q = simulate_kernel(geo, nq, qexp, kconst, md.kernel_operands(layer, geo),
                                 -(-n_blocks // bps), bps)
     o_w, ml_w = simulate_windows(geo, cache, qp)
-    out = md.combine_partials(jnp.asarray(np.concatenate([o_q, o_w], 2)),
-                              jnp.asarray(np.concatenate([ml_q, ml_w], 2)), None, geo)
+    o_all = jnp.asarray(np.concatenate([o_q, o_w], 2))
+    ml_all = jnp.asarray(np.concatenate([ml_q, ml_w], 2))
     ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
-    assert _rel(out, ref) < TOL
+    # merged in XLA, and by the one-launch merge the op runs (Triton, interpret mode)
+    for out in (md.combine_partials(o_all, ml_all, None, geo),
+                merge_partials(o_all, ml_all, geo, Hq // Hkv, interpret=True)):
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "innerq4-G64-D128-gqa8"])
+def test_merge_equals_xla_merge(name):
+    """The merge-only launch (windows="kernel") gives the XLA merge on random partials
+    (NaN in every column no head owns), with 1 and D/16 channel blocks; a sequence whose
+    splits all hold nothing is exactly 0."""
+    cfg, D, Hq, Hkv, lengths, _, _ = GRID[name]
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    B, NS = len(lengths), 11  # a full merge step of 8 and a partial one
+    o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(7),
+                                       empty_splits=(0, 10))
+    ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
+                              jnp.asarray(np.nan_to_num(ml_part)), None, geo)
+    for blocks in (1, D // 16):
+        out = merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, Hq // Hkv,
+                             n_channel_blocks=blocks, interpret=True)
+        assert out.shape == ref.shape == (B, Hkv, Hq // Hkv, D)
+        assert _rel(out, ref) < 1e-5
+    o0, ml0 = _random_partials(geo, B, Hkv, NS, np.random.default_rng(8), empty_splits=range(NS))
+    out0 = merge_partials(jnp.asarray(o0), jnp.asarray(ml0), geo, Hq // Hkv, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out0), 0.0)
+    with pytest.raises(ValueError, match="value columns"):
+        merge_partials(jnp.asarray(o_part[..., :-1]), jnp.asarray(ml_part), geo, Hq // Hkv,
+                       interpret=True)
+    with pytest.raises(ValueError, match="n_channel_blocks"):
+        merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, Hq // Hkv,
+                       n_channel_blocks=3, interpret=True)
 
 
 def test_simulated_kernel_ignores_stale_values_past_the_quantized_tokens():
