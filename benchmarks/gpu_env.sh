@@ -31,7 +31,7 @@ mosaic_sass() {
   MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py \
     --stage check --points '[{}]' > /tmp/check.log 2>&1
   grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
-  for op in LOP3 FFMA FMUL FADD IMAD HGMMA SHF PRMT; do
+  for op in LOP3 FFMA FMUL FADD IMAD HGMMA SHF PRMT FSEL R2UR UMOV; do
     printf "%s %s\n" "$op" "$(grep -cE "^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T]+\s+)?$op" /tmp/check.log)"
   done | tee -a "$LOG"
   gzip -c /tmp/check.log > "$1"
