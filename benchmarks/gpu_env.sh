@@ -24,13 +24,14 @@ mosaic_gpu_tests() {
   grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
 }
 
-# mosaic_sass FILE.gz: the compiled Mosaic GPU kernel's SASS and ptxas report (one checked
-# run of mgpu_probe.py), gzipped into FILE.gz; registers, spills and opcode counts to $LOG
+# mosaic_sass FILE.gz [POINTS]: the compiled Mosaic GPU kernel's SASS and ptxas report (one
+# checked run of mgpu_probe.py per option point, default the tuned one), gzipped into
+# FILE.gz; registers, spills and opcode counts to $LOG
 mosaic_sass() {
   echo "== SASS of the compiled kernel" | tee -a "$LOG"
-  MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 $PY benchmarks/mgpu_probe.py \
-    --stage check --points '[{}]' > /tmp/check.log 2>&1
-  grep -E "^check|registers|spill" /tmp/check.log | head -6 | tee -a "$LOG"
+  MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout 90 $PY benchmarks/mgpu_probe.py \
+    --stage check --points "${2:-[{\}]}" > /tmp/check.log 2>&1
+  grep -E "^check|registers|spill" /tmp/check.log | head -12 | tee -a "$LOG"
   for op in LOP3 FFMA FMUL FADD IMAD HGMMA SHF PRMT FSEL R2UR UMOV; do
     printf "%s %s\n" "$op" "$(grep -cE "^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T]+\s+)?$op" /tmp/check.log)"
   done | tee -a "$LOG"

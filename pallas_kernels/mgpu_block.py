@@ -67,7 +67,8 @@ def k_acc_init(ops, geo: Geometry, kconst):
     return ops.frag("wgmma", (64 * geo.MT, geo.NK), regs, dtype="f32")
 
 
-def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp):
+def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp,
+                 tail=None):
     """Scores, the block's online-softmax update and the value operands of one block.
 
     acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
@@ -76,11 +77,15 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     Writes Pexp (bf16, tiled and swizzled) and exchanges block maxima and group sums
     through ``xchg``. Returns (m_new_cols, alpha_cols, [poff_cols per chunk],
     [psum_cols per chunk]); poff = sum of the stored Pexp values of a (head, token
-    group) column, psum = sum of the bf16-rounded probabilities.
+    group) column, psum = sum of the bf16-rounded probabilities. ``tail``: the block's
+    value scales and zeros (vs, vz) to clear past ``n_valid`` (:func:`zero_tail_groups`),
+    or None.
     """
     w, rr, c = ops.w, ops.rr, ops.c
     P, OWN, ng, ngc = geo.P, geo.OWN, geo.ng, geo.ngc
     plan = pair_plan(geo.bits)
+    if tail is not None:
+        zero_tail_groups(ops, geo, *tail, n_valid)
 
     qsum = {}
     for u in range(P * OWN):
@@ -227,11 +232,11 @@ def v_acc_init(ops, geo: Geometry, poff_cols):
 
 def zero_tail_groups(ops, geo: Geometry, vs, vz, n_valid):
     """Zeros the value scales and zeros [BT/G, D] (flat bf16) of the groups at or past
-    ``n_valid`` in shared memory, so that :func:`v_epilogue` needs no mask: their
-    probabilities are 0, so their accumulator columns are exactly 0, and 0 * 0 adds
-    nothing, whatever the cache held there (a stale NaN included). Only a program's last
-    block can end inside it (the kernel runs this there alone); the softmax step's
-    barriers order these stores before every thread's loads."""
+    ``n_valid`` in shared memory (``tail="zero"``), so that :func:`v_epilogue` needs no
+    mask: their probabilities are 0, so their accumulator columns are exactly 0, and
+    0 * 0 adds nothing, whatever the cache held there (a stale NaN included). Stores
+    predicated off except in a program's last block; :func:`softmax_step` runs this
+    before its barriers, which order the stores before every thread's loads."""
     off = 8 * (32 * ops.w + 4 * ops.rr + ops.c)  # 8 channels (16 bytes) per thread
     in_row = off < geo.D  # (D <= 1024: one pass)
     zeros = [ops.f32(0.0)] * 8
@@ -241,10 +246,12 @@ def zero_tail_groups(ops, geo: Geometry, vs, vz, n_valid):
         ops.store(vz, gg * geo.D + off, zeros, "bf16", pred=ok)
 
 
-def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, ck: int):
+def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, n_valid,
+               ck: int):
     """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (after alpha * o_full
     when ``alpha_cols`` is given). vs, vz: the block's value scales / zeros [BT/G, D] (flat
-    bf16); those of groups past the block's valid tokens must be zero
+    bf16). Groups past ``n_valid`` are skipped (their scales may be anything); with
+    ``n_valid`` None (``tail="zero"``) no mask: their scales must be zero
     (:func:`zero_tail_groups`)."""
     w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
     ngc, OWN = geo.ngc, geo.OWN
@@ -255,8 +262,12 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
             s2 = ops.load(vs, off, "bf16", 2)
             z2 = ops.load(vz, off, "bf16", 2)
             for rho in range(2):
-                sc[(mv, gt, rho)] = s2[rho]
-                zc[(mv, gt, rho)] = z2[rho]
+                if n_valid is None:
+                    sc[(mv, gt, rho)], zc[(mv, gt, rho)] = s2[rho], z2[rho]
+                else:
+                    ok = ck * geo.TC + gt * geo.G < n_valid
+                    sc[(mv, gt, rho)] = ops.where(ok, s2[rho], ops.f32(0.0))
+                    zc[(mv, gt, rho)] = ops.where(ok, z2[rho], ops.f32(0.0))
     regs = {}
     for mv in range(geo.MV):
         for t8 in range(geo.NV // 8):

@@ -108,8 +108,11 @@ WINDOWS = ("xla", "kernel", "epilogue")
 # where the query operands (Qexp, kconst) are built: "xla" (query_operands, four small
 # fusions) or "kernel" (one Triton launch, mgpu_query.py)
 QUERY = ("xla", "kernel")
+# how the value scales of groups past a block's valid tokens are kept out: "mask" (a select
+# per scale in every block) or "zero" (the last block's zeroed in shared memory)
+TAIL = ("mask", "zero")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
-                      "explicit_barriers", "pipeline", "windows", "wide_copies", "query"})
+                      "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
@@ -476,6 +479,7 @@ class KernelConfig:
     sink: int = 0  # S
     window: int = 0  # R + G, the recent ring
     ablate: tuple[str, ...] = ()
+    tail: str = "mask"  # value scales past a block's valid tokens: "mask" each block, "zero"
 
 
 _BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat16, jnp.bfloat16)
@@ -645,9 +649,12 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     col_ty = _sds((NV,), jnp.float32, _COL)
     step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC)
 
-    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp):
+    zero_tail = kc.tail == "zero"
+
+    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp, *vs_vz):
         m_new, alpha, poffs, psums = blk.softmax_step(
-            ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp)
+            ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp,
+            tail=vs_vz if zero_tail else None)
         l_regs = {}
         for t8 in range(NV // 8):
             vals = []
@@ -664,12 +671,6 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         if "stream" in ablate:  # timing ablation: the pipeline's copies alone
             return carry
         n_valid = n - idx[0] * BT
-
-        @pl.when(n_valid < BT)  # a program's last block may end inside it (uniform branch)
-        def _zero_tail():
-            _inline([ref, ref, _SPLAT], (), lambda ops, vs, vz, nv: blk.zero_tail_groups(
-                ops, geo, vs, vz, _I(_scalar(nv))) or ())(vs_s, vz_s, n_valid)
-
         a_k = _inline([ref], k_ops_ty, lambda ops, kw: tuple(blk.k_operands(ops, geo, kw)))(kw_s)
 
         def k_chain(acc_ref):
@@ -677,10 +678,21 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                 plgpu.wgmma(acc_ref, a_k[st], qexp_smem.at[st])
 
         acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k_init))
+        tail_refs = (vs_s, vz_s) if zero_tail else ()
         m_new, l_new, alpha, poffs, psums = _inline(
-            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, softmax,
-            no_sync="no_sync" in ablate)(
-            acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
+            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t] + [ref] * len(tail_refs),
+            step_ty, softmax, no_sync="no_sync" in ablate)(
+            acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, n_valid, xchg_smem, pexp_smem,
+            *tail_refs)
+        # tail="mask": groups past n_valid masked in every block; "zero": their scales were
+        # zeroed in shared memory by the softmax step (stores predicated off but in the last)
+        nv_args, nv_types = ((), []) if zero_tail else ((n_valid,), [_SPLAT])
+
+        def epi(ops, o, a, vs, vz, ps, *rest, ck):
+            al = rest[0] if ck == 0 else None
+            nv = None if zero_tail else _I(_scalar(rest[-1]))
+            return blk.v_epilogue(ops, geo, o, a, vs, vz, ps, al, nv, ck)
+
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
             a_v = _inline([ref], v_ops_ty,
                           lambda ops, vw, ck=ck: tuple(blk.v_operands(ops, geo, vw, ck)))(vw_s)
@@ -692,20 +704,11 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                     plgpu.wgmma(acc_ref, a_v[j], pexp_smem.at[ck * geo.half + j])
 
             acc_v = pl.run_state(v_chain)(plgpu.ACC.init(v_init))
-            if ck == 0:
-                o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL, _COL],
-                    _sds((D, NV), jnp.float32, _WGMMA),
-                    lambda ops, o, a, vs, vz, ps, al, ck=ck: blk.v_epilogue(
-                        ops, geo, o, a, vs, vz, ps, al, ck))(
-                    o_full, acc_v, vs_s, vz_s, psums[ck], alpha)
-            else:
-                o_full = _inline(
-                    [_WGMMA, _WGMMA, ref, ref, _COL],
-                    _sds((D, NV), jnp.float32, _WGMMA),
-                    lambda ops, o, a, vs, vz, ps, ck=ck: blk.v_epilogue(
-                        ops, geo, o, a, vs, vz, ps, None, ck))(
-                    o_full, acc_v, vs_s, vz_s, psums[ck])
+            al_args, al_types = ((alpha,), [_COL]) if ck == 0 else ((), [])
+            o_full = _inline(
+                [_WGMMA, _WGMMA, ref, ref, _COL] + al_types + nv_types,
+                _sds((D, NV), jnp.float32, _WGMMA), functools.partial(epi, ck=ck))(
+                o_full, acc_v, vs_s, vz_s, psums[ck], *al_args, *nv_args)
         return m_new, l_new, o_full
 
     barrier = lambda: _inline([], (), lambda ops: ops.barrier() or ())()  # noqa: E731
@@ -877,7 +880,8 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
-                 pipeline=None, windows=None, wide_copies=None, query=None, ablate=()):
+                 pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
+                 ablate=()):
     """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
     gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -901,6 +905,9 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     query = query or tuned.get("query", "xla")
     if query not in QUERY:
         raise ValueError(f"query={query!r}; choose one of {QUERY}")
+    tail = tail or tuned.get("tail", "mask")
+    if tail not in TAIL:
+        raise ValueError(f"tail={tail!r}; choose one of {TAIL}")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
@@ -937,7 +944,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     boxes = block_boxes(geo, Tq, wide_copies)
     kc = KernelConfig(geo, bps, stages, boxes, explicit_barriers=bool(explicit_barriers),
                       pipeline=pipeline, windows="kernel" if windows == "kernel" else "xla",
-                      sink=cfg.sink, window=cfg.window, ablate=tuple(ablate))
+                      sink=cfg.sink, window=cfg.window, ablate=tuple(ablate), tail=tail)
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
@@ -968,7 +975,10 @@ def mgpu_decode_attention(
     (each block array copied in rows as wide as divide it, at most 256 elements, instead of
     the cache's natural rows: 16 boxes of up to 1 KB instead of 260 rows of 16-512 bytes
     per 2-bit D 128 block; see :func:`block_boxes`), ``query`` ("xla": the query operands
-    as XLA fusions; "kernel": one Triton launch, :mod:`pallas_kernels.mgpu_query`).
+    as XLA fusions; "kernel": one Triton launch, :mod:`pallas_kernels.mgpu_query`),
+    ``tail`` ("mask": value scales past a block's valid tokens selected away in every
+    block; "zero": zeroed in shared memory by stores predicated off but in a program's
+    last block).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -992,7 +1002,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TAIL", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

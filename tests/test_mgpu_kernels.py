@@ -232,7 +232,8 @@ def _np(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
-def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int):
+def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int,
+                    tail: str = "mask"):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
 
     Follows the Pallas body step for step: the same block functions, wgmma modelled as a
@@ -240,6 +241,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     through the kernel's own swizzled offsets), the pipeline as a loop over blocks.
     """
     kw, ks, kz, vw, vs, vz = (_np(x) for x in operands)
+    zero_tail = tail == "zero"
     qexp, kconst = _np(qexp, np.float32), _np(kconst, np.float32)
     B, H = kw.shape[:2]
     BT, NV, D = geo.BT, geo.NV, geo.D
@@ -279,14 +281,13 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                     vw_s = block(vw[b, h], g, r_vw)
                     vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
                     n_valid = n - i * BT
-                    if n_valid < BT:  # the kernel's last-block step
-                        blk.zero_tail_groups(ops, geo, vs_s, vz_s, n_valid)
                     a_k = blk.k_operands(ops, geo, kw_s)
                     acc = acc_init
                     for st in range(geo.n_ksteps):
                         acc = simt.wgmma(acc, a_k[st], qexp[b, h, st])
                     m_new, alpha, poffs, psums = blk.softmax_step(
-                        ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp)
+                        ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
+                        tail=(vs_s, vz_s) if zero_tail else None)
                     l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat
                                        + sum(p.mat for p in psums))
                     for ck in range(geo.NC):
@@ -295,7 +296,8 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                         for j in range(geo.half):
                             acc_v = simt.wgmma(acc_v, a_v[j], pexp_log(pexp, ck, j))
                         o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
-                                                alpha if ck == 0 else None, ck)
+                                                alpha if ck == 0 else None,
+                                                None if zero_tail else n_valid, ck)
                     m_cols = m_new
                 o_out = np.zeros(D * NV, np.float32)
                 ml_out = np.zeros(2 * NV, np.float32)
@@ -321,7 +323,8 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     qexp, kconst = md.query_operands(qp, geo)
     boxes = md.block_boxes(geo, cfg.quant_capacity, opts.get("wide_copies", False))
     operands = md.kernel_operands(layer, geo, boxes)
-    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps)
+    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
+                                      opts.get("tail", "mask"))
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
@@ -515,13 +518,16 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
                                 wide_copies=False, query="xla"),
             # the window program in the kernel, the merge alone in the Triton launch after it
             "kernel-merge": dict(pipeline="emit", windows="kernel", wide_copies=True,
-                                 query="kernel")}
+                                 query="kernel"),
+            "tail-zero": dict(pipeline="emit", windows="epilogue", wide_copies=True,
+                              query="kernel", tail="zero")}
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views:
 # one grid case by default, the rest with -m slow (CI time)
 _LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
-                if v in ("emit-wide", "epilogue-wide", "kernel-merge") and n != "innerq2-G32-D128-gqa4"
+                if v in ("emit-wide", "epilogue-wide", "kernel-merge", "tail-zero")
+                and n != "innerq2-G32-D128-gqa4"
                 else (n, v) for v in VARIANTS for n in GRID]
 
 
@@ -562,7 +568,7 @@ def test_rejects_outerq_and_bad_block():
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
-                dict(wide_copies="yes"),
+                dict(wide_copies="yes"), dict(tail="clip"),
                 dict(ablate=("nothing",))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
@@ -764,9 +770,9 @@ def test_merge_equals_xla_merge(name):
 
 def test_simulated_kernel_ignores_stale_values_past_the_quantized_tokens():
     """Value scales and zero-points past a sequence's quantized tokens (slots an earlier,
-    longer sequence may have left; NaN here) never reach the output: the kernel zeroes
-    its last block's dead groups in shared memory (mgpu_block.zero_tail_groups) instead
-    of masking the scales of every block."""
+    longer sequence may have left; NaN here) never reach the output, whether the kernel
+    masks them in every block (tail="mask") or zeroes its last block's dead groups in
+    shared memory (tail="zero", mgpu_block.zero_tail_groups)."""
     cfg, D, Hq, Hkv, lengths, appends, opts = GRID["innerq2-G32-D128-gqa4"]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     qp = _query(cache, Hq)
@@ -780,8 +786,9 @@ def test_simulated_kernel_ignores_stale_values_past_the_quantized_tokens():
     poison = lambda x: jnp.where(dead, jnp.nan, x).astype(x.dtype)  # noqa: E731
     v = dataclasses.replace(layer.v, scale=poison(layer.v.scale), zero=poison(layer.v.zero))
     stale = dataclasses.replace(cache, layers=(dataclasses.replace(layer, v=v),))
-    (out,) = _simulated_attention(stale, qp, opts)
-    assert _rel(out, ref) < TOL
+    for tail in md.TAIL:
+        (out,) = _simulated_attention(stale, qp, dict(opts, tail=tail))
+        assert _rel(out, ref) < TOL
 
 
 def test_simulated_kernel_agrees_with_reference_on_non_finite_keys():
