@@ -69,6 +69,8 @@ KINDS = {
     "int8": CacheConfig.int8,
     "outerq2": CacheConfig.outerq,
     "innerq2": CacheConfig.innerq,
+    # the project's recommended 2-bit cache: InnerQ-H, 36 sinks, 96 recent
+    "recommended": CacheConfig.recommended,
 }
 
 
@@ -76,14 +78,14 @@ def suite_rows(suite: str) -> list[tuple[str, int | str, int]]:
     """(cache kind, batch or 'max', context) rows of a suite, most important first."""
     if suite == "decode":
         return [("bf16", 8, 32768), ("innerq2", 8, 32768), ("outerq2", 8, 32768),
-                ("int8", 8, 32768)]
+                ("int8", 8, 32768), ("recommended", 8, 32768)]
     if suite == "grid":
         rows = []
         for B, ctx in ((1, 32768), (32, 32768), (32, 4096), (8, 4096), (1, 4096)):
             rows += [(k, B, ctx) for k in ("bf16", "innerq2")]
         return rows
     if suite == "max":
-        return [(k, "max", 32768) for k in ("bf16", "innerq2", "outerq2", "int8")]
+        return [(k, "max", 32768) for k in ("bf16", "innerq2", "outerq2", "int8", "recommended")]
     if suite == "mesh":
         return [("bf16", 8, 32768), ("innerq2", 8, 32768), ("bf16", "max", 32768),
                 ("innerq2", "max", 32768)]

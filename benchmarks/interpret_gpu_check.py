@@ -42,6 +42,9 @@ def main() -> None:
             outs[f"reference/{prec}"] = quantized_attention_core(qp, layer, cache.lengths, cfg)
             outs[f"interpret/{prec}"] = quantized_decode_attention(
                 qp, layer, cache.lengths, cfg, interpret=True)
+    for ns in (1, 2):  # one split: no partial of another program is read by the merge
+        outs[f"interpret/splits{ns}"] = quantized_decode_attention(
+            qp, layer, cache.lengths, cfg, interpret=True, num_splits=ns)
     if jax.default_backend() == "gpu":
         outs["compiled"] = quantized_decode_attention(qp, layer, cache.lengths, cfg)
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -49,6 +52,12 @@ def main() -> None:
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             print(f"  {a:20s} vs {b:20s} rel err {_rel(outs[a], outs[b]):.2e}")
+    ref = outs["reference/highest"]
+    for name in ("interpret/default", "interpret/splits1"):
+        err = [[_rel(outs[name][b, h], ref[b, h]) for h in range(H)] for b in range(B)]
+        print(f"  {name} per (sequence, kv head) vs reference/highest: "
+              + " ".join(f"{e:.1e}" for row in err for e in row)
+              + f"; NaN {int(np.isnan(np.asarray(outs[name])).sum())}")
 
 
 if __name__ == "__main__":
