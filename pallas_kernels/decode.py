@@ -40,7 +40,7 @@ from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.innerq_blocks import NEG, Geometry
-from pallas_kernels.triton_ext import call_quietly
+from pallas_kernels.triton_ext import call_quietly, check_interpret_platform
 
 NUM_SMS = 132  # H100 / H200 SXM; only used by the default split count
 
@@ -286,6 +286,8 @@ def quantized_decode_attention(
     chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
     NS = max(1, pl.cdiv(Tq, chunk))
 
+    if interpret:
+        check_interpret_platform()
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)
     inputs = [qp.astype(jnp.float32), lengths, *quant]

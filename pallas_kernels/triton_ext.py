@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import jax
@@ -116,6 +117,26 @@ def _quiet_call_lowering(ctx, *args, fn):
 
 
 mlir.register_lowering(quiet_call_p, _quiet_call_lowering)
+
+
+_EXACT_BF16_FLAG = "--xla_allow_excess_precision=false"
+
+
+def check_interpret_platform(platform: str | None = None) -> None:
+    """Interpret mode runs a kernel's body as XLA ops. The kernels' math relies on exact
+    bf16 roundings (the MMA operands' offsets, 128 * sum of the rounded operand, must match
+    the operand the MMA sees), and XLA on a GPU drops ``f32 -> bf16 -> f32`` round trips by
+    default (excess precision): measured relative error 1e-1 on an H200, 3e-6 against the
+    compiled kernel with the flag below (benchmarks/KERNEL_NOTES.md, round 9). Raises on a
+    GPU unless XLA_FLAGS turns excess precision off."""
+    platform = platform or jax.default_backend()
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if platform in ("gpu", "cuda", "rocm") and not any(
+            f in (_EXACT_BF16_FLAG, "--xla_allow_excess_precision=0") for f in flags):
+        raise RuntimeError(
+            "Pallas interpret mode on a GPU needs exact bf16 roundings, which XLA drops there by "
+            f"default: set XLA_FLAGS={_EXACT_BF16_FLAG} before jax starts, or run the compiled "
+            "kernel (backend='pallas') or interpret mode on the CPU")
 
 
 def call_quietly(fn, *args):
