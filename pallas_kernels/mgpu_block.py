@@ -36,24 +36,29 @@ def _unpack(ops, word, bits: int, j: int, shifted: dict):
     return ops.bf16x2(ops.and_or(shifted[key], pair_mask(bits, j), MAGIC))
 
 
-def k_operands(ops, geo: Geometry, kw):
-    """The A operands of the key chain: n_ksteps arrays [MT*64, 16] (step s = j*KT + T).
+def k_operands(ops, geo: Geometry, kw, steps=None):
+    """The A operands of the key chain: arrays [MT*64, 16] for K steps ``steps`` (default
+    all n_ksteps; step s = j*KT + T), in that order.
 
     kw: the block's key words [BT/P, KW] uint32 (row-major, flat).
     """
     w, rr, c = ops.w, ops.rr, ops.c
-    regs = [{} for _ in range(geo.n_ksteps)]
+    steps = list(range(geo.n_ksteps)) if steps is None else list(steps)
+    regs = {st: {} for st in steps}
     for mt in range(geo.MT):
         for rho in range(2):
             row = 64 * mt + 16 * w + rr + 8 * rho
             for T in range(geo.KT):
+                js = [j for j in range(geo.half) if j * geo.KT + T in regs]
+                if not js:
+                    continue
                 words = ops.load(kw, row * geo.KW + 8 * T + 2 * c, "u32", 2)
                 shifted = {}
-                for j in range(geo.half):
+                for j in js:
                     for t in range(2):
                         a = _unpack(ops, words[t], geo.bits, j, shifted)
                         regs[j * geo.KT + T][(mt, t, rho)] = a
-    return [ops.frag("wgmma", (64 * geo.MT, 16), r) for r in regs]
+    return [ops.frag("wgmma", (64 * geo.MT, 16), regs[st]) for st in steps]
 
 
 def k_acc_init(ops, geo: Geometry, kconst):
@@ -203,20 +208,21 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     return m_cols_new, alpha_cols, poff_cols, psum_cols
 
 
-def v_operands(ops, geo: Geometry, vw, ck: int):
-    """A operands of V chunk ck: half arrays [D, 16] (pair j). vw: the block's value words
-    [BT/cpw, D] uint32 (flat)."""
+def v_operands(ops, geo: Geometry, vw, ck: int, pairs=None):
+    """A operands of V chunk ck: arrays [D, 16] of code pairs ``pairs`` (default all half),
+    in that order. vw: the block's value words [BT/cpw, D] uint32 (flat)."""
     w, rr, c = ops.w, ops.rr, ops.c
-    regs = [{} for _ in range(geo.half)]
+    pairs = list(range(geo.half)) if pairs is None else list(pairs)
+    regs = {j: {} for j in pairs}
     for mv in range(geo.MV):
         for t in range(2):
             wr = 8 * ck + 2 * c + t
             words = ops.load(vw, wr * geo.D + 64 * mv + 16 * w + 2 * rr, "u32", 2)  # rho = 0, 1
             for rho in range(2):
                 shifted = {}
-                for j in range(geo.half):
+                for j in pairs:
                     regs[j][(mv, t, rho)] = _unpack(ops, words[rho], geo.bits, j, shifted)
-    return [ops.frag("wgmma", (geo.D, 16), r) for r in regs]
+    return [ops.frag("wgmma", (geo.D, 16), regs[j]) for j in pairs]
 
 
 def v_acc_init(ops, geo: Geometry, poff_cols):

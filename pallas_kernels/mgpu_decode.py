@@ -112,7 +112,8 @@ QUERY = ("xla", "kernel")
 # per scale in every block) or "zero" (the last block's zeroed in shared memory)
 TAIL = ("mask", "zero")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
-                      "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail"})
+                      "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
+                      "chain_parts"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
@@ -480,6 +481,7 @@ class KernelConfig:
     window: int = 0  # R + G, the recent ring
     ablate: tuple[str, ...] = ()
     tail: str = "mask"  # value scales past a block's valid tokens: "mask" each block, "zero"
+    chain_parts: int = 1  # each wgmma chain in this many waited parts (fewer live A registers)
 
 
 _BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat16, jnp.bfloat16)
@@ -644,8 +646,8 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     nblk = lax.div(n + (BT - 1), BT)
     blk0 = s * bps
 
-    k_ops_ty = tuple(_sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.n_ksteps))
-    v_ops_ty = tuple(_sds((D, 16), jnp.bfloat16, _WGMMA) for _ in range(geo.half))
+    k_op_ty = _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA)
+    v_op_ty = _sds((D, 16), jnp.bfloat16, _WGMMA)
     col_ty = _sds((NV,), jnp.float32, _COL)
     step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC)
 
@@ -671,13 +673,18 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         if "stream" in ablate:  # timing ablation: the pipeline's copies alone
             return carry
         n_valid = n - idx[0] * BT
-        a_k = _inline([ref], k_ops_ty, lambda ops, kw: tuple(blk.k_operands(ops, geo, kw)))(kw_s)
+        # the key chain in kc.chain_parts parts, each waited for before the next one's
+        # operands are unpacked (fewer A registers live at once)
+        acc_k = acc_k_init
+        for stp in _parts(geo.n_ksteps, kc.chain_parts):
+            a_k = _inline([ref], (k_op_ty,) * len(stp), lambda ops, kw, stp=stp: tuple(
+                blk.k_operands(ops, geo, kw, stp)))(kw_s)
 
-        def k_chain(acc_ref):
-            for st in range(geo.n_ksteps):
-                plgpu.wgmma(acc_ref, a_k[st], qexp_smem.at[st])
+            def k_chain(acc_ref, a_k=a_k, stp=stp):
+                for a, st in zip(a_k, stp):
+                    plgpu.wgmma(acc_ref, a, qexp_smem.at[st])
 
-        acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k_init))
+            acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k))
         tail_refs = (vs_s, vz_s) if zero_tail else ()
         m_new, l_new, alpha, poffs, psums = _inline(
             [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t] + [ref] * len(tail_refs),
@@ -694,16 +701,17 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             return blk.v_epilogue(ops, geo, o, a, vs, vz, ps, al, nv, ck)
 
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
-            a_v = _inline([ref], v_ops_ty,
-                          lambda ops, vw, ck=ck: tuple(blk.v_operands(ops, geo, vw, ck)))(vw_s)
-            v_init = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
-                             lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
+            acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
+                            lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
+            for js in _parts(geo.half, kc.chain_parts):
+                a_v = _inline([ref], (v_op_ty,) * len(js), lambda ops, vw, ck=ck, js=js: tuple(
+                    blk.v_operands(ops, geo, vw, ck, js)))(vw_s)
 
-            def v_chain(acc_ref, a_v=a_v, ck=ck):
-                for j in range(geo.half):
-                    plgpu.wgmma(acc_ref, a_v[j], pexp_smem.at[ck * geo.half + j])
+                def v_chain(acc_ref, a_v=a_v, ck=ck, js=js):
+                    for a, j in zip(a_v, js):
+                        plgpu.wgmma(acc_ref, a, pexp_smem.at[ck * geo.half + j])
 
-            acc_v = pl.run_state(v_chain)(plgpu.ACC.init(v_init))
+                acc_v = pl.run_state(v_chain)(plgpu.ACC.init(acc_v))
             al_args, al_types = ((alpha,), [_COL]) if ck == 0 else ((), [])
             o_full = _inline(
                 [_WGMMA, _WGMMA, ref, ref, _COL] + al_types + nv_types,
@@ -754,6 +762,11 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
 
 
 ABLATIONS = ("stream", "keys_only", "no_sync")  # timing only: their outputs are wrong
+
+
+def _parts(n: int, parts: int) -> list[list[int]]:
+    """0 .. n-1 in ``parts`` consecutive runs (as even as they divide)."""
+    return [list(range(i * n // parts, (i + 1) * n // parts)) for i in range(parts)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -881,7 +894,7 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 ablate=()):
+                 chain_parts=None, ablate=()):
     """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
     gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -908,6 +921,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     tail = tail or tuned.get("tail", "mask")
     if tail not in TAIL:
         raise ValueError(f"tail={tail!r}; choose one of {TAIL}")
+    chain_parts = chain_parts or tuned.get("chain_parts", 1)
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
@@ -917,6 +931,9 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
     geo = Geometry(cfg.bits, cfg.group_size, D, r, BT)
     geo.validate()
+    if chain_parts not in (1, 2, 4) or chain_parts > min(geo.n_ksteps, geo.half):
+        raise ValueError(f"chain_parts={chain_parts!r}; choose 1, 2 or 4, at most "
+                         f"{min(geo.n_ksteps, geo.half)} for this geometry")
     Tq = cfg.quant_capacity
     n_blocks = max(1, -(-Tq // BT))
     if num_splits is None:
@@ -944,7 +961,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     boxes = block_boxes(geo, Tq, wide_copies)
     kc = KernelConfig(geo, bps, stages, boxes, explicit_barriers=bool(explicit_barriers),
                       pipeline=pipeline, windows="kernel" if windows == "kernel" else "xla",
-                      sink=cfg.sink, window=cfg.window, ablate=tuple(ablate), tail=tail)
+                      sink=cfg.sink, window=cfg.window, ablate=tuple(ablate), tail=tail,
+                      chain_parts=chain_parts)
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
@@ -978,7 +996,8 @@ def mgpu_decode_attention(
     as XLA fusions; "kernel": one Triton launch, :mod:`pallas_kernels.mgpu_query`),
     ``tail`` ("mask": value scales past a block's valid tokens selected away in every
     block; "zero": zeroed in shared memory by stores predicated off but in a program's
-    last block).
+    last block), ``chain_parts`` (1, 2 or 4: each wgmma chain in parts, each waited for
+    before the next part's operands are unpacked, so fewer A registers are live).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).

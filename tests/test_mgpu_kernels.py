@@ -233,7 +233,7 @@ def _np(x, dtype=None):
 
 
 def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int,
-                    tail: str = "mask"):
+                    tail: str = "mask", chain_parts: int = 1):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
 
     Follows the Pallas body step for step: the same block functions, wgmma modelled as a
@@ -281,20 +281,22 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                     vw_s = block(vw[b, h], g, r_vw)
                     vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
                     n_valid = n - i * BT
-                    a_k = blk.k_operands(ops, geo, kw_s)
                     acc = acc_init
-                    for st in range(geo.n_ksteps):
-                        acc = simt.wgmma(acc, a_k[st], qexp[b, h, st])
+                    for stp in md._parts(geo.n_ksteps, chain_parts):  # the kernel's parts
+                        a_k = blk.k_operands(ops, geo, kw_s, stp)
+                        for a, st in zip(a_k, stp):
+                            acc = simt.wgmma(acc, a, qexp[b, h, st])
                     m_new, alpha, poffs, psums = blk.softmax_step(
                         ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
                         tail=(vs_s, vz_s) if zero_tail else None)
                     l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat
                                        + sum(p.mat for p in psums))
                     for ck in range(geo.NC):
-                        a_v = blk.v_operands(ops, geo, vw_s, ck)
                         acc_v = blk.v_acc_init(ops, geo, poffs[ck])
-                        for j in range(geo.half):
-                            acc_v = simt.wgmma(acc_v, a_v[j], pexp_log(pexp, ck, j))
+                        for js in md._parts(geo.half, chain_parts):
+                            a_v = blk.v_operands(ops, geo, vw_s, ck, js)
+                            for a, j in zip(a_v, js):
+                                acc_v = simt.wgmma(acc_v, a, pexp_log(pexp, ck, j))
                         o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
                                                 alpha if ck == 0 else None,
                                                 None if zero_tail else n_valid, ck)
@@ -324,7 +326,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     boxes = md.block_boxes(geo, cfg.quant_capacity, opts.get("wide_copies", False))
     operands = md.kernel_operands(layer, geo, boxes)
     o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
-                                      opts.get("tail", "mask"))
+                                      opts.get("tail", "mask"), opts.get("chain_parts", 1))
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
@@ -520,13 +522,15 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
             "kernel-merge": dict(pipeline="emit", windows="kernel", wide_copies=True,
                                  query="kernel"),
             "tail-zero": dict(pipeline="emit", windows="epilogue", wide_copies=True,
-                              query="kernel", tail="zero")}
+                              query="kernel", tail="zero"),
+            "chain2": dict(pipeline="emit", windows="epilogue", wide_copies=True,
+                           query="kernel", chain_parts=2)}
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views:
 # one grid case by default, the rest with -m slow (CI time)
 _LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
-                if v in ("emit-wide", "epilogue-wide", "kernel-merge", "tail-zero")
+                if v in ("emit-wide", "epilogue-wide", "kernel-merge", "tail-zero", "chain2")
                 and n != "innerq2-G32-D128-gqa4"
                 else (n, v) for v in VARIANTS for n in GRID]
 
@@ -568,7 +572,7 @@ def test_rejects_outerq_and_bad_block():
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
-                dict(wide_copies="yes"), dict(tail="clip"),
+                dict(wide_copies="yes"), dict(tail="clip"), dict(chain_parts=3),
                 dict(ablate=("nothing",))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
@@ -766,6 +770,31 @@ def test_merge_equals_xla_merge(name):
     with pytest.raises(ValueError, match="n_channel_blocks"):
         merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, Hq // Hkv,
                        n_channel_blocks=3, interpret=True)
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_simulated_kernel_in_chain_parts_equals_reference(parts):
+    """chain_parts: the key and value chains in parts, each part's A operands unpacked
+    alone (the same registers, fewer at once) give the reference; the operand subsets are
+    exactly the full chain's."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID["innerq2-G32-D128-gqa4"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    (out,) = _simulated_attention(cache, qp, dict(opts, chain_parts=parts))
+    assert _rel(out, ref) < TOL
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    rng = np.random.default_rng(11)
+    words = lambda n: rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)  # noqa: E731
+    kw, vw = words(64 * geo.MT * geo.KW), words(8 * geo.NC * geo.D)  # a block's words
+    ops, ck = simt.SimOps(), geo.NC - 1
+    full_k, full_v = blk.k_operands(ops, geo, kw), blk.v_operands(ops, geo, vw, ck)
+    for stp in md._parts(geo.n_ksteps, parts):
+        for a, st in zip(blk.k_operands(ops, geo, kw, stp), stp):
+            np.testing.assert_array_equal(a.mat, full_k[st].mat)
+    for js in md._parts(geo.half, parts):
+        for a, j in zip(blk.v_operands(ops, geo, vw, ck, js), js):
+            np.testing.assert_array_equal(a.mat, full_v[j].mat)
 
 
 def test_simulated_kernel_ignores_stale_values_past_the_quantized_tokens():
