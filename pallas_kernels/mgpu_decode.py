@@ -91,7 +91,10 @@ def _check_jax_version() -> None:
 # in-kernel merge and window program cost less than the epilogue launch. The query
 # operands in one Triton launch (query="kernel") took B 8 / 32k from 0.142 to 0.136 ms in
 # one run (results/mgpu_probe_query.json). pipeline="bulk" and windows="kernel" pass the
-# GPU tests and measured slower (runs 3-5).
+# GPU tests and measured slower (runs 3-5; windows="kernel" again in round 9, its window
+# program raising the kernel's registers), as did tail="zero" (176-182 registers: two
+# programs per SM) and chain_parts 2 / 4 (136 / 121 registers, but each wait exposes a
+# wgmma's latency): results/mgpu_probe_round9*.json, KERNEL_NOTES.md "Round 9".
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
                         pipeline="emit", windows="epilogue", wide_copies=True, query="kernel",
