@@ -19,6 +19,10 @@ one launch, grid (kv head, sequence, channel block):
   reads over about two programs per SM: with one program per (sequence, kv head),
   B 1 / 128k read 49 splits' partials through 8 SMs (about 0.1 ms, round 8).
 
+:func:`windows_and_merge` does both (``windows="epilogue"``); :func:`merge_partials`
+only merges, for ``windows="kernel"``, whose window program leaves the windows' partial
+as one more split.
+
 Zero where a sequence holds nothing; a NaN partial (a non-finite key or value)
 reaches its heads' outputs, as in the reference. It runs in Pallas interpret mode
 on the CPU (tests/test_mgpu_kernels.py checks it there against the XLA merge).
