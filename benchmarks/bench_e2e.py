@@ -300,7 +300,6 @@ def main(argv=None) -> None:
                    jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
                    B=B, context=ctx, suite=suite,
                    mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
-
                    cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
         # per device: weights split over model, cache over data x model
         dev_bytes = weight_bytes / model_axis + per_seq * B / ndev

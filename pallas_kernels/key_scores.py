@@ -72,7 +72,7 @@ def quantized_key_scores(qp: jax.Array, k: QuantizedTensor, *, interpret: bool =
     kw, ks, kz = view(k.codes), view(k.scale), view(k.zero)
     q = qp.astype(jnp.float32)
     call = _build(geo, B, H, r, Tq, kw.shape, ks.shape, num_warps, num_stages, interpret)
-    out = call_quietly(_as_list(call), q, kw, ks, kz)[0]
+    out = call_quietly(_as_list(call), q, kw, ks, kz, interpret=interpret)[0]
     return out[:, :, :r] if geo.NR != r else out
 
 

@@ -16,7 +16,8 @@ Structure (one launch of the Mosaic GPU kernel, plus the work around it):
   streams the blocks of the program's token range with TMA (key words, key
   scales and zeros, value words, value scales and zeros; ``num_stages`` blocks in
   flight; ``wide_copies``: each in boxes of rows as wide as divide it); per block
-  the key chain (wgmma, A = unpacked codes in registers, tokens on M), the scores and the online softmax (maxima exchanged once per block
+  the key chain (wgmma, A = unpacked codes in registers, tokens on M), the scores
+  and the online softmax (maxima exchanged once per block
   through shared memory), the probabilities written as the B operand ``Pexp`` of
   the value chain (wgmma, A = unpacked value codes, channels on M), and the
   per-group scale multiply of both in registers. Each program writes its partial

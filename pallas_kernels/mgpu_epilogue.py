@@ -43,7 +43,7 @@ from innerq_jax.layout import region_sizes
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.mgpu_decode import sm_count
 from pallas_kernels.mgpu_geometry import NEG, Geometry
-from pallas_kernels.triton_ext import call_quietly, check_interpret_platform
+from pallas_kernels.triton_ext import call_quietly
 
 _SPLIT_STEP = 16  # splits per gather of the running maxima and sums
 _MERGE_STEP = 8  # splits whose partials are read per merge step (their loads overlap)
@@ -239,11 +239,12 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     """
     B, H, r, D = qp.shape
     _check_partials(o_part, ml_part, geo, B, H, r, D)
-    if interpret:  # (the windows' hi / lo split of q relies on exact bf16 roundings)
-        check_interpret_platform()
     sk, sv = (layer.sink_k, layer.sink_v) if cfg.sink else (layer.recent_k, layer.recent_v)
     inputs = [qp.astype(jnp.float32), jnp.asarray(lengths, jnp.int32), sk, sv, layer.recent_k,
               layer.recent_v, o_part, ml_part]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     n_dc = _channel_blocks_arg(n_channel_blocks, B, H, D, interpret)
-    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret), *inputs)[0]
+    # (interpret: the windows' hi / lo split of q needs exact bf16 roundings; the merge alone
+    # does not)
+    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret), *inputs,
+                        interpret=interpret)[0]

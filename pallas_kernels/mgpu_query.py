@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.innerq_blocks import load_q, next_pow2
 from pallas_kernels.mgpu_geometry import Geometry
-from pallas_kernels.triton_ext import call_quietly, check_interpret_platform
+from pallas_kernels.triton_ext import call_quietly
 
 
 def _query_kernel(
@@ -100,11 +100,9 @@ def query_operands_kernel(qp: jax.Array, geo: Geometry, *, interpret: bool = Fal
     if (r, D) != (geo.n_rep, geo.D):
         raise ValueError(f"qp {qp.shape} does not match the geometry (n_rep={geo.n_rep}, "
                          f"D={geo.D})")
-    if interpret:
-        check_interpret_platform()
     tables = [jnp.asarray(t) for t in _tables(geo)]
     qexp, kconst = call_quietly(_build_call(geo, B, H, interpret), qp.astype(jnp.float32),
-                                *tables)
+                                *tables, interpret=interpret)
     return qexp.reshape(B, H, geo.n_ksteps, 16, geo.NK), kconst
 
 

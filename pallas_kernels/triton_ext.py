@@ -139,8 +139,12 @@ def check_interpret_platform(platform: str | None = None) -> None:
             "kernel (backend='pallas') or interpret mode on the CPU")
 
 
-def call_quietly(fn, *args):
-    """fn(*args) (fn returns a sequence of arrays; keep fn identical across calls for caching)."""
+def call_quietly(fn, *args, interpret: bool = False):
+    """fn(*args) (fn returns a sequence of arrays; keep fn identical across calls for caching).
+    ``interpret``: fn is a kernel in Pallas interpret mode whose math needs exact bf16
+    roundings (:func:`check_interpret_platform`, checked here at every call)."""
+    if interpret:
+        check_interpret_platform()
     return quiet_call_p.bind(*args, fn=fn)
 
 

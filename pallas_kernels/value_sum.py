@@ -96,5 +96,5 @@ def quantized_value_sum(p: jax.Array, v: QuantizedTensor, n: jax.Array, *,
     args = [jnp.asarray(n, jnp.int32), pp, v.codes, v.scale, v.zero]
     shapes = tuple(tuple(a.shape) for a in args)
     call = _build(geo, NS, chunk, shapes, num_warps, num_stages, interpret)
-    out = jnp.sum(call_quietly(call, *args)[0], axis=2)
+    out = jnp.sum(call_quietly(call, *args, interpret=interpret)[0], axis=2)
     return out[:, :, :r]

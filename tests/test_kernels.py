@@ -315,14 +315,29 @@ def test_interpret_mode_on_a_gpu_needs_exact_bf16_roundings(monkeypatch):
     check_interpret_platform("cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_allow_excess_precision=false")
     check_interpret_platform("gpu")
-    # the op checks where it runs: a GPU default backend without the flag is refused
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # every interpreted kernel whose math needs the roundings checks at each call (through
+    # call_quietly, so a build cached by an earlier CPU test does not skip it): a GPU
+    # default backend without the flag is refused
     cfg = CacheConfig.innerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
-    q, _ = _query(cache, 2)
-    with pytest.raises(RuntimeError, match="interpret mode on a GPU"):
-        decode_attention_layer(q, cache.layer(0), cache.lengths, cfg, backend="interpret")
+    q, qp = _query(cache, 2)
+    layer = cache.layer(0)
+    Tq = layer.k.codes.shape[2]
+    p = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), qp.shape[:3] + (Tq,)), -1)
+    nq = region_sizes(cache.lengths, cfg).quantized
+    calls = {
+        "fused": lambda: decode_attention_layer(q, layer, cache.lengths, cfg,
+                                                backend="interpret"),
+        "key scores": lambda: quantized_key_scores(qp, layer.k, interpret=True),
+        "value sum": lambda: quantized_value_sum(p, layer.v, nq, interpret=True),
+    }
+    for run in calls.values():  # built once on the CPU
+        assert np.all(np.isfinite(np.asarray(run())))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for run in calls.values():
+        with pytest.raises(RuntimeError, match="interpret mode on a GPU"):
+            run()
 
 
 def test_missing_pallas_triton_names_the_version(monkeypatch):
