@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from innerq_jax.attention import decode_attention_layer
+from innerq_jax.attention import decode_attention_layer, quantized_path
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
-from innerq_jax.reference import prepare_query, quantized_attention_core
+from innerq_jax.reference import finish_output, prepare_query, quantized_attention_core
 from pallas_kernels.decode import quantized_decode_attention
 from pallas_kernels.mgpu_decode import mgpu_decode_attention
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
@@ -522,8 +522,10 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         del sets
     # ---- any InnerQ configuration ("cfg_fused@{CacheConfig.innerq overrides as JSON}"): a
     # candidate cache of the fidelity search timed in the same run as innerq_fused, through
-    # the dispatch (rotations of q and o included), checked against the reference path
-    for name in [x for x in variants if x.split("@")[0] == "cfg_fused"]:
+    # the dispatch (rotations of q and o included), checked against the reference path.
+    # "cfg_xlaprep@{...}": the same kernel with q prepared and the output finished in XLA
+    # around it (the dispatch before the kernels took them in, round 10)
+    for name in [x for x in variants if x.split("@")[0] in CFG_VARIANTS]:
         over = json.loads(name.split("@", 1)[1]) if "@" in name else {}
         cfg = shape.cfg("innerq", **over)
         layer = _prefill(k, v, lengths, cfg)
@@ -540,11 +542,17 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
             assert e < tol, f"rel err {e:.2e}"
             return e
 
-        fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
-                               **kernel_opts.get("innerq", {}))
+        if name.startswith("cfg_xlaprep"):
+            fn = functools.partial(_xla_prep_dispatch, cfg=cfg, scale=scale,
+                                   **kernel_opts.get("innerq", {}))
+        else:
+            fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
+                                   **kernel_opts.get("innerq", {}))
         sets = _copies((q, layer, lengths), n_sets)
         record(name, lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_c, nbytes,
-               extra={"config": cfg.short_name(), "note": "rotations of q and o included"},
+               extra={"config": cfg.short_name(), "note": "rotations of q and o included",
+                      "path": quantized_path(cfg, layer.k_scale.shape[0]
+                                             * layer.k_scale.shape[1], "pallas")},
                abort_on_mismatch=False)
         del sets, layer, ref
     if "innerq" in caches and ("kernel_a" in variants or "kernel_b" in variants):
@@ -584,6 +592,20 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
 
 
 # ------------------------------------------------------------------ suites
+CFG_VARIANTS = ("cfg_fused", "cfg_xlaprep")
+
+
+def _xla_prep_dispatch(q, layer, lengths, cfg, scale, **opts):
+    """The dispatch's kernel with q prepared and the output finished by XLA around it."""
+    B, H = layer.k_scale.shape[:2]
+    qp = prepare_query(q, layer, cfg, scale)
+    if quantized_path(cfg, B * H, "pallas", opts) == "mosaic":
+        o = mgpu_decode_attention(qp, layer, lengths, cfg, **opts)
+    else:
+        o = quantized_decode_attention(qp, layer, lengths, cfg, **opts)
+    return finish_output(o, cfg, q.dtype, layer.rot_signs)
+
+
 ALL = ["bf16_xla", "bf16_pallas", "cudnn", "int8_xla", "innerq_fused", "outerq_fused",
        "innerq-h_fused", "kernel_a", "kernel_b", "innerq_mgpu",
        "bf16_paged_tpu", "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref", "outerq_ref"]
@@ -682,9 +704,10 @@ def main():
         except (ValueError, TypeError) as e:
             ap.error(f"--points must be JSON [[B, T, {{Shape kwargs}}, [variants]], ...]: {e}")
         bad = sorted({n for _, names in points for n in names
-                      if n.split("@")[0] not in ALL + ["cfg_fused"]})
+                      if n.split("@")[0] not in ALL + list(CFG_VARIANTS)})
         if bad:
-            ap.error(f"--points: unknown variants {bad}; variants are {ALL + ['cfg_fused']} "
+            ap.error(f"--points: unknown variants {bad}; variants are "
+                     f"{ALL + list(CFG_VARIANTS)} "
                      "(a kernel may carry options: innerq_fused@{json}, innerq_tpu@{json})")
     t_start = time.time()
     lines = []
@@ -840,8 +863,8 @@ def profile(log, reps, args, save):
         return (jnp.zeros((nh, D), jnp.float32), jnp.full((nh,), dec.NEG, jnp.float32),
                 jnp.zeros((nh,), jnp.float32))
 
-    def no_comb(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
-        pass  # the output stays unwritten: timing only
+    def no_comb(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
+        return jnp.zeros((rows, D), jnp.float32)  # no partial read: timing only
 
     def no_part(layout):
         def part(q_ref, refs, nq, start, chunk, geo):

@@ -122,7 +122,7 @@ def kernel_stage(log, points, reps, save, copy_gbps):
                 # the kernel launch alone, its operands prepared outside the timed program
                 ksets = []
                 for qp_, lay, len_ in sets:
-                    call, operands, geo, _ = md.prepare_call(qp_, lay, len_, cfg, **opts)
+                    call, operands, geo, *_ = md.prepare_call(qp_, lay, len_, cfg, **opts)
                     ksets.append((operands[1], *operands[:1], *operands[2:]))
                 kmed, klo, _ = time_calls(
                     lambda qe, n, *rest: call(n, qe, *rest)[0], ksets, reps)

@@ -139,22 +139,28 @@ def decode_attention_layer(
             )
         path = quantized_path(cfg, q.shape[0] * layer.k_scale.shape[1], backend,
                               kernel_options)
+        if path in ("triton", "interpret", "mosaic"):
+            # the query's preparation and the output's finish run inside the kernels
+            from pallas_kernels.query_prep import QueryPrep
+
+            H = layer.k_scale.shape[1]
+            q4, prep = split_heads(q, H), QueryPrep.of(q, scale)
+            if path == "mosaic":
+                from pallas_kernels.mgpu_decode import mgpu_decode_attention
+
+                o = mgpu_decode_attention(q4, layer, lengths, cfg, prep=prep, **kernel_options)
+            else:
+                o = _fused_kernel()(q4, layer, lengths, cfg, interpret=path == "interpret",
+                                    prep=prep, **kernel_options)
+            return o.reshape(q.shape)
         qp = prepare_query(q, layer, cfg, scale)
         if path == "reference":
             o = quantized_attention_core(qp, layer, lengths, cfg)
-        elif path in ("tpu", "tpu-interpret"):
+        else:
             from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
 
             o = quantized_decode_attention_tpu(
                 qp, layer, lengths, cfg, interpret=path == "tpu-interpret", **kernel_options
-            )
-        elif path == "mosaic":
-            from pallas_kernels.mgpu_decode import mgpu_decode_attention
-
-            o = mgpu_decode_attention(qp, layer, lengths, cfg, **kernel_options)
-        else:
-            o = _fused_kernel()(
-                qp, layer, lengths, cfg, interpret=path == "interpret", **kernel_options
             )
         return finish_output(o, cfg, q.dtype, layer.rot_signs)
     backend = resolved

@@ -17,6 +17,11 @@ One ``pallas_call`` with grid (splits + 1, Hkv, B):
   scratch output and bumps a per-(b, h) counter (atomic); the last program of
   (b, h) merges the partials (``_combine_partials``), so one launch does all.
 
+Through the dispatch (``prep`` given) q_ref holds the model's query heads: each
+program prepares q' in its prologue and the merging program finishes the output
+(:mod:`pallas_kernels.query_prep`), so the call is this one launch from the
+model's query to the model's output.
+
 Per-block math: :mod:`pallas_kernels.innerq_blocks` (InnerQ) and
 :mod:`pallas_kernels.outerq_blocks` (OuterQ, same fused structure). The
 quantized region's offsets come from :mod:`innerq_jax.layout`.
@@ -38,8 +43,10 @@ from innerq_jax.layout import region_sizes
 from pallas_kernels import innerq_blocks as ib
 from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
+from pallas_kernels import query_prep as qprep
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.innerq_blocks import NEG, Geometry
+from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
 NUM_SMS = 132  # H100 / H200 SXM; only used by the default split count
@@ -64,14 +71,17 @@ def _fused_kernel(
     sv_ref,  # [S, D] bf16
     rk_ref,  # [W, D] bf16: the recent ring
     rv_ref,  # [W, D] bf16
+    sig_ref,  # [D] f32: sigma (read where prep is given)
+    sg_ref,  # [D]: the layer's rotation signs (read where prep is given and the layer has them)
+    h_ref,  # [D, D] bf16: H * sqrt(D) (read where prep is given and the cache rotates)
     cnt_in_ref,  # [H, B] int32: done-counters, aliased with cnt_ref (never read)
-    o_ref,  # [r, D] f32: the output
+    o_ref,  # [r, D]: the output (f32; prep.out_dtype where prep is given)
     po_ref,  # [NS + 1, NR, D] f32: each program's partial output (scratch)
     pm_ref,  # [NS + 1, NR] f32: its running max
     pl_ref,  # [NS + 1, NR] f32: its softmax denominator
-    cnt_ref,  # [H, B] int32: programs of each (b, h) done so far
-    *, geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
-    window_rows: int,
+    *rest,  # (qs_ref [r, D] f32: this program's q' (scratch), where prep is given), cnt_ref
+    geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
+    window_rows: int, prep: QueryPrep | None, signs: bool,
 ):
     """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
 
@@ -81,12 +91,23 @@ def _fused_kernel(
     the output (no separate combine launch). The region sizes and the live ring slots
     are computed here from the length (:mod:`innerq_jax.layout`'s formulas), so the op
     is this one launch: a jnp prelude costs a launch of its own per call, and at short
-    contexts launches, not the kernel, set the time (benchmarks/KERNEL_NOTES.md).
+    contexts launches, not the kernel, set the time (benchmarks/KERNEL_NOTES.md). With
+    ``prep``, q_ref holds the model's query heads: each program prepares q' itself
+    (:mod:`pallas_kernels.query_prep`) into its own scratch rows, and the last one
+    finishes the output (value rotation undone, the query's dtype).
     """
     del cnt_in_ref
+    *qs, cnt_ref = rest
     quant_refs = (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
     s, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     NR, D = geo.NR, geo.D
+    if prep is not None:
+        qs_ref, = qs
+        qprep.store_prepared(q_ref, sig_ref, sg_ref, h_ref, qs_ref, prep=prep, cfg=cfg,
+                             signs=signs)
+        if not interpret:
+            plgpu.debug_barrier()  # the rows every thread stored, before any thread gathers
+        q_ref = qs_ref
 
     def store_partial(o, m, l, rows):
         rr = jax.lax.broadcasted_iota(jnp.int32, (rows, D), 0)
@@ -116,12 +137,21 @@ def _fused_kernel(
 
     @pl.when(done == num_splits)
     def _combine():
-        _combine_partials(po_ref, pm_ref, pl_ref, o_ref, num_splits + 1, NR, D)
+        if prep is None:
+            out = _combine_partials(po_ref, pm_ref, pl_ref, num_splits + 1, NR, NR, D)
+            hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
+            dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
+            plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])
+        else:  # (the rotation's dot needs at least 16 rows)
+            rows = max(NR, qprep.MMA_ROWS) if cfg.rotate_values else NR
+            out = _combine_partials(po_ref, pm_ref, pl_ref, num_splits + 1, NR, rows, D)
+            qprep.store_finished(out, o_ref, sg_ref, h_ref, cfg=cfg, signs=signs)
 
 
-def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
-    """o = sum_s w_s o_s / sum_s w_s l_s, w_s = 2**(m_s - max m); 0 where nothing is held,
-    NaN where a partial is NaN (as the reference gives).
+def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
+    """o [rows, D] = sum_s w_s o_s / sum_s w_s l_s, w_s = 2**(m_s - max m) (rows >= NR; rows
+    past NR are 0); 0 where nothing is held, NaN where a partial is NaN (as the reference
+    gives).
 
     The partials come from other CTAs: volatile loads (past L1, which is not
     coherent across SMs; jax 0.11's ".cg" cache modifier string is broken).
@@ -131,30 +161,26 @@ def _combine_partials(po_ref, pm_ref, pl_ref, o_ref, n, NR, D, step=8):
 
     def split_rows(s0, shape):
         ss = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-        return jnp.minimum(ss, n - 1), ss < n
+        hh = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        return jnp.minimum(ss, n - 1), jnp.minimum(hh, NR - 1), (ss < n) & (hh < NR)
 
-    h2 = jax.lax.broadcasted_iota(jnp.int32, (step, NR), 1)
-    h3 = jax.lax.broadcasted_iota(jnp.int32, (step, NR, D), 1)
-    d3 = jax.lax.broadcasted_iota(jnp.int32, (step, NR, D), 2)
-    m_max = jnp.full((NR,), NEG, jnp.float32)
+    d3 = jax.lax.broadcasted_iota(jnp.int32, (step, rows, D), 2)
+    m_max = jnp.full((rows,), NEG, jnp.float32)
     for s0 in range(0, n, step):
-        sc, ok = split_rows(s0, (step, NR))
+        sc, h2, ok = split_rows(s0, (step, rows))
         m_max = jnp.maximum(m_max, jnp.max(load(pm_ref, (sc, h2), ok, NEG), axis=0))
-    l_tot = jnp.zeros((NR,), jnp.float32)
-    o_tot = jnp.zeros((NR, D), jnp.float32)
+    l_tot = jnp.zeros((rows,), jnp.float32)
+    o_tot = jnp.zeros((rows, D), jnp.float32)
     for s0 in range(0, n, step):
-        sc, ok = split_rows(s0, (step, NR))
+        sc, h2, ok = split_rows(s0, (step, rows))
         w = jnp.where(ok, jnp.exp2(load(pm_ref, (sc, h2), ok, NEG) - m_max[None, :]), 0.0)
         l_tot = l_tot + jnp.sum(w * load(pl_ref, (sc, h2), ok, 0.0), axis=0)
-        s3, ok3 = split_rows(s0, (step, NR, D))
+        s3, h3, ok3 = split_rows(s0, (step, rows, D))
         o_tot = o_tot + jnp.sum(w[:, :, None] * load(po_ref, (s3, h3, d3), ok3, 0.0), axis=0)
     # Zero only where nothing is held (l_tot == 0); a NaN l_tot (a non-finite key or
     # value) must reach the output, as in the reference.
     empty = l_tot[:, None] == 0
-    out = jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[:, None]))
-    hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
-    dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
-    plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])
+    return jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[:, None]))
 
 
 def _innerq_part(q_ref, refs, nq, start, chunk, geo: Geometry):
@@ -186,7 +212,7 @@ def _part(layout):
 
 @functools.lru_cache(maxsize=64)
 def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                window_rows):
+                window_rows, prep, signs):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
     NR, NP = geo.NR, NS + 1
@@ -194,18 +220,26 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda s, h, b: (b, h) + (0,) * (len(shape) - 2))
     in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
-    in_specs += [per_bh(sh) for sh, _ in shapes[2:-1]] + [full(shapes[-1][0])]
+    in_specs += [per_bh(sh) for sh, _ in shapes[2:-2]] + [full(shapes[-2][0]),
+                                                           full(shapes[-1][0])]
+    out_dtype = jnp.float32 if prep is None else jnp.dtype(prep.out_dtype)
     out_shape = [
-        jax.ShapeDtypeStruct((B, H, r, D), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, r, D), out_dtype),
         jax.ShapeDtypeStruct((B, H, NP, NR, D), jnp.float32),  # partials (scratch)
         jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
         jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
-        jax.ShapeDtypeStruct(shapes[-1][0], jnp.int32),  # done-counter, aliased
     ]
-    out_specs = [per_bh(s.shape) for s in out_shape[:4]] + [full(shapes[-1][0])]
+    out_specs = [per_bh(s.shape) for s in out_shape]
+    if prep is not None:  # each program's q' (scratch)
+        out_shape.append(jax.ShapeDtypeStruct((B, H, NP, r, D), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, None, r, D),
+                                      lambda s, h, b: (b, h, s, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct(shapes[-1][0], jnp.int32))  # done-counter, aliased
+    out_specs.append(full(shapes[-1][0]))
     kernel = functools.partial(
         _fused_kernel, geo=geo, cfg=cfg, num_splits=NS, chunk=chunk,
-        part=_part(layout), interpret=interpret, window_rows=window_rows,
+        part=_part(layout), interpret=interpret, window_rows=window_rows, prep=prep,
+        signs=signs,
     )
     call = pl.pallas_call(
         kernel,
@@ -213,7 +247,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases={len(shapes) - 1: 4},
+        input_output_aliases={len(shapes) - 1: len(out_shape) - 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"{cfg.kind}_decode_attention",
@@ -242,11 +276,16 @@ def quantized_decode_attention(
     unpack_chunk: int = 0,
     window_rows: int = wb.WINDOW_ROWS,
     max_registers: int | None = None,
+    prep: QueryPrep | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).
 
     qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in);
-    lengths [B] int32. Tunables: ``block_tokens`` (tokens per loop iteration),
+    lengths [B] int32. With ``prep`` (:class:`pallas_kernels.query_prep.QueryPrep`), qp is
+    instead the model's query heads (``split_heads(q, Hkv)``, any float dtype), prepared in
+    the kernel, and the output is finished there too: [B, Hkv, n_rep, D] in
+    ``prep.out_dtype``, the value rotation undone, what ``prepare_query`` before and
+    ``finish_output`` after the call give, in the one launch. Tunables: ``block_tokens`` (tokens per loop iteration),
     ``num_splits`` (programs per sequence and head over the quantized region;
     default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
@@ -260,6 +299,8 @@ def quantized_decode_attention(
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
+    if prep is not None:
+        qprep.check_query(qp, layer)
     G, bits, S, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.quant_capacity
     layout = (layer.k.grouping, layer.v.grouping)
     if layout not in mb.LAYOUTS:
@@ -288,12 +329,13 @@ def quantized_decode_attention(
 
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)
-    inputs = [qp.astype(jnp.float32), lengths, *quant]
+    inputs = [qp.astype(jnp.float32) if prep is None else qp, lengths, *quant]
     # without sinks the ring fills the sink operands' places (the kernel never reads them),
     # so the kernel's parameters are the same for every configuration
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
-    inputs += [layer.recent_k, layer.recent_v, jnp.zeros((H, B), jnp.int32)]
+    inputs += [layer.recent_k, layer.recent_v, *qprep.side_operands(layer, cfg, prep),
+               jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                       window_rows)
+                       window_rows, prep, layer.rot_signs is not None)
     return call_quietly(call, *inputs, interpret=interpret)[0]

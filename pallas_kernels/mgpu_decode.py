@@ -52,7 +52,9 @@ from innerq_jax.config import CacheConfig
 from innerq_jax.layout import recent_slot_tokens, region_sizes
 from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
+from pallas_kernels import query_prep as qprep
 from pallas_kernels.mgpu_geometry import LOG2E, NEG, SWIZZLE, Geometry, default_block_tokens
+from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.window_blocks import WINDOW_HEADS
 
 try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
@@ -898,9 +900,10 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, ablate=()):
-    """Resolves the options and builds the kernel: (call, operands, geo, windows); call(*operands)
-    gives the partials (o_part, ml_part). Options: see :func:`mgpu_decode_attention`."""
+                 chain_parts=None, ablate=(), prep=None):
+    """Resolves the options and builds the kernel: (call, operands, geo, windows, q');
+    call(*operands) gives the partials (o_part, ml_part); q' [B, H, r, D] f32 is the query
+    the windows take. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
     if cfg.kind != "innerq":
         raise ValueError(
@@ -948,11 +951,13 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     bps = -(-n_blocks // num_splits)
     NS = -(-n_blocks // bps)
     lengths = jnp.asarray(lengths, jnp.int32)
-    nq = region_sizes(lengths, cfg).quantized
-    if query == "kernel":
+    if query == "kernel":  # q' and the quantized-token counts come from the same launch
         from pallas_kernels.mgpu_query import query_operands_kernel
-        qexp, kconst = query_operands_kernel(qp, geo)
+        qexp, kconst, qp, nq = query_operands_kernel(qp, geo, layer, lengths, cfg, prep=prep)
     else:
+        if prep is not None:
+            qp = qprep.prepare_xla(qp, layer, cfg, prep)
+        nq = region_sizes(lengths, cfg).quantized
         qexp, kconst = query_operands(qp, geo)
     qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
     sk, sv = layer.sink_k, layer.sink_v
@@ -970,7 +975,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
-    return call, operands, geo, windows
+    return call, operands, geo, windows, qp
 
 
 def mgpu_decode_attention(
@@ -978,12 +983,18 @@ def mgpu_decode_attention(
     layer: QuantLayer,
     lengths: jax.Array,
     cfg: CacheConfig,
+    *,
+    prep: QueryPrep | None = None,
     **options,
 ) -> jax.Array:
     """Fused InnerQ decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
 
     qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in, see
-    ``innerq_jax.reference.prepare_query``); lengths [B]. Options (defaults from
+    ``innerq_jax.reference.prepare_query``); lengths [B]. With ``prep``
+    (:class:`pallas_kernels.query_prep.QueryPrep`), qp is the model's query heads instead
+    (``split_heads(q, Hkv)``): the query kernel prepares q' (``query="kernel"``; XLA does
+    otherwise) and the output comes back finished, in ``prep.out_dtype`` (the epilogue
+    casts; a value rotation is undone in XLA). Options (defaults from
     :data:`TUNED` for the device kind): ``block_tokens`` per pipeline step,
     ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
     (default: ``ctas_per_sm`` programs per SM, the SM count read from the device),
@@ -1006,18 +1017,27 @@ def mgpu_decode_attention(
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
     """
-    call, operands, geo, windows = prepare_call(qp, layer, lengths, cfg, **options)
+    if prep is not None:
+        qprep.check_query(qp, layer)
+    call, operands, geo, windows, qp = prepare_call(qp, layer, lengths, cfg, prep=prep,
+                                                    **options)
     o_part, ml_part = call(*operands)
     if windows == "epilogue":
         from pallas_kernels.mgpu_epilogue import windows_and_merge
-        return windows_and_merge(qp, layer, lengths, cfg, o_part, ml_part, geo)
+        # the epilogue's programs hold channel blocks: it casts, the value rotation is XLA's
+        cast = prep is not None and not cfg.rotate_values
+        o = windows_and_merge(qp, layer, lengths, cfg, o_part, ml_part, geo,
+                              out_dtype=prep.out_dtype if cast else None)
+        return o if prep is None or cast else qprep.finish_xla(o, layer, cfg, prep)
     if windows == "kernel" and qp.shape[2] <= WINDOW_HEADS:  # the window program's partial
         from pallas_kernels.mgpu_epilogue import merge_partials  # is the last split
-        return merge_partials(o_part, ml_part, geo, qp.shape[2])
-    window = None
-    if windows == "xla":
-        window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
-    return combine_partials(o_part, ml_part, window, geo)
+        o = merge_partials(o_part, ml_part, geo, qp.shape[2])
+    else:
+        window = None
+        if windows == "xla":
+            window = window_partial(qp, layer, jnp.asarray(lengths, jnp.int32), cfg)
+        o = combine_partials(o_part, ml_part, window, geo)
+    return o if prep is None else qprep.finish_xla(o, layer, cfg, prep)
 
 
 def mgpu_decode_attention_reference(qp, layer, lengths, cfg):

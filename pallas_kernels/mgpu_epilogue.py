@@ -59,7 +59,7 @@ def _epilogue_kernel(
     rv_ref,  # [W, D] bf16
     op_ref,  # [NS, D, NV] f32: the Mosaic kernel's partial outputs (M-row, column order)
     ml_ref,  # [NS, 2, NV] f32: its running maxima (row 0) and sums (row 1), column order
-    o_ref,  # [r, D] f32: the output
+    o_ref,  # [r, D] f32 (or the query's dtype): the output
     *, geo: Geometry, cfg: CacheConfig, DC: int,
 ):
     """Windows and merge: the windows' partial, then every split's, merged."""
@@ -142,7 +142,7 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     # zero only where nothing is held; a NaN l_tot (non-finite key or value) stays NaN
     empty = l_tot == 0
     out = jnp.where(empty[None, :], 0.0, acc / jnp.where(empty, 1.0, l_tot)[None, :])
-    plgpu.store(o_ref.at[hh, dd], out, mask=head_ok)  # (masked rows: never written)
+    plgpu.store(o_ref.at[hh, dd], out.astype(o_ref.dtype), mask=head_ok)  # (masked: unwritten)
 
 
 def channel_blocks(B: int, H: int, D: int, sms: int | None) -> int:
@@ -160,7 +160,7 @@ def channel_blocks(B: int, H: int, D: int, sms: int | None) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: int,
-                interpret: bool):
+                interpret: bool, out_dtype: str = "float32"):
     """Windows and merge (``cfg`` given; inputs q, lengths, the four windows, the partials)
     or the merge alone (``cfg`` None; inputs the partials)."""
     B, H, _, D, _ = shapes[-2][0]
@@ -182,7 +182,7 @@ def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: in
         grid=(H, B, n_dc),
         in_specs=in_specs,
         out_specs=[per_bh((B, H, r, D))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, r, D), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, r, D), jnp.dtype(out_dtype))],
         interpret=interpret,
         name="innerq_mgpu_epilogue" if cfg is not None else "innerq_mgpu_merge",
         **kw,
@@ -227,10 +227,11 @@ def merge_partials(o_part: jax.Array, ml_part: jax.Array, geo: Geometry, r: int,
 
 def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg: CacheConfig,
                       o_part: jax.Array, ml_part: jax.Array, geo: Geometry, *,
-                      n_channel_blocks: int | None = None, interpret: bool = False) -> jax.Array:
+                      n_channel_blocks: int | None = None, out_dtype=None,
+                      interpret: bool = False) -> jax.Array:
     """Attention over the windows merged with the kernel's split partials, one launch;
-    f32 [B, H, r, D], what ``combine_partials(o_part, ml_part, window_partial(...), geo)``
-    gives in XLA.
+    f32 [B, H, r, D] (or ``out_dtype``), what ``combine_partials(o_part, ml_part,
+    window_partial(...), geo)`` gives in XLA.
 
     qp [B, H, r, D] (as the kernel's), lengths [B]; o_part [B, H, NS, D, NV] and ml_part
     [B, H, NS, 2, NV] as the Mosaic kernel writes them for ``geo``. ``n_channel_blocks``:
@@ -246,5 +247,6 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     n_dc = _channel_blocks_arg(n_channel_blocks, B, H, D, interpret)
     # (interpret: the windows' hi / lo split of q needs exact bf16 roundings; the merge alone
     # does not)
-    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret), *inputs,
+    out_dtype = jnp.dtype(out_dtype or jnp.float32).name
+    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret, out_dtype), *inputs,
                         interpret=interpret)[0]

@@ -11,6 +11,11 @@ and more of waiting at B 1 / 128k (benchmarks/KERNEL_NOTES.md, round 8). This
 kernel does the same in one launch, one program per (kv head, sequence), from
 the same gather tables (:attr:`Geometry.qexp_tables`, :attr:`Geometry.qsum_tables`):
 ``Qexp`` bit for bit, ``kconst`` up to the order of the float32 sums.
+
+Through the dispatch it also prepares q' from the model's query heads
+(:mod:`pallas_kernels.query_prep`: signs, rotation, sigma and softmax scale) and
+writes it for the epilogue, and it writes each sequence's quantized-token count
+(the kernel's loop bound): two more XLA launches per call folded into this one.
 It runs in Pallas interpret mode on the CPU (tests/test_mgpu_kernels.py).
 """
 
@@ -24,13 +29,22 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from innerq_jax.cache import QuantLayer
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import region_sizes
+from pallas_kernels import query_prep as qprep
 from pallas_kernels.innerq_blocks import load_q, next_pow2
 from pallas_kernels.mgpu_geometry import Geometry
+from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
 
 def _query_kernel(
-    q_ref,  # [r, D] f32: this (sequence, kv head)'s queries
+    q_ref,  # [r, D]: this (sequence, kv head)'s queries (q' in f32, or the model's with prep)
+    len_ref,  # [B] int32: tokens in each sequence
+    sig_ref,  # [D] f32: sigma (read with prep)
+    sg_ref,  # [D]: the layer's rotation signs (read with prep where the layer has them)
+    hm_ref,  # [D, D] bf16: H * sqrt(D) (read with prep where the keys are rotated)
     head_ref,  # [S16, NKp] int32: Qexp's query head per entry (S16 = n_ksteps * 16)
     chan_ref,  # [S16, NKp] int32: its channel
     fac_ref,  # [S16, NKp] f32: its factor 2**-e_j (0: a structural zero)
@@ -39,16 +53,27 @@ def _query_kernel(
     qok_ref,  # [NKp, G] int32: 1 where the column has a query sum
     qexp_ref,  # out [S16, NK] bf16: Qexp, steps stacked
     kconst_ref,  # out [2, NK] f32: koff, query sums
-    *, NK: int,
+    qp_ref,  # out [r, D] f32: q' (the epilogue's query)
+    nq_ref,  # out [B] int32: quantized tokens per sequence (the Mosaic kernel's loop bound)
+    *, NK: int, cfg: CacheConfig, prep: QueryPrep | None, signs: bool, interpret: bool,
 ):
+    h, b = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(h == 0)
+    def _():
+        nq_ref[b] = region_sizes(len_ref[b], cfg).quantized
+
+    qprep.store_prepared(q_ref, sig_ref, sg_ref, hm_ref, qp_ref, prep=prep, cfg=cfg, signs=signs)
+    if not interpret:
+        plgpu.debug_barrier()  # the rows every thread stored, before any thread gathers
     S16, NKp = head_ref.shape
     rows = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 1)
     # q * log2 e, then * 2**-e_j, rounded to bf16: the operations of query_operands in order
-    qx = (load_q(q_ref, head_ref[...], chan_ref[...]) * fac_ref[...]).astype(jnp.bfloat16)
+    qx = (load_q(qp_ref, head_ref[...], chan_ref[...]) * fac_ref[...]).astype(jnp.bfloat16)
     plgpu.store(qexp_ref.at[rows, cols], qx, mask=cols < NK)
     koff = 128.0 * jnp.sum(qx.astype(jnp.float32), axis=0)  # [NKp]
-    qg = jnp.where(qok_ref[...] != 0, load_q(q_ref, qh_ref[...], qc_ref[...]), 0.0)
+    qg = jnp.where(qok_ref[...] != 0, load_q(qp_ref, qh_ref[...], qc_ref[...]), 0.0)
     qsum = jnp.sum(qg, axis=1)  # [NKp]
     c1 = jax.lax.broadcasted_iota(jnp.int32, (NKp,), 0)
     plgpu.store(kconst_ref.at[0, c1], koff, mask=c1 < NK)
@@ -72,38 +97,56 @@ def _tables(geo: Geometry):
 
 
 @functools.lru_cache(maxsize=32)
-def _build_call(geo: Geometry, B: int, H: int, interpret: bool):
+def _build_call(geo: Geometry, cfg: CacheConfig, shapes, prep: QueryPrep | None, signs: bool,
+                interpret: bool):
+    B, H = shapes[0][0][:2]
     S16, NK = geo.n_ksteps * 16, geo.NK
     tables = _tables(geo)
     full = lambda shape: pl.BlockSpec(shape, lambda h, b: (0,) * len(shape))  # noqa: E731
-    per_bh = lambda shape: pl.BlockSpec((None, None) + shape, lambda h, b: (b, h, 0, 0))  # noqa: E731
+    per_bh = lambda shape: pl.BlockSpec((None, None) + shape, lambda h, b: (b, h) + (0,) * len(shape))  # noqa: E731
     kw = {}
     if not interpret:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=1)
     return pl.pallas_call(
-        functools.partial(_query_kernel, NK=NK),
+        functools.partial(_query_kernel, NK=NK, cfg=cfg, prep=prep, signs=signs,
+                          interpret=interpret),
         grid=(H, B),
-        in_specs=[per_bh((geo.n_rep, geo.D))] + [full(t.shape) for t in tables],
-        out_specs=[per_bh((S16, NK)), per_bh((2, NK))],
+        in_specs=[per_bh((geo.n_rep, geo.D)), full((B,)), per_bh((geo.D,)), per_bh((geo.D,)),
+                  full(shapes[4][0])] + [full(t.shape) for t in tables],
+        out_specs=[per_bh((S16, NK)), per_bh((2, NK)), per_bh((geo.n_rep, geo.D)), full((B,))],
         out_shape=[jax.ShapeDtypeStruct((B, H, S16, NK), jnp.bfloat16),
-                   jax.ShapeDtypeStruct((B, H, 2, NK), jnp.float32)],
+                   jax.ShapeDtypeStruct((B, H, 2, NK), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, geo.n_rep, geo.D), jnp.float32),
+                   jax.ShapeDtypeStruct((B,), jnp.int32)],
         interpret=interpret,
         name="innerq_mgpu_query",
         **kw,
     )
 
 
-def query_operands_kernel(qp: jax.Array, geo: Geometry, *, interpret: bool = False):
-    """qp [B, H, r, D] -> (Qexp [B, H, n_ksteps, 16, NK] bf16, kconst [B, H, 2, NK] f32), as
-    :func:`pallas_kernels.mgpu_decode.query_operands` gives them, in one launch."""
+def query_operands_kernel(qp: jax.Array, geo: Geometry, layer: QuantLayer, lengths: jax.Array,
+                          cfg: CacheConfig, *, prep: QueryPrep | None = None,
+                          interpret: bool = False):
+    """qp [B, H, r, D] -> (Qexp [B, H, n_ksteps, 16, NK] bf16, kconst [B, H, 2, NK] f32, q'
+    [B, H, r, D] f32, quantized tokens per sequence [B] int32), in one launch: Qexp and
+    kconst as :func:`pallas_kernels.mgpu_decode.query_operands` gives them from q'.
+
+    qp is q' (f32) where ``prep`` is None, else the model's query heads, prepared here as
+    :func:`pallas_kernels.query_prep.store_prepared` says.
+    """
     B, H, r, D = qp.shape
     if (r, D) != (geo.n_rep, geo.D):
         raise ValueError(f"qp {qp.shape} does not match the geometry (n_rep={geo.n_rep}, "
                          f"D={geo.D})")
+    if prep is not None:
+        qprep.check_query(qp, layer)
+    inputs = [qp.astype(jnp.float32) if prep is None else qp, jnp.asarray(lengths, jnp.int32),
+              *qprep.side_operands(layer, cfg, prep)]
     tables = [jnp.asarray(t) for t in _tables(geo)]
-    qexp, kconst = call_quietly(_build_call(geo, B, H, interpret), qp.astype(jnp.float32),
-                                *tables, interpret=interpret)
-    return qexp.reshape(B, H, geo.n_ksteps, 16, geo.NK), kconst
+    shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
+    call = _build_call(geo, cfg, shapes, prep, layer.rot_signs is not None, interpret)
+    qexp, kconst, q_prepared, nq = call_quietly(call, *inputs, *tables, interpret=interpret)
+    return qexp.reshape(B, H, geo.n_ksteps, 16, geo.NK), kconst, q_prepared, nq
 
 
 __all__ = ["query_operands_kernel"]

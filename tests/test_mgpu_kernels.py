@@ -207,14 +207,19 @@ def test_query_kernel_equals_xla_operands(geo):
     query sums up to the order of their float32 sums (NK = 48 at 12 heads: padded tiles)."""
     from pallas_kernels.mgpu_query import query_operands_kernel
     qp = jax.random.normal(jax.random.PRNGKey(geo.D + geo.n_rep), (2, 3, geo.n_rep, geo.D)) * 3
+    cfg = CacheConfig.innerq(bits=geo.bits, group_size=geo.G, capacity=1024)
+    layer = KVCache.create(cfg, 1, 2, 3, geo.D).layer(0)  # its shapes (q' is given)
+    lengths = jnp.asarray([700, 37], jnp.int32)
     qe_ref, kc_ref = md.query_operands(qp, geo)
-    qe, kc = query_operands_kernel(qp, geo, interpret=True)
+    qe, kc, q_out, nq = query_operands_kernel(qp, geo, layer, lengths, cfg, interpret=True)
     assert qe.shape == qe_ref.shape and qe.dtype == jnp.bfloat16 and kc.shape == kc_ref.shape
     np.testing.assert_array_equal(np.asarray(qe, np.float32), np.asarray(qe_ref, np.float32))
     np.testing.assert_allclose(np.asarray(kc), np.asarray(kc_ref), rtol=2e-6, atol=2e-5)
     assert np.abs(np.asarray(kc)).max() > 1.0  # not vacuous: real sums
+    np.testing.assert_array_equal(q_out, qp)  # q' passed through for the epilogue
+    np.testing.assert_array_equal(nq, region_sizes(lengths, cfg).quantized)
     with pytest.raises(ValueError, match="does not match the geometry"):
-        query_operands_kernel(qp[..., :16], geo, interpret=True)
+        query_operands_kernel(qp[..., :16], geo, layer, lengths, cfg, interpret=True)
 
 
 def test_geometry_rejects_bad_options():
@@ -618,6 +623,37 @@ def test_gpu_kernel_equals_reference(name, variant):
     assert err < TOL
     empty = np.asarray(cache.lengths) == 0
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "recommended-D128-gqa4",
+                                  "innerq2-G32-D64-smollm"])
+def test_gpu_kernel_prepares_the_model_query(name):
+    """The compiled op as the dispatch calls it (the device's tuned variant): the model's
+    bf16 query heads in, q' prepared by the query kernel, the model's output back in bf16."""
+    if _hopper() is None:
+        pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
+                    "pipelined copies, so the kernel runs only there")
+    from innerq_jax.attention import decode_attention_layer
+    from innerq_jax.reference import split_heads
+    from pallas_kernels.query_prep import QueryPrep
+
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    layer = cache.layer(0)
+    q = (jax.random.normal(jax.random.PRNGKey(7), (len(lengths), Hq, D)) * 2).astype(
+        jnp.bfloat16)
+    prep = QueryPrep.of(q, 1.0 / math.sqrt(D))
+    out = jax.jit(lambda q_, lay, n: md.mgpu_decode_attention(q_, lay, n, cfg, prep=prep,
+                                                              **opts))(
+        split_heads(q, Hkv), layer, cache.lengths)
+    assert out.dtype == jnp.bfloat16
+    with jax.default_matmul_precision("highest"):
+        ref = decode_attention_layer(q.astype(jnp.float32), layer, cache.lengths, cfg,
+                                     backend="reference")
+    err = _rel(out.reshape(ref.shape), ref)
+    print(f"{name} prepared: rel err {err:.2e}")
+    assert err < TOL
 
 
 class _Device:
