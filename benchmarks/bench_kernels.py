@@ -524,7 +524,8 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
     # candidate cache of the fidelity search timed in the same run as innerq_fused, through
     # the dispatch (rotations of q and o included), checked against the reference path.
     # "cfg_xlaprep@{...}": the same kernel with q prepared and the output finished in XLA
-    # around it (the dispatch before the kernels took them in, round 10)
+    # around it (the dispatch before the kernels took them in, round 10); "cfg_qkernel@{...}":
+    # the dispatch with the query's rotation in the fused Triton kernel's prologue
     for name in [x for x in variants if x.split("@")[0] in CFG_VARIANTS]:
         over = json.loads(name.split("@", 1)[1]) if "@" in name else {}
         cfg = shape.cfg("innerq", **over)
@@ -545,6 +546,9 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         if name.startswith("cfg_xlaprep"):
             fn = functools.partial(_xla_prep_dispatch, cfg=cfg, scale=scale,
                                    **kernel_opts.get("innerq", {}))
+        elif name.startswith("cfg_qkernel"):
+            fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
+                                   rotate_query="kernel", **kernel_opts.get("innerq", {}))
         else:
             fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
                                    **kernel_opts.get("innerq", {}))
@@ -592,7 +596,7 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
 
 
 # ------------------------------------------------------------------ suites
-CFG_VARIANTS = ("cfg_fused", "cfg_xlaprep")
+CFG_VARIANTS = ("cfg_fused", "cfg_xlaprep", "cfg_qkernel")
 
 
 def _xla_prep_dispatch(q, layer, lengths, cfg, scale, **opts):

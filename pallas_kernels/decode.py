@@ -79,9 +79,9 @@ def _fused_kernel(
     po_ref,  # [NS + 1, NR, D] f32: each program's partial output (scratch)
     pm_ref,  # [NS + 1, NR] f32: its running max
     pl_ref,  # [NS + 1, NR] f32: its softmax denominator
-    *rest,  # (qs_ref [r, D] f32: this program's q' (scratch), where prep is given), cnt_ref
+    *rest,  # (qs_ref [r, D] f32: this program's q' (scratch), where prep_query), cnt_ref
     geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
-    window_rows: int, prep: QueryPrep | None, signs: bool,
+    window_rows: int, prep: QueryPrep | None, prep_query: bool, signs: bool,
 ):
     """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
 
@@ -92,16 +92,16 @@ def _fused_kernel(
     are computed here from the length (:mod:`innerq_jax.layout`'s formulas), so the op
     is this one launch: a jnp prelude costs a launch of its own per call, and at short
     contexts launches, not the kernel, set the time (benchmarks/KERNEL_NOTES.md). With
-    ``prep``, q_ref holds the model's query heads: each program prepares q' itself
-    (:mod:`pallas_kernels.query_prep`) into its own scratch rows, and the last one
-    finishes the output (value rotation undone, the query's dtype).
+    ``prep``, the last program finishes the output (value rotation undone, the query's
+    dtype; :mod:`pallas_kernels.query_prep`), and with ``prep_query`` q_ref holds the
+    model's query heads: each program prepares q' itself into its own scratch rows.
     """
     del cnt_in_ref
     *qs, cnt_ref = rest
     quant_refs = (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
     s, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     NR, D = geo.NR, geo.D
-    if prep is not None:
+    if prep_query:
         qs_ref, = qs
         qprep.store_prepared(q_ref, sig_ref, sg_ref, h_ref, qs_ref, prep=prep, cfg=cfg,
                              signs=signs)
@@ -212,7 +212,7 @@ def _part(layout):
 
 @functools.lru_cache(maxsize=64)
 def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                window_rows, prep, signs):
+                window_rows, prep, prep_query, signs):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
     NR, NP = geo.NR, NS + 1
@@ -230,7 +230,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
         jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
     ]
     out_specs = [per_bh(s.shape) for s in out_shape]
-    if prep is not None:  # each program's q' (scratch)
+    if prep_query:  # each program's q' (scratch)
         out_shape.append(jax.ShapeDtypeStruct((B, H, NP, r, D), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, None, r, D),
                                       lambda s, h, b: (b, h, s, 0, 0)))
@@ -239,7 +239,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     kernel = functools.partial(
         _fused_kernel, geo=geo, cfg=cfg, num_splits=NS, chunk=chunk,
         part=_part(layout), interpret=interpret, window_rows=window_rows, prep=prep,
-        signs=signs,
+        prep_query=prep_query, signs=signs,
     )
     call = pl.pallas_call(
         kernel,
@@ -277,6 +277,7 @@ def quantized_decode_attention(
     window_rows: int = wb.WINDOW_ROWS,
     max_registers: int | None = None,
     prep: QueryPrep | None = None,
+    rotate_query: str | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).
 
@@ -285,7 +286,12 @@ def quantized_decode_attention(
     instead the model's query heads (``split_heads(q, Hkv)``, any float dtype), prepared in
     the kernel, and the output is finished there too: [B, Hkv, n_rep, D] in
     ``prep.out_dtype``, the value rotation undone, what ``prepare_query`` before and
-    ``finish_output`` after the call give, in the one launch. Tunables: ``block_tokens`` (tokens per loop iteration),
+    ``finish_output`` after the call give, in the one launch; ``rotate_query`` says where
+    the query's Hadamard rotation runs where the cache rotates keys: "xla" (default: then
+    q' is prepared by XLA before the call, one launch more) or "kernel" (each program's
+    prologue: one tensor-core dot with H, loaded from L2; on the H200 that cost 10-14 us
+    at B 8 / 4k and B 1 / 32k and saved 14 us at B 1 / 4k, benchmarks/KERNEL_NOTES.md,
+    round 10). Tunables: ``block_tokens`` (tokens per loop iteration),
     ``num_splits`` (programs per sequence and head over the quantized region;
     default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
@@ -299,8 +305,13 @@ def quantized_decode_attention(
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
+    if rotate_query not in (None, "xla", "kernel"):
+        raise ValueError(f"rotate_query={rotate_query!r}; choose 'xla' or 'kernel'")
+    prep_query = prep is not None
     if prep is not None:
         qprep.check_query(qp, layer)
+        if cfg.rotate_keys and (rotate_query or "xla") == "xla":
+            qp, prep_query = qprep.prepare_xla(qp, layer, cfg, prep), False
     G, bits, S, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.quant_capacity
     layout = (layer.k.grouping, layer.v.grouping)
     if layout not in mb.LAYOUTS:
@@ -329,7 +340,7 @@ def quantized_decode_attention(
 
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)
-    inputs = [qp.astype(jnp.float32) if prep is None else qp, lengths, *quant]
+    inputs = [qp if prep_query else qp.astype(jnp.float32), lengths, *quant]
     # without sinks the ring fills the sink operands' places (the kernel never reads them),
     # so the kernel's parameters are the same for every configuration
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
@@ -337,5 +348,5 @@ def quantized_decode_attention(
                jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                       window_rows, prep, layer.rot_signs is not None)
+                       window_rows, prep, prep_query, layer.rot_signs is not None)
     return call_quietly(call, *inputs, interpret=interpret)[0]

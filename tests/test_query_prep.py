@@ -84,13 +84,14 @@ def test_fused_kernel_prepares_and_finishes(name):
     if cfg.key_norm != "none":
         assert float(jnp.std(layer.k_scale)) > 1e-3
     out = quantized_decode_attention(split_heads(q, H), layer, lengths, cfg, interpret=INTERPRET,
-                                     prep=QueryPrep.of(q, scale))
+                                     prep=QueryPrep.of(q, scale), rotate_query="kernel")
     assert out.shape == (B, H, Hq // H, D) and out.dtype == q.dtype
     out = out.reshape(B, Hq, D).astype(jnp.float32)
-    xla = finish_output(
-        quantized_decode_attention(prepare_query(q, layer, cfg, scale), layer, lengths, cfg,
-                                   interpret=INTERPRET),
-        cfg, jnp.float32, layer.rot_signs)
+    with jax.default_matmul_precision("highest"):  # (a GPU's default for f32 is TF32)
+        xla = finish_output(
+            quantized_decode_attention(prepare_query(q, layer, cfg, scale), layer, lengths, cfg,
+                                       interpret=INTERPRET),
+            cfg, jnp.float32, layer.rot_signs)
     # the same kernel on q' prepared in XLA: equal up to the order of float32 sums (and one
     # bf16 rounding of the output where the query is bf16)
     tol = 2e-5 if q.dtype == jnp.float32 else 8e-3
@@ -103,12 +104,13 @@ def test_fused_kernel_prepares_and_finishes(name):
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
 
 
-@pytest.mark.parametrize("name", [pytest.param("recommended-signs-D128-gqa4-bf16",
-                                               marks=pytest.mark.slow),
-                                  "innerq-sigma-D64-smollm-f32"])
+@pytest.mark.parametrize("name", ["recommended-signs-D128-gqa4-bf16",
+                                  pytest.param("innerq-sigma-D64-smollm-f32",
+                                               marks=pytest.mark.slow)])
 def test_dispatch_gives_the_model_output(name):
-    """decode_attention_layer on the fused kernel: the query's dtype and shape back, the
-    reference's values."""
+    """decode_attention_layer on the fused kernel (by default the query's rotation in XLA,
+    sigma, scale and the output's finish in the kernel): the query's dtype and shape back,
+    the reference's values."""
     cfg, cache, q = _case(name, seed=2)
     layer = cache.layer(0)
     out = decode_attention_layer(q, layer, cache.lengths, cfg,
@@ -120,13 +122,17 @@ def test_dispatch_gives_the_model_output(name):
     assert _rel(out, ref) < TOL
 
 
-@pytest.mark.parametrize("cfg", [CacheConfig.innerq(capacity=512),
-                                 CacheConfig.recommended(capacity=512, rotation_signs=True)],
-                         ids=["innerq", "recommended"])
-def test_dispatch_is_one_triton_launch(cfg):
+_REC = CacheConfig.recommended(capacity=512, rotation_signs=True)
+
+
+@pytest.mark.parametrize("cfg,opts", [(CacheConfig.innerq(capacity=512), {}),
+                                      (_REC, {"rotate_query": "kernel"}), (_REC, {})],
+                         ids=["innerq", "recommended-rotate-in-kernel", "recommended"])
+def test_dispatch_is_one_triton_launch(cfg, opts):
     """Through the dispatch (backend "pallas", a shape the Triton kernel takes) the call
     lowers for CUDA to one kernel and no op that computes: no XLA fusion prepares q or
-    finishes the output (at B 1 / 4k on the H200 those cost as much as the kernel)."""
+    finishes the output (at B 1 / 4k on the H200 those cost as much as the kernel). Where
+    the cache rotates keys, the query's rotation is XLA's by default (one dot)."""
     from jax import export
     from jax.sharding import use_abstract_mesh
 
@@ -134,13 +140,17 @@ def test_dispatch_is_one_triton_launch(cfg):
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     q = jax.ShapeDtypeStruct((B, 8, D), jnp.bfloat16)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
-    f = jax.jit(lambda q_, lay, n: decode_attention_layer(q_, lay, n, cfg, backend="pallas"))
+    f = jax.jit(lambda q_, lay, n: decode_attention_layer(q_, lay, n, cfg, backend="pallas",
+                                                          **opts))
     with use_abstract_mesh(abstract_h200()):
         text = export.export(f, platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
                 q, layer, lens).mlir_module()
     ops = re.findall(r"stablehlo\.([a-z_]+)", text)
     assert ops.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
+    if cfg.rotate_keys and not opts:
+        assert ops.count("dot_general") == 1  # q @ H, XLA's
+        return
     assert set(ops) <= {"custom_call", "constant", "broadcast_in_dim", "reshape",
                         "bitcast_convert", "output_operand_alias", "mesh"}, sorted(set(ops))
 
@@ -168,6 +178,10 @@ def test_bad_preparation_is_refused():
         check_query(jnp.ones((2, 3, 4, 64)), layer)
     with pytest.raises(ValueError, match="floating point"):
         check_query(jnp.ones((2, 2, 4, 64), jnp.int32), layer)
+    real = KVCache.create(cfg, 1, 2, 2, 64).layer(0)
+    with pytest.raises(ValueError, match="rotate_query"):
+        quantized_decode_attention(jnp.ones((2, 2, 4, 64)), real, jnp.asarray([3, 4]), cfg,
+                                   interpret=True, prep=QueryPrep(0.1), rotate_query="gpu")
 
 
 # ----------------------------------------------------------------- Mosaic GPU op
