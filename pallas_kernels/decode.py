@@ -79,7 +79,8 @@ def _fused_kernel(
     po_ref,  # [NS + 1, NR, D] f32: each program's partial output (scratch)
     pm_ref,  # [NS + 1, NR] f32: its running max
     pl_ref,  # [NS + 1, NR] f32: its softmax denominator
-    *rest,  # (qs_ref [r, D] f32: this program's q' (scratch), where prep_query), cnt_ref
+    *rest,  # (qs_ref [r, D] f32: this program's rotated q' (scratch), where prep_query and
+    # the cache rotates keys), cnt_ref
     geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
     window_rows: int, prep: QueryPrep | None, prep_query: bool, signs: bool,
 ):
@@ -94,14 +95,17 @@ def _fused_kernel(
     contexts launches, not the kernel, set the time (benchmarks/KERNEL_NOTES.md). With
     ``prep``, the last program finishes the output (value rotation undone, the query's
     dtype; :mod:`pallas_kernels.query_prep`), and with ``prep_query`` q_ref holds the
-    model's query heads: each program prepares q' itself into its own scratch rows.
+    model's query heads: sigma and the softmax scale are applied as q is gathered, or,
+    where the cache rotates keys, each program prepares q' into its own scratch rows.
     """
     del cnt_in_ref
     *qs, cnt_ref = rest
     quant_refs = (kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
     s, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     NR, D = geo.NR, geo.D
-    if prep_query:
+    if prep_query and not cfg.rotate_keys:  # sigma and scale applied as q is gathered
+        q_ref = ib.ScaledQuery(q_ref, sig_ref, prep.softmax_scale)
+    elif prep_query:  # the rotation mixes channels: q' goes through the scratch rows
         qs_ref, = qs
         qprep.store_prepared(q_ref, sig_ref, sg_ref, h_ref, qs_ref, prep=prep, cfg=cfg,
                              signs=signs)
@@ -230,7 +234,7 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
         jax.ShapeDtypeStruct((B, H, NP, NR), jnp.float32),
     ]
     out_specs = [per_bh(s.shape) for s in out_shape]
-    if prep_query:  # each program's q' (scratch)
+    if prep_query and cfg.rotate_keys:  # each program's q' (scratch)
         out_shape.append(jax.ShapeDtypeStruct((B, H, NP, r, D), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, None, r, D),
                                       lambda s, h, b: (b, h, s, 0, 0)))

@@ -185,8 +185,27 @@ def load_q(q_ref, rows, cols, scale=LOG2E):
     (log2(e): scores in log2 units for exp2). Rows >= r (padding up to NR heads) read 0.
     """
     r = q_ref.shape[0]
-    q = plgpu.load(q_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0.0)
+    if isinstance(q_ref, ScaledQuery):  # q' = q * sigma * softmax scale, as it is gathered
+        q = plgpu.load(q_ref.q_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0)
+        q = q.astype(jnp.float32) * plgpu.load(q_ref.sigma_ref.at[cols]) * q_ref.scale
+    else:
+        q = plgpu.load(q_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0.0)
     return q * scale if scale != 1.0 else q
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledQuery:
+    """The model's query heads q_ref [r, D] (any float dtype) read as q' = q * sigma *
+    ``scale`` (sigma_ref [D] f32): :func:`load_q` applies them to what it gathers, in the
+    order of ``innerq_jax.reference.prepare_query`` (for caches that rotate no keys)."""
+
+    q_ref: object
+    sigma_ref: object
+    scale: float
+
+    @property
+    def shape(self):
+        return self.q_ref.shape
 
 
 def _per_position(values: tuple, n: int, dtype) -> jax.Array:
