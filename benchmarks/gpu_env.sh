@@ -24,6 +24,17 @@ mosaic_gpu_tests() {
   grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
 }
 
+# triton_gpu_tests FILE SELECTION [TIMEOUT_S] [TEST_FILE]: the Triton kernel tests of TEST_FILE
+# (default tests/test_query_prep.py, slow ones included) picked by pytest -k, compiled on the
+# GPU (INNERQ_KERNEL_TESTS=gpu), into FILE headed like the log; the summary to $LOG too
+triton_gpu_tests() {
+  head -2 "$LOG" > "$1"
+  INNERQ_KERNEL_TESTS=gpu timeout "${3:-120}" $PY -m pytest -q -p no:cacheprovider -m "" -rA \
+    "${4:-tests/test_query_prep.py}" -k "$2" >> "$1" 2>&1
+  echo "Triton GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$1" "$LOG"
+  grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
+}
+
 # mosaic_sass FILE.gz [POINTS]: the compiled Mosaic GPU kernel's SASS and ptxas report (one
 # checked run of mgpu_probe.py per option point, default the tuned one), gzipped into
 # FILE.gz; registers, spills and opcode counts to $LOG

@@ -13,12 +13,7 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/round10b_log.txt"
 start_log "$LOG"
 
-T="$OUT/round10b_triton_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-INNERQ_KERNEL_TESTS=gpu timeout "${TRITON_S:-110}" $PY -m pytest -q -p no:cacheprovider -m "" \
-  -rA tests/test_query_prep.py -k "prepares_and_finishes or model_output" >> "$T" 2>&1
-echo "Triton GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+triton_gpu_tests "$OUT/round10b_triton_gpu_tests.txt" "prepares_and_finishes or model_output" "${TRITON_S:-110}"
 
 R='{\"rotation\": \"keys_values\", \"sink\": 36, \"recent\": 96}'
 V="[\"bf16_pallas\", \"cfg_fused\", \"cfg_xlaprep\", \"cfg_fused@$R\", \"cfg_qkernel@$R\",

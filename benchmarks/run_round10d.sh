@@ -7,12 +7,7 @@
 source benchmarks/gpu_env.sh
 LOG="$OUT/round10d_log.txt"
 start_log "$LOG"
-T="$OUT/round10d_triton_gpu_tests.txt"
-head -2 "$LOG" > "$T"
-INNERQ_KERNEL_TESTS=gpu timeout "${TRITON_S:-80}" $PY -m pytest -q -p no:cacheprovider -m "" \
-  -rA tests/test_query_prep.py -k "sigma or outerq" >> "$T" 2>&1
-echo "Triton GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$T" "$LOG"
-grep -E "passed|failed" "$T" | tail -2 | tee -a "$LOG"
+triton_gpu_tests "$OUT/round10d_triton_gpu_tests.txt" "sigma or outerq" "${TRITON_S:-80}"
 V='["bf16_pallas", "innerq_fused", "cfg_fused", "cfg_xlaprep"]'
 kernel_points _round10d "[[8, 4096, {}, $V], [1, 4096, {}, $V], [1, 32768, {}, $V]]" \
   "${BENCH_S:-150}"
