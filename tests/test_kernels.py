@@ -163,7 +163,8 @@ def test_regions_exercised():
     assert nq[4] > int(pre[4])
 
 
-@pytest.mark.parametrize("rotation", ["keys_values",
+# (the dispatch with rotations, signs and a bf16 query: tests/test_query_prep.py, by default)
+@pytest.mark.parametrize("rotation", [pytest.param("keys_values", marks=pytest.mark.slow),
                                       pytest.param("keys", marks=pytest.mark.slow)])
 def test_innerq_h_through_dispatch(rotation):
     cfg = CacheConfig.innerq(rotation=rotation, capacity=512)
