@@ -9,7 +9,12 @@ dtype (``finish_output``). In XLA these are two to four small launches per call,
 about as long as the whole fused kernel at short contexts (H200, B 1 / 4k:
 0.046 ms through the dispatch against 0.031 for the kernel,
 benchmarks/KERNEL_NOTES.md, round 9). Here they are a few instructions of the
-kernel's prologue and of its last program.
+kernels: sigma and the scale where q is gathered (fused Triton kernel) or in the
+Mosaic op's query kernel, the value rotation and the cast in the merging program
+(Triton) or the epilogue's cast (Mosaic). The query's rotation runs in the Mosaic
+op's query kernel, once per (sequence, kv head); for the fused Triton kernel it
+stays XLA's by default, as in every program's prologue it measured slower at
+B 8 / 4k (round 10; ``rotate_query="kernel"`` keeps it there).
 
 The rotation is a tensor-core dot with the Sylvester-Hadamard matrix's signs
 (``H * sqrt(D)``, +-1, exact in bf16), the f32 operand split into bf16 pieces
