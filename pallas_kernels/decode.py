@@ -17,10 +17,12 @@ One ``pallas_call`` with grid (splits + 1, Hkv, B):
   scratch output and bumps a per-(b, h) counter (atomic); the last program of
   (b, h) merges the partials (``_combine_partials``), so one launch does all.
 
-Through the dispatch (``prep`` given) q_ref holds the model's query heads: each
-program prepares q' in its prologue and the merging program finishes the output
-(:mod:`pallas_kernels.query_prep`), so the call is this one launch from the
-model's query to the model's output.
+Through the dispatch (``prep`` given) the merging program finishes the output (value
+rotation undone, the query's dtype) and q_ref holds the model's query heads, sigma and
+the softmax scale applied as they are gathered (:mod:`pallas_kernels.query_prep`): for
+a cache that rotates no keys the call is this one launch from the model's query to the
+model's output. The query's rotation, where the cache rotates keys, is XLA's by default
+(``rotate_query``).
 
 Per-block math: :mod:`pallas_kernels.innerq_blocks` (InnerQ) and
 :mod:`pallas_kernels.outerq_blocks` (OuterQ, same fused structure). The
@@ -293,9 +295,9 @@ def quantized_decode_attention(
     ``finish_output`` after the call give, in the one launch; ``rotate_query`` says where
     the query's Hadamard rotation runs where the cache rotates keys: "xla" (default: then
     q' is prepared by XLA before the call, one launch more) or "kernel" (each program's
-    prologue: one tensor-core dot with H, loaded from L2; on the H200 that cost 10-14 us
-    at B 8 / 4k and B 1 / 32k and saved 14 us at B 1 / 4k, benchmarks/KERNEL_NOTES.md,
-    round 10). Tunables: ``block_tokens`` (tokens per loop iteration),
+    prologue: one tensor-core dot with H, loaded from L2; on the H200 that cost 13 us at
+    B 8 / 4k in two runs, 11 us or nothing at B 1 / 32k, and saved 6-14 us at B 1 / 4k,
+    benchmarks/KERNEL_NOTES.md, round 10). Tunables: ``block_tokens`` (tokens per loop iteration),
     ``num_splits`` (programs per sequence and head over the quantized region;
     default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per

@@ -50,3 +50,17 @@ def abstract_h200():
     from jax.sharding import AbstractDevice, AbstractMesh
 
     return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+
+
+def cuda_ops(f, *args):
+    """The StableHLO op names of ``f(*args)`` exported for CUDA under an abstract H200 (Pallas'
+    Triton lowering runs on the CPU there), and the module's text."""
+    import re
+
+    from jax import export
+    from jax.sharding import use_abstract_mesh
+
+    with use_abstract_mesh(abstract_h200()):
+        text = export.export(f, platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
+    return re.findall(r"stablehlo\.([a-z_]+)", text), text

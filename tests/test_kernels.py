@@ -23,7 +23,7 @@ import pytest
 
 from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer
-from kernel_cases import abstract_h200
+from kernel_cases import cuda_ops
 from kernel_cases import cache_after_appends as _cache
 from kernel_cases import kv_with_outliers as _kv
 from innerq_jax.reference import prepare_query, quantized_attention_core
@@ -125,22 +125,13 @@ def test_fused_op_is_one_triton_launch(name):
     abstract H200) to one kernel call and no op that computes: the region sizes and the
     live ring slots come from the lengths inside the kernel. On the H200 each extra
     launch cost about as much as the whole kernel at short contexts (KERNEL_NOTES.md)."""
-    import re
-
-    from jax import export
-    from jax.sharding import use_abstract_mesh
-
     cfg, D, Hq, Hkv, lengths, _, opts = FUSED[name]
     B = len(lengths)
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     f = jax.jit(lambda q, lay, n: quantized_decode_attention(q, lay, n, cfg, **opts))
-    with use_abstract_mesh(abstract_h200()):
-        text = export.export(f, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-                qp, layer, lens).mlir_module()
-    ops = re.findall(r"stablehlo\.([a-z_]+)", text)
+    ops, text = cuda_ops(f, qp, layer, lens)
     assert ops.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
     # what remains beside the kernel: the done-counter's zeros and free reshapes
     assert set(ops) <= {"custom_call", "constant", "broadcast_in_dim", "reshape",

@@ -25,7 +25,7 @@ from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer
 from innerq_jax.layout import region_sizes
 from innerq_jax.reference import finish_output, prepare_query, split_heads
-from kernel_cases import abstract_h200
+from kernel_cases import abstract_h200, cuda_ops
 from kernel_cases import cache_after_appends as _cache
 from pallas_kernels.decode import quantized_decode_attention
 from pallas_kernels.query_prep import QueryPrep, check_query, hadamard_signs
@@ -80,9 +80,10 @@ def test_fused_kernel_prepares_and_finishes(name):
     B, Hq, D = q.shape
     H = layer.k_scale.shape[1]
     scale = 1.0 / math.sqrt(D)
-    if cfg.rotate_keys:  # the rotation is really in play, and the layer's sigma is not one
-        assert cfg.rotate_values == ("keys_values" == cfg.rotation)
-    if cfg.key_norm != "none":
+    if cfg.rotate_keys:  # the rotation is really in play: q' is far from the unrotated q'
+        unrotated = split_heads(q, H).astype(jnp.float32) * layer.k_scale[:, :, None] * scale
+        assert _rel(unrotated, prepare_query(q, layer, cfg, scale)) > 0.5
+    if cfg.key_norm != "none":  # and the layer's sigma is not one
         assert float(jnp.std(layer.k_scale)) > 1e-3
     out = quantized_decode_attention(split_heads(q, H), layer, lengths, cfg, interpret=INTERPRET,
                                      prep=QueryPrep.of(q, scale), rotate_query="kernel")
@@ -134,20 +135,13 @@ def test_dispatch_is_one_triton_launch(cfg, opts):
     lowers for CUDA to one kernel and no op that computes: no XLA fusion prepares q or
     finishes the output (at B 1 / 4k on the H200 those cost as much as the kernel). Where
     the cache rotates keys, the query's rotation is XLA's by default (one dot)."""
-    from jax import export
-    from jax.sharding import use_abstract_mesh
-
     B, Hkv, D = 2, 2, 64
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     q = jax.ShapeDtypeStruct((B, 8, D), jnp.bfloat16)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     f = jax.jit(lambda q_, lay, n: decode_attention_layer(q_, lay, n, cfg, backend="pallas",
                                                           **opts))
-    with use_abstract_mesh(abstract_h200()):
-        text = export.export(f, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-                q, layer, lens).mlir_module()
-    ops = re.findall(r"stablehlo\.([a-z_]+)", text)
+    ops, text = cuda_ops(f, q, layer, lens)
     assert ops.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
     if cfg.rotate_keys and not opts:
         assert ops.count("dot_general") == 1  # q @ H, XLA's
