@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import sys
@@ -152,16 +153,21 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, me
                    mc.head_dim)
 
 
-def time_step(model, cache, B, steps, reps, mesh, profile_dir=None):
+def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=None):
     """(median, min, max) seconds per step, compile seconds, memory analysis, final cache,
     and with ``profile_dir`` the device-time summary of ``steps`` more steps traced there
     (:func:`benchmarks.trace_summary.summarize`). The profiler runs XLA op by op
     (no command buffers), so the traced span is longer than a timed step; busy and
-    collective times are the ops' own."""
+    collective times are the ops' own. With ``hlo_path`` the compiled step's optimized
+    HLO is written there (gzip text): where XLA copies a buffer, it says so."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
     compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
     compile_s = time.perf_counter() - t0
+    if hlo_path is not None:
+        os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(compiled.as_text())
     ma = compiled.memory_analysis()
     # a copy: the cache's own lengths are donated by the first step
     start = jax.device_put(np.asarray(cache.lengths), cache.lengths.sharding)
@@ -243,6 +249,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="trace --steps more steps of each row (jax.profiler, perfetto) under "
                          "OUT/traces and record device busy, collective and idle time per step")
+    ap.add_argument("--hlo", action="store_true",
+                    help="write each row's compiled step (optimized HLO, gzip text) under "
+                         "OUT/hlo")
     ap.add_argument("--writers", default="auto",
                     help="comma-separated cache writers for the quantized caches' appends "
                          f"({', '.join(WRITERS)}; see QuantLayer.append): each quantized row "
@@ -319,8 +328,11 @@ def main(argv=None) -> None:
                 pdir = None
                 if args.profile:
                     pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{kind}_B{B}")
+                hlo = (os.path.join(args.out, "hlo", f"{args.tag or 'e2e'}_{kind}_B{B}.hlo.gz")
+                       if args.hlo else None)
                 (med, lo, hi), comp, foot, cache, prof = time_step(
-                    model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir)
+                    model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir,
+                    hlo_path=hlo)
                 attn = time_attention(cache, mc, B, args.reps, mesh)
                 pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)  # per device
                 row.update(attention_kernel=attention_kernel(cfg, pairs),
