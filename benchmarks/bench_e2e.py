@@ -3,9 +3,10 @@
 The model has RANDOM weights of real shapes (labelled so in every row): the
 Llama-3-8B shape (32 layers, hidden 4096, 32/8 heads, D 128). Each cache is
 filled with random content at the row's context (the decode cost does not
-depend on how the tokens got there); the jitted, donated decode step is timed
-pipelined: ``--steps`` steps dispatched back to back, one sync, median of
-``--reps`` repetitions. Every row records:
+depend on how the tokens got there); the jitted, donated decode step
+(:class:`models.llama.DecodeStep`, or with ``--call module`` the NNX module passed to
+``jit_decode_step`` on every call) is timed pipelined: ``--steps`` steps dispatched
+back to back, one sync, median of ``--reps`` repetitions. Every row records:
 
 * ms/step, tokens/s, the compile time of the step, the step's device footprint
   from XLA's memory analysis and the device's peak memory so far;
@@ -47,7 +48,7 @@ from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer, quantized_path
 from innerq_jax.cache import WRITERS
 from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
-from models.llama import Llama, ModelConfig, jit_decode_step, shard_model
+from models.llama import DecodeStep, Llama, ModelConfig, jit_decode_step, shard_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_summary import summarize  # noqa: E402
@@ -153,16 +154,31 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, me
                    mc.head_dim)
 
 
-def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=None):
+def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=None,
+              call="bound"):
     """(median, min, max) seconds per step, compile seconds, memory analysis, final cache,
     and with ``profile_dir`` the device-time summary of ``steps`` more steps traced there
     (:func:`benchmarks.trace_summary.summarize`). The profiler runs XLA op by op
     (no command buffers), so the traced span is longer than a timed step; busy and
-    collective times are the ops' own. With ``hlo_path`` the compiled step's optimized
-    HLO is written there (gzip text): where XLA copies a buffer, it says so."""
+    collective times are the ops' own. The host figures: the median time a call took
+    to return in the timed loop, and the time to flatten its arguments alone. With ``hlo_path`` the compiled step's optimized
+    HLO is written there (gzip text): where XLA copies a buffer, it says so.
+
+    ``call="bound"`` steps through :class:`models.llama.DecodeStep` (the model's arrays
+    as a flat list); ``"module"`` passes the NNX module to :func:`jit_decode_step` on
+    every call, as a loop written against that function does (the host walks the module
+    each step)."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
-    compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
+    if call == "bound":
+        bound = DecodeStep(model, mesh=mesh)
+        compiled = bound.lower(cache, tok).compile()
+        args = (bound.params,)
+    elif call == "module":
+        compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
+        args = (model,)
+    else:
+        raise ValueError(f"call={call!r}; choose bound or module")
     compile_s = time.perf_counter() - t0
     if hlo_path is not None:
         os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
@@ -171,18 +187,26 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
     ma = compiled.memory_analysis()
     # a copy: the cache's own lengths are donated by the first step
     start = jax.device_put(np.asarray(cache.lengths), cache.lengths.sharding)
-    logits, cache = compiled(model, cache, tok)  # warm-up
+    logits, cache = compiled(*args, cache, tok)  # warm-up
     logits.block_until_ready()
-    times = []
+    times, calls = [], []
     for _ in range(reps):
         # every repetition times the same context
         cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
                         cache.num_kv_heads, cache.head_dim)
         t = time.perf_counter()
         for _ in range(steps):
-            logits, cache = compiled(model, cache, tok)
+            c = time.perf_counter()
+            logits, cache = compiled(*args, cache, tok)
+            calls.append(time.perf_counter() - c)
         logits.block_until_ready()
         times.append((time.perf_counter() - t) / steps)
+    flat = []
+    for _ in range(20):  # the host's own share of a call: walking its arguments
+        c = time.perf_counter()
+        jax.tree.flatten((args, cache, tok))
+        flat.append(time.perf_counter() - c)
+    host = dict(call_ms=float(np.median(calls)) * 1e3, flatten_ms=float(np.median(flat)) * 1e3)
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
     profile = None
     if profile_dir is not None:
@@ -191,7 +215,7 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
         traced = min(steps, PROFILE_STEPS)
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for _ in range(traced):
-                logits, cache = compiled(model, cache, tok)
+                logits, cache = compiled(*args, cache, tok)
             logits.block_until_ready()
         traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
                                   recursive=True), key=os.path.getmtime)
@@ -201,7 +225,7 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
         footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
     return (float(np.median(times)), float(np.min(times)), float(np.max(times))), compile_s, \
-        footprint, cache, profile
+        footprint, cache, profile, host
 
 
 def time_attention(cache: KVCache, mc: ModelConfig, B: int, reps: int, mesh) -> float:
@@ -252,6 +276,11 @@ def main(argv=None) -> None:
     ap.add_argument("--hlo", action="store_true",
                     help="write each row's compiled step (optimized HLO, gzip text) under "
                          "OUT/hlo")
+    ap.add_argument("--call", default="bound",
+                    help="how the timed loop calls the step, comma-separated: bound "
+                         "(models.llama.DecodeStep, the model's arrays as a flat list) or "
+                         "module (jit_decode_step with the NNX module, walked on the host "
+                         "every call); each row runs once per choice, labelled kind@module")
     ap.add_argument("--writers", default="auto",
                     help="comma-separated cache writers for the quantized caches' appends "
                          f"({', '.join(WRITERS)}; see QuantLayer.append): each quantized row "
@@ -284,15 +313,18 @@ def main(argv=None) -> None:
     bad = set(writers) - set(WRITERS)
     if bad:
         ap.error(f"--writers: unknown {sorted(bad)}; choose from {', '.join(WRITERS)}")
+    calls = args.call.split(",")
+    if set(calls) - {"bound", "module"}:
+        ap.error(f"--call: choose from bound, module (got {args.call!r})")
     plan = []
     for suite in suites:
         for kind, B, ctx in suite_rows(suite):
             if args.only and f"{kind}:{B}" not in args.only.split(","):
                 continue
             cfg = KINDS[kind](capacity=ctx)
-            plan += [(suite, kind, cfg, B, ctx, w)
-                     for w in (writers if cfg.quantized else ["auto"])]
-    for suite, kind, cfg, B, ctx, writer in plan:
+            plan += [(suite, kind, cfg, B, ctx, w, c)
+                     for w in (writers if cfg.quantized else ["auto"]) for c in calls]
+    for suite, kind, cfg, B, ctx, writer, call in plan:
         if writer != os.environ.get("INNERQ_CACHE_WRITER", "auto"):
             # read when the step is traced: trace again under the new writer
             if writer == "auto":
@@ -304,9 +336,11 @@ def main(argv=None) -> None:
                                  mc.head_dim).total_nbytes()
         if B == "max":
             B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
-        label = kind if writer == "auto" else f"{kind}/{writer}"
+        label = (kind if writer == "auto" else f"{kind}/{writer}") + (
+            "" if call == "bound" else f"@{call}")
         row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
                    jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
+                   step_call=call,
                    B=B, context=ctx, suite=suite,
                    mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
                    cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
@@ -327,17 +361,20 @@ def main(argv=None) -> None:
                                      jax.random.PRNGKey(B + ctx), mesh)
                 pdir = None
                 if args.profile:
-                    pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{kind}_B{B}")
-                hlo = (os.path.join(args.out, "hlo", f"{args.tag or 'e2e'}_{kind}_B{B}.hlo.gz")
+                    pdir = os.path.join(args.out, "traces",
+                                        f"{args.tag or 'e2e'}_{kind}_{call}_B{B}")
+                hlo = (os.path.join(args.out, "hlo",
+                                    f"{args.tag or 'e2e'}_{kind}_{call}_B{B}.hlo.gz")
                        if args.hlo else None)
-                (med, lo, hi), comp, foot, cache, prof = time_step(
+                (med, lo, hi), comp, foot, cache, prof, host = time_step(
                     model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir,
-                    hlo_path=hlo)
+                    hlo_path=hlo, call=call)
                 attn = time_attention(cache, mc, B, args.reps, mesh)
                 pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)  # per device
                 row.update(attention_kernel=attention_kernel(cfg, pairs),
                            step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
                            tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
+                           host_call_ms=host["call_ms"], host_flatten_ms=host["flatten_ms"],
                            peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
                            attention_ms_per_layer=attn * 1e3,
                            attention_ms_all_layers=attn * 1e3 * mc.num_layers,
@@ -387,9 +424,11 @@ def main(argv=None) -> None:
 
 
 def table(rows) -> str:
+    """The rows as text; call / flat: ms a step's call took to return on the host / to
+    flatten its arguments."""
     head = (f"{'cache':8s} {'mesh':16s} {'B':>4s} {'ctx':>6s} {'ms/step':>8s} {'tok/s':>7s} "
             f"{'roofline':>8s} {'x roof':>6s} {'attn*L':>7s} {'x (W+A)':>7s} {'compile':>7s} "
-            f"{'kernel':>8s}")
+            f"{'kernel':>8s} {'call':>6s} {'flat':>5s}")
     out = [head]
     for r in rows:
         if "step_ms" not in r:
@@ -400,7 +439,8 @@ def table(rows) -> str:
                    f"{r['step_ms']:8.2f} {r['tokens_per_s']:7.0f} {r['roofline_ms']:8.2f} "
                    f"{r['vs_roofline']:6.2f} {r['attention_ms_all_layers']:7.2f} "
                    f"{r['vs_weights_plus_attention']:7.2f} {r['compile_s']:6.1f}s "
-                   f"{r.get('attention_kernel', ''):>8s}")
+                   f"{r.get('attention_kernel', ''):>8s} {r.get('host_call_ms', 0):6.2f} "
+                   f"{r.get('host_flatten_ms', 0):5.2f}")
     return "\n".join(out)
 
 
