@@ -22,9 +22,10 @@ for flags in "" "--xla_gpu_enable_command_buffer=" \
   echo "== XLA_FLAGS='$flags' ($only)" | tee -a "$LOG"
   XLA_FLAGS="$flags" timeout "${E2E_S:-100}" $PY benchmarks/bench_e2e.py --suite decode \
     --only "$only" --tag "h200_round11c_$i" --out "$OUT" --budget-s 80 \
-    > "$OUT/e2e_round11c_$i.txt" 2>&1
+    > /tmp/e2e_$i.txt 2>&1
   echo "rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-  grep -E "^(bf16|innerq2) |Error|error" "$OUT/e2e_round11c_$i.txt" | tail -3 | cut -c1-300 | tee -a "$LOG"
+  grep -E "^(bf16|innerq2) |Error|error" /tmp/e2e_$i.txt | tail -3 | cut -c1-300 | tee -a "$LOG"
+  cat /tmp/e2e_$i.txt >> "$OUT/e2e_h200_round11c_log.txt"
   rm -f "$OUT/e2e_h200_round11c_$i.png"
   i=$((i + 1))
 done
