@@ -4,7 +4,7 @@
 # and driver.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 INNERQ_TEST_XLA_OPT=full  # tests/conftest.py
 PY=python3
 
 start_log() {

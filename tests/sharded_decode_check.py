@@ -43,19 +43,22 @@ MESHES_OF = {"signs": [(1, 8)]}
 
 
 def run(model, cfg, tokens, lengths, mesh, forced=None):
-    """Prefill, then STEPS decode steps fed greedy tokens (or ``forced`` ones)."""
+    """Prefill, then STEPS decode steps fed greedy tokens (or ``forced`` ones); the logits,
+    their argmax, the final cache and the compiled step's optimized HLO."""
     logits, cache = jit_prefill(model, tokens, lengths, cfg, mesh=mesh)
     out = [np.asarray(logits)]
+    # compiled once, and its text read from the same executable (a second lower().compile()
+    # would compile the step again)
+    step = jit_decode_step.lower(model, cache, jnp.zeros((B,), jnp.int32), mesh=mesh).compile()
     for i in range(STEPS):
         tok = jnp.argmax(logits, -1).astype(jnp.int32) if forced is None else forced[i]
-        logits, cache = jit_decode_step(model, cache, jnp.asarray(tok), mesh=mesh)
+        logits, cache = step(model, cache, jnp.asarray(tok))
         out.append(np.asarray(logits))
     logits = np.stack(out)  # [STEPS + 1, B, V]
-    return logits, logits.argmax(-1).astype(np.int32), cache
+    return logits, logits.argmax(-1).astype(np.int32), cache, step.as_text()
 
 
-def collectives(model, cache, tok, mesh) -> dict:
-    hlo = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile().as_text()
+def collectives(hlo: str) -> dict:
     ops = {}
     for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
         ops[op] = len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
@@ -83,13 +86,13 @@ def main() -> None:
                   if not wanted or f"{kind}:{d}x{m}" in wanted]
         if not meshes:
             continue
-        ref_logits, ref_tokens, _ = run(base, cfg, tokens, lengths, None)
+        ref_logits, ref_tokens, _, _ = run(base, cfg, tokens, lengths, None)
         for d, m in meshes:
             mesh = make_mesh(d, m)
             model = shard_model(Llama(MC, nnx.Rngs(0), dtype=jnp.float32), mesh)
             # fed the single-device run's greedy tokens, so a near-tie decided the
             # other way by summation order cannot send the two runs apart
-            logits, toks, cache = run(model, cfg, tokens, lengths, mesh, forced=ref_tokens)
+            logits, toks, cache, hlo = run(model, cfg, tokens, lengths, mesh, forced=ref_tokens)
             top2 = np.sort(ref_logits, axis=-1)[..., -2:]
             tie = (top2[..., 1] - top2[..., 0]) < 1e-3 * np.abs(ref_logits).max()
             per_dev = bytes_per_device(cache)
@@ -106,7 +109,7 @@ def main() -> None:
                 bytes_per_device=sorted(set(per_dev.values())), expected_bytes=int(expect),
                 devices=len(per_dev), total_bytes=int(cache.total_nbytes()),
                 cache_leaves_sharded=bool(shardings_ok),
-                collectives=collectives(model, cache, jnp.asarray(toks[-1]), mesh),
+                collectives=collectives(hlo),
             )
             print(kind, d, m, results[f"{kind}:{d}x{m}"]["max_logit_diff"], file=sys.stderr)
     errors = {}

@@ -39,7 +39,8 @@ def _sharded(case: str) -> dict:
     """The check's output for the group of ``case`` (one subprocess per group, run once)."""
     group = DEFAULT if case in DEFAULT else tuple(c for c in CASES if c not in DEFAULT)
     if group not in _RUNS:
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        flags = os.environ.get("XLA_FLAGS", "")  # conftest.py's, kept
+        env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8",
                    PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(
             [sys.executable, str(HERE / "sharded_decode_check.py"), "--cases", ",".join(group)],
