@@ -9,7 +9,8 @@ import pytest
 
 from innerq_jax import CacheConfig
 from models.generate import Sampling, generate
-from models.llama import Llama, ModelConfig, decode_step, jit_decode_step, jit_prefill, prefill
+from models.llama import (DecodeStep, Llama, ModelConfig, decode_step, jit_decode_step, jit_prefill,
+                          prefill)
 from models.weights import load_checkpoint
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smollm2_golden.npz"
@@ -147,6 +148,42 @@ def test_decode_equals_prefill_over_full_sequence(tiny, cfg):
         assert int(cache.region_sizes().quantized[0]) > 0
         assert err < 0.2 and np.mean(got.argmax(-1) == ref.argmax(-1)) > 0.8, err
     assert jit_decode_step._cache_size() >= 1
+
+
+def test_bound_step_equals_the_module_step(tiny):
+    """DecodeStep (the model's arrays bound once) gives jit_decode_step's logits and cache
+    bit for bit, donates the cache, compiles once for a loop, and keeps a snapshot: a
+    change to the model after binding does not reach it."""
+    cfg = CacheConfig.innerq(group_size=16, recent=16, capacity=96)
+    rng = np.random.default_rng(5)
+    prompts = jnp.asarray(rng.integers(0, 97, size=(2, 40)), jnp.int32)
+    lengths = jnp.array([40, 23])
+    step = DecodeStep(tiny, backend="reference")
+    _, ca = prefill(tiny, prompts, lengths, cfg)
+    _, cb = prefill(tiny, prompts, lengths, cfg)
+    toks = rng.integers(0, 97, size=(20, 2))
+    for t in toks:  # 20 steps: groups flush on the way
+        old = cb
+        la, ca = jit_decode_step(tiny, ca, jnp.asarray(t, jnp.int32), backend="reference")
+        lb, cb = step(cb, jnp.asarray(t, jnp.int32))
+        np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    assert int(cb.region_sizes().quantized[0]) > 0
+    for a, b in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert old.lengths.is_deleted()  # donated
+    assert step._jitted._cache_size() == 1
+    # a snapshot: the bound step keeps the arrays it was given
+    from flax import nnx
+
+    fresh = Llama(TINY, nnx.Rngs(3), dtype=jnp.float32)
+    bound = DecodeStep(fresh, backend="reference")
+    tok = jnp.asarray(toks[0], jnp.int32)
+    first, _ = bound(jax.tree.map(jnp.copy, cb), tok)
+    fresh.lm_head[...] = jnp.zeros_like(fresh.lm_head[...])
+    again, _ = bound(jax.tree.map(jnp.copy, cb), tok)
+    rebound, _ = DecodeStep(fresh, backend="reference")(jax.tree.map(jnp.copy, cb), tok)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+    assert np.abs(np.asarray(first)).max() > 0 and not np.asarray(rebound).any()
 
 
 def test_ragged_batch_equals_single_prompts(tiny):
