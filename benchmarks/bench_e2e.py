@@ -161,13 +161,15 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
     (:func:`benchmarks.trace_summary.summarize`). The profiler runs XLA op by op
     (no command buffers), so the traced span is longer than a timed step; busy and
     collective times are the ops' own. The host figures: the median time a call took
-    to return in the timed loop, and the time to flatten its arguments alone. With ``hlo_path`` the compiled step's optimized
-    HLO is written there (gzip text): where XLA copies a buffer, it says so.
+    to return in the timed loop, and the time to flatten its arguments alone. With
+    ``hlo_path`` the compiled step's optimized HLO is written there (gzip text): where
+    XLA copies a buffer, it says so.
 
     ``call="bound"`` steps through :class:`models.llama.DecodeStep` (the model's arrays
     as a flat list); ``"module"`` passes the NNX module to :func:`jit_decode_step` on
     every call, as a loop written against that function does (the host walks the module
-    each step)."""
+    each step); ``"loop"`` runs the ``steps`` steps greedily in one device loop
+    (:meth:`DecodeStep.greedy`, as ``generate`` does), one call per repetition."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
     if call == "bound":
@@ -177,8 +179,13 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
     elif call == "module":
         compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
         args = (model,)
+    elif call == "loop":  # all the steps in one device loop: one call per repetition
+        bound = DecodeStep(model, mesh=mesh)
+        compiled = bound.lower_greedy(cache, tok, steps).compile()
+        args = (bound.params,)
     else:
-        raise ValueError(f"call={call!r}; choose bound or module")
+        raise ValueError(f"call={call!r}; choose bound, module or loop")
+    per_call = steps if call == "loop" else 1
     compile_s = time.perf_counter() - t0
     if hlo_path is not None:
         os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
@@ -195,7 +202,7 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
         cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
                         cache.num_kv_heads, cache.head_dim)
         t = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps // per_call):
             c = time.perf_counter()
             logits, cache = compiled(*args, cache, tok)
             calls.append(time.perf_counter() - c)
@@ -207,14 +214,15 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
         jax.tree.flatten((args, cache, tok))
         flat.append(time.perf_counter() - c)
     host = dict(call_ms=float(np.median(calls)) * 1e3, flatten_ms=float(np.median(flat)) * 1e3)
-    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    if per_call == 1:  # (the loop returns its greedy tokens)
+        assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
     profile = None
     if profile_dir is not None:
         cache = KVCache(cache.layers, jnp.copy(start), cache.overflow, cache.config,
                         cache.num_kv_heads, cache.head_dim)
-        traced = min(steps, PROFILE_STEPS)
+        traced = min(steps, PROFILE_STEPS) if per_call == 1 else steps
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            for _ in range(traced):
+            for _ in range(traced // per_call):
                 logits, cache = compiled(*args, cache, tok)
             logits.block_until_ready()
         traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
@@ -280,7 +288,9 @@ def main(argv=None) -> None:
                     help="how the timed loop calls the step, comma-separated: bound "
                          "(models.llama.DecodeStep, the model's arrays as a flat list) or "
                          "module (jit_decode_step with the NNX module, walked on the host "
-                         "every call); each row runs once per choice, labelled kind@module")
+                         "every call) or loop (--steps greedy steps in one device loop, "
+                         "DecodeStep.greedy); each row runs once per choice, labelled "
+                         "kind@module / kind@loop")
     ap.add_argument("--writers", default="auto",
                     help="comma-separated cache writers for the quantized caches' appends "
                          f"({', '.join(WRITERS)}; see QuantLayer.append): each quantized row "
@@ -314,8 +324,8 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"--writers: unknown {sorted(bad)}; choose from {', '.join(WRITERS)}")
     calls = args.call.split(",")
-    if set(calls) - {"bound", "module"}:
-        ap.error(f"--call: choose from bound, module (got {args.call!r})")
+    if set(calls) - {"bound", "module", "loop"}:
+        ap.error(f"--call: choose from bound, module, loop (got {args.call!r})")
     plan = []
     for suite in suites:
         for kind, B, ctx in suite_rows(suite):

@@ -381,6 +381,7 @@ class DecodeStep:
 
     ``lower(cache, tokens)`` gives jax's ``Lowered`` (``.compile()``, memory
     analysis); a compiled step is called as ``compiled(step.params, cache, tokens)``.
+    :meth:`greedy` runs several greedy steps in one device loop.
     """
 
     def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None):
@@ -394,6 +395,19 @@ class DecodeStep:
 
         self._jitted = jax.jit(run, donate_argnames=("cache",))
 
+        def greedy(params, cache, tokens, steps):
+            def body(i, carry):
+                cache, tok, out = carry
+                logits, cache = run(params, cache, tok)
+                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                return cache, tok, out.at[:, i].set(tok)
+
+            out = jnp.zeros((tokens.shape[0], steps), jnp.int32)
+            cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
+            return out, cache
+
+        self._greedy = jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",))
+
     def __call__(self, cache: KVCache, tokens: jax.Array):
         """tokens [B] at positions cache.lengths -> (logits [B, V], the new cache); the
         cache passed in is donated (its buffers are reused, do not read it again)."""
@@ -401,6 +415,17 @@ class DecodeStep:
 
     def lower(self, cache: KVCache, tokens: jax.Array):
         return self._jitted.lower(self.params, cache, tokens)
+
+    def greedy(self, cache: KVCache, tokens: jax.Array, steps: int):
+        """``steps`` greedy steps in one jitted loop on the device, fed ``tokens`` [B] first:
+        (the chosen tokens [B, steps], the new cache); the cache passed in is donated.
+        One call per ``steps`` tokens, so the host launches the loop, not each step."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be an int >= 1")
+        return self._greedy(self.params, cache, tokens, steps=steps)
+
+    def lower_greedy(self, cache: KVCache, tokens: jax.Array, steps: int):
+        return self._greedy.lower(self.params, cache, tokens, steps=steps)
 
 
 # Megatron-style tensor parallelism on the model axis: q/k/v and gate/up split
