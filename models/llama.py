@@ -30,7 +30,7 @@ from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
 from innerq_jax.cache import layer_class, rotation_signs
-from innerq_jax.sharding import MODEL, on_mesh
+from innerq_jax.sharding import MODEL, cache_shardings, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -317,12 +317,13 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
+    # a copy: the cache owns its lengths (donating it to a step must not delete the caller's)
+    ctx = CacheContext(jnp.array(lengths, jnp.int32), cache_config, mesh=mesh)
     layers = []
     for i, block in enumerate(model.layers):
         x, layer_cache = block(x, pos, inv, replace(ctx, layer=i))
         layers.append(layer_cache)
-    cache = KVCache.from_layers(cache_config, layers, ctx.lengths)
+    cache = _placed(KVCache.from_layers(cache_config, layers, ctx.lengths), mesh)
     if all_logits:
         return model.logits(x), cache
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
@@ -346,7 +347,15 @@ def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str
     for block, layer_cache in zip(model.layers, cache.layers, strict=True):
         x, layer_cache = block(x, pos, inv, ctx, layer_cache)
         layers.append(layer_cache)
-    return model.logits(x[:, 0]), cache.with_layers(layers)
+    return model.logits(x[:, 0]), _placed(cache.with_layers(layers), mesh)
+
+
+def _placed(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """Every leaf on its mesh sharding (lengths and flags too), so prefill's cache and each
+    step's have the same shardings and a compiled step takes either: one compile."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("cache_config", "all_logits", "mesh"))

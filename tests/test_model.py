@@ -152,8 +152,9 @@ def test_decode_equals_prefill_over_full_sequence(tiny, cfg):
 
 def test_bound_step_equals_the_module_step(tiny):
     """DecodeStep (the model's arrays bound once) gives jit_decode_step's logits and cache
-    bit for bit, donates the cache, compiles once for a loop, and keeps a snapshot: a
-    change to the model after binding does not reach it."""
+    bit for bit, donates the cache, compiles once for a loop, runs greedy steps in one
+    device loop as single steps would, and keeps a snapshot: a change to the model after
+    binding does not reach it."""
     cfg = CacheConfig.innerq(group_size=16, recent=16, capacity=96)
     rng = np.random.default_rng(5)
     prompts = jnp.asarray(rng.integers(0, 97, size=(2, 40)), jnp.int32)
@@ -162,16 +163,29 @@ def test_bound_step_equals_the_module_step(tiny):
     _, ca = prefill(tiny, prompts, lengths, cfg)
     _, cb = prefill(tiny, prompts, lengths, cfg)
     toks = rng.integers(0, 97, size=(20, 2))
-    for t in toks:  # 20 steps: groups flush on the way
-        old = cb
+    for t in toks:  # 20 steps: groups flush on the way (each cache owns its buffers, so
+        old = cb     # donating one deletes nothing of the other or of the caller's lengths)
         la, ca = jit_decode_step(tiny, ca, jnp.asarray(t, jnp.int32), backend="reference")
         lb, cb = step(cb, jnp.asarray(t, jnp.int32))
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
     assert int(cb.region_sizes().quantized[0]) > 0
     for a, b in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert old.lengths.is_deleted()  # donated
+    assert old.lengths.is_deleted() and not lengths.is_deleted()  # donated; the input kept
     assert step._jitted._cache_size() == 1
+    # greedy: the same steps in one device loop, each fed the previous step's argmax
+    tok = jnp.asarray(toks[0], jnp.int32)
+    chosen, cg = step.greedy(jax.tree.map(jnp.copy, cb), tok, 4)
+    want, cm = [], jax.tree.map(jnp.copy, cb)
+    for _ in range(4):
+        logits, cm = step(cm, tok)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        want.append(np.asarray(tok))
+    np.testing.assert_array_equal(np.asarray(chosen), np.stack(want, axis=1))
+    for a, b in zip(jax.tree.leaves(cg), jax.tree.leaves(cm), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="steps=0 must be an int >= 1"):
+        step.greedy(cm, tok, 0)
     # a snapshot: the bound step keeps the arrays it was given
     from flax import nnx
 
