@@ -44,7 +44,10 @@ MESHES_OF = {"signs": [(1, 8)]}
 
 def run(model, cfg, tokens, lengths, mesh, forced=None):
     """Prefill, then STEPS decode steps fed greedy tokens (or ``forced`` ones); the logits,
-    their argmax, the final cache and the compiled step's optimized HLO."""
+    their argmax, the final cache and the compiled step's optimized HLO. One compiled
+    step takes prefill's cache and every step's: a compiled step refuses arguments whose
+    shardings differ from the ones it was compiled for, so this also checks that the
+    step compiles once on a mesh."""
     logits, cache = jit_prefill(model, tokens, lengths, cfg, mesh=mesh)
     out = [np.asarray(logits)]
     # compiled once, and its text read from the same executable (a second lower().compile()
