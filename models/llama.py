@@ -382,11 +382,12 @@ class DecodeStep:
     ``step = DecodeStep(model); logits, cache = step(cache, tokens)``: the same
     computation as :func:`jit_decode_step`, without its host cost. Passing the
     NNX module to a jitted function makes every call walk the module graph in
-    Python (about 3-6 ms for a 32-layer model on the host, the same order as the
-    whole device step of a 2-bit cache at B 8 / 32k, so a host-driven loop was
-    bound by it and jittered). Here the module is split once: the step holds its
-    arrays as a flat list (a snapshot: rebind after changing the model's
-    variables) and rebuilds the module inside the trace.
+    Python (0.8-1.5 ms for the 32-layer 8B shape on the H200 machine's host, more on
+    slower hosts), and the 2-bit cache's step at B 8 / 32k is already bound by the
+    host launching its kernels (``benchmarks/KERNEL_NOTES.md``, "Round 11"). Here the
+    module is split once: the step holds its arrays as a flat list (a snapshot:
+    rebind after changing the model's variables) and rebuilds the module inside the
+    trace.
 
     ``lower(cache, tokens)`` gives jax's ``Lowered`` (``.compile()``, memory
     analysis); a compiled step is called as ``compiled(step.params, cache, tokens)``.
