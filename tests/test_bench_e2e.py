@@ -34,3 +34,24 @@ def test_quick_suite_writes_complete_rows(tmp_path):
         assert r["cache_bytes"] == r["B"] * r["cache_bytes_per_seq"]
     by = {r["cache"]: r["cache_bytes_per_seq"] for r in doc["rows"]}
     assert by["innerq2"] < by["int8"] < by["bf16"]
+
+
+@pytest.mark.slow  # compiles of three step forms
+def test_call_modes_label_rows_and_record_the_host(tmp_path):
+    """--call bound,module,loop: one row per form, labelled, each with its host figures;
+    --hlo writes the compiled step (its text names the entry computation)."""
+    import gzip
+
+    bench_e2e.main(["--suite", "quick", "--only", "innerq2:2", "--call", "bound,module,loop",
+                    "--hlo", "--out", str(tmp_path), "--steps", "4", "--reps", "1"])
+    rows = json.loads((tmp_path / "e2e_quick.json").read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["innerq2", "innerq2@module", "innerq2@loop"]
+    assert [r["step_call"] for r in rows] == ["bound", "module", "loop"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["host_call_ms"] > 0 and r["host_flatten_ms"] > 0
+    # the module is walked on every call; the bound step's flat list is not
+    assert rows[1]["host_flatten_ms"] > rows[0]["host_flatten_ms"]
+    for call in ("bound", "module", "loop"):
+        text = gzip.open(tmp_path / "hlo" / f"e2e_innerq2_{call}_B2.hlo.gz", "rt").read()
+        assert "ENTRY" in text
