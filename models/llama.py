@@ -9,7 +9,8 @@ layer with its own parameters, and one block body for prefill and decode
   and values (the key normalization is computed there).
 * :func:`decode_step` - one token per sequence; appends to the cache and
   attends over it with ``innerq_jax.decode_attention_layer``; returns logits
-  and a new cache. Jit it with the cache donated (see :func:`jit_decode_step`):
+  and a new cache. Jit it with the cache donated (:class:`DecodeStep` for a loop
+  driven from Python, or :func:`jit_decode_step`):
   the layers run as a Python loop over per-layer caches, so XLA updates every
   cache buffer in place (a ``lax.scan`` taking the cache as xs and returning it
   as ys would copy the whole cache every step).
