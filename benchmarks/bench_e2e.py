@@ -172,19 +172,16 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
     (:meth:`DecodeStep.greedy`, as ``generate`` does), one call per repetition."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
-    if call == "bound":
-        bound = DecodeStep(model, mesh=mesh)
-        compiled = bound.lower(cache, tok).compile()
-        args = (bound.params,)
-    elif call == "module":
+    if call not in ("bound", "module", "loop"):
+        raise ValueError(f"call={call!r}; choose bound, module or loop")
+    if call == "module":
         compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
         args = (model,)
-    elif call == "loop":  # all the steps in one device loop: one call per repetition
+    else:  # loop: all the steps in one device loop, one call per repetition
         bound = DecodeStep(model, mesh=mesh)
-        compiled = bound.lower_greedy(cache, tok, steps).compile()
-        args = (bound.params,)
-    else:
-        raise ValueError(f"call={call!r}; choose bound, module or loop")
+        lowered = bound.lower(cache, tok) if call == "bound" else bound.lower_greedy(
+            cache, tok, steps)
+        compiled, args = lowered.compile(), (bound.params,)
     per_call = steps if call == "loop" else 1
     compile_s = time.perf_counter() - t0
     if hlo_path is not None:

@@ -499,7 +499,8 @@ class KVCache:
             raise TypeError(f"layers must all be {want.__name__} for kind={config.kind!r}")
         B, H = layers[0].k_centre.shape[:2] if want is QuantLayer else layers[0].k.shape[:2]
         D = layers[0].k_centre.shape[2] if want is QuantLayer else layers[0].k.shape[3]
-        lengths = jnp.asarray(lengths, jnp.int32)
+        # a copy: the cache owns its lengths (donating it must not delete the caller's array)
+        lengths = jnp.array(lengths, jnp.int32)
         return cls(layers, lengths, jnp.zeros((B,), bool), config, H, D)
 
     # ------------------------------------------------------------------ decode

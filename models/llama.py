@@ -31,6 +31,7 @@ from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
 from innerq_jax.cache import layer_class, rotation_signs
+from innerq_jax.config import is_int
 from innerq_jax.sharding import MODEL, cache_shardings, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -318,8 +319,7 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    # a copy: the cache owns its lengths (donating it to a step must not delete the caller's)
-    ctx = CacheContext(jnp.array(lengths, jnp.int32), cache_config, mesh=mesh)
+    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
     layers = []
     for i, block in enumerate(model.layers):
         x, layer_cache = block(x, pos, inv, replace(ctx, layer=i))
@@ -398,7 +398,6 @@ class DecodeStep:
     def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None):
         graphdef, state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(state)
-        self.backend, self.mesh = backend, mesh
 
         def run(params, cache, tokens):
             bound = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
@@ -431,7 +430,7 @@ class DecodeStep:
         """``steps`` greedy steps in one jitted loop on the device, fed ``tokens`` [B] first:
         (the chosen tokens [B, steps], the new cache); the cache passed in is donated.
         One call per ``steps`` tokens, so the host launches the loop, not each step."""
-        if not isinstance(steps, int) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
         return self._greedy(self.params, cache, tokens, steps=steps)
 
