@@ -254,7 +254,11 @@ class QuantLayer:
         ``"pallas"`` (one kernel per layer, :mod:`pallas_kernels.cache_update`),
         ``"interpret"`` (that kernel in Pallas interpret mode) or ``"auto"`` (the
         environment variable ``INNERQ_CACHE_WRITER`` if set, else the kernel on a
-        GPU and scatters elsewhere). All give the same arrays, bit for bit.
+        GPU and scatters elsewhere). Where the kernel can (bf16 scales, power-of-two
+        blocks) it also quantizes the flush groups, in the same launch. All give the
+        same rows; the quantized groups are the same bit for bit in Pallas interpret
+        mode, and compiled on a GPU up to the hybrid choice between two modes whose
+        errors are equal to rounding (:mod:`pallas_kernels.cache_update`).
         """
         S, W, G = cfg.sink, cfg.window, cfg.group_size
         full = lengths >= cfg.capacity
@@ -287,21 +291,38 @@ class QuantLayer:
         # only into the sequences that flush; a lax.cond here would sync the
         # host on a GPU, and one that returned the whole quantized tensors
         # would copy them.
-        grp_k = quantize_tokens(group(self.recent_k, kt).astype(jnp.float32), cfg.k_grouping,
-                                cfg, packing="d", which="k")
-        grp_v = quantize_tokens(group(self.recent_v, vt).astype(jnp.float32), cfg.v_grouping,
-                                cfg, packing="t", which="v")
         sink_row = jnp.minimum(lengths, S)
         writes = [(self.sink_k, kt, sink_row, to_sink), (self.sink_v, vt, sink_row, to_sink),
                   (self.recent_k, kt, slot, to_ring), (self.recent_v, vt, slot, to_ring)]
-        for qt, grp in ((self.k, grp_k), (self.v, grp_v)):
-            for f in ARRAY_FIELDS:
-                num, den = rows_per_token(qt, f)
-                writes.append((getattr(qt, f), getattr(grp, f), nq_old * num // den, flush))
-        out = iter(write_rows(writes, writer))
-        sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
-        new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in ARRAY_FIELDS})
-                        for qt in (self.k, self.v))
+        writer = resolve_writer(writer)
+        if writer != "scatter" and _kernel_quantizes(self, cfg, writes):
+            # one launch: the writes, and both groups quantized inside the kernel
+            from pallas_kernels import cache_update
+            live = [i for i, w in enumerate(writes) if w[0].shape[2]]
+            ring = {i: n for n, i in enumerate(live)}
+            own_row = jnp.where(to_ring & (slot >= start_slot) & (slot < start_slot + G),
+                                slot - start_slot, -1)
+            groups = [cache_update.GroupWrite(ring[r], start_slot, own_row, qt, nq_old, flush,
+                                              cfg, which)
+                      for r, qt, which in ((2, self.k, "k"), (3, self.v, "v"))]
+            out = cache_update.write_rows([writes[i] for i in live], groups,
+                                          interpret=writer == "interpret")
+            done = dict(zip(live, out))
+            sink_k, sink_v, recent_k, recent_v = (done.get(i, w[0]) for i, w in enumerate(writes))
+            new_k, new_v = out[len(live):]
+        else:
+            grp_k = quantize_tokens(group(self.recent_k, kt).astype(jnp.float32),
+                                    cfg.k_grouping, cfg, packing="d", which="k")
+            grp_v = quantize_tokens(group(self.recent_v, vt).astype(jnp.float32),
+                                    cfg.v_grouping, cfg, packing="t", which="v")
+            for qt, grp in ((self.k, grp_k), (self.v, grp_v)):
+                for f in ARRAY_FIELDS:
+                    num, den = rows_per_token(qt, f)
+                    writes.append((getattr(qt, f), getattr(grp, f), nq_old * num // den, flush))
+            out = iter(write_rows(writes, writer))
+            sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
+            new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in ARRAY_FIELDS})
+                            for qt in (self.k, self.v))
         return dataclasses.replace(
             self,
             k=new_k,
@@ -313,7 +334,30 @@ class QuantLayer:
         )
 
 
+def _kernel_quantizes(layer: "QuantLayer", cfg: CacheConfig, writes) -> bool:
+    """Whether the write kernel takes the whole append: every write and both groups."""
+    from pallas_kernels import cache_update
+    return (all(cache_update.kernel_can_write(dst, src) for dst, src, _, _ in writes
+                if dst.shape[2])
+            and cache_update.kernel_can_quantize(layer.recent_k, layer.k, cfg, "k")
+            and cache_update.kernel_can_quantize(layer.recent_v, layer.v, cfg, "v"))
+
 WRITERS = ("auto", "scatter", "pallas", "interpret")
+
+
+def resolve_writer(writer: str) -> str:
+    """``"auto"`` made concrete (see :meth:`QuantLayer.append`); others checked."""
+    if writer == "auto":
+        # INNERQ_CACHE_WRITER overrides the choice (read when a step is traced: after
+        # changing it, jax.clear_caches() so jitted steps trace again)
+        env = os.environ.get("INNERQ_CACHE_WRITER", "auto") or "auto"
+        if env not in WRITERS:
+            raise ValueError(f"INNERQ_CACHE_WRITER={env!r}; choose one of {WRITERS}")
+        return env if env != "auto" else (
+            "pallas" if jax.default_backend() == "gpu" else "scatter")
+    if writer not in WRITERS:
+        raise ValueError(f"writer={writer!r}; choose one of {WRITERS}")
+    return writer
 
 
 def write_rows(writes, writer: str = "auto") -> list[jax.Array]:
@@ -322,16 +366,7 @@ def write_rows(writes, writer: str = "auto") -> list[jax.Array]:
     the new destinations in order. See :meth:`QuantLayer.append` for ``writer``.
     Writes the kernel cannot take (blocks that are not powers of two) use scatters.
     """
-    if writer == "auto":
-        # INNERQ_CACHE_WRITER overrides the choice (read when a step is traced: after
-        # changing it, jax.clear_caches() so jitted steps trace again)
-        env = os.environ.get("INNERQ_CACHE_WRITER", "auto") or "auto"
-        if env not in WRITERS:
-            raise ValueError(f"INNERQ_CACHE_WRITER={env!r}; choose one of {WRITERS}")
-        writer = env if env != "auto" else (
-            "pallas" if jax.default_backend() == "gpu" else "scatter")
-    elif writer not in WRITERS:
-        raise ValueError(f"writer={writer!r}; choose one of {WRITERS}")
+    writer = resolve_writer(writer)
     out: list = [None] * len(writes)
     fused = []
     if writer != "scatter":

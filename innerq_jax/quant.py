@@ -33,6 +33,18 @@ reconstructs as NaN on every backend (set explicitly: XLA's CPU max reduction
 can drop a NaN, which would leave the group finite and wrong); nothing leaks
 into other groups, other heads or other sequences (tested).
 
+Exactness: every scale, offset and code is defined by exact comparisons, so it
+does not depend on how a backend divides. A bf16 scale is the smallest bf16
+value ``s`` whose grid reaches the group's top (``s * qmax >= max - z`` for the
+asymmetric mode, ``s * c0 >= max|x|`` for the symmetric one, products that are
+exact in float32), and a code is ``round_half_even((x - z) / s)`` checked
+against the exact half-steps ``(c +- 0.5) * s``. A division only gives the
+first guess. The bf16 path uses nothing beyond float32 arithmetic, integer
+bit operations and comparisons, so the same functions run inside the cache
+write kernel (:mod:`pallas_kernels.cache_update`, where a float32 division is
+approximate) and give the same codes and scales there. float16 and fp8 scales
+keep their rounding helpers (nextafter, frexp) and run in XLA only.
+
 Packing: ``32 // bits`` codes per uint32 word, code ``i`` of a word at bits
 [bits*i, bits*(i+1)). ``pack_codes`` packs along any axis, so the cache can pack
 K along D and V along T with the same function.
@@ -123,24 +135,86 @@ def _safe_inverse(s: jax.Array) -> jax.Array:
     return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
 
 
+def _is_bf16(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+
+
+def _round_up_bits(x: jax.Array, keep: int) -> jax.Array:
+    """Smallest float32 with at most ``keep`` significant bits that is >= x.
+
+    Bit arithmetic on float32 (no division, no nextafter): the low 24 - keep
+    mantissa bits are cleared, and the magnitude steps up first where x > 0 and
+    bits were set. keep = 8 is bf16's grid (bf16 is float32's top 16 bits).
+    NaN stays NaN; past the largest value the result is inf.
+    """
+    drop = 24 - keep
+    low = jnp.uint32((1 << drop) - 1)
+    u = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
+    away = jnp.where((u & low) != 0, (u | low) + jnp.uint32(1), u)
+    toward = u & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    mag = jax.lax.bitcast_convert_type(jnp.where(x >= 0, away, toward), jnp.float32)
+    return jnp.where(jnp.isnan(x), x, jnp.where(x >= 0, mag, -mag))
+
+
+def _smallest_scale(top: jax.Array, mult: int, keep: int) -> jax.Array:
+    """Smallest s >= 0 with ``keep`` significant bits such that s * mult >= top.
+
+    top >= 0 (float32); mult <= 15, so s * mult is exact in float32 and the
+    comparison decides. top / mult, computed by multiplication, is only the
+    first guess: it is within one step of the grid, which the checks correct.
+    """
+    s = _round_up_bits(top * (1.0 / mult), keep)
+    step = jnp.uint32(1 << (24 - keep))
+    u = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    up = jax.lax.bitcast_convert_type(u + step, jnp.float32)
+    down = jax.lax.bitcast_convert_type(u - step, jnp.float32)
+    short = s * mult < top
+    return jnp.where(short, up, jnp.where((s > 0) & (down * mult >= top), down, s))
+
+
+def _nearest_code(t: jax.Array, s: jax.Array, inv: jax.Array) -> jax.Array:
+    """round_half_even(t / s), exactly, in float32; s >= 0 on a grid of at most 11
+    significant bits, inv = 1 / s (any rounding) and 0 where s == 0 (code 0).
+
+    The guess floor(t * inv + 0.5) is at most one off; (c +- 0.5) * s is exact
+    for codes below 2^12, so comparing t with the two half-steps settles it.
+    """
+    c = jnp.floor(t * inv + 0.5)
+    hi, lo = (c + 0.5) * s, (c - 0.5) * s
+    odd = (c - 2.0 * jnp.floor(c * 0.5)) == 1.0
+    up = (t > hi) | ((t == hi) & odd)
+    down = (t < lo) | ((t == lo) & odd)
+    return c + jnp.where(up, 1.0, 0.0) - jnp.where(down, 1.0, 0.0)
+
+
 def _quantize_asymmetric(x, bits, dtype):
     qmax = 2**bits - 1
     lo = jnp.min(x, axis=-1)
     hi = jnp.max(x, axis=-1)
-    zero = _round_down(lo, dtype)
-    scale = _round_up((hi - zero.astype(jnp.float32)) / qmax, dtype)
-    inv = _safe_inverse(scale.astype(jnp.float32))
-    c = jnp.round((x - zero.astype(jnp.float32)[..., None]) * inv[..., None])
+    if _is_bf16(dtype):  # exact by comparisons, no division (see the module docstring)
+        zero = -_round_up_bits(-lo, 8)
+        scale = _smallest_scale(hi - zero, qmax, 8)
+        zero, scale = zero.astype(dtype), scale.astype(dtype)
+    else:
+        zero = _round_down(lo, dtype)
+        scale = _round_up((hi - zero.astype(jnp.float32)) / qmax, dtype)
+    s = scale.astype(jnp.float32)
+    c = _nearest_code(x - zero.astype(jnp.float32)[..., None], s[..., None],
+                      _safe_inverse(s)[..., None])
     return jnp.clip(c, 0, qmax), scale, zero
 
 
 def _quantize_symmetric(x, bits, dtype):
     c0 = 2 ** (bits - 1) - 1
     amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = _round_up_exact_multiple(amax / c0, c0, dtype)
-    inv = _safe_inverse(scale.astype(jnp.float32))
-    c = jnp.round(x * inv[..., None]) + c0
-    zero = -c0 * scale.astype(jnp.float32)
+    if _is_bf16(dtype):  # c0 * s exact: s keeps 8 - bit_length(c0) (+1 for 2^k) bits
+        keep = 8 - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
+        scale = _smallest_scale(amax, c0, keep).astype(dtype)
+    else:
+        scale = _round_up_exact_multiple(amax / c0, c0, dtype)
+    s = scale.astype(jnp.float32)
+    c = _nearest_code(x, s[..., None], _safe_inverse(s)[..., None]) + c0
+    zero = -c0 * s
     if _is_fp8(dtype):  # float32 until the end; an offset past -448 is NaN
         return jnp.clip(c, 0, 2 * c0), scale, jnp.where(zero >= -_FP8_MAX, zero, jnp.nan)
     zero = zero.astype(dtype)
@@ -178,7 +252,7 @@ def quantize_groups(
         raise ValueError(f"policy={policy!r}; choose 'hybrid', 'asymmetric' or 'symmetric'")
     # NaN codes (non-finite input) become 0; the group's scale carries the NaN.
     c = jnp.where(jnp.isfinite(c), c, 0).astype(jnp.uint8)
-    ok = jnp.all(jnp.isfinite(x), axis=-1)
+    ok = jnp.sum(jnp.where(jnp.isfinite(x), 0, 1), axis=-1) == 0  # (Triton has no all-reduce)
     if _is_fp8(scale_dtype):  # exact fp8 values held in float32 until here
         ok = ok & jnp.isfinite(s) & jnp.isfinite(z)  # overflow: NaN, like a non-finite group
         return QuantizedGroups(c, jnp.where(ok, s, jnp.nan).astype(FP8), z.astype(FP8), sym)

@@ -15,18 +15,60 @@ that would not fit (``start < 0`` or ``start + n > N``) is not written at all, s
 nothing lands out of bounds. The Triton backend needs power-of-two ``n`` and
 ``C``; :func:`kernel_can_write` says whether a write qualifies, and the caller
 keeps the others on XLA's scatter.
+
+A decode step also quantizes the ring's oldest group of G tokens (the group a
+sequence flushes when its window is full) on every step. Given a
+:class:`GroupWrite`, the same launch does that too: each program reads its
+(sequence, head)'s G ring rows, puts the new token in its row, quantizes them
+with :func:`innerq_jax.layout.quantize_tokens` (the jnp code of the XLA path,
+traced into the kernel) and writes codes, scales, zero-points and mask where the
+sequence flushes. With keys and values both quantized here an append is one
+launch per layer instead of seventeen. The quantization's bf16 path is exact by
+comparisons (``innerq_jax/quant.py``), so the kernel's approximate float32
+division does not change a code or a scale; only the hybrid choice, which
+compares two sums of squared errors, can differ from XLA's where the two sums
+are equal to rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from innerq_jax.config import CacheConfig
+from innerq_jax.layout import (
+    ARRAY_FIELDS,
+    QuantizedTensor,
+    quantize_tokens,
+    rows_per_token,
+    tensor_params,
+)
+
 Write = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # dst, src, start, enabled
+
+
+class GroupWrite(NamedTuple):
+    """A flush group quantized in the kernel: ring rows ``slot[b] .. slot[b] + G`` with
+    the token in row ``own[b]`` (-1: none), written as tokens ``start[b] ..`` of ``dst``
+    where ``enabled[b]``. ``ring`` is the index, in the kernel's writes, of the write
+    that puts the token into the ring: its destination is the ring [B, H, W, D] and its
+    source the token [B, H, 1, D]."""
+
+    ring: int
+    slot: jax.Array  # [B] int32, a multiple of G
+    own: jax.Array  # [B] int32
+    dst: QuantizedTensor  # [B, H, T, ...] fields
+    start: jax.Array  # [B] int32, a multiple of G
+    enabled: jax.Array  # [B] bool
+    cfg: CacheConfig
+    which: str  # "k" or "v": whose group size and scale dtype (layout.tensor_params)
 
 
 def _pow2(n: int) -> bool:
@@ -47,14 +89,65 @@ def _as_stored(x: jax.Array) -> jax.Array:
     return x
 
 
-def _kernel(starts_ref, *refs, rows: tuple[tuple[int, int], ...]):
-    """starts_ref [B, nw] int32 (-1: no write); refs: nw sources [B, H, n_i, C_i], nw
-    destinations (aliased to the outputs), nw outputs [B, H, N_i, C_i]."""
+def kernel_can_quantize(ring: jax.Array, dst: QuantizedTensor, cfg: CacheConfig,
+                        which: str) -> bool:
+    """Whether the kernel quantizes this tensor's flush group itself: bf16 scales (the
+    exact path of ``quant.py``), power-of-two group, head dimension and field blocks."""
+    G = cfg.group_size
+    _, sdt = tensor_params(cfg, which)
+    if jnp.dtype(sdt) != jnp.dtype(jnp.bfloat16) or ring.ndim != 4:
+        return False
+    if not (_pow2(G) and _pow2(ring.shape[3]) and ring.shape[2] >= G):
+        return False
+    for f in ARRAY_FIELDS:
+        num, den = rows_per_token(dst, f)
+        arr = getattr(dst, f)
+        if (G * num) % den or not kernel_can_write(arr, arr[:, :, : G * num // den]):
+            return False
+    return True
+
+
+def _group_fields(spec) -> tuple[tuple[int, int, int, int], ...]:
+    """Per field of a group's tensor: (rows written, rows of the array, num, den)."""
+    G = spec.cfg.group_size
+    out = []
+    for f in ARRAY_FIELDS:
+        num, den = rows_per_token(spec.dst, f)
+        out.append((G * num // den, getattr(spec.dst, f).shape[2], num, den))
+    return tuple(out)
+
+
+def _kernel(table_ref, *refs, rows: tuple[tuple[int, int], ...], groups: tuple):
+    """table_ref [B, nw + 3 ng] int32: per write its start (-1: no write), per group its
+    ring slot, the token's row in it (-1: none) and its token start (-1: no write);
+    refs: nw sources [B, H, n_i, C_i], nw + 4 ng destinations (aliased to the outputs),
+    the same nw + 4 ng outputs [B, H, N_i, C_i] (a group's four: codes, scale, zero,
+    mask)."""
     nw = len(rows)
-    srcs, outs = refs[:nw], refs[2 * nw:]
+    nd = nw + len(ARRAY_FIELDS) * len(groups)
+    srcs, outs = refs[:nw], refs[nw + nd:]
     b, h = pl.program_id(0), pl.program_id(1)
+    # Groups first: they read ring rows before this program writes its token there
+    # (and the token's own row is replaced by the token anyway).
+    for g, (ring, G, W, cfg, which, grouping, packing, fields) in enumerate(groups):
+        col = nw + 3 * g
+        slot = jnp.minimum(table_ref[b, col], W - G)
+        own, start = table_ref[b, col + 1], table_ref[b, col + 2]
+        block = outs[ring][b, h, pl.ds(slot, G), :]  # [G, D]
+        token = srcs[ring][b, h, :, :]  # [1, D]
+        row = jax.lax.broadcasted_iota(jnp.int32, (G, 1), 0)
+        x = jnp.where(row == own, token, block).astype(jnp.float32)
+        qt = quantize_tokens(x, grouping, cfg, packing=packing, which=which)
+        for f, (n, N, num, den) in zip(ARRAY_FIELDS, fields):
+            out = outs[nw + len(ARRAY_FIELDS) * g + ARRAY_FIELDS.index(f)]
+            r0 = start * num // den
+
+            @pl.when((start >= 0) & (r0 <= N - n))
+            def _write(out=out, r0=r0, n=n, val=getattr(qt, f)):
+                out[b, h, pl.ds(r0, n), :] = val.astype(out.dtype)
+
     for i, (n, N) in enumerate(rows):
-        start = starts_ref[b, i]
+        start = table_ref[b, i]
 
         @pl.when((start >= 0) & (start <= N - n))
         def _write(i=i, n=n, start=start):
@@ -62,16 +155,17 @@ def _kernel(starts_ref, *refs, rows: tuple[tuple[int, int], ...]):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(B: int, H: int, rows, shapes, interpret: bool):
+def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool):
     out_shape = tuple(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
-    nw = len(rows)
-    aliases = {1 + nw + i: i for i in range(nw)}  # inputs: starts, sources, destinations
+    nw, nd = len(rows), len(shapes)
+    aliases = {1 + nw + i: i for i in range(nd)}  # inputs: table, sources, destinations
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=1, num_stages=1)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=4 if groups else 1,
+                                                     num_stages=1)
     return pl.pallas_call(
-        functools.partial(_kernel, rows=rows),
+        functools.partial(_kernel, rows=rows, groups=groups),
         out_shape=out_shape,
         grid=(B, H),
         input_output_aliases=aliases,
@@ -81,11 +175,14 @@ def _build_call(B: int, H: int, rows, shapes, interpret: bool):
     )
 
 
-def write_rows(writes: Sequence[Write], *, interpret: bool = False) -> list[jax.Array]:
-    """Every write of ``writes`` in one kernel; returns the new destinations in order.
+def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
+               interpret: bool = False) -> list[jax.Array]:
+    """Every write of ``writes`` and every group of ``groups`` in one kernel; returns
+    the new destinations of the writes in order, then each group's new tensor.
 
-    Each write must satisfy :func:`kernel_can_write` (a ``ValueError`` says which
-    does not); all share B and H.
+    Each write must satisfy :func:`kernel_can_write` and each group
+    :func:`kernel_can_quantize` (a ``ValueError`` says which does not); all share B
+    and H.
     """
     if not writes:
         return []
@@ -99,13 +196,40 @@ def write_rows(writes: Sequence[Write], *, interpret: bool = False) -> list[jax.
         if start.shape != (B,) or enabled.shape != (B,):
             raise ValueError(f"write_rows: write {i} has start {start.shape} / enabled "
                              f"{enabled.shape}; both must be [B] = [{B}]")
-    starts = jnp.stack([jnp.where(en, st.astype(jnp.int32), -1)
-                        for _, _, st, en in writes], axis=1)
+    cols = [jnp.where(en, st.astype(jnp.int32), -1) for _, _, st, en in writes]
+    static = []
+    for g, spec in enumerate(groups):
+        if not 0 <= spec.ring < len(writes):
+            raise ValueError(f"write_rows: group {g} names ring write {spec.ring}; there are "
+                             f"{len(writes)} writes")
+        ring, token = writes[spec.ring][0], writes[spec.ring][1]
+        if (not kernel_can_quantize(ring, spec.dst, spec.cfg, spec.which)
+                or token.shape != ring.shape[:2] + (1, ring.shape[3])
+                or spec.dst.codes.shape[:2] != (B, H)):
+            raise ValueError(
+                f"write_rows: group {g} (ring {ring.shape} {ring.dtype}, token {token.shape}, "
+                f"{spec.which!r} of {spec.cfg.short_name()}) does not fit the kernel; it needs "
+                "bf16 scales, a power-of-two group, head dimension and field blocks, and a "
+                "[B, H, 1, D] token")
+        for name in ("slot", "own", "start", "enabled"):
+            if getattr(spec, name).shape != (B,):
+                raise ValueError(f"write_rows: group {g} has {name} "
+                                 f"{getattr(spec, name).shape}; it must be [B] = [{B}]")
+        cols += [spec.slot.astype(jnp.int32), spec.own.astype(jnp.int32),
+                 jnp.where(spec.enabled, spec.start.astype(jnp.int32), -1)]
+        static.append((spec.ring, spec.cfg.group_size, ring.shape[2], spec.cfg, spec.which,
+                       spec.dst.grouping, spec.dst.packing, _group_fields(spec)))
+    table = jnp.stack(cols, axis=1)
     dsts = [_as_stored(d) for d, _, _, _ in writes]
+    dsts += [getattr(spec.dst, f) for spec in groups for f in ARRAY_FIELDS]
     srcs = [_as_stored(s.astype(d.dtype)) for d, s, _, _ in writes]
     rows = tuple((s.shape[2], d.shape[2]) for d, s in zip(dsts, srcs))
     shapes = tuple((d.shape, d.dtype) for d in dsts)
-    call = _build_call(B, H, rows, shapes, interpret)
-    out = call(starts, *srcs, *dsts)
-    return [o if o.dtype == d.dtype else jax.lax.bitcast_convert_type(o, d.dtype)
+    call = _build_call(B, H, rows, tuple(static), shapes, interpret)
+    out = call(table, *srcs, *dsts)
+    done = [o if o.dtype == d.dtype else jax.lax.bitcast_convert_type(o, d.dtype)
             for o, (d, _, _, _) in zip(out, writes)]
+    rest = iter(out[len(writes):])
+    for spec in groups:
+        done.append(dataclasses.replace(spec.dst, **{f: next(rest) for f in ARRAY_FIELDS}))
+    return done

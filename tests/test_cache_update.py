@@ -4,7 +4,11 @@ The kernel runs in Pallas interpret mode here (CI has no GPU); ``-m gpu`` on a G
 machine runs it compiled. Every case appends random tokens across sink, ring, flush
 and capacity boundaries and compares every leaf of the layer, bit for bit, with the
 scatter path (whose cache the oracle tests of test_cache.py check independently).
+Compiled, the kernel's flush groups may take the other mode of the hybrid choice
+where the two modes' errors tie to rounding; everything else stays bit for bit.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,14 @@ import pytest
 import innerq_jax.cache as cache_module
 from innerq_jax import CacheConfig, KVCache
 from innerq_jax.cache import write_rows
-from pallas_kernels.cache_update import kernel_can_write
+from innerq_jax.layout import (
+    dequantize_tensor,
+    empty_quantized,
+    quantize_tokens,
+    symmetric_flags,
+    token_block,
+)
+from pallas_kernels.cache_update import GroupWrite, kernel_can_write
 from pallas_kernels.cache_update import write_rows as kernel_write_rows
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -40,6 +51,19 @@ def _assert_same(a, b, where):
                                       err_msg=f"{where}: {jax.tree_util.keystr(path)}")
 
 
+def _assert_same_groups(a, b, where, max_flips=0.01):
+    """Two quantizations of the same values: the hybrid choice differs in at most
+    ``max_flips`` of the groups, and every group where it agrees decodes bit for bit."""
+    fa, fb = np.asarray(symmetric_flags(a)), np.asarray(symmetric_flags(b))
+    flips = fa != fb
+    assert flips.mean() <= max_flips, (where, flips.mean())
+    axis = -1 if a.grouping == "d" else -2
+    agree = ~np.repeat(flips, a.group_size, axis=axis)
+    xa, xb = np.asarray(dequantize_tensor(a)), np.asarray(dequantize_tensor(b))
+    np.testing.assert_array_equal(xa[agree].view(np.uint32), xb[agree].view(np.uint32),
+                                  err_msg=where)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_writes_equal_scatters(name, monkeypatch):
     """Every step of a decode from random prompt lengths (inside the sink, at a flush,
@@ -61,12 +85,20 @@ def test_kernel_writes_equal_scatters(name, monkeypatch):
     k1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
     with monkeypatch.context() as m:  # every write of this layout goes to the kernel
         m.setattr(cache_module, "_scatter_rows", lambda *a: pytest.fail("a write fell back"))
+        if cfg.key_scale_jnp_dtype == jnp.bfloat16:  # ... and the kernel quantizes the groups
+            m.setattr(cache_module, "quantize_tokens",
+                      lambda *a, **k: pytest.fail("a group was quantized outside the kernel"))
         jax.eval_shape(lambda lay: lay.append(k1, k1, n, cfg, writer=KERNEL), layer)
     a = b = layer
     for step in range(G + 2):  # crosses a flush for every sequence that has a ring
         k1 = jnp.asarray(rng.standard_normal((B, H, D)) * 2, jnp.float32)
         v1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
         a, b = scatter(a, k1, v1, n), kernel(b, k1, v1, n)
+        if ON_GPU:  # compiled: the hybrid choice may differ where two errors tie
+            a_q, b_q = (a.k, a.v), (b.k, b.v)
+            for qa, qb in zip(a_q, b_q):
+                _assert_same_groups(qa, qb, f"{name} step {step}")
+            a, b = a, dataclasses.replace(b, k=a.k, v=a.v)
         _assert_same(a, b, f"{name} step {step}")
         n = jnp.minimum(n + 1, cfg.capacity)
     # the decode really wrote the ring and flushed groups (codes, scales of K and V)
@@ -134,3 +166,108 @@ def test_compiled_kernel_updates_in_place():
     out = step(layer, jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32), cache.lengths)
     assert out.k.codes.unsafe_buffer_pointer() == ptr
     assert not np.array_equal(np.asarray(out.k.codes), before)
+
+
+GROUP_CASES = {
+    "innerq2-G32-D128": (CacheConfig.innerq(capacity=256), 128),
+    "innerq4-G64-D64": (CacheConfig.innerq(bits=4, group_size=64, recent=64, capacity=512), 64),
+    "outerq2-G32-D128": (CacheConfig.outerq(capacity=256), 128),
+    "K16-symmetric-D64": (CacheConfig.innerq(key_group_size=16, hybrid="symmetric",
+                                             capacity=256), 64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(GROUP_CASES))
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_group_quantized_in_the_kernel_matches_xla(name, which):
+    """The kernel's flush group (ring rows at a slot, the token in its row) against
+    quantize_tokens run by XLA on the same rows: written at its start where enabled and
+    in bounds, nothing else touched. Interpret mode: bit for bit. Compiled: a group may
+    take the other hybrid mode only where the two modes' float64 errors tie to 1e-5."""
+    cfg, D = GROUP_CASES[name]
+    B, H, G, W = 5, 2, cfg.group_size, cfg.window
+    rng = np.random.default_rng(sum(map(ord, name + which)))
+    ring = rng.standard_normal((B, H, W, D)) * np.exp(rng.uniform(-3, 3, (B, H, 1, D)))
+    ring = jnp.asarray(ring + 0.5, jnp.bfloat16)
+    token = jnp.asarray(rng.standard_normal((B, H, 1, D)) * 3, jnp.bfloat16)
+    slot = jnp.asarray(rng.integers(0, W // G, B) * G, jnp.int32)
+    own = jnp.asarray([-1, 0, 5, G - 1, 3], jnp.int32)
+    T = cfg.quant_capacity
+    start = jnp.asarray([0, G, T - G, T, 2 * G], jnp.int32)  # T: past the end, not written
+    enabled = jnp.asarray([True, True, True, True, False])
+    grouping = cfg.k_grouping if which == "k" else cfg.v_grouping
+    packing = "d" if which == "k" else "t"
+    dst = empty_quantized((B, H), T, D, grouping, cfg, packing=packing, which=which)
+    # a recognisable old content: every row the kernel must not touch keeps it
+    dst = dataclasses.replace(dst, **{
+        f: jnp.asarray(rng.integers(0, 2**16, getattr(dst, f).shape), jnp.uint32).astype(
+            getattr(dst, f).dtype) if f in ("codes", "mask") else
+        jnp.asarray(rng.standard_normal(getattr(dst, f).shape), getattr(dst, f).dtype)
+        for f in ("codes", "scale", "zero", "mask")})
+    spec = GroupWrite(0, slot, own, dst, start, enabled, cfg, which)
+    ring_out, got = kernel_write_rows([(ring, token, slot + own, own >= 0)], [spec],
+                                      interpret=not ON_GPU)
+    rows = np.arange(G)[None, :] + np.asarray(slot)[:, None]  # [B, G]
+    x = np.take_along_axis(np.asarray(ring, np.float32), rows[:, None, :, None], axis=2)
+    for b in range(B):
+        if own[b] >= 0:
+            x[b, :, int(own[b])] = np.asarray(token, np.float32)[b, :, 0]
+    want = quantize_tokens(jnp.asarray(x), grouping, cfg, packing=packing, which=which)
+    for b in range(B):
+        ok = bool(enabled[b]) and int(start[b]) + G <= T
+        block = jax.tree_util.tree_map(lambda a: a[b], got)
+        old = jax.tree_util.tree_map(lambda a: a[b], dst)
+        if not ok:  # untouched
+            for f in ("codes", "scale", "zero", "mask"):
+                np.testing.assert_array_equal(np.asarray(getattr(block, f)).view(np.uint8),
+                                              np.asarray(getattr(old, f)).view(np.uint8))
+            continue
+        mine = token_block(block, int(start[b]), G)
+        ref = jax.tree_util.tree_map(lambda a: a[b], want)
+        if not ON_GPU:
+            for f in ("codes", "scale", "zero", "mask"):
+                np.testing.assert_array_equal(np.asarray(getattr(mine, f)).view(np.uint8),
+                                              np.asarray(getattr(ref, f)).view(np.uint8),
+                                              err_msg=f"{name} {which} b={b} {f}")
+        else:
+            fm, fr = np.asarray(symmetric_flags(mine)), np.asarray(symmetric_flags(ref))
+            axis = -1 if grouping == "d" else -2
+            flips = np.repeat(fm != fr, mine.group_size, axis=axis)
+            xm, xr = np.asarray(dequantize_tensor(mine)), np.asarray(dequantize_tensor(ref))
+            np.testing.assert_array_equal(xm[~flips].view(np.uint32), xr[~flips].view(np.uint32))
+            if flips.any():  # each flipped group's two errors tie
+                err = lambda xh: np.where(flips, (xh - x[b]) ** 2, 0.0)  # noqa: E731
+                ea, eb = err(xm.astype(np.float64)).sum(), err(xr.astype(np.float64)).sum()
+                assert abs(ea - eb) <= 1e-5 * max(ea, eb), (name, which, b, ea, eb)
+    # the ring got the token where it had a row, nothing else
+    want_ring = np.asarray(ring, np.float32).copy()
+    for b in range(B):
+        if own[b] >= 0:
+            want_ring[b, :, int(slot[b] + own[b])] = np.asarray(token, np.float32)[b, :, 0]
+    np.testing.assert_array_equal(np.asarray(ring_out, np.float32), want_ring)
+
+
+@pytest.mark.parametrize("name", ["innerq", "recommended-signs", "outerq-R0"])
+def test_append_lowers_to_one_triton_call(name):
+    """On a GPU (lowered here for an abstract H200) a quantized layer's append is one
+    Triton kernel: no reduction left to XLA (the group's quantization is in the kernel),
+    and a layout the kernel cannot quantize (fp8 key scales) keeps XLA's."""
+    from kernel_cases import cuda_ops
+
+    cfg = CASES[name]
+    B, H, D = 2, 2, 64
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, H, D).layer(0))
+    kv = jax.ShapeDtypeStruct((B, H, D), jnp.float32)
+    n = jax.ShapeDtypeStruct((B,), jnp.int32)
+    ops, text = cuda_ops(jax.jit(lambda lay, k1, v1, m: lay.append(k1, v1, m, cfg,
+                                                                   writer="pallas")),
+                         layer, kv, kv, n)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "reduce" not in ops and "scatter" not in ops, sorted(set(ops))
+    fp8 = CASES["K16fp8-4bit"]
+    layer = jax.eval_shape(lambda: KVCache.create(fp8, 1, B, H, D).layer(0))
+    ops, text = cuda_ops(jax.jit(lambda lay, k1, v1, m: lay.append(k1, v1, m, fp8,
+                                                                   writer="pallas")),
+                         layer, kv, kv, n)
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "reduce" in ops

@@ -208,3 +208,62 @@ def test_non_finite_group_stays_non_finite_at_any_size(grouping, policy):
     clean[expect_bad] = 0.5
     want = np.asarray(dequantize_tensor(quantize_tokens(jnp.asarray(clean), grouping, cfg)))
     np.testing.assert_array_equal(got[~expect_bad], want[~expect_bad])
+
+
+def _bf16_neighbours(s: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The values one step below and above s (>= 0) on the grid of ``keep`` significant
+    bits of float32, by float64 arithmetic on the exponent (no bit tricks)."""
+    m, e = np.frexp(s)  # s = m 2^e, m in [0.5, 1)
+    step = np.ldexp(1.0, e - keep)
+    below = np.where(m == 0.5, step / 2, step)  # a power of two: the binade below is finer
+    return s - below, s + step
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("policy", ["asymmetric", "symmetric"])
+def test_bf16_scales_and_codes_are_exact(bits, policy):
+    """bf16 scales are the smallest grid value whose grid reaches the group's top, and
+    codes are round-half-even of the exact quotient, ties included: checked in float64
+    on groups built to sit on exact half-steps (values on a 1/64 grid) and on random
+    ones. Nothing here depends on how a backend divides."""
+    rng = np.random.default_rng(bits * 7 + len(policy))
+    # groups spanning [-A, A] on a 1/4 grid, A chosen so that the scale is 1/2: many
+    # values sit exactly half-way between two codes
+    half = (2**bits - 1) / 2 if policy == "asymmetric" else 2 ** (bits - 1) - 1
+    A = int(half * 2)
+    ties = rng.integers(-A, A + 1, (256, 32)) / 4.0
+    ties[:, 0], ties[:, 1] = -A / 4, A / 4
+    rand = _groups(5 + bits, (256, 32)) * np.exp(rng.uniform(-8, 8, (256, 1)))
+    x = np.concatenate([ties, rand]).astype(np.float32).astype(oracle.BF16).astype(np.float32)
+    q = quantize_groups(jnp.asarray(x), bits, policy)
+    s = np.asarray(q.scale, np.float64)
+    z = np.asarray(q.zero, np.float64)
+    c = np.asarray(q.codes, np.float64)
+    x64 = x.astype(np.float64)
+    if policy == "asymmetric":
+        mult, keep = 2**bits - 1, 8
+        top = (x.max(-1) - np.asarray(q.zero, np.float32)).astype(np.float64)  # float32 difference
+        np.testing.assert_array_equal(z, oracle.bf16_round_down(x64.min(-1)))
+        t = x64 - z[:, None]
+        qmax = mult
+    else:
+        c0 = 2 ** (bits - 1) - 1
+        mult, keep = c0, 8 - c0.bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
+        top = np.abs(x64).max(-1)
+        np.testing.assert_array_equal(z, -c0 * s)
+        t = x64
+        c = c - c0
+        qmax = None
+    below, _ = _bf16_neighbours(s, keep)
+    live = s > 0
+    assert np.all(s * mult >= top) and np.all(below[live] * mult < top[live])
+    assert np.all(top[~live] == 0)
+    want = np.round(t / np.where(live, s, 1.0)[:, None])  # numpy rounds half to even
+    want = np.where(live[:, None], want, 0.0)
+    if qmax is not None:
+        want = np.clip(want, 0, qmax)
+    else:
+        want = np.clip(want, -c0, c0)
+    np.testing.assert_array_equal(c, want)
+    halves = np.abs(t / np.where(live, s, 1.0)[:, None] % 1 - 0.5) == 0
+    assert halves[:256].mean() > 0.1, "the data must hit exact half-steps"
