@@ -252,7 +252,9 @@ class QuantLayer:
 
         ``writer`` moves the rows: ``"scatter"`` (XLA scatters, one per array),
         ``"pallas"`` (one kernel per layer, :mod:`pallas_kernels.cache_update`),
-        ``"interpret"`` (that kernel in Pallas interpret mode) or ``"auto"`` (the
+        ``"interpret"`` (that kernel in Pallas interpret mode), ``"pallas-rows"`` (the
+        kernel, with the flush groups quantized by XLA as before it took them) or
+        ``"auto"`` (the
         environment variable ``INNERQ_CACHE_WRITER`` if set, else the kernel on a
         GPU and scatters elsewhere). Where the kernel can (bf16 scales, power-of-two
         blocks) it also quantizes the flush groups, in the same launch. All give the
@@ -295,7 +297,7 @@ class QuantLayer:
         writes = [(self.sink_k, kt, sink_row, to_sink), (self.sink_v, vt, sink_row, to_sink),
                   (self.recent_k, kt, slot, to_ring), (self.recent_v, vt, slot, to_ring)]
         writer = resolve_writer(writer)
-        if writer != "scatter" and _kernel_quantizes(self, cfg, writes):
+        if writer in ("pallas", "interpret") and _kernel_quantizes(self, cfg, writes):
             # one launch: the writes, and both groups quantized inside the kernel
             from pallas_kernels import cache_update
             live = [i for i, w in enumerate(writes) if w[0].shape[2]]
@@ -342,7 +344,7 @@ def _kernel_quantizes(layer: "QuantLayer", cfg: CacheConfig, writes) -> bool:
             and cache_update.kernel_can_quantize(layer.recent_k, layer.k, cfg, "k")
             and cache_update.kernel_can_quantize(layer.recent_v, layer.v, cfg, "v"))
 
-WRITERS = ("auto", "scatter", "pallas", "interpret")
+WRITERS = ("auto", "scatter", "pallas", "interpret", "pallas-rows")
 
 
 def resolve_writer(writer: str) -> str:
