@@ -198,19 +198,38 @@ def quantize_tokens(x: jax.Array, grouping: Grouping, cfg: CacheConfig,
     G, sdt = tensor_params(cfg, which)
     if T % G:
         raise ValueError(f"quantize_tokens needs a whole number of groups: T={T}, G={G}")
+    # Every group as a row of G values ([..., rows, G]), so that one 2-d form serves
+    # both groupings (and Triton, which runs this inside the cache-write kernel, gets
+    # two-dimensional tiles): "d" rows are (token, group) in row-major order, "t" rows
+    # (token block, channel).
     if grouping == "d":
-        g = x.reshape(*batch, T, D // G, G)
-        q = quantize_groups(g, b, cfg.hybrid, sdt)
-        c = q.codes.reshape(*batch, T, D)
-        scale, zero = q.scale, q.zero  # [..., T, D/G]
-        flags = q.symmetric.reshape(*batch, T // G, G * (D // G))
+        g = x.reshape(*batch, T * (D // G), G)
+    elif T == G:  # one block (the cache-write kernel's case): a 2-d transpose
+        g = jnp.swapaxes(x, -1, -2)
     else:
-        g = jnp.swapaxes(x.reshape(*batch, T // G, G, D), -1, -2)  # [..., T/G, D, G]
-        q = quantize_groups(g, b, cfg.hybrid, sdt)
-        c = jnp.swapaxes(q.codes, -1, -2).reshape(*batch, T, D)
-        scale, zero = q.scale, q.zero  # [..., T/G, D]
-        flags = q.symmetric  # [..., T/G, D]
-    codes = pack_codes(c, b, axis=-1 if packing == "d" else -2)
+        g = jnp.swapaxes(x.reshape(*batch, T // G, G, D), -1, -2).reshape(*batch, T // G * D, G)
+    q = quantize_groups(g, b, cfg.hybrid, sdt)
+    per_word = 32 // b
+    if grouping == "d":
+        scale, zero = (a.reshape(*batch, T, D // G) for a in (q.scale, q.zero))
+        # flags in (token, group) order are the mask's bits t_local * (D/G) + g
+        flags = q.symmetric.reshape(*batch, T // G, D)
+        c = q.codes.reshape(*batch, T, D)
+    else:
+        scale, zero = (a.reshape(*batch, T // G, D) for a in (q.scale, q.zero))
+        flags = q.symmetric.reshape(*batch, T // G, D)
+        c = q.codes  # [..., (T/G) D, G]
+    if grouping == "t" and packing == "t":  # words along each group's own tokens
+        words = pack_codes(c, b, axis=-1)  # [..., (T/G) D, G / per_word]
+        if T == G:  # one block (the cache-write kernel's case): a 2-d transpose
+            codes = jnp.swapaxes(words, -1, -2)
+        else:
+            words = words.reshape(*batch, T // G, D, G // per_word)
+            codes = jnp.swapaxes(words, -1, -2).reshape(*batch, T // per_word, D)
+    else:
+        if grouping == "t":
+            c = jnp.swapaxes(c.reshape(*batch, T // G, D, G), -1, -2).reshape(*batch, T, D)
+        codes = pack_codes(c, b, axis=-1 if packing == "d" else -2)
     return QuantizedTensor(codes, scale, zero, pack_bits(flags), grouping, b, G, packing)
 
 

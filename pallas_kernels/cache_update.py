@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 
 from typing import NamedTuple
@@ -52,6 +53,9 @@ from innerq_jax.layout import (
 )
 
 Write = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # dst, src, start, enabled
+
+
+GROUP_WARPS = 4  # warps of a program that quantizes a group (1 for writes only)
 
 
 class GroupWrite(NamedTuple):
@@ -126,48 +130,56 @@ def _kernel(table_ref, *refs, rows: tuple[tuple[int, int], ...], groups: tuple):
     nw = len(rows)
     nd = nw + len(ARRAY_FIELDS) * len(groups)
     srcs, outs = refs[:nw], refs[nw + nd:]
-    b, h = pl.program_id(0), pl.program_id(1)
-    # Groups first: they read ring rows before this program writes its token there
-    # (and the token's own row is replaced by the token anyway).
+    b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # Program p of a (sequence, head) quantizes group p (p = 0 without groups) and does
+    # the writes into its ring; program 0 the other writes. A group reads its ring rows
+    # before its program writes the token there; the token's own row is replaced by the
+    # token anyway, so no order of these accesses can change what is written.
     for g, (ring, G, W, cfg, which, grouping, packing, fields) in enumerate(groups):
-        col = nw + 3 * g
-        slot = jnp.minimum(table_ref[b, col], W - G)
-        own, start = table_ref[b, col + 1], table_ref[b, col + 2]
-        block = outs[ring][b, h, pl.ds(slot, G), :]  # [G, D]
-        token = srcs[ring][b, h, :, :]  # [1, D]
-        row = jax.lax.broadcasted_iota(jnp.int32, (G, 1), 0)
-        x = jnp.where(row == own, token, block).astype(jnp.float32)
-        qt = quantize_tokens(x, grouping, cfg, packing=packing, which=which)
-        for f, (n, N, num, den) in zip(ARRAY_FIELDS, fields):
-            out = outs[nw + len(ARRAY_FIELDS) * g + ARRAY_FIELDS.index(f)]
-            r0 = start * num // den
-
-            @pl.when((start >= 0) & (r0 <= N - n))
-            def _write(out=out, r0=r0, n=n, val=getattr(qt, f)):
-                out[b, h, pl.ds(r0, n), :] = val.astype(out.dtype)
-
+        pl.when(p == g)(functools.partial(
+            _quantize_group, table_ref, srcs, outs, b, h, nw + 3 * g,
+            nw + len(ARRAY_FIELDS) * g, ring, G, W, cfg, which, grouping, packing, fields))
+    owner = {spec[0]: g for g, spec in enumerate(groups)}  # ring write -> its program
     for i, (n, N) in enumerate(rows):
         start = table_ref[b, i]
 
-        @pl.when((start >= 0) & (start <= N - n))
+        @pl.when((p == owner.get(i, 0)) & (start >= 0) & (start <= N - n))
         def _write(i=i, n=n, start=start):
             outs[i][b, h, pl.ds(start, n), :] = srcs[i][b, h, :, :]
 
 
+def _quantize_group(table_ref, srcs, outs, b, h, col, first_out, ring, G, W, cfg, which,
+                    grouping, packing, fields):
+    """One program's flush group: read, put the token in, quantize, write the fields."""
+    slot = jnp.minimum(table_ref[b, col], W - G)
+    own, start = table_ref[b, col + 1], table_ref[b, col + 2]
+    block = outs[ring][b, h, pl.ds(slot, G), :]  # [G, D]
+    token = srcs[ring][b, h, :, :]  # [1, D]
+    row = jax.lax.broadcasted_iota(jnp.int32, (G, 1), 0)
+    x = jnp.where(row == own, token, block).astype(jnp.float32)
+    qt = quantize_tokens(x, grouping, cfg, packing=packing, which=which)
+    for f, (n, N, num, den) in zip(ARRAY_FIELDS, fields):
+        out = outs[first_out + ARRAY_FIELDS.index(f)]
+        r0 = start * num // den
+
+        @pl.when((start >= 0) & (r0 <= N - n))
+        def _write(out=out, r0=r0, n=n, val=getattr(qt, f)):
+            out[b, h, pl.ds(r0, n), :] = val.astype(out.dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool):
+def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool, num_warps: int):
     out_shape = tuple(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
     nw, nd = len(rows), len(shapes)
     aliases = {1 + nw + i: i for i in range(nd)}  # inputs: table, sources, destinations
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=4 if groups else 1,
-                                                     num_stages=1)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
         functools.partial(_kernel, rows=rows, groups=groups),
         out_shape=out_shape,
-        grid=(B, H),
+        grid=(B, H, max(1, len(groups))),
         input_output_aliases=aliases,
         interpret=interpret,
         name="innerq_cache_write",
@@ -176,7 +188,7 @@ def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool):
 
 
 def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
-               interpret: bool = False) -> list[jax.Array]:
+               interpret: bool = False, num_warps: int | None = None) -> list[jax.Array]:
     """Every write of ``writes`` and every group of ``groups`` in one kernel; returns
     the new destinations of the writes in order, then each group's new tensor.
 
@@ -225,7 +237,9 @@ def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
     srcs = [_as_stored(s.astype(d.dtype)) for d, s, _, _ in writes]
     rows = tuple((s.shape[2], d.shape[2]) for d, s in zip(dsts, srcs))
     shapes = tuple((d.shape, d.dtype) for d in dsts)
-    call = _build_call(B, H, rows, tuple(static), shapes, interpret)
+    if num_warps is None:  # INNERQ_GROUP_WARPS overrides the tuned count (read when traced)
+        num_warps = int(os.environ.get("INNERQ_GROUP_WARPS") or GROUP_WARPS) if groups else 1
+    call = _build_call(B, H, rows, tuple(static), shapes, interpret, num_warps)
     out = call(table, *srcs, *dsts)
     done = [o if o.dtype == d.dtype else jax.lax.bitcast_convert_type(o, d.dtype)
             for o, (d, _, _, _) in zip(out, writes)]
