@@ -126,7 +126,7 @@ def main():
             rows.append(row)
             print(f"{name:12s} {label:14s} {row['check']:9s} {row['us_per_append']:8.2f} us "
                   f"(min {row['us_min']:.2f})", flush=True)
-    cache_update.GROUP_WARPS = 4
+    cache_update.GROUP_WARPS = 8
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=args.layers,
                 reps=args.reps)
     path = os.path.join(args.out, f"append_{args.tag}.json")

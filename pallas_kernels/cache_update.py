@@ -55,7 +55,7 @@ from innerq_jax.layout import (
 Write = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # dst, src, start, enabled
 
 
-GROUP_WARPS = 4  # warps of a program that quantizes a group (1 for writes only)
+GROUP_WARPS = 8  # warps of a program that quantizes a group (1 for writes only)
 
 
 class GroupWrite(NamedTuple):
