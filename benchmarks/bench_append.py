@@ -55,6 +55,14 @@ def _same_groups(a, b, max_flips=0.01):
     return bool(ok and flips.mean() <= max_flips), float(flips.mean())
 
 
+def _save(args, rows):
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=args.layers,
+                reps=args.reps)
+    path = os.path.join(args.out, f"append_{args.tag}.json")
+    json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
+    return path, meta
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -124,13 +132,11 @@ def main():
             row["us_per_append"] = float(np.median(times)) * 1e6
             row["us_min"] = float(np.min(times)) * 1e6
             rows.append(row)
+            _save(args, rows)  # after every row: a run cut short keeps what it measured
             print(f"{name:12s} {label:14s} {row['check']:9s} {row['us_per_append']:8.2f} us "
                   f"(min {row['us_min']:.2f})", flush=True)
     cache_update.GROUP_WARPS = 8
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=args.layers,
-                reps=args.reps)
-    path = os.path.join(args.out, f"append_{args.tag}.json")
-    json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
+    path, meta = _save(args, rows)
     print(f"\n{'config':12s} {'variant':14s} {'check':9s} {'us/append':>10s}")
     for r in rows:
         print(f"{r['config']:12s} {r['variant']:14s} {r['check']:9s} {r['us_per_append']:10.2f}")
