@@ -67,3 +67,30 @@ kernel_points() {
   echo "bench rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
   grep -E "^\[| ms |MISMATCH|FAILED" "$log" | grep -vE "^\s+File" >> "$LOG"
 }
+
+# e2e_rows TAG TIMEOUT_S ALLLOG ARGS...: bench_e2e.py's decode suite with ARGS into
+# $OUT/e2e_h200_round<TAG>.json; its rows to $LOG, its whole output appended to ALLLOG
+e2e_rows() {
+  local tag=$1 t=$2 all=$3; shift 3
+  echo "== $tag: $*" | tee -a "$LOG"
+  timeout "$t" $PY benchmarks/bench_e2e.py --suite decode --tag "h200_round$tag" \
+    --out "$OUT" "$@" > "/tmp/e2e_$tag.txt" 2>&1
+  echo "rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+  grep -E "^(bf16|innerq2|recommended)|Error|error" "/tmp/e2e_$tag.txt" | grep -v "^{" \
+    | tail -8 | cut -c1-300 | tee -a "$LOG"
+  cat "/tmp/e2e_$tag.txt" >> "$all"
+}
+
+# profile_summary JSON [N]: each row's device busy time, kernels per step and N costliest
+# ops (bench_e2e.py --profile) to $LOG
+profile_summary() {
+  $PY - "$1" "${2:-8}" <<'PY' | tee -a "$LOG"
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    for dev, p in (r.get("profile") or {}).items():
+        print(f"== {r['cache']} {dev}: busy {p.get('busy_ms', 0):.2f} ms, "
+              f"{p.get('ops', 0):.0f} kernels per step")
+        for name, (k, ms) in list(p.get("by_op", {}).items())[: int(sys.argv[2])]:
+            print(f"   {ms:8.4f} ms  x{k:5.0f}  {name}")
+PY
+}

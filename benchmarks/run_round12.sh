@@ -9,6 +9,8 @@
 #   b) one call per step and 20 greedy steps per call (DecodeStep.greedy), bf16 beside;
 #   c) the recommended cache, the same two ways.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round12.sh
+# (Its shell helpers moved to gpu_env.sh after the run: e2e_rows, profile_summary; the
+# commands they run are the same.)
 source benchmarks/gpu_env.sh
 LOG="$OUT/round12_log.txt"
 start_log "$LOG"
@@ -20,30 +22,15 @@ timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -m "" -rA \
 echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "passed|failed" "$OUT/round12_gpu_tests.txt" | tail -3 | tee -a "$LOG"
 
-e2e() {  # TAG TIMEOUT ARGS...
-  local tag=$1 t=$2; shift 2
-  echo "== $tag: $*" | tee -a "$LOG"
-  timeout "$t" $PY benchmarks/bench_e2e.py --suite decode --tag "h200_round12$tag" \
-    --out "$OUT" "$@" > /tmp/e2e_$tag.txt 2>&1
-  echo "rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-  grep -E "^(bf16|innerq2|recommended)|Error|error" /tmp/e2e_$tag.txt | grep -v "^{" | tail -8 \
-    | cut -c1-300 | tee -a "$LOG"
-  cat /tmp/e2e_$tag.txt >> "$OUT/e2e_h200_round12_log.txt"
-}
-e2e a "${A_S:-110}" --only innerq2:8 --writers auto,pallas-rows --call bound --profile \
+e2e_rows 12a "${A_S:-110}" "$OUT/e2e_h200_round12_log.txt" \
+  --only innerq2:8 --writers auto,pallas-rows --call bound --profile \
   --steps 10 --budget-s 90
-$PY - "$OUT/e2e_h200_round12a.json" <<'PY' | tee -a "$LOG"
-import json, sys
-for r in json.load(open(sys.argv[1]))["rows"]:
-    for dev, p in (r.get("profile") or {}).items():
-        n = p.get("ops", 0)
-        print(f"== {r['cache']} {dev}: busy {p.get('busy_ms', 0):.2f} ms, {n:.0f} kernels per step")
-        for name, (k, ms) in list(p.get("by_op", {}).items())[:12]:
-            print(f"   {ms:8.4f} ms  x{k:5.0f}  {name}")
-PY
+profile_summary "$OUT/e2e_h200_round12a.json" 12
 rm -rf "$OUT/traces" "$OUT/e2e_h200_round12a.png"
-e2e b "${B_S:-200}" --only innerq2:8,bf16:8 --writers auto,pallas-rows --call bound,loop \
+e2e_rows 12b "${B_S:-200}" "$OUT/e2e_h200_round12_log.txt" \
+  --only innerq2:8,bf16:8 --writers auto,pallas-rows --call bound,loop \
   --steps 20 --budget-s 180
-e2e c "${C_S:-100}" --only recommended:8 --call bound,loop --steps 20 --budget-s 80
+e2e_rows 12c "${C_S:-100}" "$OUT/e2e_h200_round12_log.txt" \
+  --only recommended:8 --call bound,loop --steps 20 --budget-s 80
 rm -f "$OUT/e2e_h200_round12c.png"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -8,6 +8,8 @@
 # B 8 / 32k with the fastest warp count: a profile, then one call per step and 20 greedy
 # steps per call against the round-11 append (writer pallas-rows), bf16 beside.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round12b.sh
+# (Its shell helpers moved to gpu_env.sh after the run: e2e_rows, profile_summary; the
+# commands they run are the same.)
 source benchmarks/gpu_env.sh
 LOG="$OUT/round12b_log.txt"
 start_log "$LOG"
@@ -33,26 +35,11 @@ timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider -m "" -rA \
 echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "passed|failed" "$OUT/round12b_gpu_tests.txt" | tail -3 | tee -a "$LOG"
 
-e2e() {  # TAG TIMEOUT ARGS...
-  local tag=$1 t=$2; shift 2
-  echo "== $tag: $*" | tee -a "$LOG"
-  timeout "$t" $PY benchmarks/bench_e2e.py --suite decode --tag "h200_round12$tag" \
-    --out "$OUT" "$@" > /tmp/e2e_$tag.txt 2>&1
-  echo "rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-  grep -E "^(bf16|innerq2|recommended)|Error|error" /tmp/e2e_$tag.txt | grep -v "^{" | tail -8 \
-    | cut -c1-300 | tee -a "$LOG"
-  cat /tmp/e2e_$tag.txt >> "$OUT/e2e_h200_round12b_log.txt"
-}
-e2e d "${D_S:-90}" --only innerq2:8 --call bound --profile --steps 10 --budget-s 70
-$PY - "$OUT/e2e_h200_round12d.json" <<'PY' | tee -a "$LOG"
-import json, sys
-for r in json.load(open(sys.argv[1]))["rows"]:
-    for dev, p in (r.get("profile") or {}).items():
-        print(f"== {r['cache']} {dev}: busy {p.get('busy_ms', 0):.2f} ms, {p.get('ops', 0):.0f} kernels per step")
-        for name, (k, ms) in list(p.get("by_op", {}).items())[:8]:
-            print(f"   {ms:8.4f} ms  x{k:5.0f}  {name}")
-PY
+e2e_rows 12d "${D_S:-90}" "$OUT/e2e_h200_round12b_log.txt" \
+  --only innerq2:8 --call bound --profile --steps 10 --budget-s 70
+profile_summary "$OUT/e2e_h200_round12d.json"
 rm -rf "$OUT/traces" "$OUT/e2e_h200_round12d.png"
-e2e e "${E_S:-190}" --only innerq2:8,bf16:8 --writers auto,pallas-rows --call bound,loop \
+e2e_rows 12e "${E_S:-190}" "$OUT/e2e_h200_round12b_log.txt" \
+  --only innerq2:8,bf16:8 --writers auto,pallas-rows --call bound,loop \
   --steps 20 --budget-s 170
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
