@@ -63,7 +63,7 @@ def _save(args, rows):
     return path, meta
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--tag", default="local")
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warps", default="1,2,4,8")
     ap.add_argument("--configs", default="innerq,recommended")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     B, H, D = args.batch, 8, 128
     rows = []
     for name in args.configs.split(","):
