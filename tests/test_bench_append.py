@@ -14,10 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_append  # noqa: E402
-import pytest  # noqa: E402
 
 
-@pytest.mark.slow  # interpreted appends at a small shape
 def test_smoke_run_checks_and_times_each_variant(tmp_path):
     bench_append.main(["--out", str(tmp_path), "--tag", "t", "--batch", "2", "--context",
                        "1024", "--layers", "2", "--reps", "1", "--configs", "innerq"])
