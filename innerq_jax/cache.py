@@ -254,9 +254,8 @@ class QuantLayer:
         ``"pallas"`` (one kernel per layer, :mod:`pallas_kernels.cache_update`),
         ``"interpret"`` (that kernel in Pallas interpret mode), ``"pallas-rows"`` (the
         kernel, with the flush groups quantized by XLA as before it took them) or
-        ``"auto"`` (the
-        environment variable ``INNERQ_CACHE_WRITER`` if set, else the kernel on a
-        GPU and scatters elsewhere). Where the kernel can (bf16 scales, power-of-two
+        ``"auto"`` (the environment variable ``INNERQ_CACHE_WRITER`` if set, else the
+        kernel on a GPU and scatters elsewhere). Where the kernel can (bf16 scales, power-of-two
         blocks) it also quantizes the flush groups, in the same launch. All give the
         same rows; the quantized groups are the same bit for bit in Pallas interpret
         mode, and compiled on a GPU up to the hybrid choice between two modes whose
@@ -343,6 +342,7 @@ def _kernel_quantizes(layer: "QuantLayer", cfg: CacheConfig, writes) -> bool:
                 if dst.shape[2])
             and cache_update.kernel_can_quantize(layer.recent_k, layer.k, cfg, "k")
             and cache_update.kernel_can_quantize(layer.recent_v, layer.v, cfg, "v"))
+
 
 WRITERS = ("auto", "scatter", "pallas", "interpret", "pallas-rows")
 

@@ -106,7 +106,9 @@ def kernel_can_quantize(ring: jax.Array, dst: QuantizedTensor, cfg: CacheConfig,
     for f in ARRAY_FIELDS:
         num, den = rows_per_token(dst, f)
         arr = getattr(dst, f)
-        if (G * num) % den or not kernel_can_write(arr, arr[:, :, : G * num // den]):
+        block = jax.ShapeDtypeStruct(arr.shape[:2] + (G * num // den,) + arr.shape[3:],
+                                     arr.dtype)
+        if (G * num) % den or not kernel_can_write(arr, block):
             return False
     return True
 

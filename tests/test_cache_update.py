@@ -271,3 +271,26 @@ def test_append_lowers_to_one_triton_call(name):
                                                                    writer="pallas")),
                          layer, kv, kv, n)
     assert text.count("__gpu$xla.gpu.triton") == 1 and "reduce" in ops
+
+
+def test_group_writes_the_kernel_cannot_take_are_refused():
+    """A group the kernel cannot quantize (fp8 key scales), a ring index that names no
+    write and per-sequence arrays of the wrong shape each get a clear error."""
+    cfg = CASES["K16fp8-4bit"]
+    B, H, D = 2, 2, 64
+    layer = KVCache.create(cfg, 1, B, H, D).layer(0)
+    token = jnp.ones((B, H, 1, D), jnp.bfloat16)
+    zeros, no = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
+    write = (layer.recent_k, token, zeros, no)
+    bad = GroupWrite(0, zeros, zeros - 1, layer.k, zeros, no, cfg, "k")
+    with pytest.raises(ValueError, match="needs bf16 scales"):
+        kernel_write_rows([write], [bad], interpret=True)
+    ok_cfg = CASES["innerq"]
+    lay = KVCache.create(ok_cfg, 1, B, H, D).layer(0)
+    write = (lay.recent_k, token, zeros, no)
+    with pytest.raises(ValueError, match="names ring write 3; there are 1 writes"):
+        kernel_write_rows([write], [GroupWrite(3, zeros, zeros, lay.k, zeros, no, ok_cfg, "k")],
+                          interpret=True)
+    with pytest.raises(ValueError, match=r"has own \(3,\); it must be \[B\] = \[2\]"):
+        kernel_write_rows([write], [GroupWrite(0, zeros, jnp.zeros((3,), jnp.int32), lay.k,
+                                               zeros, no, ok_cfg, "k")], interpret=True)
