@@ -9,9 +9,10 @@ one per layer), ``--reps`` repetitions, median per append. Variants:
 * ``pallas-rows``: the write kernel with groups quantized by XLA (before round 12);
 * ``pallas/wN``: the write kernel quantizing the groups itself, N warps per program.
 
-The append moves ~1 MB (the two groups' ring rows read, the token and a group's fields
-written) at B 8, so its roofline is a fraction of a microsecond: launches set its time.
-Writes ``OUT/append_<tag>.json`` and a plot beside it.
+Each row records the bytes an append must move (the two groups' ring rows read, the
+token's rows and every sequence's group fields written: ~1.1 MB at B 8) and its roofline
+at the copy bandwidth measured at the start of the run: a fraction of a microsecond, so
+launches and latency set the time. Writes ``OUT/append_<tag>.json`` and a plot beside it.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_append.py --out $OUT --tag h200
 """
@@ -19,17 +20,21 @@ Writes ``OUT/append_<tag>.json`` and a plot beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_kernels.cache_update as cache_update
 from innerq_jax import CacheConfig, KVCache
-from innerq_jax.layout import dequantize_tensor, symmetric_flags
+from innerq_jax.layout import ARRAY_FIELDS, hybrid_agreement, rows_per_token
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import copy_bandwidth  # noqa: E402
 
 
 def _layer(cfg, B, H, D, seed):
@@ -37,7 +42,6 @@ def _layer(cfg, B, H, D, seed):
     layer = KVCache.create(cfg, 1, B, H, D).layer(0)
     rng = np.random.default_rng(seed)
     ring = lambda a: jnp.asarray(rng.standard_normal(a.shape) + 0.3, a.dtype)  # noqa: E731
-    import dataclasses
     return dataclasses.replace(layer, recent_k=ring(layer.recent_k), recent_v=ring(layer.recent_v),
                                k_centre=jnp.asarray(rng.standard_normal(layer.k_centre.shape),
                                                     layer.k_centre.dtype),
@@ -46,18 +50,29 @@ def _layer(cfg, B, H, D, seed):
 
 
 def _same_groups(a, b, max_flips=0.01):
-    fa, fb = np.asarray(symmetric_flags(a)), np.asarray(symmetric_flags(b))
-    flips = fa != fb
-    axis = -1 if a.grouping == "d" else -2
-    agree = ~np.repeat(flips, a.group_size, axis=axis)
-    xa, xb = np.asarray(dequantize_tensor(a)), np.asarray(dequantize_tensor(b))
-    ok = np.array_equal(xa[agree].view(np.uint32), xb[agree].view(np.uint32))
-    return bool(ok and flips.mean() <= max_flips), float(flips.mean())
+    flips, same = hybrid_agreement(a, b)
+    rate = float(jnp.mean(flips))
+    return bool(same) and rate <= max_flips, rate
 
 
-def _save(args, rows):
+def _bytes_moved(layer, G: int) -> int:
+    """What one append must read and write: both groups' G ring rows, the token's row of
+    each ring, and a group's fields for every sequence (an upper bound: only flushing
+    sequences write them)."""
+    B, H, _, D = layer.recent_k.shape
+    ring = 2 * B * H * (G + 1) * D * layer.recent_k.dtype.itemsize
+    fields = 0
+    for qt in (layer.k, layer.v):
+        for f in ARRAY_FIELDS:
+            num, den = rows_per_token(qt, f)
+            a = getattr(qt, f)
+            fields += B * H * (G * num // den) * int(np.prod(a.shape[3:])) * a.dtype.itemsize
+    return ring + fields
+
+
+def _save(args, rows, bw):
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=args.layers,
-                reps=args.reps)
+                reps=args.reps, copy_bandwidth=bw)
     path = os.path.join(args.out, f"append_{args.tag}.json")
     json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
     return path, meta
@@ -73,8 +88,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warps", default="1,2,4,8")
     ap.add_argument("--configs", default="innerq,recommended")
+    ap.add_argument("--bandwidth-mb", type=int, default=256,
+                    help="size of the copy that measures the bandwidth behind the roofline")
     args = ap.parse_args(argv)
     B, H, D = args.batch, 8, 128
+    bw = copy_bandwidth(args.bandwidth_mb << 20)
+    user_warps = os.environ.get("INNERQ_GROUP_WARPS")
     rows = []
     for name in args.configs.split(","):
         cfg = getattr(CacheConfig, name)(capacity=args.context + 256)
@@ -93,12 +112,14 @@ def main(argv=None):
         if jax.default_backend() != "gpu":  # a CPU smoke run: the kernel interpreted
             variants = [("scatter", "scatter", None), ("interpret", "interpret", None)]
         ref = None
+        nbytes = _bytes_moved(layer, G)
         for label, writer, warps in variants:
-            if warps is not None:
-                cache_update.GROUP_WARPS = warps
+            if warps is not None:  # read when the append is traced (each variant traces anew)
+                os.environ["INNERQ_GROUP_WARPS"] = str(warps)
             one = jax.jit(lambda lay, k, v, n, w=writer: lay.append(k, v, n, cfg, writer=w))
             out = one(layer, ks[0], vs[0], lengths)
-            row = dict(config=name, variant=label, B=B, H=H, D=D, context=args.context)
+            row = dict(config=name, variant=label, B=B, H=H, D=D, context=args.context,
+                       bytes_moved=nbytes, roofline_us=nbytes / bw * 1e6)
             if ref is None:
                 ref = out
                 row["check"] = "reference"
@@ -132,14 +153,18 @@ def main(argv=None):
             row["us_per_append"] = float(np.median(times)) * 1e6
             row["us_min"] = float(np.min(times)) * 1e6
             rows.append(row)
-            _save(args, rows)  # after every row: a run cut short keeps what it measured
+            _save(args, rows, bw)  # after every row: a run cut short keeps what it measured
             print(f"{name:12s} {label:14s} {row['check']:9s} {row['us_per_append']:8.2f} us "
-                  f"(min {row['us_min']:.2f})", flush=True)
-    cache_update.GROUP_WARPS = 8
-    path, meta = _save(args, rows)
-    print(f"\n{'config':12s} {'variant':14s} {'check':9s} {'us/append':>10s}")
+                  f"(min {row['us_min']:.2f}; roofline {row['roofline_us']:.3f})", flush=True)
+    if user_warps is None:  # the environment as it was
+        os.environ.pop("INNERQ_GROUP_WARPS", None)
+    else:
+        os.environ["INNERQ_GROUP_WARPS"] = user_warps
+    path, meta = _save(args, rows, bw)
+    print(f"\n{'config':12s} {'variant':14s} {'check':9s} {'us/append':>10s} {'roofline':>9s}")
     for r in rows:
-        print(f"{r['config']:12s} {r['variant']:14s} {r['check']:9s} {r['us_per_append']:10.2f}")
+        print(f"{r['config']:12s} {r['variant']:14s} {r['check']:9s} {r['us_per_append']:10.2f} "
+              f"{r['roofline_us']:9.3f}")
     try:
         from models.evaluate import require_eval_extra
         require_eval_extra("matplotlib").use("Agg")

@@ -278,15 +278,11 @@ class QuantLayer:
         nq_new = quantized_count(rest_old + to_ring.astype(jnp.int32), cfg)
         flush = nq_new > nq_old
         start_slot = jnp.mod(nq_old, W)  # a multiple of G: groups never wrap
-        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
-        # The group's slots as they were before this token, with the token in its
-        # slot where it is one of them (recent = 0): every write below then reads
-        # only the old arrays, so all of them can go in one kernel.
-        own = to_ring[:, None] & (start_slot[:, None] + jnp.arange(G) == slot[:, None])
-
-        def group(ring, new):
-            return jnp.where(own[:, None, :, None], new, take(ring, start_slot))
-
+        # The group is its slots as they were before this token, with the token in its
+        # row where it is one of them (recent = 0; -1: none): every write below then
+        # reads only the old arrays, so all of them can go in one kernel.
+        own_row = jnp.where(to_ring & (slot >= start_slot) & (slot < start_slot + G),
+                            slot - start_slot, -1)
         # The oldest G ring tokens [B, H, G, D] are quantized on every step (a few
         # thousand values per layer, far less than the cache read) and written
         # only into the sequences that flush; a lax.cond here would sync the
@@ -301,8 +297,6 @@ class QuantLayer:
             from pallas_kernels import cache_update
             live = [i for i, w in enumerate(writes) if w[0].shape[2]]
             ring = {i: n for n, i in enumerate(live)}
-            own_row = jnp.where(to_ring & (slot >= start_slot) & (slot < start_slot + G),
-                                slot - start_slot, -1)
             groups = [cache_update.GroupWrite(ring[r], start_slot, own_row, qt, nq_old, flush,
                                               cfg, which)
                       for r, qt, which in ((2, self.k, "k"), (3, self.v, "v"))]
@@ -312,6 +306,12 @@ class QuantLayer:
             sink_k, sink_v, recent_k, recent_v = (done.get(i, w[0]) for i, w in enumerate(writes))
             new_k, new_v = out[len(live):]
         else:
+            take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
+            own = (jnp.arange(G) == own_row[:, None])[:, None, :, None]  # [B, 1, G, 1]
+
+            def group(ring, new):
+                return jnp.where(own, new, take(ring, start_slot))
+
             grp_k = quantize_tokens(group(self.recent_k, kt).astype(jnp.float32),
                                     cfg.k_grouping, cfg, packing="d", which="k")
             grp_v = quantize_tokens(group(self.recent_v, vt).astype(jnp.float32),

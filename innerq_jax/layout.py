@@ -297,6 +297,16 @@ def symmetric_flags(qt: QuantizedTensor) -> jax.Array:
     return flags
 
 
+def hybrid_agreement(a: QuantizedTensor, b: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
+    """Two quantizations of the same values (say, compiled and XLA's): where they took
+    different modes of the hybrid choice (bool per value, [..., T, D]), and whether
+    they decode bit for bit everywhere else (a bool). For tests and analysis."""
+    flips = symmetric_flags(a) != symmetric_flags(b)
+    flips = jnp.repeat(flips, a.group_size, axis=-1 if a.grouping == "d" else -2)
+    bits = [jax.lax.bitcast_convert_type(dequantize_tensor(q), jnp.uint32) for q in (a, b)]
+    return flips, jnp.all(flips | (bits[0] == bits[1]))
+
+
 __all__ = [
     "QuantizedTensor",
     "RegionSizes",
@@ -304,6 +314,7 @@ __all__ = [
     "dequantize_tensor",
     "empty_quantized",
     "expand_group_params",
+    "hybrid_agreement",
     "quantize_tokens",
     "quantized_count",
     "recent_slot_tokens",

@@ -76,6 +76,10 @@ def _is_fp8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.dtype(FP8)
 
 
+def _is_bf16(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+
+
 def _fp8_round_up(x: jax.Array) -> jax.Array:
     """Smallest fp8 value >= x, as float32 (NaN past +-448: fp8 has no infinity).
 
@@ -95,6 +99,8 @@ def _round_up(x: jax.Array, dtype) -> jax.Array:
     """Smallest value of ``dtype`` that is >= x (x float32); fp8: float32 holding it."""
     if _is_fp8(dtype):
         return _fp8_round_up(x)
+    if _is_bf16(dtype):  # bit arithmetic, no nextafter: it runs inside Triton kernels too
+        return _round_up_bits(x, 8).astype(dtype)
     r = x.astype(dtype)
     bump = jax.lax.nextafter(r, jnp.full_like(r, jnp.inf))
     return jnp.where(r.astype(jnp.float32) < x, bump, r)
@@ -104,22 +110,31 @@ def _round_down(x: jax.Array, dtype) -> jax.Array:
     """Largest value of ``dtype`` that is <= x (x float32); fp8: float32 holding it."""
     if _is_fp8(dtype):
         return -_fp8_round_up(-x)
+    if _is_bf16(dtype):
+        return (-_round_up_bits(-x, 8)).astype(dtype)
     r = x.astype(dtype)
     drop = jax.lax.nextafter(r, jnp.full_like(r, -jnp.inf))
     return jnp.where(r.astype(jnp.float32) > x, drop, r)
 
 
-def _round_up_exact_multiple(x: jax.Array, c0: int, dtype) -> jax.Array:
-    """Rounds x >= 0 up to a value s of ``dtype`` whose multiple c0 * s is exact too.
+def _keep_bits(c0: int, dtype) -> int:
+    """Significant bits a scale of ``dtype`` keeps so that c0 * s is exact in it: the
+    dtype's mantissa less c0's bits (a power of two costs none)."""
+    mant = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float16): 11,
+            jnp.dtype(FP8): 4}[jnp.dtype(dtype)]
+    return mant - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
 
-    With c0 = 7 (4 bits), an 8-bit bf16 mantissa leaves 5 bits for s; then the
+
+def _round_up_exact_multiple(x: jax.Array, c0: int, dtype) -> jax.Array:
+    """Rounds x >= 0 up to a value s of ``dtype`` whose multiple c0 * s is exact too
+    (float16 and fp8; bf16 scales come from :func:`_smallest_scale`).
+
+    With c0 = 7 (4 bits), an 11-bit float16 mantissa leaves 8 bits for s; then the
     stored offset -c0 * s is exact and the symmetric grid keeps its exact zero.
     With fp8 (4 significant bits) the quantum never falls below fp8's smallest
     subnormal, so a tiny scale is still representable and never rounds down.
     """
-    mant = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float16): 11,
-            jnp.dtype(FP8): 4}[jnp.dtype(dtype)]
-    keep = mant - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
+    keep = _keep_bits(c0, dtype)
     m, e = jnp.frexp(x)  # x = m * 2^e, m in [0.5, 1)
     quantum = jnp.ldexp(jnp.ones_like(x), e - keep)
     if _is_fp8(dtype):  # float32 holding the fp8 value; NaN out of range
@@ -133,10 +148,6 @@ def _safe_inverse(s: jax.Array) -> jax.Array:
     # A constant group has s == 0: every code is then 0 (asymmetric: x == z
     # exactly; symmetric: x == 0 exactly), never 0/0.
     return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-
-
-def _is_bf16(dtype) -> bool:
-    return jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
 
 
 def _round_up_bits(x: jax.Array, keep: int) -> jax.Array:
@@ -187,17 +198,26 @@ def _nearest_code(t: jax.Array, s: jax.Array, inv: jax.Array) -> jax.Array:
     return c + jnp.where(up, 1.0, 0.0) - jnp.where(down, 1.0, 0.0)
 
 
+def _scale_reaching(top: jax.Array, mult: int, dtype, exact_multiple: bool) -> jax.Array:
+    """The smallest scale s of ``dtype`` whose grid of ``mult`` steps reaches top >= 0
+    (with ``exact_multiple``, on the coarser grid where mult * s is exact too).
+
+    bf16: exact by comparisons (:func:`_smallest_scale`); float16 and fp8 round the
+    float32 quotient up (XLA only, see the module docstring)."""
+    if _is_bf16(dtype):
+        keep = _keep_bits(mult, dtype) if exact_multiple else 8
+        return _smallest_scale(top, mult, keep).astype(dtype)
+    if exact_multiple:
+        return _round_up_exact_multiple(top / mult, mult, dtype)
+    return _round_up(top / mult, dtype)
+
+
 def _quantize_asymmetric(x, bits, dtype):
     qmax = 2**bits - 1
     lo = jnp.min(x, axis=-1)
     hi = jnp.max(x, axis=-1)
-    if _is_bf16(dtype):  # exact by comparisons, no division (see the module docstring)
-        zero = -_round_up_bits(-lo, 8)
-        scale = _smallest_scale(hi - zero, qmax, 8)
-        zero, scale = zero.astype(dtype), scale.astype(dtype)
-    else:
-        zero = _round_down(lo, dtype)
-        scale = _round_up((hi - zero.astype(jnp.float32)) / qmax, dtype)
+    zero = _round_down(lo, dtype)
+    scale = _scale_reaching(hi - zero.astype(jnp.float32), qmax, dtype, exact_multiple=False)
     s = scale.astype(jnp.float32)
     c = _nearest_code(x - zero.astype(jnp.float32)[..., None], s[..., None],
                       _safe_inverse(s)[..., None])
@@ -207,11 +227,7 @@ def _quantize_asymmetric(x, bits, dtype):
 def _quantize_symmetric(x, bits, dtype):
     c0 = 2 ** (bits - 1) - 1
     amax = jnp.max(jnp.abs(x), axis=-1)
-    if _is_bf16(dtype):  # c0 * s exact: s keeps 8 - bit_length(c0) (+1 for 2^k) bits
-        keep = 8 - int(c0).bit_length() + (1 if c0 & (c0 - 1) == 0 else 0)
-        scale = _smallest_scale(amax, c0, keep).astype(dtype)
-    else:
-        scale = _round_up_exact_multiple(amax / c0, c0, dtype)
+    scale = _scale_reaching(amax, c0, dtype, exact_multiple=True)  # c0 * s exact: zero exact
     s = scale.astype(jnp.float32)
     c = _nearest_code(x, s[..., None], _safe_inverse(s)[..., None]) + c0
     zero = -c0 * s

@@ -58,6 +58,16 @@ Write = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # dst, src, start, en
 GROUP_WARPS = 8  # warps of a program that quantizes a group (1 for writes only)
 
 
+def _group_warps() -> int:
+    """GROUP_WARPS, or the environment's ``INNERQ_GROUP_WARPS`` (a power of two, 1-32)."""
+    env = os.environ.get("INNERQ_GROUP_WARPS", "")
+    if not env:
+        return GROUP_WARPS
+    if not env.isdigit() or int(env) not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"INNERQ_GROUP_WARPS={env!r}; allowed: 1, 2, 4, 8, 16 or 32")
+    return int(env)
+
+
 class GroupWrite(NamedTuple):
     """A flush group quantized in the kernel: ring rows ``slot[b] .. slot[b] + G`` with
     the token in row ``own[b]`` (-1: none), written as tokens ``start[b] ..`` of ``dst``
@@ -240,7 +250,7 @@ def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
     rows = tuple((s.shape[2], d.shape[2]) for d, s in zip(dsts, srcs))
     shapes = tuple((d.shape, d.dtype) for d in dsts)
     if num_warps is None:  # INNERQ_GROUP_WARPS overrides the tuned count (read when traced)
-        num_warps = int(os.environ.get("INNERQ_GROUP_WARPS") or GROUP_WARPS) if groups else 1
+        num_warps = _group_warps() if groups else 1
     call = _build_call(B, H, rows, tuple(static), shapes, interpret, num_warps)
     out = call(table, *srcs, *dsts)
     done = [o if o.dtype == d.dtype else jax.lax.bitcast_convert_type(o, d.dtype)

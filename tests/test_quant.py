@@ -1,5 +1,7 @@
 """Group quantization and packing against the float64 numpy oracle."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,3 +269,29 @@ def test_bf16_scales_and_codes_are_exact(bits, policy):
     np.testing.assert_array_equal(c, want)
     halves = np.abs(t / np.where(live, s, 1.0)[:, None] % 1 - 0.5) == 0
     assert halves[:256].mean() > 0.1, "the data must hit exact half-steps"
+
+
+@pytest.mark.parametrize("grouping", ["d", "t"])
+def test_hybrid_agreement_finds_the_flipped_groups(grouping):
+    """Hybrid against asymmetric quantization of the same values: the flips are exactly
+    the groups where hybrid chose the symmetric mode, the rest decodes the same; one code
+    changed in an agreeing group is caught."""
+    from innerq_jax.layout import hybrid_agreement
+
+    cfg = CacheConfig.innerq(capacity=1024)
+    x = jnp.asarray(_groups(4, (2, 64, 128)))
+    hyb = quantize_tokens(x, grouping, cfg)
+    asym = quantize_tokens(x, grouping, cfg.replace(hybrid="asymmetric"))
+    flips, same = hybrid_agreement(hyb, asym)
+    sym = np.asarray(symmetric_flags(hyb))
+    want = np.repeat(sym, 32, axis=-1 if grouping == "d" else -2)
+    assert 0 < want.mean() < 1
+    np.testing.assert_array_equal(np.asarray(flips), want)
+    assert bool(same)
+    # one word of codes changed where both chose the asymmetric mode
+    t, d = np.argwhere(~want[0])[0]
+    codes = np.asarray(asym.codes).copy()
+    idx = (0, t, d * 2 // 32) if grouping == "d" else (0, t * 2 // 32, d)
+    codes[idx] ^= np.uint32(3 << (2 * ((d if grouping == "d" else t) % 16)))
+    bad = dataclasses.replace(asym, codes=jnp.asarray(codes))
+    assert not bool(hybrid_agreement(hyb, bad)[1])
