@@ -265,15 +265,12 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
     for mv in range(geo.MV):
         for gt in range(ngc):
             off = (ck * ngc + gt) * geo.D + 64 * mv + 16 * w + 2 * rr
-            s2 = ops.load(vs, off, "bf16", 2)
-            z2 = ops.load(vz, off, "bf16", 2)
+            # a group past n_valid reads as zeros: one select per word of two channels
+            ok = None if n_valid is None else ck * geo.TC + gt * geo.G < n_valid
+            s2 = ops.load(vs, off, "bf16", 2, keep=ok)
+            z2 = ops.load(vz, off, "bf16", 2, keep=ok)
             for rho in range(2):
-                if n_valid is None:
-                    sc[(mv, gt, rho)], zc[(mv, gt, rho)] = s2[rho], z2[rho]
-                else:
-                    ok = ck * geo.TC + gt * geo.G < n_valid
-                    sc[(mv, gt, rho)] = ops.where(ok, s2[rho], ops.f32(0.0))
-                    zc[(mv, gt, rho)] = ops.where(ok, z2[rho], ops.f32(0.0))
+                sc[(mv, gt, rho)], zc[(mv, gt, rho)] = s2[rho], z2[rho]
     regs = {}
     for mv in range(geo.MV):
         for t8 in range(geo.NV // 8):

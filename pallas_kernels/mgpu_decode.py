@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,9 @@ from pallas_kernels.window_blocks import WINDOW_HEADS
 
 try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
     from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import mma_utils
     from jax.experimental.mosaic.gpu import utils as mu
+    mwgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")  # the module
     from jaxlib.mlir import ir
     from jax.experimental.mosaic.gpu.launch_context import OOBFillMode
     from jaxlib.mlir.dialects import arith, llvm, nvvm, vector
@@ -117,9 +120,14 @@ QUERY = ("xla", "kernel")
 # how the value scales of groups past a block's valid tokens are kept out: "mask" (a select
 # per scale in every block) or "zero" (the last block's zeroed in shared memory)
 TAIL = ("mask", "zero")
+# how the key and value chains issue their wgmmas: "pallas" (``plgpu.wgmma`` per step, a
+# fence and a commit each; the B descriptors are loop invariants) or "inline" (one inline
+# block per chain: one fence, one commit, each B descriptor one add per block, see
+# _wgmma_chain)
+WGMMA = ("pallas", "inline")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
-                      "chain_parts"})
+                      "chain_parts", "wgmma"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
@@ -365,9 +373,13 @@ class MlirOps:
         """Vector accesses of n elements start at multiples of n elements."""
         return (2 if kind == "bf16" else 4) * (n & -n)
 
-    def load(self, ref, off, kind, n):
+    def load(self, ref, off, kind, n, keep=None):
+        """n elements from ``off``; with ``keep`` (an i1; bf16 pairs only) zeros where it is
+        false, one select per 32-bit word instead of one per element."""
         if kind == "bf16" and n % 2 == 0:
-            return self._load_bf16_pairs(ref, off, n)
+            return self._load_bf16_pairs(ref, off, n, keep)
+        if keep is not None:
+            raise NotImplementedError("keep= is implemented for bf16 pairs")
         et = self._elem(kind)
         ptr = mu.getelementptr(self._ptr(ref), [_I._v(off)], et)
         nbytes = self._align(kind, n)
@@ -384,7 +396,7 @@ class MlirOps:
             return [_F(arith.extf(ir.F32Type.get(), v)) for v in vals]
         return [_F(v) for v in vals]
 
-    def _load_bf16_pairs(self, ref, off, n):
+    def _load_bf16_pairs(self, ref, off, n, keep=None):
         """n bf16 (n even) as float32, two per 32-bit word: the low one by a 16-bit shift, the
         high one by masking off the low half (one LOP3; ``extf`` of a vector element costs a
         PRMT and a shift for it)."""
@@ -397,6 +409,8 @@ class MlirOps:
             words = [vector.extract(vec, dynamic_position=[],
                                     static_position=ir.DenseI64ArrayAttr.get([k]))
                      for k in range(n // 2)]
+        if keep is not None:
+            words = [arith.select(keep.v, w, _c(0)) for w in words]
         out = []
         for w in words:
             out.append(_F(arith.bitcast(f32, arith.shli(w, _c(16)))))
@@ -472,6 +486,56 @@ def _scalar(x):
     return x.registers.flat[0]
 
 
+def _loop_zero(i) -> "_I":
+    """0 from the loop's block index (i >> 31, i < 2**31): opaque to LLVM and ptxas, so a
+    value it is added to is rebuilt in every block instead of being hoisted out of the loop."""
+    return _I(llvm.inline_asm(_i32(), [_I._v(i)], "shr.u32 $0, $1, 31;", "=r,r"))
+
+
+def _wgmma_chain(acc, a_ops, b_ref, tiles, zero):
+    """``acc + sum_t a_ops[t] @ b_ref[tiles[t]]`` as one fence, the wgmmas, one commit and
+    one wait (``wgmma="inline"``).
+
+    ``acc`` f32 [M, N] and each A operand bf16 [M, 16] in the WGMMA register layout (M a
+    multiple of 64); ``b_ref`` the swizzled B buffer, ``[n, 16, N]`` before its tiling.
+    Each wgmma's B descriptor is the buffer's base descriptor plus the tile's encoded offset
+    plus ``zero`` (:func:`_loop_zero`), one add in the block: hoisted, ptxas keeps the 16
+    descriptors of a block in ordinary registers and copies each back into uniform ones
+    before its wgmma (results/round9b_sass.log.gz: ~80 of the loop's 756 instructions)."""
+    i64 = ir.IntegerType.get_signless(64)
+    bf16 = ir.BF16Type.get()
+    b0 = mu.memref_slice(b_ref, 0)
+    (desc, k_strides), _, fastest = mma_utils.create_descriptor(
+        b0, swizzle=SWIZZLE, large_tile=(16, 16), group_size=(16, acc.shape[1]),
+        logical_k_major=True, split_const=True)
+    lo0, desc_const = desc
+    signed = desc_const - (1 << 64) if desc_const >> 63 else desc_const
+    hi = llvm.ConstantOp(i64, ir.IntegerAttr.get(i64, signed)).result
+    strides, _ = ir.MemRefType(b_ref.type).get_strides_and_offset()
+    tile_bytes = strides[0] * 2  # bf16
+    base = arith.addi(lo0, _I._v(zero))
+    acc32 = acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT)
+    fenced = fa.optimization_barrier(acc32, *a_ops)
+    acc32, a_ops = fenced[0], fenced[1:]
+    nvvm.wgmma_fence_aligned()
+    regs = acc32.registers.copy()
+    m_groups = acc.shape[0] // 64
+    for a, t in zip(a_ops, tiles):
+        lo = arith.addi(base, _c(mma_utils.encode_addr(t * tile_bytes)))
+        d = llvm.or_(arith.extui(i64, lo), hi)
+        for mi in range(m_groups):
+            regs[mi:mi + 1] = mwgmma.wgmma_m64(
+                regs[mi:mi + 1], a[mi * 64:(mi + 1) * 64], d, a_transpose=None,
+                b_transpose=fastest != mma_utils.Dim.K, a_k_stride=None,
+                b_k_stride=k_strides[1][0], n=acc.shape[1], swizzle=SWIZZLE,
+                a_element_type=bf16, b_element_type=bf16)
+    void = ir.Type.parse("!llvm.void")
+    llvm.inline_asm(void, [], "wgmma.commit_group.sync.aligned;", "", has_side_effects=True)
+    llvm.inline_asm(void, [], "wgmma.wait_group.sync.aligned 0;", "", has_side_effects=True)
+    out = fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_ACC_32BIT, _is_signed=None)
+    return out.to_layout(fa.WGMMA_LAYOUT)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static choices of one kernel build (see :func:`mgpu_decode_attention`)."""
@@ -488,6 +552,7 @@ class KernelConfig:
     ablate: tuple[str, ...] = ()
     tail: str = "mask"  # value scales past a block's valid tokens: "mask" each block, "zero"
     chain_parts: int = 1  # each wgmma chain in this many waited parts (fewer live A registers)
+    wgmma: str = "pallas"  # "pallas": plgpu.wgmma per step; "inline": _wgmma_chain
 
 
 _BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat16, jnp.bfloat16)
@@ -683,6 +748,13 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         # operands are unpacked (fewer A registers live at once)
         acc_k = acc_k_init
         for stp in _parts(geo.n_ksteps, kc.chain_parts):
+            if kc.wgmma == "inline":
+                acc_k = _inline(
+                    [_WGMMA, ref, pexp_t, _SPLAT], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
+                    lambda ops, acc, kw, qx, i, stp=stp: _wgmma_chain(
+                        acc, blk.k_operands(ops, geo, kw, stp), qx, stp,
+                        _loop_zero(_I(_scalar(i)))))(acc_k, kw_s, qexp_smem, idx[0])
+                continue
             a_k = _inline([ref], (k_op_ty,) * len(stp), lambda ops, kw, stp=stp: tuple(
                 blk.k_operands(ops, geo, kw, stp)))(kw_s)
 
@@ -710,6 +782,14 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
                             lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
             for js in _parts(geo.half, kc.chain_parts):
+                if kc.wgmma == "inline":
+                    acc_v = _inline(
+                        [_WGMMA, ref, pexp_t, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
+                        lambda ops, acc, vw, px, i, ck=ck, js=js: _wgmma_chain(
+                            acc, blk.v_operands(ops, geo, vw, ck, js), px,
+                            [ck * geo.half + j for j in js], _loop_zero(_I(_scalar(i)))))(
+                        acc_v, vw_s, pexp_smem, idx[0])
+                    continue
                 a_v = _inline([ref], (v_op_ty,) * len(js), lambda ops, vw, ck=ck, js=js: tuple(
                     blk.v_operands(ops, geo, vw, ck, js)))(vw_s)
 
@@ -900,7 +980,7 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, ablate=(), prep=None):
+                 chain_parts=None, wgmma=None, ablate=(), prep=None):
     """Resolves the options and builds the kernel: (call, operands, geo, windows, q');
     call(*operands) gives the partials (o_part, ml_part); q' [B, H, r, D] f32 is the query
     the windows take. Options: see :func:`mgpu_decode_attention`."""
@@ -929,6 +1009,9 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     if tail not in TAIL:
         raise ValueError(f"tail={tail!r}; choose one of {TAIL}")
     chain_parts = chain_parts or tuned.get("chain_parts", 1)
+    wgmma = wgmma or tuned.get("wgmma", "pallas")
+    if wgmma not in WGMMA:
+        raise ValueError(f"wgmma={wgmma!r}; choose one of {WGMMA}")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
@@ -971,7 +1054,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     kc = KernelConfig(geo, bps, stages, boxes, explicit_barriers=bool(explicit_barriers),
                       pipeline=pipeline, windows="kernel" if windows == "kernel" else "xla",
                       sink=cfg.sink, window=cfg.window, ablate=tuple(ablate), tail=tail,
-                      chain_parts=chain_parts)
+                      chain_parts=chain_parts, wgmma=wgmma)
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
@@ -1012,7 +1095,9 @@ def mgpu_decode_attention(
     ``tail`` ("mask": value scales past a block's valid tokens selected away in every
     block; "zero": zeroed in shared memory by stores predicated off but in a program's
     last block), ``chain_parts`` (1, 2 or 4: each wgmma chain in parts, each waited for
-    before the next part's operands are unpacked, so fewer A registers are live).
+    before the next part's operands are unpacked, so fewer A registers are live), ``wgmma``
+    ("pallas": ``plgpu.wgmma`` per step; "inline": each chain one inline block with one
+    fence and one commit, its B descriptors rebuilt per block from one base).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -1045,7 +1130,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TAIL", "TUNED", "block_boxes", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

@@ -86,7 +86,7 @@ class SimOps:
             raise TypeError(f"access as {kind} to a {ref.dtype} buffer")
         return ref
 
-    def load(self, ref, off, kind, n):
+    def load(self, ref, off, kind, n, keep=None):
         buf = self._view(ref, kind)
         off = np.broadcast_to(np.asarray(off, np.int64), (N,))
         if np.any(off % n):  # the kernel issues one n-element vector load: must be aligned
@@ -97,6 +97,8 @@ class SimOps:
         for k in range(n):
             v = buf[off + k]
             out.append(v.astype(np.int64) if kind in ("u32", "i32") else v.astype(np.float32))
+        if keep is not None:  # zeros where keep is false (the kernel selects whole words)
+            out = [np.where(keep, v, 0).astype(v.dtype) for v in out]
         return out
 
     def store(self, ref, off, vals, kind, pred=None):

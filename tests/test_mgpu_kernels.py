@@ -529,7 +529,10 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
             "tail-zero": dict(pipeline="emit", windows="epilogue", wide_copies=True,
                               query="kernel", tail="zero"),
             "chain2": dict(pipeline="emit", windows="epilogue", wide_copies=True,
-                           query="kernel", chain_parts=2)}
+                           query="kernel", chain_parts=2),
+            # each chain one inline block: one fence and commit, descriptors rebuilt per block
+            "inline": dict(pipeline="emit", windows="epilogue", wide_copies=True,
+                           query="kernel", wgmma="inline")}
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views, and
