@@ -624,7 +624,8 @@ def full_suite():
     k = 1024
     # (tunables of both kernels: kernels_sweep.json, kernels_full.json of round 2,
     # kernels_points_*.json of round 3)
-    shapes = [(Shape(8, 32 * k), ALL), (Shape(1, 128 * k), ALL)]
+    gpu_all = [n for n in ALL if not n.endswith("_tpu")]  # the TPU kernels run on a TPU only
+    shapes = [(Shape(8, 32 * k), gpu_all), (Shape(1, 128 * k), gpu_all)]
     for B, T in [(1, 4 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 16 * k)]:
         shapes.append((Shape(B, T), ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
     shapes.append((Shape(8, 32 * k, bits=4),
