@@ -12,7 +12,7 @@ timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -m "" -rA \
   tests/test_cache_update.py tests/test_quant.py >> "$OUT/round13c_gpu_tests.txt" 2>&1
 echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "passed|failed" "$OUT/round13c_gpu_tests.txt" | tail -3 | tee -a "$LOG"
-timeout "${APPEND_S:-170}" $PY benchmarks/bench_append.py --out "$OUT" --tag h200_round13 \
+timeout "${APPEND_S:-200}" $PY benchmarks/bench_append.py --out "$OUT" --tag h200_round13 \
   --reps 5 > "$OUT/append_h200_round13_log.txt" 2>&1
 echo "append rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "^(innerq|recommended) " "$OUT/append_h200_round13_log.txt" | tail -8 | tee -a "$LOG"
