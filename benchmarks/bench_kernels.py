@@ -69,6 +69,13 @@ TOL_BF16 = 2e-2  # bf16 peers against an f32 softmax over the same bf16 cache
 ROW_SCHEMA = "innerq-jax/kernel-bench-row/1"
 
 
+def roofline_ms(nbytes, copy_gbps):
+    """The time to move ``nbytes`` once at the copy rate measured in the same run (ms)."""
+    if not nbytes or not copy_gbps:
+        return None
+    return nbytes / (copy_gbps * 1e6)
+
+
 def flat_rows(meta, runs) -> list[dict]:
     """One row per (shape, variant), every row self-describing (ROW_SCHEMA)."""
     rows = []
@@ -87,6 +94,7 @@ def flat_rows(meta, runs) -> list[dict]:
                 "ms": res.get("ms"), "min_ms": res.get("min_ms"), "max_ms": res.get("max_ms"),
                 "bytes": res.get("bytes"), "gbps": res.get("gbps"), "rel_err": res.get("rel_err"),
                 "error": res.get("error"), "ms_one_program": res.get("ms_one_program"),
+                "roofline_ms": roofline_ms(res.get("bytes"), meta.get("copy_gbps")),
             })
     return rows
 
@@ -690,7 +698,14 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no timing: completes a suite a time limit cut, from its partial "
+                         "JSON and files with the missing shapes (a later file's shape "
+                         "replaces an earlier one's); writes kernels_<suite><tag>.{json,png}")
     args = ap.parse_args()
+    if args.merge:
+        merge(args)
+        return
     if args.suite == "auto":
         args.suite = auto_suite()
     n_calls = args.calls or (4 if args.suite == "cpu" else None)
@@ -782,10 +797,36 @@ def main():
             plot_measures([BenchFile(path)], png)
         else:
             plot(runs, png, meta)
-        summary(runs, log)
+        summary(runs, log, meta.get("copy_gbps"))
     if args.suite == "trace":
         plot_trace(runs, os.path.join(args.out, f"kernels_{args.suite}{args.tag}.png"))
     log(f"total {time.time() - t_start:.0f} s; wrote {path}")
+
+
+def merge(args):
+    """--merge: the runs of several result files as one suite (no device needed)."""
+    docs = [json.load(open(p)) for p in args.merge]
+    kinds = {d["meta"]["device_kind"] for d in docs}
+    if len(kinds) != 1:
+        raise SystemExit(f"--merge: the files come from different devices {sorted(kinds)}")
+    by_label = {}
+    for d in docs:
+        for run in d["runs"]:
+            by_label[run["shape"]["label"]] = run
+    runs = list(by_label.values())
+    meta = dict(docs[0]["meta"], merged_from=[os.path.basename(p) for p in args.merge],
+                copy_gbps_each=[d["meta"].get("copy_gbps") for d in docs])
+    suite = args.suite if args.suite != "auto" else docs[0].get("suite", "full")
+    doc = {"meta": meta, "suite": suite, "kernel_options": docs[0].get("kernel_options", {}),
+           "runs": runs, "rows": flat_rows(meta, runs),
+           "protocol": docs[0].get("protocol", "see bench_kernels.py")}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"kernels_{suite}{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    plot(runs, os.path.join(args.out, f"kernels_{suite}{args.tag}.png"), meta)
+    summary(runs, print, meta.get("copy_gbps"))
+    print(f"merged {len(runs)} shapes from {len(docs)} files into {path}")
 
 
 def _write(args, meta, kernel_opts, runs):
@@ -1004,9 +1045,12 @@ def trace(log, args, save):
     return out
 
 
-def summary(runs, log):
+def summary(runs, log, copy_gbps=None):
+    """The table: per (shape, variant) ms, GB/s, speed-up on the fastest bf16 peer and on
+    OuterQ, and the roofline (the variant's bytes at ``copy_gbps``)."""
     log("")
-    log(f"{'shape':34s} {'variant':44s} {'ms':>8s} {'GB/s':>6s} {'vs bf16':>8s} {'vs outerq':>9s}")
+    log(f"{'shape':34s} {'variant':44s} {'ms':>8s} {'GB/s':>6s} {'vs bf16':>8s} {'vs outerq':>9s}"
+        f" {'roofline':>8s}")
     for run in runs:
         res = run["results"]
         peers = [res[p]["ms"] for p in BF16_PEERS if "ms" in res.get(p, {})]
@@ -1021,7 +1065,10 @@ def summary(runs, log):
             sp = f"{best / v['ms']:7.2f}x" if best else ""
             so = f"{oq / v['ms']:8.2f}x" if oq and name.startswith("innerq") else ""
             gb = f"{v['gbps']:6.0f}" if v["gbps"] >= 10 else f"{v['gbps']:6.2f}"
-            log(f"{run['shape']['label']:34s} {name:44s} {v['ms']:8.4f} {gb} {sp:>8s} {so:>9s}")
+            rf = roofline_ms(v.get("bytes"), copy_gbps)
+            rf = f"{rf:8.4f}" if rf else ""
+            log(f"{run['shape']['label']:34s} {name:44s} {v['ms']:8.4f} {gb} {sp:>8s} {so:>9s}"
+                f" {rf:>8s}")
 
 
 def plot_trace(records, path):
