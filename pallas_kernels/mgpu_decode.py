@@ -100,7 +100,9 @@ def _check_jax_version() -> None:
 # GPU tests and measured slower (runs 3-5; windows="kernel" again in round 9, its window
 # program raising the kernel's registers), as did tail="zero" (176-182 registers: two
 # programs per SM) and chain_parts 2 / 4 (136 / 121 registers, but each wait exposes a
-# wgmma's latency): results/mgpu_probe_round9*.json, KERNEL_NOTES.md "Round 9".
+# wgmma's latency): results/mgpu_probe_round9*.json, KERNEL_NOTES.md "Round 9". wgmma="inline"
+# (12 registers fewer) and pipeline="bulk" measured level with the default in round 13
+# (results/mgpu_probe_round13.json).
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
                         pipeline="emit", windows="epilogue", wide_copies=True, query="kernel",
