@@ -1,0 +1,85 @@
+"""The kernel benchmark's bookkeeping (no timing): rows carry their roofline, and --merge
+completes a suite a time limit cut from its partial file and the missing shapes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_kernels  # noqa: E402
+
+
+def _doc(device, copy_gbps, shapes, rng, partial=False):
+    """A result file as bench_kernels writes it, with random timings."""
+    runs = []
+    for label, B, T in shapes:
+        results = {}
+        for name in ("bf16_pallas", "innerq_fused"):
+            ms = float(rng.uniform(0.01, 0.3))
+            nbytes = int(rng.integers(10**6, 10**9))
+            results[name] = dict(ms=ms, min_ms=ms * 0.9, max_ms=ms * 1.1, bytes=nbytes,
+                                 gbps=nbytes / ms / 1e6, rel_err=float(rng.uniform(1e-4, 1e-2)),
+                                 ms_one_program=ms * 1.2)
+        shape = dict(B=B, T=T, Hq=32, Hkv=8, D=128, bits=2, G=32, r=4, label=label)
+        runs.append({"shape": shape, "n_sets": 4, "results": results})
+    meta = {"device_kind": device, "platform": "gpu", "backend": "gpu", "jax": "0.11.2",
+            "copy_gbps": copy_gbps}
+    doc = {"meta": meta, "suite": "full", "kernel_options": {}, "runs": runs,
+           "rows": bench_kernels.flat_rows(meta, runs)}
+    if partial:
+        doc["partial"] = True
+    return doc
+
+
+def test_rows_carry_the_roofline_of_their_bytes():
+    rng = np.random.default_rng(3)
+    doc = _doc("NVIDIA H200", 3802.9, [("B8-T32k", 8, 32768)], rng)
+    for row, (name, res) in zip(doc["rows"], doc["runs"][0]["results"].items()):
+        assert row["variant"] == name
+        # bytes at GB/s, in ms: bytes / (GB/s * 1e9) * 1e3
+        assert row["roofline_ms"] == pytest.approx(res["bytes"] / 3802.9e9 * 1e3, rel=1e-12)
+    assert bench_kernels.roofline_ms(None, 3802.9) is None
+    assert bench_kernels.roofline_ms(10**6, None) is None
+
+
+def test_merge_completes_a_cut_suite(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    cut = _doc("NVIDIA H200", 3800.0, [("B8-T32k", 8, 32768), ("SmolLM2", 8, 8192)], rng,
+               partial=True)
+    rest = _doc("NVIDIA H200", 3900.0, [("SmolLM2", 8, 8192)], rng)
+    paths = [tmp_path / "cut.json", tmp_path / "rest.json"]
+    for p, d in zip(paths, (cut, rest)):
+        p.write_text(json.dumps(d))
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--merge", *map(str, paths),
+                                      "--suite", "full", "--tag", "_m", "--out", str(tmp_path)])
+    bench_kernels.main()
+    out = json.loads((tmp_path / "kernels_full_m.json").read_text())
+    assert (tmp_path / "kernels_full_m.png").stat().st_size > 0
+    assert "partial" not in out
+    assert out["meta"]["merged_from"] == ["cut.json", "rest.json"]
+    assert out["meta"]["copy_gbps_each"] == [3800.0, 3900.0]
+    labels = [r["shape"]["label"] for r in out["runs"]]
+    assert labels == ["B8-T32k", "SmolLM2"]  # the suite's order, each shape once
+    # the later file's shape replaces the cut one; the first shape is kept as it was
+    assert out["runs"][1] == rest["runs"][0]
+    assert out["runs"][0] == cut["runs"][0]
+    assert len(out["rows"]) == 4 and all(r["roofline_ms"] > 0 for r in out["rows"])
+
+
+def test_merge_refuses_files_of_two_devices(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, dev in enumerate(("NVIDIA H200", "NVIDIA H100")):
+        p = tmp_path / f"{i}.json"
+        p.write_text(json.dumps(_doc(dev, 3000.0, [("B1-T4k", 1, 4096)], rng)))
+        paths.append(str(p))
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--merge", *paths, "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit, match="different devices"):
+        bench_kernels.main()
