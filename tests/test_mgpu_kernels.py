@@ -536,11 +536,12 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views, and
-# the variants measured slower (bulk, windows in the kernel, tail zeroing, chain parts)
-# share the default's block code: one grid case by default, the rest with -m slow (CI time)
+# the variants measured slower or level (bulk, windows in the kernel, tail zeroing, chain
+# parts, inline chains) share the default's block code: one grid case by default, the rest
+# with -m slow (CI time)
 _LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
                 if v in ("emit-wide", "epilogue-wide", "kernel-merge", "tail-zero", "chain2",
-                         "bulk-kernel")
+                         "bulk-kernel", "inline")
                 and n != "innerq2-G32-D128-gqa4"
                 else (n, v) for v in VARIANTS for n in GRID]
 
