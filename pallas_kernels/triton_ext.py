@@ -17,7 +17,9 @@
   (registers per thread), which jax's ``CompilerParams`` cannot.
 * :func:`call_quietly` - lowers a ``pallas_call`` inside a filter for exactly
   the Pallas Triton deprecation warning (raised at lowering time, so the filter
-  must sit around the lowering, also under an outer jit).
+  must sit around the lowering, also under an outer jit). Its batching rule
+  vmaps the wrapped call (Pallas adds a grid axis), so ``jax.vmap`` works over
+  every kernel (tests/test_vmap.py).
 
 All are ordinary primitives for interpret mode (CPU), so the kernels run the
 same code there. The Triton lowering rules use jax internals
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 CHECKED_JAX = "0.11.2"  # the jax whose internals the Triton lowering rules were checked on
 
@@ -117,6 +119,24 @@ def _quiet_call_lowering(ctx, *args, fn):
 
 
 mlir.register_lowering(quiet_call_p, _quiet_call_lowering)
+
+
+@functools.lru_cache(maxsize=256)
+def _batched(fn, in_axes: tuple):
+    """``fn`` over a leading batch axis (one object per (fn, in_axes), so that the bound
+    primitive, and every jit cache keyed on it, sees the same function each trace)."""
+    return jax.vmap(lambda *xs: tuple(fn(*xs)), in_axes=in_axes, out_axes=0)
+
+
+def _quiet_call_batch(args, dims, *, fn):
+    """jax.vmap over a wrapped kernel: the kernel's own batching (Pallas adds a grid axis),
+    still lowered inside the filter; every output batched on axis 0."""
+    in_axes = tuple(None if d is None else int(d) for d in dims)  # None: not batched
+    outs = quiet_call_p.bind(*args, fn=_batched(fn, in_axes))
+    return outs, [0] * len(outs)
+
+
+batching.primitive_batchers[quiet_call_p] = _quiet_call_batch
 
 
 _EXACT_BF16_FLAG = "--xla_allow_excess_precision=false"
