@@ -612,9 +612,13 @@ def quantized_decode_attention_tpu(
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name=f"{cfg.kind}_decode_attention_tpu",
     )
-    out = call(sizes.quantized, sizes.sink, sizes.recent, q,
-               views["kw"], views["ks"], views["kz"], views["vw"], views["vs"], views["vz"],
-               windows)
+    # jax.vmap: one kernel call per batch element (lax.map). Pallas' own batching adds a
+    # grid axis but not its dimension semantics, which the TPU lowering and interpreter
+    # then reject (jax 0.11.2; tests/test_vmap.py)
+    run = jax.custom_batching.sequential_vmap(call)
+    out = run(sizes.quantized, sizes.sink, sizes.recent, q,
+              views["kw"], views["ks"], views["kz"], views["vw"], views["vs"], views["vz"],
+              windows)
     return out[:, :, :r]
 
 

@@ -1,9 +1,10 @@
 """jax.vmap over the Pallas kernels (interpret mode on the CPU).
 
-Each kernel launch goes through ``triton_ext.call_quietly``, a primitive that lowers the
-``pallas_call`` inside a filter for the Triton backend's deprecation warning; it carries a
-batching rule, so vmapping a decode step (over queries, over whole caches) works and gives
-what the calls one by one give, which the reference confirms.
+Each Triton kernel launch goes through ``triton_ext.call_quietly``, a primitive that
+lowers the ``pallas_call`` inside a filter for the Triton backend's deprecation warning;
+it carries a batching rule. The cache-write kernel is batched by Pallas itself, the TPU
+kernel one call per element. So vmapping a decode step (over queries, over whole caches)
+works and gives what the calls one by one give, which the reference confirms.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ def test_decode_over_queries(caches):
     """The fused kernel through the dispatch, vmapped over three queries of one cache."""
     cache = caches[0]
     layer = cache.layer(0)
-    qs = jax.random.normal(jax.random.PRNGKey(2), (3, B, HQ, D), jnp.float32)
+    qs = jax.random.normal(jax.random.PRNGKey(2), (2, B, HQ, D), jnp.float32)
 
     def step(q):
         return decode_attention_layer(q, layer, cache.lengths, CFG, backend="interpret")
 
     out = jax.jit(jax.vmap(step))(qs)
-    assert out.shape == (3, B, HQ, D)
-    for i in range(3):
+    assert out.shape == (2, B, HQ, D)
+    for i in range(2):
         _close(out[i], step(qs[i]))
         ref = decode_attention_layer(qs[i], layer, cache.lengths, CFG, backend="reference")
         assert _rel(out[i], ref) < 1e-2
@@ -99,6 +100,32 @@ def test_append_over_caches(caches):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
         # the token really went in (the ring holds it)
         assert not np.array_equal(np.asarray(one.recent_k), np.asarray(layer.recent_k))
+
+
+def test_tpu_kernel_over_queries_and_caches(caches):
+    """The TPU kernel (Pallas' TPU interpreter) vmapped over queries and over whole caches:
+    one kernel call per element (Pallas' own batching leaves the grid's dimension semantics
+    one short, which the TPU lowering rejects)."""
+    from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
+
+    layers = [c.layer(0) for c in caches]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    lengths = jnp.stack([c.lengths for c in caches])
+    q = jax.random.normal(jax.random.PRNGKey(10), (2, B, HQ, D), jnp.float32)
+    qp = jnp.stack([prepare_query(q[i], layers[i], CFG, 1 / math.sqrt(D)) for i in range(2)])
+
+    def op(x, layer, n):
+        return quantized_decode_attention_tpu(x, layer, n, CFG, interpret=True)
+
+    over_q = jax.vmap(op, in_axes=(0, None, None))(qp, layers[0], caches[0].lengths)
+    over_caches = jax.vmap(op)(qp, stacked, lengths)
+    ones = [op(qp[i], layers[i], caches[i].lengths) for i in range(2)]
+    _close(over_q[0], ones[0])  # element 0 of both is (query 0, cache 0)
+    _close(over_q[1], op(qp[1], layers[0], caches[0].lengths))
+    for i in range(2):
+        _close(over_caches[i], ones[i])
+        assert _rel(ones[i], md.mgpu_decode_attention_reference(
+            qp[i], layers[i], caches[i].lengths, CFG)) < 1e-2
 
 
 def test_key_scores_over_queries(caches):
