@@ -120,7 +120,7 @@ WINDOWS = ("xla", "kernel", "epilogue")
 # fusions) or "kernel" (one Triton launch, mgpu_query.py)
 QUERY = ("xla", "kernel")
 # how the value scales of groups past a block's valid tokens are kept out: "mask" (a select
-# per scale in every block) or "zero" (the last block's zeroed in shared memory)
+# per word of two scales in every block) or "zero" (the last block's zeroed in shared memory)
 TAIL = ("mask", "zero")
 # how the key and value chains issue their wgmmas: "pallas" (``plgpu.wgmma`` per step, a
 # fence and a commit each; the B descriptors are loop invariants) or "inline" (one inline
