@@ -102,8 +102,8 @@ def test_append_over_caches(caches):
         assert not np.array_equal(np.asarray(one.recent_k), np.asarray(layer.recent_k))
 
 
-def test_tpu_kernel_over_queries_and_caches(caches):
-    """The TPU kernel (Pallas' TPU interpreter) vmapped over queries and over whole caches:
+def test_tpu_kernel_over_caches(caches):
+    """The TPU kernel (Pallas' TPU interpreter) vmapped over queries and whole caches:
     one kernel call per element (Pallas' own batching leaves the grid's dimension semantics
     one short, which the TPU lowering rejects)."""
     from pallas_kernels.tpu_decode import quantized_decode_attention_tpu
@@ -117,11 +117,11 @@ def test_tpu_kernel_over_queries_and_caches(caches):
     def op(x, layer, n):
         return quantized_decode_attention_tpu(x, layer, n, CFG, interpret=True)
 
-    over_q = jax.vmap(op, in_axes=(0, None, None))(qp, layers[0], caches[0].lengths)
+    # (each element interprets the kernel once: a few seconds each on the CPU, so the
+    # queries-only form, the same rule with the cache closed over, is left to the Triton
+    # tests above)
     over_caches = jax.vmap(op)(qp, stacked, lengths)
     ones = [op(qp[i], layers[i], caches[i].lengths) for i in range(2)]
-    _close(over_q[0], ones[0])  # element 0 of both is (query 0, cache 0)
-    _close(over_q[1], op(qp[1], layers[0], caches[0].lengths))
     for i in range(2):
         _close(over_caches[i], ones[i])
         assert _rel(ones[i], md.mgpu_decode_attention_reference(
