@@ -34,6 +34,7 @@ from benchmarks.bench_kernels import (
     _random_kv,
     _rel,
     measure_copy_gbps,
+    roofline_ms,
     time_calls,
 )
 from innerq_jax.reference import prepare_query, quantized_attention_core
@@ -136,7 +137,7 @@ def kernel_stage(log, points, reps, save, copy_gbps):
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {e}"[:600]
                 log(f"  {shape.label} {json.dumps(opts)} FAILED {rec['error'][:300]}")
-            rec.update(bytes=nbytes, roofline_ms=nbytes / copy_gbps / 1e6)
+            rec.update(bytes=nbytes, roofline_ms=roofline_ms(nbytes, copy_gbps))
             out.append(rec)
             save(out)
         del sets, layer

@@ -510,11 +510,11 @@ def _wgmma_chain(acc, a_ops, b_ref, tiles, zero):
     (desc, k_strides), _, fastest = mma_utils.create_descriptor(
         b0, swizzle=SWIZZLE, large_tile=(16, 16), group_size=(16, acc.shape[1]),
         logical_k_major=True, split_const=True)
-    lo0, desc_const = desc
+    lo0, desc_const = desc  # the address field (i32) and the constant fields (an int)
     signed = desc_const - (1 << 64) if desc_const >> 63 else desc_const
-    hi = llvm.ConstantOp(i64, ir.IntegerAttr.get(i64, signed)).result
-    strides, _ = ir.MemRefType(b_ref.type).get_strides_and_offset()
-    tile_bytes = strides[0] * 2  # bf16
+    fields = llvm.ConstantOp(i64, ir.IntegerAttr.get(i64, signed)).result
+    b_ty = ir.MemRefType(b_ref.type)
+    tile_bytes = b_ty.get_strides_and_offset()[0][0] * mu.bytewidth(b_ty.element_type)
     base = arith.addi(lo0, _I._v(zero))
     acc32 = acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT)
     fenced = fa.optimization_barrier(acc32, *a_ops)
@@ -524,7 +524,7 @@ def _wgmma_chain(acc, a_ops, b_ref, tiles, zero):
     m_groups = acc.shape[0] // 64
     for a, t in zip(a_ops, tiles):
         lo = arith.addi(base, _c(mma_utils.encode_addr(t * tile_bytes)))
-        d = llvm.or_(arith.extui(i64, lo), hi)
+        d = llvm.or_(arith.extui(i64, lo), fields)
         for mi in range(m_groups):
             regs[mi:mi + 1] = mwgmma.wgmma_m64(
                 regs[mi:mi + 1], a[mi * 64:(mi + 1) * 64], d, a_transpose=None,

@@ -584,7 +584,7 @@ def test_rejects_outerq_and_bad_block():
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
                 dict(wide_copies="yes"), dict(tail="clip"), dict(chain_parts=3),
-                dict(ablate=("nothing",))):
+                dict(wgmma="asm"), dict(ablate=("nothing",))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)

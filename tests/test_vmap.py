@@ -141,7 +141,7 @@ def test_key_scores_over_queries(caches):
 
 def test_mosaic_side_kernels_over_a_batch(caches):
     """The Mosaic op's Triton launches: the query kernel vmapped over queries, the merge
-    over random split partials (NaN where no head reads)."""
+    over random split partials."""
     cache = caches[0]
     layer = cache.layer(0)
     geo = Geometry(CFG.bits, CFG.group_size, D, HQ // HKV, 128)
