@@ -118,29 +118,8 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
                         s = s + ksv[g] * a
                     scores[(mt, rho, p, uh)] = ops.where(valid, s, NEG)
 
-    # block maximum per head: thread -> warp (shuffles over rr) -> warpgroup (shared memory)
-    m_old = [ops.get(m_cols, ((uh * ngc) // 2,), (uh * ngc) % 2) for uh in range(OWN)]
+    m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
     first_lane = rr == 0
-    for uh in range(OWN):
-        mx = None
-        for mt in range(geo.MT):
-            for rho in range(2):
-                for p in range(P):
-                    v = scores[(mt, rho, p, uh)]
-                    mx = v if mx is None else ops.maximum(mx, v)
-        for d in (4, 8, 16):
-            mx = ops.maximum(mx, ops.shfl_xor(mx, d))
-        ops.store(xchg, (w * OWN + uh) * 4 + c, [mx], "f32", pred=first_lane)
-    ops.barrier()
-    m_new, alpha = [], []
-    for uh in range(OWN):
-        blk = None
-        for ww in range(4):
-            v = ops.load(xchg, (ww * OWN + uh) * 4 + c, "f32", 1)[0]
-            blk = v if blk is None else ops.maximum(blk, v)
-        mn = ops.maximum(m_old[uh], blk)
-        m_new.append(mn)
-        alpha.append(ops.exp2(m_old[uh] - mn))
 
     # probabilities -> Pexp (bf16 * 2**-e_j at the token's row of pair j) and group sums
     exps = [e for _, e in plan]
@@ -180,7 +159,7 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
             vo, vs = [], []
             for e in range(2):
                 k = 2 * t8 + e
-                uh, gt = k // ngc, k % ngc
+                uh, gt = k // geo.vg, k % geo.vg
                 so = ss = ops.f32(0.0)
                 if uh < OWN:
                     for mt, ww in geo.group_slices(ck, gt):
@@ -194,18 +173,51 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
         poff_cols.append(ops.frag("col", (geo.NV,), regs_off, dtype="f32"))
         psum_cols.append(ops.frag("col", (geo.NV,), regs_sum, dtype="f32"))
 
+    m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
+    return m_cols_new, alpha_cols, poff_cols, psum_cols
+
+
+def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
+    """(m_new, alpha) per owned head: the block's maximum of ``scores`` ({(..., uh): score},
+    the last key the head slot) reduced thread -> warp (shuffles over rr) -> warpgroup
+    (shared memory), merged with the running maximum; alpha = 2**(m_old - m_new)."""
+    w, rr, c, OWN = ops.w, ops.rr, ops.c, geo.OWN
+    m_old = [ops.get(m_cols, ((uh * geo.vg) // 2,), (uh * geo.vg) % 2) for uh in range(OWN)]
+    first_lane = rr == 0
+    for uh in range(OWN):
+        mx = None
+        for key, v in scores.items():
+            if key[-1] == uh:
+                mx = v if mx is None else ops.maximum(mx, v)
+        for d in (4, 8, 16):
+            mx = ops.maximum(mx, ops.shfl_xor(mx, d))
+        ops.store(xchg, (w * OWN + uh) * 4 + c, [mx], "f32", pred=first_lane)
+    ops.barrier()
+    m_new, alpha = [], []
+    for uh in range(OWN):
+        blk = None
+        for ww in range(4):
+            v = ops.load(xchg, (ww * OWN + uh) * 4 + c, "f32", 1)[0]
+            blk = v if blk is None else ops.maximum(blk, v)
+        mn = ops.maximum(m_old[uh], blk)
+        m_new.append(mn)
+        alpha.append(ops.exp2(m_old[uh] - mn))
+    return m_new, alpha
+
+
+def _max_cols(ops, geo: Geometry, m_new, alpha):
+    """m_new and alpha per owned head as "col" arrays over the value columns."""
     regs_m, regs_a = {}, {}
     for t8 in range(geo.NV // 8):
         vm, va = [], []
         for e in range(2):
-            uh = (2 * t8 + e) // ngc
-            vm.append(m_new[uh] if uh < OWN else ops.f32(NEG))
-            va.append(alpha[uh] if uh < OWN else ops.f32(1.0))
+            uh = (2 * t8 + e) // geo.vg
+            vm.append(m_new[uh] if uh < geo.OWN else ops.f32(NEG))
+            va.append(alpha[uh] if uh < geo.OWN else ops.f32(1.0))
         regs_m[(t8,)] = tuple(vm)
         regs_a[(t8,)] = tuple(va)
-    m_cols_new = ops.frag("col", (geo.NV,), regs_m, dtype="f32")
-    alpha_cols = ops.frag("col", (geo.NV,), regs_a, dtype="f32")
-    return m_cols_new, alpha_cols, poff_cols, psum_cols
+    return (ops.frag("col", (geo.NV,), regs_m, dtype="f32"),
+            ops.frag("col", (geo.NV,), regs_a, dtype="f32"))
 
 
 def v_operands(ops, geo: Geometry, vw, ck: int, pairs=None):
@@ -285,6 +297,197 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
                         gt = k % ngc
                         o = (o + sc[(mv, gt, rho)] * ops.get(acc_v, (mv, t8, rho), e)
                              + zc[(mv, gt, rho)] * ops.get(psum_cols, (t8,), e))
+                    vals.append(o)
+                regs[(mv, t8, rho)] = tuple(vals)
+    return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
+
+
+# ------------------------------------------------------- OuterQ (KIVI) layout
+# K grouped per channel over G tokens, V per token over G channels; the codes are packed
+# as InnerQ's (K along D, V along T), so the A operands and both MMA chains are the same.
+# The scales vary along each product's reduction axis, so they fold into the B operands,
+# rebuilt every block (pallas_kernels/outerq_blocks.py does the same in Triton):
+#   Qexp[(j, a), (h, gt)] = bf16(q[h, ch] * s_k[gt, ch] * 2**-e_j)
+#   score[t, h] = acc_k[t, (h, g(t))] + sum_d q[h, d] z_k[g(t), d] - 128 * sum Qexp[:, col]
+#   Pexp[(j, a), (h, gd)] = bf16(p[t, h] * s_v[t, gd] * 2**-e_j)
+#   o[d, h] += acc_v[d, (h, g(d))] + sum_t p[t, h] z_v[t, gd] - 128 * sum Pexp[:, col]
+def _load_f32s(ops, ref, off, kind, n):
+    """n consecutive values as float32, in vector loads of at most 16 bytes."""
+    step = 8 if kind == "bf16" else 4
+    out = []
+    for k in range(0, n, step):
+        out += ops.load(ref, off + k, kind, min(step, n - k))
+    return out
+
+
+def outer_key_operand(ops, geo: Geometry, qtab, ks, kz, qexp, kconst):
+    """Writes the block's key B operand Qexp [n_ksteps, 16, NK] (tiled, swizzled) and its
+    column constants kconst[0, col] = 128 * sum of the column's stored values - q . z_k
+    (so that :func:`k_acc_init` starts each column at the zero term minus the codes'
+    offset), then fences and synchronises the warpgroup.
+
+    qtab: [NR, D] f32, q * log2 e (zero rows past n_rep); ks, kz: the block's key scales /
+    zeros [ngv, D] (flat bf16). One thread per (key word wi, column (h, gt)): the word's
+    cpw channels are consecutive, so each thread's loads are contiguous, and the nw
+    threads of a column are adjacent lanes (one shuffle tree sums the column).
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    tid = 32 * w + 4 * rr + c
+    nw, cpw, half, D, ngv = geo.nw, geo.cpw, geo.half, geo.D, geo.ngv
+    plan = pair_plan(geo.bits)
+    ncols = geo.NR * ngv
+    npairs = nw * ncols
+    for it in range(-(-npairs // 128)):
+        pr = tid + 128 * it
+        live = pr < npairs
+        ci = pr // nw if npairs % 128 == 0 else ops.imin(pr // nw, ncols - 1)
+        wi = pr % nw
+        h, gt = ci // ngv, ci % ngv
+        qv = _load_f32s(ops, qtab, h * D + wi * cpw, "f32", cpw)
+        sv = _load_f32s(ops, ks, gt * D + wi * cpw, "bf16", cpw)
+        zv = _load_f32s(ops, kz, gt * D + wi * cpw, "bf16", cpw)
+        T, cc, t = wi // 8, (wi % 8) // 2, wi % 2
+        col = geo.k_col(0, h, gt)
+        tot = zq = None
+        for k in range(cpw):
+            j, i = k % half, k // half
+            x = ops.round_bf16(qv[k] * sv[k] * (2.0 ** -plan[j][1]))
+            ops.store(qexp, geo.b_offset(j * geo.KT + T, 8 * t + 2 * cc + i, col, geo.NK), [x],
+                      "bf16", pred=None if npairs % 128 == 0 else live)
+            tot = x if tot is None else tot + x
+            zq = qv[k] * zv[k] if zq is None else zq + qv[k] * zv[k]
+        val = tot * 128.0 - zq
+        for d in (1, 2, 4, 8, 16):
+            if d < nw:
+                val = val + ops.shfl_xor(val, d)
+        ops.store(kconst, col, [val], "f32", pred=live & (wi == 0))
+    ops.fence_barrier()
+
+
+def outer_softmax_step(ops, geo: Geometry, acc_k, vs, vz, m_cols, n_valid, xchg, pexp):
+    """The OuterQ block's scores, online-softmax update and value operand.
+
+    acc_k: key accumulator [MT*64, NK] (from :func:`k_acc_init` of the block's constants:
+    column (h, gt) already holds the zero term); vs, vz: the block's value scales / zeros
+    [BT, ng] (flat bf16). Writes Pexp [NC*half, 16, NV] (every (head, channel group)
+    column of every token) and returns (m_new_cols, alpha_cols, [poff_cols per chunk],
+    psum_cols, zsum_cols): poff the sums of the stored Pexp values per column, psum the
+    probabilities' sum per head (in its channel group 0 column, 0 in the others), zsum
+    sum_t p[t, h] z_v[t, gd] per column. Tokens at or past ``n_valid`` weigh 0, whatever
+    their scales hold.
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    OWN, ng, G, ngv, Q = geo.OWN, geo.ng, geo.G, geo.ngv, geo.n_sums
+    plan = pair_plan(geo.bits)
+
+    # scores[(mt, rho, uh)]: token TM*mt + 16w + rr + 8rho, head 4*uh + c; its group's column
+    scores = {}
+    for mt in range(geo.MT):
+        for rho in range(2):
+            tau = geo.TM * mt + 16 * w + rr + 8 * rho
+            gt = tau // G
+            cands = sorted({(geo.TM * mt + 16 * ww + r + 8 * rho) // G
+                            for ww in range(4) for r in range(8)})
+            for uh in range(OWN):
+                s = None
+                for g in cands:
+                    k = uh * ngv + g
+                    a = ops.get(acc_k, (mt, k // 2, rho), k % 2)
+                    s = a if s is None else ops.where(gt == g, a, s)
+                scores[(mt, rho, uh)] = ops.where(tau < n_valid, s, NEG)
+
+    m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
+    first_lane = rr == 0
+
+    # p * s_v[t, gd] * 2**-e_j -> Pexp at the token's row of pair j, column (head, gd)
+    exps = [e for _, e in plan]
+    sums = {}  # (ck, uh) -> [poff_0.., zsum_0.., psum]
+    for mt in range(geo.MT):
+        ck = (geo.TM * mt) // geo.TC
+        for rho in range(2):
+            tau = geo.TM * mt + 16 * w + rr + 8 * rho
+            tau_c = geo.TM * (mt % (geo.TC // geo.TM)) + 16 * w + rr + 8 * rho
+            j, a = geo.pexp_row(tau_c)
+            down = ops.f32(1.0)
+            for jj in range(geo.half):  # 2**-e_j for a run-time j
+                down = ops.where(j == jj, ops.f32(2.0 ** -exps[jj]), down)
+            ok = tau < n_valid  # stale scales past the quantized tokens read as zeros
+            sv = ops.load(vs, tau * ng, "bf16", ng, keep=ok)
+            zv = ops.load(vz, tau * ng, "bf16", ng, keep=ok)
+            for uh in range(OWN):
+                pv = ops.exp2(scores[(mt, rho, uh)] - m_new[uh])
+                acc = sums.setdefault((ck, uh), [None] * Q)
+                pd = pv * down
+                for gd in range(ng):
+                    x = ops.round_bf16(pd * sv[gd])  # exactly the value the MMA sees
+                    ops.store(pexp, geo.pexp_offset(ck, j, a, geo.v_col(uh, gd, c)), [x], "bf16")
+                    acc[gd] = x if acc[gd] is None else acc[gd] + x
+                    z = pv * zv[gd]
+                    acc[ng + gd] = z if acc[ng + gd] is None else acc[ng + gd] + z
+                acc[2 * ng] = pv if acc[2 * ng] is None else acc[2 * ng] + pv
+    for (ck, uh), acc in sums.items():
+        for q, v in enumerate(acc):
+            for d in (4, 8, 16):
+                v = v + ops.shfl_xor(v, d)
+            base = geo.xchg_max_size + ((((q * geo.NC + ck) * 4 + w) * OWN + uh) * 4 + c)
+            ops.store(xchg, base, [v], "f32", pred=first_lane)
+    ops.fence_barrier()
+
+    def gathered(q, chunks):
+        out = ops.f32(0.0)
+        for ck in chunks:
+            for ww in range(4):
+                base = geo.xchg_max_size + ((((q * geo.NC + ck) * 4 + ww) * OWN + uh) * 4 + c)
+                out = out + ops.load(xchg, base, "f32", 1)[0]
+        return out
+
+    poff_cols = []
+    for ck in range(geo.NC):
+        regs = {}
+        for t8 in range(geo.NV // 8):
+            vals = []
+            for e in range(2):
+                uh, gd = (2 * t8 + e) // ng, (2 * t8 + e) % ng
+                vals.append(gathered(gd, [ck]) if uh < OWN else ops.f32(0.0))
+            regs[(t8,)] = tuple(vals)
+        poff_cols.append(ops.frag("col", (geo.NV,), regs, dtype="f32"))
+    regs_z, regs_p = {}, {}
+    for t8 in range(geo.NV // 8):
+        vz_, vp = [], []
+        for e in range(2):
+            uh, gd = (2 * t8 + e) // ng, (2 * t8 + e) % ng
+            live = uh < OWN
+            vz_.append(gathered(ng + gd, range(geo.NC)) if live else ops.f32(0.0))
+            vp.append(gathered(2 * ng, range(geo.NC)) if live and gd == 0 else ops.f32(0.0))
+        regs_z[(t8,)] = tuple(vz_)
+        regs_p[(t8,)] = tuple(vp)
+    zsum_cols = ops.frag("col", (geo.NV,), regs_z, dtype="f32")
+    psum_cols = ops.frag("col", (geo.NV,), regs_p, dtype="f32")
+    m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
+    return m_cols_new, alpha_cols, poff_cols, psum_cols, zsum_cols
+
+
+def outer_v_epilogue(ops, geo: Geometry, o_full, acc_v, zsum_cols, alpha_cols):
+    """o_full [D, NV] += acc_v + zsum in the column of each row's own channel group (after
+    alpha * o_full when ``alpha_cols`` is given; ``zsum_cols`` None adds no zero term: give
+    it to one V chunk of the block). Columns of other groups stay 0."""
+    w, rr, OWN, ng, G = ops.w, ops.rr, geo.OWN, geo.ng, geo.G
+    regs = {}
+    for mv in range(geo.MV):
+        for rho in range(2):
+            gd_row = (64 * mv + 16 * w + 2 * rr + rho) // G  # the row's channel's group
+            for t8 in range(geo.NV // 8):
+                vals = []
+                for e in range(2):
+                    k = 2 * t8 + e
+                    o = ops.get(o_full, (mv, t8, rho), e)
+                    if alpha_cols is not None:
+                        o = o * ops.get(alpha_cols, (t8,), e)
+                    if k // ng < OWN:
+                        x = o + ops.get(acc_v, (mv, t8, rho), e)
+                        if zsum_cols is not None:
+                            x = x + ops.get(zsum_cols, (t8,), e)
+                        o = ops.where(gd_row == k % ng, x, o)
                     vals.append(o)
                 regs[(mv, t8, rho)] = tuple(vals)
     return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")

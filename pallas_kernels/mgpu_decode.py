@@ -563,10 +563,12 @@ _BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat1
 def _block_specs(geo: Geometry):
     """(rows per block, row width) of the six per-block arrays, in kernel order, in the
     cache's natural rows: key words [BT/P, KW], key scales and zeros [BT*ng/8, 8], value
-    words [BT/cpw, D], value scales and zeros [BT/G, D]."""
+    words [BT/cpw, D], value scales and zeros [BT/G, D]. OuterQ swaps the scales' shapes
+    (keys [BT/G, D], values [BT*ng/8, 8]: the same elements per block)."""
     ng8 = geo.BT * geo.ng // 8
-    return [(geo.BT // geo.P, geo.KW), (ng8, 8), (ng8, 8), (geo.BT // geo.cpw, geo.D),
-            (geo.BT // geo.G, geo.D), (geo.BT // geo.G, geo.D)]
+    per_token, per_group = (ng8, 8), (geo.BT // geo.G, geo.D)
+    ks, vs = (per_group, per_token) if geo.outer else (per_token, per_group)
+    return [(geo.BT // geo.P, geo.KW), ks, ks, (geo.BT // geo.cpw, geo.D), vs, vs]
 
 
 def block_boxes(geo: Geometry, Tq: int, wide: bool) -> tuple[tuple[int, int], ...]:
@@ -907,6 +909,15 @@ def query_operands(qp: jax.Array, geo: Geometry):
     return qexp, jnp.stack([koff, qsum], axis=2)
 
 
+def outer_query_table(qp: jax.Array, geo: Geometry) -> jax.Array:
+    """qp [B, H, r, D] -> the OuterQ kernel's query table [B*H, NR, D] f32: q * log2 e, zero
+    rows past r (the kernel folds each block's key scales into it)."""
+    B, H, r, D = qp.shape
+    q = qp.astype(jnp.float32) * LOG2E
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, geo.NR - r), (0, 0)))
+    return q.reshape(B * H, geo.NR, D)
+
+
 def window_operands(qp, layer: QuantLayer, lengths, cfg: CacheConfig):
     """(q' [B, H, r*D] f32 (a free reshape; the window program scales it by log2 e), live
     mask [B, S + R + G] int32) for the window program: the ring's live slots come from the
@@ -962,10 +973,13 @@ def kernel_operands(layer: QuantLayer, geo: Geometry, boxes=None) -> list[jax.Ar
     array as [B, H, rows, width] with the widths of ``boxes`` (:func:`block_boxes`; default
     the cache's natural rows)."""
     k, v = layer.k, layer.v
-    if (k.grouping, k.packing, v.grouping, v.packing) != ("d", "d", "t", "t"):
+    want = ("t", "d", "d", "t") if geo.outer else ("d", "d", "t", "t")
+    if (k.grouping, k.packing, v.grouping, v.packing) != want:
+        name = ("OuterQ layout (K grouped along T, V along D" if geo.outer
+                else "InnerQ layout (K grouped along D, V along T")
         raise ValueError(
-            "the Mosaic GPU kernel needs the InnerQ layout (K grouped and packed along D, V along "
-            f"T); got K {k.grouping}/{k.packing}, V {v.grouping}/{v.packing}")
+            f"the Mosaic GPU kernel's geometry needs the {name}; codes packed K along D, V "
+            f"along T); got K {k.grouping}/{k.packing}, V {v.grouping}/{v.packing}")
     B, H, Tq, _ = k.codes.shape
     if Tq % geo.G:
         raise ValueError(f"quant_capacity={Tq} must be a multiple of G={geo.G}")

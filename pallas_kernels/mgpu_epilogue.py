@@ -85,7 +85,7 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     """o[h, d0:d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits (and ``window``,
     (o [NH, DC], m [NH], l [NH]) when given), w_s = 2**(m_s - max m)."""
     NS, D, NV = op_ref.shape
-    r, ngc, NH = o_ref.shape[0], geo.ngc, wb.WINDOW_HEADS
+    r, nvg, NH = o_ref.shape[0], geo.vg, wb.WINDOW_HEADS  # value column groups per head
 
     def col(h, gt):  # value accumulator column of (head h, token group gt); h, gt arrays
         return geo.v_col(h // 4, gt, h % 4)
@@ -97,7 +97,7 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
         sc, hc = jnp.minimum(ss, NS - 1), jnp.minimum(hh, r - 1)  # in bounds where masked
         m = plgpu.load(ml_ref.at[sc, 0, col(hc, 0)], mask=ok, other=NEG)
         l = jnp.zeros((_SPLIT_STEP, NH), jnp.float32)
-        for gt in range(ngc):
+        for gt in range(nvg):
             l = l + plgpu.load(ml_ref.at[sc, 1, col(hc, gt)], mask=ok, other=0.0)
         return m, l, ok
 
@@ -119,7 +119,7 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     hh = jax.lax.broadcasted_iota(jnp.int32, (DC, NH), 1)
     rows = geo.v_row(dd)
     head_ok = hh < r
-    cols = [col(jnp.minimum(hh, r - 1), gt) for gt in range(ngc)]
+    cols = [col(jnp.minimum(hh, r - 1), gt) for gt in range(nvg)]
     h1 = jax.lax.broadcasted_iota(jnp.int32, (NH,), 0)
     col1 = col(jnp.minimum(h1, r - 1), 0)
 

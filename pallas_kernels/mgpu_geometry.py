@@ -82,6 +82,11 @@ class Geometry:
     D: int
     n_rep: int  # query heads per kv head
     BT: int  # tokens per pipeline block
+    layout: str = "innerq"  # or "outerq": K grouped along T, V along D (see the module doc)
+
+    @property
+    def outer(self) -> bool:
+        return self.layout == "outerq"
 
     # ------------------------------------------------------------ sizes
     @property
@@ -133,8 +138,16 @@ class Geometry:
         return self.NR // 4
 
     @property
+    def ngv(self) -> int:  # token groups per block
+        return self.BT // self.G
+
+    @property
+    def kg(self) -> int:  # key column groups per (token of the row, head)
+        return self.ngv if self.outer else self.ng
+
+    @property
     def NK(self) -> int:  # key accumulator columns
-        return _ceil_to(self.P * self.NR * self.ng, 16)
+        return _ceil_to(self.P * self.NR * self.kg, 16)
 
     @property
     def TC(self) -> int:  # tokens per V chunk (8 word rows)
@@ -149,8 +162,12 @@ class Geometry:
         return self.TC // self.G
 
     @property
+    def vg(self) -> int:  # value column groups per head
+        return self.ng if self.outer else self.ngc
+
+    @property
     def NV(self) -> int:  # value accumulator columns
-        return _ceil_to(self.NR * self.ngc, 16)
+        return _ceil_to(self.NR * self.vg, 16)
 
     @property
     def MV(self) -> int:  # 64-channel V M-tiles
@@ -162,8 +179,13 @@ class Geometry:
         return 4 * self.OWN * 4
 
     @property
+    def n_sums(self) -> int:  # per-thread column sums exchanged per block and V chunk
+        return 2 * self.ng + 1 if self.outer else 2
+
+    @property
     def xchg_size(self) -> int:
-        return self.xchg_max_size + self.MT * 4 * self.OWN * 4 * 2
+        chunks = self.NC if self.outer else self.MT
+        return self.xchg_max_size + chunks * 4 * self.OWN * 4 * self.n_sums
 
     def validate(self) -> None:
         if self.bits not in (2, 4):
@@ -185,6 +207,12 @@ class Geometry:
                 f"V chunk {self.TC} tokens) and at most 256 (TMA box)")
         if self.NK > 256 or self.NV > 256:
             raise ValueError(f"n_rep={self.n_rep} gives {self.NK}/{self.NV} MMA columns (max 256)")
+        if self.layout not in ("innerq", "outerq"):
+            raise ValueError(f"layout={self.layout!r}; choose 'innerq' or 'outerq'")
+        if self.outer and self.P != 1:
+            raise ValueError(
+                f"the OuterQ kernel needs one token per K row (at least 8 key words per token); "
+                f"head_dim={self.D} at {self.bits} bits gives {self.nw}")
 
     # ------------------------------------------------------ column maps
     @staticmethod
@@ -194,15 +222,16 @@ class Geometry:
 
     def k_slot(self, p: int, h: int, g: int) -> tuple[int, int]:
         """(owner thread c, slot) of key column (token p of the row, head h, group g)."""
-        return h % 4, (p * self.OWN + h // 4) * self.ng + g
+        return h % 4, (p * self.OWN + h // 4) * self.kg + g
 
     def k_col(self, p: int, h: int, g: int) -> int:
         c, k = self.k_slot(p, h, g)
         return self.col_of_slot(k, c)
 
     def v_col(self, uh, gt, c):
-        """Value column of (head 4*uh + c, token group gt of the chunk)."""
-        return self.col_of_slot(uh * self.ngc + gt, c)
+        """Value column of (head 4*uh + c, token group gt of the chunk; OuterQ: channel
+        group gt)."""
+        return self.col_of_slot(uh * self.vg + gt, c)
 
     @staticmethod
     def v_channel(m):
@@ -218,7 +247,7 @@ class Geometry:
     def v_col_head(self, col: int):
         """The head whose token group 0 sits in value column col, or None."""
         c, k = (col % 8) // 2, 2 * (col // 8) + col % 2
-        uh, gt = k // self.ngc, k % self.ngc
+        uh, gt = k // self.vg, k % self.vg
         h = 4 * uh + c
         return h if gt == 0 and uh < self.OWN and h < self.n_rep else None
 
@@ -231,8 +260,14 @@ class Geometry:
     def pexp_offset(self, ck, j, a, col):
         """bf16 element offset of Pexp[ck, j][a, col] in the tiled (8, 16), 32-byte-swizzled
         shared buffer [NC*half, 16, NV] (Mosaic's swizzle: 16-byte chunk ^= (byte // 128) % 2)."""
-        nt = self.NV // 16
-        elem = ((((ck * self.half + j) * 2 + a // 8) * nt + col // 16) * 8 + a % 8) * 16 + col % 16
+        return self.b_offset(ck * self.half + j, a, col, self.NV)
+
+    @staticmethod
+    def b_offset(tile, a, col, ncols: int):
+        """bf16 element offset of B[tile][a, col] in a tiled (8, 16), 32-byte-swizzled shared
+        buffer [tiles, 16, ncols] (a B operand: Pexp, or the OuterQ kernel's Qexp)."""
+        nt = ncols // 16
+        elem = (((tile * 2 + a // 8) * nt + col // 16) * 8 + a % 8) * 16 + col % 16
         byte = elem * 2
         byte = byte ^ (((byte // 128) % (SWIZZLE // 16)) * 16)
         return byte // 2
@@ -281,7 +316,7 @@ class Geometry:
     @functools.cached_property
     def combine_tables(self):
         """Value columns of each (head, token group) [n_rep, ngc]; the row of each channel [D]."""
-        cols = np.array([[self.v_col(h // 4, gt, h % 4) for gt in range(self.ngc)]
+        cols = np.array([[self.v_col(h // 4, gt, h % 4) for gt in range(self.vg)]
                          for h in range(self.n_rep)], np.int32)
         rows = np.zeros(self.D, np.int32)
         for m in range(self.D):

@@ -314,6 +314,76 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     return o_part, ml_part
 
 
+def simulate_outer_kernel(geo: Geometry, nq, qtab, operands, NS: int, bps: int):
+    """The OuterQ program of mgpu_decode._kernel with the simulator backend: per block the
+    key operand Qexp and its column constants built by the threads
+    (blk.outer_key_operand), the key chain read through the buffer's swizzled offsets, the
+    OuterQ softmax step, the value chains and epilogue."""
+    kw, ks, kz, vw, vs, vz = (_np(x) for x in operands)
+    qtab = _np(qtab, np.float32)
+    B, H = kw.shape[:2]
+    BT, NV, NK, D = geo.BT, geo.NV, geo.NK, geo.D
+    o_part = np.zeros((B, H, NS, D, NV), np.float32)
+    ml_part = np.zeros((B, H, NS, 2, NV), np.float32)
+    ops = simt.SimOps()
+    b_log = lambda buf, tile, n: np.array(  # noqa: E731  (logical B through the offsets)
+        [[buf[geo.b_offset(tile, a, c, n)] for c in range(n)] for a in range(16)], np.float32)
+    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (
+        rows * width // x.shape[-1]
+        for (rows, width), x in zip(md._block_specs(geo), (kw, ks, kz, vw, vs, vz)))
+
+    def block(ref, i, rows):
+        out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
+        part = ref[i * rows:(i + 1) * rows]
+        out[:len(part)] = part
+        return out.reshape(-1)
+
+    for b in range(B):
+        for h in range(H):
+            qt = qtab[b * H + h].reshape(-1)
+            for s in range(NS):
+                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
+                pexp[:] = 1  # poison: zero_fill must clear it
+                blk.zero_fill(ops, pexp, pexp.size)
+                qexp = np.zeros(geo.n_ksteps * 16 * NK, ml_dtypes.bfloat16)
+                qexp[:] = 1
+                blk.zero_fill(ops, qexp, qexp.size)
+                kconst = np.zeros(2 * NK, np.float32)
+                xchg = np.full(geo.xchg_size, np.nan, np.float32)
+                m_cols = simt.Frag("col", (NV,), np.full(NV, md.NEG, np.float32))
+                l_cols = simt.Frag("col", (NV,), np.zeros(NV, np.float32))
+                o_full = simt.Frag("wgmma", (D, NV), np.zeros((D, NV), np.float32))
+                n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
+                for i in range(-(-n // BT)):
+                    g = s * bps + i
+                    kw_s = block(kw[b, h], g, r_kw)
+                    ks_s, kz_s = block(ks[b, h], g, r_ks), block(kz[b, h], g, r_kz)
+                    vw_s = block(vw[b, h], g, r_vw)
+                    vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
+                    n_valid = n - i * BT
+                    blk.outer_key_operand(ops, geo, qt, ks_s, kz_s, qexp, kconst)
+                    acc = blk.k_acc_init(ops, geo, kconst)
+                    for st, a in enumerate(blk.k_operands(ops, geo, kw_s)):
+                        acc = simt.wgmma(acc, a, b_log(qexp, st, NK))
+                    m_new, alpha, poffs, psum, zsum = blk.outer_softmax_step(
+                        ops, geo, acc, vs_s, vz_s, m_cols, n_valid, xchg, pexp)
+                    l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat + psum.mat)
+                    for ck in range(geo.NC):
+                        acc_v = blk.v_acc_init(ops, geo, poffs[ck])
+                        for a, j in zip(blk.v_operands(ops, geo, vw_s, ck), range(geo.half)):
+                            acc_v = simt.wgmma(acc_v, a, b_log(pexp, ck * geo.half + j, NV))
+                        o_full = blk.outer_v_epilogue(ops, geo, o_full, acc_v,
+                                                      zsum if ck == 0 else None,
+                                                      alpha if ck == 0 else None)
+                    m_cols = m_new
+                o_out = np.zeros(D * NV, np.float32)
+                ml_out = np.zeros(2 * NV, np.float32)
+                blk.store_partials(ops, geo, o_full, m_cols, l_cols, o_out, ml_out)
+                o_part[b, h, s] = o_out.reshape(D, NV)
+                ml_part[b, h, s] = ml_out.reshape(2, NV)
+    return o_part, ml_part
+
+
 def _simulated_attention(cache, qp, opts, merges=("xla",)):
     """The simulated kernel's partials merged with the windows, once per entry of
     ``merges``: in XLA (``"xla"``) or by the Triton epilogue in interpret mode
@@ -321,17 +391,22 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     cfg, layer = cache.config, cache.layer(0)
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
-                   opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D))
+                   opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D),
+                   cfg.kind)
     geo.validate()
     n_blocks = max(1, -(-cfg.quant_capacity // geo.BT))
     bps = -(-n_blocks // opts["num_splits"])
     NS = -(-n_blocks // bps)
     nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
-    qexp, kconst = md.query_operands(qp, geo)
     boxes = md.block_boxes(geo, cfg.quant_capacity, opts.get("wide_copies", False))
     operands = md.kernel_operands(layer, geo, boxes)
-    o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
-                                      opts.get("tail", "mask"), opts.get("chain_parts", 1))
+    if geo.outer:
+        o_part, ml_part = simulate_outer_kernel(geo, nq, md.outer_query_table(qp, geo), operands,
+                                                NS, bps)
+    else:
+        qexp, kconst = md.query_operands(qp, geo)
+        o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
+                                          opts.get("tail", "mask"), opts.get("chain_parts", 1))
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
