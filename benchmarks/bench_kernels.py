@@ -338,7 +338,7 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
 
     caches = {}
     for kind in ("innerq", "outerq", "innerq-h"):
-        wanted = {f"{kind}_fused", f"{kind}_tpu", f"{kind}_ref"}
+        wanted = {f"{kind}_fused", f"{kind}_tpu", f"{kind}_ref", f"{kind}_mgpu"}
         if any(x.split("@")[0] in wanted for x in variants) or (kind == "innerq" and any(
                 x.startswith(("kernel_", "innerq_mgpu")) for x in variants)):
             cfg = shape.cfg(kind)
@@ -490,22 +490,26 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         record("innerq-h_tpu", lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_ht,
                quant_bytes, extra={"note": "rotations of q and o included"})
         del sets
-    # ---- the Mosaic GPU kernel ("innerq_mgpu@{json options}" runs one tunable point);
-    # a mismatch is recorded and the point is not timed (the run goes on)
-    mgpu_points = [v for v in variants if v.split("@")[0] == "innerq_mgpu"]
-    if mgpu_points and "innerq" in caches:
-        cfg, layer = caches["innerq"]
+    # ---- the Mosaic GPU kernel ("innerq_mgpu@{json options}" runs one tunable point;
+    # "outerq_mgpu" the same kernel on the OuterQ layout); a mismatch is recorded and the
+    # point is not timed (the run goes on)
+    for kind in ("innerq", "outerq"):
+        mgpu_points = [v for v in variants if v.split("@")[0] == f"{kind}_mgpu"]
+        if not mgpu_points or kind not in caches:
+            continue
+        cfg, layer = caches[kind]
         qp = prepare_query(q, layer, cfg, scale)
         ref = quantized_attention_core(qp, layer, lengths, cfg) if check else None
+        tol = TOL_QUANT if kind == "innerq" else TOL_OUTERQ
 
-        def check_m(o, ref=ref):
+        def check_m(o, ref=ref, tol=tol):
             e = _rel(o, ref)
-            assert e < TOL_QUANT, f"rel err {e:.2e}"
+            assert e < tol, f"rel err {e:.2e}"
             return e
 
         sets = _copies((qp, layer, lengths), n_sets)
         for name in mgpu_points:
-            opts = dict(kernel_opts.get("innerq_mgpu", {}))
+            opts = dict(kernel_opts.get(f"{kind}_mgpu", {}))
             if "@" in name:
                 opts.update(json.loads(name.split("@", 1)[1]))
             fn = functools.partial(mgpu_decode_attention, cfg=cfg, **opts)
@@ -619,7 +623,7 @@ def _xla_prep_dispatch(q, layer, lengths, cfg, scale, **opts):
 
 
 ALL = ["bf16_xla", "bf16_pallas", "cudnn", "int8_xla", "innerq_fused", "outerq_fused",
-       "innerq-h_fused", "kernel_a", "kernel_b", "innerq_mgpu",
+       "innerq-h_fused", "kernel_a", "kernel_b", "innerq_mgpu", "outerq_mgpu",
        "bf16_paged_tpu", "innerq_tpu", "outerq_tpu", "innerq-h_tpu", "innerq_ref", "outerq_ref"]
 
 

@@ -688,14 +688,20 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     """One split of the quantized region: online softmax over its blocks, partial written."""
     geo, ablate = kc.geo, kc.ablate
     BT, NV, D = geo.BT, geo.NV, geo.D
-    # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
-    base = (b * kconst_ref.shape[1] + h) * geo.n_ksteps
-    for st in range(geo.n_ksteps):
-        plgpu.copy_gmem_to_smem(qexp_ref.at[base + st], qexp_smem.at[st], const_bar)
-    plgpu.copy_gmem_to_smem(kconst_ref.at[b, h], kconst_smem, const_bar)
-
     pexp_t = plgpu.RefType(_B_TRANSFORMS)
     ref = plgpu.RefType()
+    if geo.outer:  # the query table; Qexp and its constants are built in every block
+        qtab_smem = extra[-1]
+        plgpu.copy_gmem_to_smem(qexp_ref.at[b * o_ref.shape[1] + h], qtab_smem, const_bar)
+        n_qexp = geo.n_ksteps * 16 * geo.NK  # columns past the heads' stay zero
+        _inline([pexp_t], (), lambda ops, p: blk.zero_fill(ops, p, n_qexp) or ())(qexp_smem)
+    else:
+        # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
+        base = (b * kconst_ref.shape[1] + h) * geo.n_ksteps
+        for st in range(geo.n_ksteps):
+            plgpu.copy_gmem_to_smem(qexp_ref.at[base + st], qexp_smem.at[st], const_bar)
+        plgpu.copy_gmem_to_smem(kconst_ref.at[b, h], kconst_smem, const_bar)
+
     n_pexp = geo.NC * geo.half * 16 * NV
     _inline([pexp_t], (), lambda ops, p: blk.zero_fill(ops, p, n_pexp) or ())(pexp_smem)
 
@@ -711,8 +717,10 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                 _sds((D, NV), jnp.float32, _WGMMA))
     init = _inline([], state_ty, init_state)()
     plgpu.barrier_wait(const_bar)
-    acc_k_init = _inline([ref], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
-                         lambda ops, kc_: blk.k_acc_init(ops, geo, kc_))(kconst_smem)
+    acc_k_ty = _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA)
+    k_init = lambda: _inline([ref], acc_k_ty, lambda ops, kc_: blk.k_acc_init(ops, geo, kc_))(  # noqa: E731
+        kconst_smem)
+    acc_k_init = None if geo.outer else k_init()
 
     nq = nq_ref[b]
     bps = kc.blocks_per_split
@@ -724,7 +732,8 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     k_op_ty = _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA)
     v_op_ty = _sds((D, 16), jnp.bfloat16, _WGMMA)
     col_ty = _sds((NV,), jnp.float32, _COL)
-    step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC)
+    step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC,
+               col_ty if geo.outer else (col_ty,) * geo.NC)
 
     zero_tail = kc.tail == "zero"
 
@@ -743,14 +752,25 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             l_regs[(t8,)] = tuple(vals)
         return m_new, ops.frag("col", (NV,), l_regs, "f32"), alpha, tuple(poffs), tuple(psums)
 
+    def outer_softmax(ops, acc_k, vs, vz, m_cols, l_cols, n_valid, xchg, pexp):
+        m_new, alpha, poffs, psum, zsum = blk.outer_softmax_step(
+            ops, geo, acc_k, vs, vz, m_cols, _I(_scalar(n_valid)), xchg, pexp)
+        l_regs = {(t8,): tuple(ops.get(l_cols, (t8,), e) * ops.get(alpha, (t8,), e)
+                               + ops.get(psum, (t8,), e) for e in range(2))
+                  for t8 in range(NV // 8)}
+        return m_new, ops.frag("col", (NV,), l_regs, "f32"), alpha, tuple(poffs), zsum
+
     def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
         m_cols, l_cols, o_full = carry
         if "stream" in ablate:  # timing ablation: the pipeline's copies alone
             return carry
         n_valid = n - idx[0] * BT
+        if geo.outer:  # this block's Qexp (the key scales folded into q) and constants
+            _inline([ref, ref, ref, pexp_t, ref], (), lambda ops, qt, ks, kz, qx, kc_: blk.outer_key_operand(
+                ops, geo, qt, ks, kz, qx, kc_) or ())(qtab_smem, ks_s, kz_s, qexp_smem, kconst_smem)
         # the key chain in kc.chain_parts parts, each waited for before the next one's
         # operands are unpacked (fewer A registers live at once)
-        acc_k = acc_k_init
+        acc_k = k_init() if geo.outer else acc_k_init
         for stp in _parts(geo.n_ksteps, kc.chain_parts):
             if kc.wgmma == "inline":
                 acc_k = _inline(
@@ -767,6 +787,8 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                     plgpu.wgmma(acc_ref, a, qexp_smem.at[st])
 
             acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k))
+        if geo.outer:
+            return _outer_values(acc_k, vw_s, vs_s, vz_s, m_cols, l_cols, o_full, n_valid, idx)
         tail_refs = (vs_s, vz_s) if zero_tail else ()
         m_new, l_new, alpha, poffs, psums = _inline(
             [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t] + [ref] * len(tail_refs),
@@ -807,6 +829,31 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                 [_WGMMA, _WGMMA, ref, ref, _COL] + al_types + nv_types,
                 _sds((D, NV), jnp.float32, _WGMMA), functools.partial(epi, ck=ck))(
                 o_full, acc_v, vs_s, vz_s, psums[ck], *al_args, *nv_args)
+        return m_new, l_new, o_full
+
+    def _outer_values(acc_k, vw_s, vs_s, vz_s, m_cols, l_cols, o_full, n_valid, idx):
+        """The OuterQ block after its key chain: softmax step, value chains, epilogue."""
+        m_new, l_new, alpha, poffs, zsum = _inline(
+            [_WGMMA, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, outer_softmax,
+            no_sync="no_sync" in ablate)(
+            acc_k, vs_s, vz_s, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
+        for ck in range(geo.NC if "keys_only" not in ablate else 0):
+            acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
+                            lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
+            a_v = _inline([ref], (v_op_ty,) * geo.half, lambda ops, vw, ck=ck: tuple(
+                blk.v_operands(ops, geo, vw, ck)))(vw_s)
+
+            def v_chain(acc_ref, a_v=a_v, ck=ck):
+                for j, a in enumerate(a_v):
+                    plgpu.wgmma(acc_ref, a, pexp_smem.at[ck * geo.half + j])
+
+            acc_v = pl.run_state(v_chain)(plgpu.ACC.init(acc_v))
+            first = ck == 0  # alpha and the zero term once per block
+            o_full = _inline(
+                [_WGMMA, _WGMMA] + [_COL, _COL] * first, _sds((D, NV), jnp.float32, _WGMMA),
+                lambda ops, o, a, *za: blk.outer_v_epilogue(
+                    ops, geo, o, a, za[0] if za else None, za[1] if za else None))(
+                o_full, acc_v, *((zsum, alpha) if first else ()))
         return m_new, l_new, o_full
 
     barrier = lambda: _inline([], (), lambda ops: ops.barrier() or ())()  # noqa: E731
@@ -871,7 +918,7 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
         plgpu.SMEM((2, geo.NK), jnp.float32),
         plgpu.SMEM((geo.NC * geo.half, 16, geo.NV), jnp.bfloat16, transforms=_B_TRANSFORMS),
         plgpu.SMEM((geo.xchg_size,), jnp.float32),
-        plgpu.Barrier(num_arrivals=geo.n_ksteps + 1),
+        plgpu.Barrier(num_arrivals=1 if geo.outer else geo.n_ksteps + 1),
     ]
     if kc.windows == "kernel":
         n_win = blk.window_scratch_size(geo, kc.sink + kc.window)
@@ -880,13 +927,15 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
         scratch += [plgpu.SMEM((kc.num_stages, *box), dt)
                     for box, dt in zip(kc.boxes, _BLOCK_DTYPES)]
         scratch.append(plgpu.SMEM((kc.num_stages, 2), jnp.uint32))  # the slots' mbarriers
+    if geo.outer:  # the query table, last
+        scratch.append(plgpu.SMEM((geo.NR, geo.D), jnp.float32))
     no_auto = kc.explicit_barriers or kc.pipeline == "bulk"
     return plgpu.kernel(
         kernel, out_type=out_type, grid=(NP, H, B), grid_names=("s", "h", "b"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                              unsafe_no_auto_barriers=no_auto),
-        kernel_name=f"innerq{geo.bits}_mgpu_decode")
+        kernel_name=f"{geo.layout}{geo.bits}_mgpu_decode")
 
 
 # ================================================================ XLA parts
@@ -1001,9 +1050,19 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     call(*operands) gives the partials (o_part, ml_part); q' [B, H, r, D] f32 is the query
     the windows take. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
-    if cfg.kind != "innerq":
-        raise ValueError(
-            f"mgpu_decode_attention implements the InnerQ layout, got cfg.kind={cfg.kind!r}")
+    if cfg.kind not in ("innerq", "outerq"):
+        raise ValueError(f"mgpu_decode_attention implements the InnerQ and OuterQ layouts, got "
+                         f"cfg.kind={cfg.kind!r}")
+    outer = cfg.kind == "outerq"
+    if outer:  # options with an InnerQ-only form
+        given = dict(query=query, windows=windows, tail=tail, chain_parts=chain_parts,
+                     wgmma=wgmma)
+        allowed = dict(query=("xla",), windows=("xla", "epilogue"), tail=("mask",),
+                       chain_parts=(1,), wgmma=("pallas",))
+        for k, v in given.items():
+            if v is not None and v not in allowed[k]:
+                raise ValueError(f"{k}={v!r}: the OuterQ kernel takes {k} in {allowed[k]}")
+        query, tail, chain_parts, wgmma = "xla", "mask", 1, "pallas"
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
@@ -1035,7 +1094,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
-    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT)
+    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind)
     geo.validate()
     if chain_parts not in (1, 2, 4) or chain_parts > min(geo.n_ksteps, geo.half):
         raise ValueError(f"chain_parts={chain_parts!r}; choose 1, 2 or 4, at most "
@@ -1057,8 +1116,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         if prep is not None:
             qp = qprep.prepare_xla(qp, layer, cfg, prep)
         nq = region_sizes(lengths, cfg).quantized
-        qexp, kconst = query_operands(qp, geo)
-    qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
+        if outer:  # the query table (a stand-in for kconst, never read)
+            qexp = kconst = outer_query_table(qp, geo)
+        else:
+            qexp, kconst = query_operands(qp, geo)
+    if not outer:
+        qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
     sk, sv = layer.sink_k, layer.sink_v
     if cfg.sink == 0:  # a stand-in: the kernel never reads it
         sk, sv = layer.recent_k, layer.recent_v

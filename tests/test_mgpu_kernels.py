@@ -646,12 +646,25 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     assert "lop3.b32" in text
 
 
-def test_rejects_outerq_and_bad_block():
+def test_rejects_bad_layouts_options_and_block():
     cfg = CacheConfig.outerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
     qp = _query(cache, 1)
-    with pytest.raises(ValueError, match="InnerQ"):
+    # OuterQ needs one token per K row (2-bit D 64 packs two)
+    with pytest.raises(ValueError, match="one token per K row"):
         md.mgpu_decode_attention(qp, cache.layer(0), cache.lengths, cfg, num_splits=1)
+    cfg = CacheConfig.outerq(bits=4, capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    for bad in (dict(query="kernel"), dict(windows="kernel"), dict(tail="zero"),
+                dict(chain_parts=2), dict(wgmma="inline")):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*OuterQ kernel takes"):
+            md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                     num_splits=1, **bad)
+    # a layer whose layout is not the config's
+    inner = _cache(CacheConfig.innerq(bits=4, capacity=512), 1, 1, 64, [100])
+    with pytest.raises(ValueError, match="OuterQ layout"):
+        md.mgpu_decode_attention(_query(inner, 1), inner.layer(0), inner.lengths, cfg,
+                                 num_splits=1)
     cfg = CacheConfig.innerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
     with pytest.raises(ValueError, match="block_tokens"):
@@ -663,6 +676,88 @@ def test_rejects_outerq_and_bad_block():
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)
+
+
+# ------------------------------------------------------------ OuterQ (KIVI layout)
+# The same kernel on the OuterQ layout (one token per K row: 2-bit D 128, 4-bit D 64 and
+# 128). Lengths as in GRID: a partial last block, inside the sink, recent only, inside the
+# first group.
+OUTER_GRID = {
+    "outerq2-G32-D128-gqa4": (CacheConfig.outerq(capacity=640), 128, 8, 2,
+                              [630, 3, 140, 4 + 128 + 32 + 5, 197], 3, dict(num_splits=2)),
+    "outerq2-G64-D128-gqa4": (CacheConfig.outerq(group_size=64, capacity=704), 128, 8, 2,
+                              [700, 2, 100, 4 + 128 + 64 + 9], 2, dict(num_splits=3)),
+    "outerq4-G32-D128-gqa4": (CacheConfig.outerq(bits=4, capacity=512), 128, 8, 2,
+                              [505, 180, 1, 4 + 128 + 32 + 1], 0, dict(num_splits=2)),
+    "outerq4-G64-D64-smollm": (CacheConfig.outerq(bits=4, group_size=64, recent=64,
+                                                  capacity=512), 64, 9, 3, [500, 2, 200], 2,
+                               dict(num_splits=2)),
+    "outerq2-G64-D128-mha": (CacheConfig.outerq(group_size=64, capacity=512), 128, 2, 2,
+                             [512, 250, 70], 3, dict(num_splits=1)),
+    "outerq4-G64-D128-gqa8": (CacheConfig.outerq(bits=4, group_size=64, capacity=512), 128, 16,
+                              2, [480, 230], 0, dict(num_splits=2)),
+    "outerq2-nosink-bt256": (CacheConfig.outerq(sink=0, capacity=512), 128, 4, 1, [480, 33], 3,
+                             dict(num_splits=1, block_tokens=256)),
+}
+_OUTER_SIM_FAST = ("outerq2-G32-D128-gqa4", "outerq4-G64-D64-smollm")
+
+
+@pytest.mark.parametrize("name", [n if n in _OUTER_SIM_FAST else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in OUTER_GRID])
+def test_simulated_outer_kernel_equals_reference(name):
+    """The OuterQ program (per-block Qexp with the key scales folded in, Pexp with the value
+    scales, each row's own group column) simulated over whole programs, merged by XLA and
+    by the Triton epilogue in interpret mode, against the OuterQ reference."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = OUTER_GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    for out in _simulated_attention(cache, qp, opts, ("xla", "epilogue")):
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < TOL
+        empty = np.asarray(cache.lengths) == 0
+        np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+def test_simulated_outer_kernel_ignores_stale_scales_past_the_quantized_tokens():
+    """Key scales / zeros of token groups and value scales / zeros of tokens past a
+    sequence's quantized tokens (NaN here) never reach the output: the key columns they fill
+    are no valid token's, the value ones are read as zeros."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = OUTER_GRID["outerq2-G32-D128-gqa4"]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    layer = cache.layer(0)
+    ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    nq = np.asarray(region_sizes(cache.lengths, cfg).quantized)
+    assert (nq % 128 != 0).any() and (nq == 0).any()
+    kg = np.arange(layer.k.scale.shape[2]) * cfg.group_size  # key groups: first token
+    vt = np.arange(layer.v.scale.shape[2])  # value scales: one row per token
+    kdead = (kg[None, :] >= nq[:, None])[:, None, :, None]
+    vdead = (vt[None, :] >= nq[:, None])[:, None, :, None]
+    poison = lambda x, dead: jnp.where(dead, jnp.nan, x).astype(x.dtype)  # noqa: E731
+    k = dataclasses.replace(layer.k, scale=poison(layer.k.scale, kdead),
+                            zero=poison(layer.k.zero, kdead))
+    v = dataclasses.replace(layer.v, scale=poison(layer.v.scale, vdead),
+                            zero=poison(layer.v.zero, vdead))
+    stale = dataclasses.replace(cache, layers=(dataclasses.replace(layer, k=k, v=v),))
+    (out,) = _simulated_attention(stale, qp, opts)
+    assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("windows", ["xla", "epilogue"])
+def test_outer_kernel_lowers_to_mosaic_gpu(windows):
+    cfg, D, Hq, Hkv, lengths, _, opts = OUTER_GRID["outerq2-G32-D128-gqa4"]
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, windows=windows,
+                                                           wide_copies=True, **opts))
+    from jax.sharding import use_abstract_mesh
+    with use_abstract_mesh(abstract_h200()):
+        text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "lop3.b32" in text
+    assert text.count("__gpu$xla.gpu.triton") == (windows == "epilogue")
 
 
 # ------------------------------------------------------------------------ GPU
@@ -699,6 +794,28 @@ def test_gpu_kernel_equals_reference(name, variant):
         qp, cache.layer(0), cache.lengths)
     err = _rel(out, ref)
     print(f"{name} {variant}: rel err {err:.2e}")
+    assert err < TOL
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("windows", ["epilogue", "xla"])
+@pytest.mark.parametrize("name", list(OUTER_GRID))
+def test_gpu_outer_kernel_equals_reference(name, windows):
+    """The compiled kernel on the OuterQ layout against the OuterQ reference."""
+    if _hopper() is None:
+        pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
+                    "pipelined copies, so the kernel runs only there")
+    cfg, D, Hq, Hkv, lengths, appends, opts = OUTER_GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    kw = dict(opts, windows=windows, wide_copies=True)
+    out = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
+        qp, cache.layer(0), cache.lengths)
+    err = _rel(out, ref)
+    print(f"{name} {windows}: rel err {err:.2e}")
     assert err < TOL
     empty = np.asarray(cache.lengths) == 0
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
