@@ -60,15 +60,16 @@ def check_stage(log, points):
     _point_mosaic_at_nvdisasm(log)
     for B, T, H, r, D, bits, G in [(2, 2048, 2, 4, 128, 2, 32), (3, 3072, 2, 3, 64, 4, 64)]:
         shape = Shape(B, T, Hq=H * r, Hkv=H, D=D, bits=bits, G=G)
-        cfg = shape.cfg("innerq")
         key = jax.random.PRNGKey(T)
         k, v = _random_kv(key, B, H, T, D)
         lengths = jnp.asarray(np.linspace(T, 1, B).astype(np.int32))
-        layer = _prefill(k, v, lengths, cfg)
         q = jax.random.normal(jax.random.fold_in(key, 1), (B, H * r, D), jnp.float32)
-        qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-        ref = quantized_attention_core(qp, layer, lengths, cfg)
         for opts in points:
+            opts = dict(opts)
+            cfg = shape.cfg(opts.pop("kind", "innerq"))  # "kind": the cache layout
+            layer = _prefill(k, v, lengths, cfg)
+            qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
+            ref = quantized_attention_core(qp, layer, lengths, cfg)
             try:
                 t0 = time.time()
                 fn = functools.partial(md.mgpu_decode_attention, cfg=cfg,
@@ -90,21 +91,29 @@ def kernel_stage(log, points, reps, save, copy_gbps):
     out = []
     for B, T in [(8, 32 * 1024), (1, 128 * 1024)]:
         shape = Shape(B, T)
-        cfg = shape.cfg("innerq")
         key = jax.random.PRNGKey(B * 1000 + T)
         lengths = jnp.full((B,), T, jnp.int32)
         k, v = _random_kv(key, B, shape.Hkv, T, shape.D)
-        layer = _prefill(k, v, lengths, cfg)
-        del k, v
         q = jax.random.normal(jax.random.fold_in(key, 7), (B, shape.Hq, shape.D), jnp.float32)
-        qp = prepare_query(q, layer, cfg, 1 / math.sqrt(shape.D))
-        ref = quantized_attention_core(qp, layer, lengths, cfg)
-        nbytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f] for f in ("codes", "scale", "zero"))
-        nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qp.nbytes
-        n_sets = max(4, math.ceil(6 * 50 * 2**20 / nbytes))
-        sets = _copies((qp, layer, lengths), n_sets)
+        built = {}  # kind -> (cfg, ref, sets, nbytes): one cache per layout ("kind" option)
         for opts in points:
             rec = {"shape": shape.label, "options": opts}
+            opts = dict(opts)
+            kind = opts.pop("kind", "innerq")
+            if kind not in built:
+                built.clear()  # one layout's copies in memory at a time
+                cfg = shape.cfg(kind)
+                layer = _prefill(k, v, lengths, cfg)
+                qp = prepare_query(q, layer, cfg, 1 / math.sqrt(shape.D))
+                ref = quantized_attention_core(qp, layer, lengths, cfg)
+                nbytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
+                             for f in ("codes", "scale", "zero"))
+                nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qp.nbytes
+                n_sets = max(4, math.ceil(6 * 50 * 2**20 / nbytes))
+                built[kind] = (cfg, ref, _copies((qp, layer, lengths), n_sets), nbytes)
+                del layer
+            cfg, ref, sets, nbytes = built[kind]
+            qp, layer = sets[0][0], sets[0][1]
             try:
                 fn = functools.partial(md.mgpu_decode_attention, cfg=cfg, **opts)
                 out_ = jax.jit(fn)(qp, layer, lengths)
@@ -140,7 +149,7 @@ def kernel_stage(log, points, reps, save, copy_gbps):
             rec.update(bytes=nbytes, roofline_ms=roofline_ms(nbytes, copy_gbps))
             out.append(rec)
             save(out)
-        del sets, layer
+        del built, k, v
     return out
 
 
@@ -151,6 +160,7 @@ def best_point(path: str) -> dict:
     except (OSError, ValueError, KeyError):
         return {}
     ok = [r for r in recs if "op_ms" in r and not r["options"].get("ablate")
+          and r["options"].get("kind", "innerq") == "innerq"
           and r["shape"].startswith("B8-T32k")]
     return min(ok, key=lambda r: r["op_ms"])["options"] if ok else {}
 

@@ -412,8 +412,12 @@ def outer_softmax_step(ops, geo: Geometry, acc_k, vs, vz, m_cols, n_valid, xchg,
             for jj in range(geo.half):  # 2**-e_j for a run-time j
                 down = ops.where(j == jj, ops.f32(2.0 ** -exps[jj]), down)
             ok = tau < n_valid  # stale scales past the quantized tokens read as zeros
-            sv = ops.load(vs, tau * ng, "bf16", ng, keep=ok)
-            zv = ops.load(vz, tau * ng, "bf16", ng, keep=ok)
+            if ng % 2 == 0:  # one select per word of two
+                sv = ops.load(vs, tau * ng, "bf16", ng, keep=ok)
+                zv = ops.load(vz, tau * ng, "bf16", ng, keep=ok)
+            else:
+                sv = [ops.where(ok, x, 0.0) for x in ops.load(vs, tau * ng, "bf16", ng)]
+                zv = [ops.where(ok, x, 0.0) for x in ops.load(vz, tau * ng, "bf16", ng)]
             for uh in range(OWN):
                 pv = ops.exp2(scores[(mt, rho, uh)] - m_new[uh])
                 acc = sums.setdefault((ck, uh), [None] * Q)
