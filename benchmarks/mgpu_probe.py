@@ -124,7 +124,8 @@ def kernel_stage(log, points, reps, save, copy_gbps):
                         err = float("nan")
                 else:
                     err = _rel(out_, ref)
-                    if err > 1e-2:
+                    tol = 1e-2 if kind == "innerq" else 2e-2  # bench_kernels' TOL_QUANT / TOL_OUTERQ
+                    if err > tol:
                         raise AssertionError(f"rel err {err:.2e}")
                 rec["rel_err"] = err
                 med, lo, hi = time_calls(lambda a, b_, c: fn(a, b_, c), sets, reps)
