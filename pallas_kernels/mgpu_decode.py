@@ -5,6 +5,16 @@
 bf16 sink window, the packed quantized region and the bf16 recent ring, then the
 probability-weighted values; f32 [B, Hkv, n_rep, D].
 
+The same kernel runs the OuterQ (KIVI) layout (``cfg.kind == "outerq"``; one token per
+key row: 2-bit D 128, 4-bit D 64 and 128), so that the inner-versus-outer comparison is
+made on one backend: its codes are packed as InnerQ's, so the A operands and MMA chains
+are the same, and its scales fold into the B operands, which the warpgroup rebuilds in
+every block (Qexp from the query table and the block's key scales, Pexp with every
+channel group's value scale; :func:`pallas_kernels.mgpu_block.outer_key_operand`,
+:func:`~pallas_kernels.mgpu_block.outer_softmax_step`). Its query table comes from XLA
+(``query="xla"``); the InnerQ-only options (``query="kernel"``, ``windows="kernel"``,
+``tail="zero"``, ``chain_parts``, ``wgmma="inline"``) are rejected for it.
+
 Structure (one launch of the Mosaic GPU kernel, plus the work around it):
 
 * per call, the expanded query ``Qexp`` (the B operand of the key MMAs, built once
@@ -103,12 +113,16 @@ def _check_jax_version() -> None:
 # wgmma's latency): results/mgpu_probe_round9*.json, KERNEL_NOTES.md "Round 9". wgmma="inline"
 # (12 registers fewer) and pipeline="bulk" measured level with the default in round 13
 # (results/mgpu_probe_round13.json).
+# ``ctas_per_sm_outerq``: the OuterQ layout's kernel holds 215 registers per thread (its
+# per-block Qexp and its Pexp of every channel group), so two programs fit an SM: split for
+# two (B 8 / 32k op 0.206 ms against 0.272 at three; results/mgpu_probe_round14d.json).
 TUNED = {
-    "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, explicit_barriers=True,
-                        pipeline="emit", windows="epilogue", wide_copies=True, query="kernel",
+    "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2,
+                        explicit_barriers=True, pipeline="emit", windows="epilogue",
+                        wide_copies=True, query="kernel",
                         preferred=dict(min_pairs=64, min_capacity=16384)),
 }
-_FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3)
+_FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2)
 
 
 # where the bf16 windows are attended and the splits merged: "xla" (an einsum pair and the
@@ -1105,7 +1119,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         sms = sm_count()
         if sms is None:
             raise ValueError("num_splits is required where the device reports no SM count")
-        num_splits = default_num_splits(B, H, n_blocks, ctas_per_sm or tuned["ctas_per_sm"], sms)
+        per_sm = ctas_per_sm or tuned.get("ctas_per_sm_outerq" if outer else "ctas_per_sm", 2)
+        num_splits = default_num_splits(B, H, n_blocks, per_sm, sms)
     bps = -(-n_blocks // num_splits)
     NS = -(-n_blocks // bps)
     lengths = jnp.asarray(lengths, jnp.int32)

@@ -1,4 +1,8 @@
-"""Static geometry of the Mosaic GPU InnerQ decode kernel: tiles, MMA operand maps, tables.
+"""Static geometry of the Mosaic GPU decode kernel: tiles, MMA operand maps, tables.
+
+``layout="outerq"`` gives the OuterQ (KIVI) form of the same tiles: key columns (head,
+token group of the block) instead of (head, channel group), value columns (head, channel
+group) instead of (head, token group of the V chunk); the A operands are unchanged.
 
 Everything here is plain Python / numpy so that the CPU test suite checks it.
 Names follow ``innerq_jax/layout.py``: a block of ``BT`` quantized tokens of one
