@@ -254,12 +254,12 @@ def max_batch(limit: int, weight_bytes: int, per_seq: int, data: int, model: int
     return max(data, int(free * data * model // per_seq) // data * data)
 
 
-def attention_kernel(cfg: CacheConfig, pairs: int) -> str:
+def attention_kernel(cfg: CacheConfig, pairs: int, head_dim: int | None = None) -> str:
     """The decode-attention path the dispatch takes for this cache on this device with
-    ``pairs`` (sequence, kv head) pairs per device (``quantized_path``; "dense" for the
-    bf16 cache, "int8" for the int8 one)."""
+    ``pairs`` (sequence, kv head) pairs per device of ``head_dim`` channels
+    (``quantized_path``; "dense" for the bf16 cache, "int8" for the int8 one)."""
     if cfg.quantized:
-        return quantized_path(cfg, pairs)
+        return quantized_path(cfg, pairs, head_dim=head_dim)
     return "dense" if cfg.kind == "bf16" else cfg.kind
 
 
@@ -378,7 +378,7 @@ def main(argv=None) -> None:
                     hlo_path=hlo, call=call)
                 attn = time_attention(cache, mc, B, args.reps, mesh)
                 pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)  # per device
-                row.update(attention_kernel=attention_kernel(cfg, pairs),
+                row.update(attention_kernel=attention_kernel(cfg, pairs, mc.head_dim),
                            step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3,
                            tokens_per_s=B / med, compile_s=comp, step_footprint_bytes=foot,
                            host_call_ms=host["call_ms"], host_flatten_ms=host["flatten_ms"],

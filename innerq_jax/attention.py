@@ -78,10 +78,11 @@ def _resolve(backend: str) -> str:
 
 
 def quantized_path(cfg: CacheConfig, pairs: int, backend: Backend = "auto",
-                   kernel_options=()) -> str:
+                   kernel_options=(), head_dim: int | None = None) -> str:
     """The path :func:`decode_attention_layer` takes for a quantized cache with ``pairs``
-    (sequence, kv head) pairs: "reference", "tpu", "tpu-interpret", "mosaic" (the Mosaic
-    GPU kernel, where the device's tuned entry says it measured faster for this shape),
+    (sequence, kv head) pairs of ``head_dim`` channels: "reference", "tpu", "tpu-interpret",
+    "mosaic" (the Mosaic GPU kernel, where the device's tuned entry says it measured faster
+    for this layout and shape; OuterQ needs ``head_dim``),
     "triton" (the fused Triton kernel) or "interpret" (that kernel in interpret mode).
 
     ``auto`` runs a configuration its device's kernel cannot read on the reference path;
@@ -103,7 +104,8 @@ def quantized_path(cfg: CacheConfig, pairs: int, backend: Backend = "auto",
         return backend
     from pallas_kernels.mgpu_decode import preferred
 
-    if not cfg.kernel_unsupported and preferred(cfg, kernel_options, pairs=pairs):
+    if not cfg.kernel_unsupported and preferred(cfg, kernel_options, pairs=pairs,
+                                                head_dim=head_dim):
         return "mosaic"
     return "triton"
 
@@ -138,7 +140,7 @@ def decode_attention_layer(
                 f"D={layer.k_scale.shape[-1]})"
             )
         path = quantized_path(cfg, q.shape[0] * layer.k_scale.shape[1], backend,
-                              kernel_options)
+                              kernel_options, head_dim=D)
         if path in ("triton", "interpret", "mosaic"):
             # the query's preparation and the output's finish run inside the kernels
             from pallas_kernels.query_prep import QueryPrep

@@ -146,15 +146,28 @@ _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "chain_parts", "wgmma"})
 
 
-def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None) -> bool:
-    """Whether the backend dispatch should run this kernel: an InnerQ cache, a GPU whose
-    tuned entry says this kernel measured faster than the Triton one (for a shape rule: at
-    ``pairs`` = batch x kv heads and the cache's capacity), and only options this kernel
-    takes (Triton-only options keep the Triton kernel)."""
-    if cfg.kind != "innerq" or set(options) - _OPTIONS:
+def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None,
+              head_dim: int | None = None) -> bool:
+    """Whether the backend dispatch should run this kernel: an InnerQ cache (or an OuterQ
+    one of a geometry this kernel takes, ``head_dim`` given), a GPU whose tuned entry says
+    this kernel measured faster than the Triton one for the layout (``preferred``,
+    ``preferred_outerq``; for a shape rule: at ``pairs`` = batch x kv heads and the cache's
+    capacity), and only options this kernel takes (Triton-only options keep the Triton
+    kernel)."""
+    if cfg.kind not in ("innerq", "outerq") or set(options) - _OPTIONS:
         return False
+    if cfg.kind == "outerq":
+        if head_dim is None:
+            return False
+        geo = Geometry(cfg.bits, cfg.group_size, head_dim, 1,
+                       default_block_tokens(cfg.bits, cfg.group_size, head_dim), cfg.kind)
+        try:
+            geo.validate()
+        except ValueError:
+            return False
     device = device or jax.devices()[0]
-    rule = TUNED.get(device.device_kind, {}).get("preferred", False)
+    entry = TUNED.get(device.device_kind, {})
+    rule = entry.get("preferred_outerq" if cfg.kind == "outerq" else "preferred", False)
     if device.platform != "gpu" or not rule:
         return False
     if isinstance(rule, dict):

@@ -823,10 +823,10 @@ def test_gpu_outer_kernel_equals_reference(name, windows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "recommended-D128-gqa4",
-                                  "innerq2-G32-D64-smollm"])
+                                  "innerq2-G32-D64-smollm", "outerq2-G32-D128-gqa4"])
 def test_gpu_kernel_prepares_the_model_query(name):
     """The compiled op as the dispatch calls it (the device's tuned variant): the model's
-    bf16 query heads in, q' prepared by the query kernel, the model's output back in bf16."""
+    bf16 query heads in, q' prepared by the query kernel (by XLA for OuterQ), the model's output back in bf16."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
@@ -834,7 +834,7 @@ def test_gpu_kernel_prepares_the_model_query(name):
     from innerq_jax.reference import split_heads
     from pallas_kernels.query_prep import QueryPrep
 
-    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cfg, D, Hq, Hkv, lengths, appends, opts = {**GRID, **OUTER_GRID}[name]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     layer = cache.layer(0)
     q = (jax.random.normal(jax.random.PRNGKey(7), (len(lengths), Hq, D)) * 2).astype(
