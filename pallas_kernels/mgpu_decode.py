@@ -116,11 +116,16 @@ def _check_jax_version() -> None:
 # ``ctas_per_sm_outerq``: the OuterQ layout's kernel holds 215 registers per thread (its
 # per-block Qexp and its Pexp of every channel group), so two programs fit an SM: split for
 # two (B 8 / 32k op 0.206 ms against 0.272 at three; results/mgpu_probe_round14d.json).
+# ``preferred_outerq``: the same rule as InnerQ's, measured for OuterQ against the Triton
+# OuterQ op in one process (results/kernels_points_round14_outer_dispatch.json): ahead by
+# 8-11% at B 8 / 32k, B 8 / 16k and B 32 / 16k, behind at B 1 / 128k (0.134 against 0.127),
+# B 1 / 32k and B 8 / 4k.
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2,
                         explicit_barriers=True, pipeline="emit", windows="epilogue",
                         wide_copies=True, query="kernel",
-                        preferred=dict(min_pairs=64, min_capacity=16384)),
+                        preferred=dict(min_pairs=64, min_capacity=16384),
+                        preferred_outerq=dict(min_pairs=64, min_capacity=16384)),
 }
 _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2)
 

@@ -826,7 +826,8 @@ def test_gpu_outer_kernel_equals_reference(name, windows):
                                   "innerq2-G32-D64-smollm", "outerq2-G32-D128-gqa4"])
 def test_gpu_kernel_prepares_the_model_query(name):
     """The compiled op as the dispatch calls it (the device's tuned variant): the model's
-    bf16 query heads in, q' prepared by the query kernel (by XLA for OuterQ), the model's output back in bf16."""
+    bf16 query heads in, q' prepared by the query kernel (by XLA for OuterQ), the model's
+    output back in bf16."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
@@ -862,6 +863,7 @@ def test_dispatch_prefers_mosaic_only_where_measured():
     h200 = _Device("gpu", "NVIDIA H200")
     assert not md.preferred(cfg, device=_Device("cpu", "cpu"))
     assert not md.preferred(CacheConfig.outerq(capacity=512), device=h200)
+    assert not md.preferred(CacheConfig.bf16(capacity=512), device=h200)
     assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
     assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
     # the H200's rule: at least 64 (sequence, kv head) pairs and a 16k-token cache
@@ -873,6 +875,15 @@ def test_dispatch_prefers_mosaic_only_where_measured():
     assert not md.preferred(cfg, device=h200, pairs=256)  # a 512-token cache: Triton
     assert not md.preferred(long, device=h200)  # no shape given: Triton
     assert not md.preferred(long, {"num_warps": 4}, h200, pairs=64)
+    # OuterQ: the same rule, and only a geometry the kernel takes (one token per key row)
+    assert md.TUNED["NVIDIA H200"]["preferred_outerq"] == dict(min_pairs=64, min_capacity=16384)
+    outer = CacheConfig.outerq(capacity=32768)
+    assert md.preferred(outer, device=h200, pairs=64, head_dim=128)
+    assert not md.preferred(outer, device=h200, pairs=64)  # no head_dim: Triton
+    assert not md.preferred(outer, device=h200, pairs=64, head_dim=64)  # 2-bit D 64
+    assert md.preferred(CacheConfig.outerq(bits=4, capacity=32768), device=h200, pairs=64,
+                        head_dim=64)
+    assert not md.preferred(outer, device=h200, pairs=8, head_dim=128)
 
 
 def test_dispatch_runs_the_kernel_the_rule_picks(monkeypatch):
@@ -898,6 +909,15 @@ def test_dispatch_runs_the_kernel_the_rule_picks(monkeypatch):
         assert picked[-1] == want, (B, Hkv, picked)
         # the same choice, named, as benchmarks read it
         assert att.quantized_path(cfg, B * Hkv) == want
+    outer = CacheConfig.outerq(capacity=16384)
+    for B, Hkv, D, want in ((8, 8, 128, "mosaic"), (1, 8, 128, "triton"), (8, 8, 64, "triton")):
+        layer = jax.eval_shape(lambda: KVCache.create(outer, 1, B, Hkv, D).layer(0))
+        q = jax.ShapeDtypeStruct((B, 4 * Hkv, D), jnp.float32)
+        lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+        jax.eval_shape(lambda q_, lay, n: att.decode_attention_layer(q_, lay, n, outer), q,
+                       layer, lens)
+        assert picked[-1] == want, (B, Hkv, D, picked)
+        assert att.quantized_path(outer, B * Hkv, head_dim=D) == want
     assert att.quantized_path(cfg, 64, "reference") == "reference"
     assert att.quantized_path(cfg, 64, "interpret") == "interpret"
     assert att.quantized_path(cfg, 64, kernel_options={"num_warps": 4}) == "triton"
