@@ -87,7 +87,7 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     or None.
     """
     w, rr, c = ops.w, ops.rr, ops.c
-    P, OWN, ng, ngc = geo.P, geo.OWN, geo.ng, geo.ngc
+    P, OWN, ng = geo.P, geo.OWN, geo.ng
     plan = pair_plan(geo.bits)
     if tail is not None:
         zero_tail_groups(ops, geo, *tail, n_valid)
