@@ -237,6 +237,64 @@ def _np(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
+def _simulated_programs(geo: Geometry, nq, operands, NS: int, bps: int, program):
+    """Runs ``program(ops, b, h, s, pexp, xchg, blocks)`` for every program of the grid
+    (sequence b, kv head h, split s) and gathers the partials it returns ((o_full, m_cols,
+    l_cols), stored by blk.store_partials). ``pexp`` is poisoned, then cleared by
+    blk.zero_fill as the kernel does; ``xchg`` starts NaN; ``blocks`` yields, per block of
+    the split, (n_valid, the six arrays' blocks as TMA brings them: zeros past the array)."""
+    arrays = [_np(x) for x in operands]
+    B, H = arrays[0].shape[:2]
+    BT, NV, D = geo.BT, geo.NV, geo.D
+    # rows per block of each operand's view: a block's elements over the view's row width
+    rows = [r * w // x.shape[-1] for (r, w), x in zip(md._block_specs(geo), arrays)]
+    o_part = np.zeros((B, H, NS, D, NV), np.float32)
+    ml_part = np.zeros((B, H, NS, 2, NV), np.float32)
+    ops = simt.SimOps()
+
+    def blocks(b, h, s):
+        n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
+        for i in range(-(-n // BT)):
+            g = s * bps + i
+            out = []
+            for x, r in zip(arrays, rows):
+                part = x[b, h][g * r:(g + 1) * r]
+                blk_ = np.zeros((r,) + x.shape[3:], x.dtype)
+                blk_[:len(part)] = part
+                out.append(blk_.reshape(-1))
+            yield n - i * BT, out
+
+    for b in range(B):
+        for h in range(H):
+            for s in range(NS):
+                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
+                pexp[:] = 1  # poison: zero_fill must clear it
+                blk.zero_fill(ops, pexp, pexp.size)
+                xchg = np.full(geo.xchg_size, np.nan, np.float32)
+                o_full, m_cols, l_cols = program(ops, b, h, s, pexp, xchg, blocks(b, h, s))
+                o_out = np.zeros(D * NV, np.float32)
+                ml_out = np.zeros(2 * NV, np.float32)
+                blk.store_partials(ops, geo, o_full, m_cols, l_cols, o_out, ml_out)
+                o_part[b, h, s] = o_out.reshape(D, NV)
+                ml_part[b, h, s] = ml_out.reshape(2, NV)
+    return o_part, ml_part
+
+
+def _initial_state(geo: Geometry):
+    """(o_full, m_cols, l_cols) at a program's start."""
+    NV = geo.NV
+    return (simt.Frag("wgmma", (geo.D, NV), np.zeros((geo.D, NV), np.float32)),
+            simt.Frag("col", (NV,), np.full(NV, md.NEG, np.float32)),
+            simt.Frag("col", (NV,), np.zeros(NV, np.float32)))
+
+
+def _b_logical(geo: Geometry, buf, tile, ncols):
+    """The logical [16, ncols] B operand of ``tile``, read through the kernel's swizzled
+    offsets (what the wgmma reads)."""
+    return np.array([[buf[geo.b_offset(tile, a, c, ncols)] for c in range(ncols)]
+                     for a in range(16)], np.float32)
+
+
 def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int,
                     tail: str = "mask", chain_parts: int = 1):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
@@ -245,73 +303,38 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
     float32 product (A from the register arrays, B the logical Qexp / the Pexp buffer read
     through the kernel's own swizzled offsets), the pipeline as a loop over blocks.
     """
-    kw, ks, kz, vw, vs, vz = (_np(x) for x in operands)
     zero_tail = tail == "zero"
     qexp, kconst = _np(qexp, np.float32), _np(kconst, np.float32)
-    B, H = kw.shape[:2]
-    BT, NV, D = geo.BT, geo.NV, geo.D
-    o_part = np.zeros((B, H, NS, D, NV), np.float32)
-    ml_part = np.zeros((B, H, NS, 2, NV), np.float32)
-    ops = simt.SimOps()
-    pexp_log = lambda buf, ck, j: np.array(  # noqa: E731  (logical B through the offsets)
-        [[buf[geo.pexp_offset(ck, j, a, c)] for c in range(NV)] for a in range(16)], np.float32)
-    # rows per block of each operand's view: a block's elements over the view's row width
-    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (
-        rows * width // x.shape[-1]
-        for (rows, width), x in zip(md._block_specs(geo), (kw, ks, kz, vw, vs, vz)))
 
-    def block(ref, i, rows):  # TMA: a block of rows, zeros past the array
-        out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
-        part = ref[i * rows:(i + 1) * rows]
-        out[:len(part)] = part
-        return out.reshape(-1)
+    def program(ops, b, h, s, pexp, xchg, blocks):
+        kc = kconst[b, h].reshape(-1).astype(np.float32)
+        o_full, m_cols, l_cols = _initial_state(geo)
+        acc_init = blk.k_acc_init(ops, geo, kc)
+        for n_valid, (kw_s, ks_s, kz_s, vw_s, vs_s, vz_s) in blocks:
+            acc = acc_init
+            for stp in md._parts(geo.n_ksteps, chain_parts):  # the kernel's parts
+                a_k = blk.k_operands(ops, geo, kw_s, stp)
+                for a, st in zip(a_k, stp):
+                    acc = simt.wgmma(acc, a, qexp[b, h, st])
+            m_new, alpha, poffs, psums = blk.softmax_step(
+                ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
+                tail=(vs_s, vz_s) if zero_tail else None)
+            l_cols = simt.Frag("col", (geo.NV,), l_cols.mat * alpha.mat
+                               + sum(p.mat for p in psums))
+            for ck in range(geo.NC):
+                acc_v = blk.v_acc_init(ops, geo, poffs[ck])
+                for js in md._parts(geo.half, chain_parts):
+                    a_v = blk.v_operands(ops, geo, vw_s, ck, js)
+                    for a, j in zip(a_v, js):
+                        acc_v = simt.wgmma(acc_v, a, _b_logical(geo, pexp, ck * geo.half + j,
+                                                                 geo.NV))
+                o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
+                                        alpha if ck == 0 else None,
+                                        None if zero_tail else n_valid, ck)
+            m_cols = m_new
+        return o_full, m_cols, l_cols
 
-    for b in range(B):
-        for h in range(H):
-            for s in range(NS):
-                kc = kconst[b, h].reshape(-1).astype(np.float32)
-                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
-                pexp[:] = 1  # poison: zero_fill must clear it
-                blk.zero_fill(ops, pexp, pexp.size)
-                xchg = np.full(geo.xchg_size, np.nan, np.float32)
-                m_cols = simt.Frag("col", (NV,), np.full(NV, md.NEG, np.float32))
-                l_cols = simt.Frag("col", (NV,), np.zeros(NV, np.float32))
-                o_full = simt.Frag("wgmma", (D, NV), np.zeros((D, NV), np.float32))
-                acc_init = blk.k_acc_init(ops, geo, kc)
-                n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
-                for i in range(-(-n // BT)):
-                    g = s * bps + i
-                    kw_s = block(kw[b, h], g, r_kw)
-                    ks_s, kz_s = block(ks[b, h], g, r_ks), block(kz[b, h], g, r_kz)
-                    vw_s = block(vw[b, h], g, r_vw)
-                    vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
-                    n_valid = n - i * BT
-                    acc = acc_init
-                    for stp in md._parts(geo.n_ksteps, chain_parts):  # the kernel's parts
-                        a_k = blk.k_operands(ops, geo, kw_s, stp)
-                        for a, st in zip(a_k, stp):
-                            acc = simt.wgmma(acc, a, qexp[b, h, st])
-                    m_new, alpha, poffs, psums = blk.softmax_step(
-                        ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
-                        tail=(vs_s, vz_s) if zero_tail else None)
-                    l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat
-                                       + sum(p.mat for p in psums))
-                    for ck in range(geo.NC):
-                        acc_v = blk.v_acc_init(ops, geo, poffs[ck])
-                        for js in md._parts(geo.half, chain_parts):
-                            a_v = blk.v_operands(ops, geo, vw_s, ck, js)
-                            for a, j in zip(a_v, js):
-                                acc_v = simt.wgmma(acc_v, a, pexp_log(pexp, ck, j))
-                        o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
-                                                alpha if ck == 0 else None,
-                                                None if zero_tail else n_valid, ck)
-                    m_cols = m_new
-                o_out = np.zeros(D * NV, np.float32)
-                ml_out = np.zeros(2 * NV, np.float32)
-                blk.store_partials(ops, geo, o_full, m_cols, l_cols, o_out, ml_out)
-                o_part[b, h, s] = o_out.reshape(D, NV)
-                ml_part[b, h, s] = ml_out.reshape(2, NV)
-    return o_part, ml_part
+    return _simulated_programs(geo, nq, operands, NS, bps, program)
 
 
 def simulate_outer_kernel(geo: Geometry, nq, qtab, operands, NS: int, bps: int):
@@ -319,69 +342,36 @@ def simulate_outer_kernel(geo: Geometry, nq, qtab, operands, NS: int, bps: int):
     key operand Qexp and its column constants built by the threads
     (blk.outer_key_operand), the key chain read through the buffer's swizzled offsets, the
     OuterQ softmax step, the value chains and epilogue."""
-    kw, ks, kz, vw, vs, vz = (_np(x) for x in operands)
     qtab = _np(qtab, np.float32)
-    B, H = kw.shape[:2]
-    BT, NV, NK, D = geo.BT, geo.NV, geo.NK, geo.D
-    o_part = np.zeros((B, H, NS, D, NV), np.float32)
-    ml_part = np.zeros((B, H, NS, 2, NV), np.float32)
-    ops = simt.SimOps()
-    b_log = lambda buf, tile, n: np.array(  # noqa: E731  (logical B through the offsets)
-        [[buf[geo.b_offset(tile, a, c, n)] for c in range(n)] for a in range(16)], np.float32)
-    r_kw, r_ks, r_kz, r_vw, r_vs, r_vz = (
-        rows * width // x.shape[-1]
-        for (rows, width), x in zip(md._block_specs(geo), (kw, ks, kz, vw, vs, vz)))
+    H = _np(operands[0]).shape[1]
+    NK, NV = geo.NK, geo.NV
 
-    def block(ref, i, rows):
-        out = np.zeros((rows,) + ref.shape[1:], ref.dtype)
-        part = ref[i * rows:(i + 1) * rows]
-        out[:len(part)] = part
-        return out.reshape(-1)
+    def program(ops, b, h, s, pexp, xchg, blocks):
+        qt = qtab[b * H + h].reshape(-1)
+        qexp = np.zeros(geo.n_ksteps * 16 * NK, ml_dtypes.bfloat16)
+        qexp[:] = 1  # poison: zero_fill must clear it
+        blk.zero_fill(ops, qexp, qexp.size)
+        kconst = np.zeros(2 * NK, np.float32)
+        o_full, m_cols, l_cols = _initial_state(geo)
+        for n_valid, (kw_s, ks_s, kz_s, vw_s, vs_s, vz_s) in blocks:
+            blk.outer_key_operand(ops, geo, qt, ks_s, kz_s, qexp, kconst)
+            acc = blk.k_acc_init(ops, geo, kconst)
+            for st, a in enumerate(blk.k_operands(ops, geo, kw_s)):
+                acc = simt.wgmma(acc, a, _b_logical(geo, qexp, st, NK))
+            m_new, alpha, poffs, psum, zsum = blk.outer_softmax_step(
+                ops, geo, acc, vs_s, vz_s, m_cols, n_valid, xchg, pexp)
+            l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat + psum.mat)
+            for ck in range(geo.NC):
+                acc_v = blk.v_acc_init(ops, geo, poffs[ck])
+                for j, a in enumerate(blk.v_operands(ops, geo, vw_s, ck)):
+                    acc_v = simt.wgmma(acc_v, a, _b_logical(geo, pexp, ck * geo.half + j, NV))
+                o_full = blk.outer_v_epilogue(ops, geo, o_full, acc_v,
+                                              zsum if ck == 0 else None,
+                                              alpha if ck == 0 else None)
+            m_cols = m_new
+        return o_full, m_cols, l_cols
 
-    for b in range(B):
-        for h in range(H):
-            qt = qtab[b * H + h].reshape(-1)
-            for s in range(NS):
-                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
-                pexp[:] = 1  # poison: zero_fill must clear it
-                blk.zero_fill(ops, pexp, pexp.size)
-                qexp = np.zeros(geo.n_ksteps * 16 * NK, ml_dtypes.bfloat16)
-                qexp[:] = 1
-                blk.zero_fill(ops, qexp, qexp.size)
-                kconst = np.zeros(2 * NK, np.float32)
-                xchg = np.full(geo.xchg_size, np.nan, np.float32)
-                m_cols = simt.Frag("col", (NV,), np.full(NV, md.NEG, np.float32))
-                l_cols = simt.Frag("col", (NV,), np.zeros(NV, np.float32))
-                o_full = simt.Frag("wgmma", (D, NV), np.zeros((D, NV), np.float32))
-                n = int(np.clip(int(nq[b]) - s * bps * BT, 0, bps * BT))
-                for i in range(-(-n // BT)):
-                    g = s * bps + i
-                    kw_s = block(kw[b, h], g, r_kw)
-                    ks_s, kz_s = block(ks[b, h], g, r_ks), block(kz[b, h], g, r_kz)
-                    vw_s = block(vw[b, h], g, r_vw)
-                    vs_s, vz_s = block(vs[b, h], g, r_vs), block(vz[b, h], g, r_vz)
-                    n_valid = n - i * BT
-                    blk.outer_key_operand(ops, geo, qt, ks_s, kz_s, qexp, kconst)
-                    acc = blk.k_acc_init(ops, geo, kconst)
-                    for st, a in enumerate(blk.k_operands(ops, geo, kw_s)):
-                        acc = simt.wgmma(acc, a, b_log(qexp, st, NK))
-                    m_new, alpha, poffs, psum, zsum = blk.outer_softmax_step(
-                        ops, geo, acc, vs_s, vz_s, m_cols, n_valid, xchg, pexp)
-                    l_cols = simt.Frag("col", (NV,), l_cols.mat * alpha.mat + psum.mat)
-                    for ck in range(geo.NC):
-                        acc_v = blk.v_acc_init(ops, geo, poffs[ck])
-                        for a, j in zip(blk.v_operands(ops, geo, vw_s, ck), range(geo.half)):
-                            acc_v = simt.wgmma(acc_v, a, b_log(pexp, ck * geo.half + j, NV))
-                        o_full = blk.outer_v_epilogue(ops, geo, o_full, acc_v,
-                                                      zsum if ck == 0 else None,
-                                                      alpha if ck == 0 else None)
-                    m_cols = m_new
-                o_out = np.zeros(D * NV, np.float32)
-                ml_out = np.zeros(2 * NV, np.float32)
-                blk.store_partials(ops, geo, o_full, m_cols, l_cols, o_out, ml_out)
-                o_part[b, h, s] = o_out.reshape(D, NV)
-                ml_part[b, h, s] = ml_out.reshape(2, NV)
-    return o_part, ml_part
+    return _simulated_programs(geo, nq, operands, NS, bps, program)
 
 
 def _simulated_attention(cache, qp, opts, merges=("xla",)):
