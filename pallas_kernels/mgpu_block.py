@@ -272,7 +272,7 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
     ``n_valid`` None (``tail="zero"``) no mask: their scales must be zero
     (:func:`zero_tail_groups`)."""
     w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
-    ngc = geo.ngc
+    ngc, OWN = geo.ngc, geo.OWN
     sc, zc = {}, {}
     for mv in range(geo.MV):
         for gt in range(ngc):
@@ -283,17 +283,6 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
             z2 = ops.load(vz, off, "bf16", 2, keep=ok)
             for rho in range(2):
                 sc[(mv, gt, rho)], zc[(mv, gt, rho)] = s2[rho], z2[rho]
-    def add(mv, t8, rho, e, k, o):
-        gt = k % ngc
-        return (o + sc[(mv, gt, rho)] * ops.get(acc_v, (mv, t8, rho), e)
-                + zc[(mv, gt, rho)] * ops.get(psum_cols, (t8,), e))
-
-    return _updated_output(ops, geo, o_full, alpha_cols, add)
-
-
-def _updated_output(ops, geo: Geometry, o_full, alpha_cols, add):
-    """o_full [D, NV] (times alpha per column when ``alpha_cols`` is given), each element of
-    an owned head's column (k // vg < OWN, k = 2*t8 + e) then ``add(mv, t8, rho, e, k, o)``."""
     regs = {}
     for mv in range(geo.MV):
         for t8 in range(geo.NV // 8):
@@ -304,8 +293,10 @@ def _updated_output(ops, geo: Geometry, o_full, alpha_cols, add):
                     o = ops.get(o_full, (mv, t8, rho), e)
                     if alpha_cols is not None:
                         o = o * ops.get(alpha_cols, (t8,), e)
-                    if k // geo.vg < geo.OWN:
-                        o = add(mv, t8, rho, e, k, o)
+                    if k // ngc < OWN:
+                        gt = k % ngc
+                        o = (o + sc[(mv, gt, rho)] * ops.get(acc_v, (mv, t8, rho), e)
+                             + zc[(mv, gt, rho)] * ops.get(psum_cols, (t8,), e))
                     vals.append(o)
                 regs[(mv, t8, rho)] = tuple(vals)
     return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
@@ -484,18 +475,26 @@ def outer_v_epilogue(ops, geo: Geometry, o_full, acc_v, zsum_cols, alpha_cols):
     """o_full [D, NV] += acc_v + zsum in the column of each row's own channel group (after
     alpha * o_full when ``alpha_cols`` is given; ``zsum_cols`` None adds no zero term: give
     it to one V chunk of the block). Columns of other groups stay 0."""
-    w, rr = ops.w, ops.rr
-    # the channel group of each row the thread holds (channel 64mv + 16w + 2rr + rho)
-    gd_row = {(mv, rho): (64 * mv + 16 * w + 2 * rr + rho) // geo.G
-              for mv in range(geo.MV) for rho in range(2)}
-
-    def add(mv, t8, rho, e, k, o):
-        x = o + ops.get(acc_v, (mv, t8, rho), e)
-        if zsum_cols is not None:
-            x = x + ops.get(zsum_cols, (t8,), e)
-        return ops.where(gd_row[(mv, rho)] == k % geo.ng, x, o)
-
-    return _updated_output(ops, geo, o_full, alpha_cols, add)
+    w, rr, OWN, ng, G = ops.w, ops.rr, geo.OWN, geo.ng, geo.G
+    regs = {}
+    for mv in range(geo.MV):
+        for rho in range(2):
+            gd_row = (64 * mv + 16 * w + 2 * rr + rho) // G  # the row's channel's group
+            for t8 in range(geo.NV // 8):
+                vals = []
+                for e in range(2):
+                    k = 2 * t8 + e
+                    o = ops.get(o_full, (mv, t8, rho), e)
+                    if alpha_cols is not None:
+                        o = o * ops.get(alpha_cols, (t8,), e)
+                    if k // ng < OWN:
+                        x = o + ops.get(acc_v, (mv, t8, rho), e)
+                        if zsum_cols is not None:
+                            x = x + ops.get(zsum_cols, (t8,), e)
+                        o = ops.where(gd_row == k % ng, x, o)
+                    vals.append(o)
+                regs[(mv, t8, rho)] = tuple(vals)
+    return ops.frag("wgmma", (geo.D, geo.NV), regs, dtype="f32")
 
 
 def store_partials(ops, geo: Geometry, o_full, m_cols, l_cols, o_out, ml_out):
