@@ -709,6 +709,18 @@ def test_simulated_outer_kernel_equals_reference(name):
         np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
 
 
+def test_simulated_outer_kernel_with_sinks_equals_reference():
+    """OuterQ with attention sinks (``CacheConfig.outerq(sink=4)``, the 2-bit quality pick
+    on SmolLM2), which the dispatch runs on this kernel at long contexts: lengths inside the
+    sink, at its edge and past it, merged by the Triton epilogue in interpret mode."""
+    cfg = CacheConfig.outerq(sink=4, capacity=512)
+    cache = _cache(cfg, 4, 2, 128, [3, 4, 4 + 128 + 32 + 7, 500], 2)
+    qp = _query(cache, 8)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    (out,) = _simulated_attention(cache, qp, dict(num_splits=2), ("epilogue",))
+    assert _rel(out, ref) < TOL
+
+
 def test_simulated_outer_kernel_ignores_stale_scales_past_the_quantized_tokens():
     """Key scales / zeros of token groups and value scales / zeros of tokens past a
     sequence's quantized tokens (NaN here) never reach the output: the key columns they fill
