@@ -1182,7 +1182,7 @@ def mgpu_decode_attention(
     prep: QueryPrep | None = None,
     **options,
 ) -> jax.Array:
-    """Fused InnerQ decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
+    """Fused InnerQ (or OuterQ) decode attention on Mosaic GPU; f32 [B, Hkv, n_rep, D].
 
     qp [B, Hkv, n_rep, D] f32 (sigma, rotation and softmax scale folded in, see
     ``innerq_jax.reference.prepare_query``); lengths [B]. With ``prep``
