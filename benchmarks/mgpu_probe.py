@@ -95,13 +95,13 @@ def kernel_stage(log, points, reps, save, copy_gbps):
         lengths = jnp.full((B,), T, jnp.int32)
         k, v = _random_kv(key, B, shape.Hkv, T, shape.D)
         q = jax.random.normal(jax.random.fold_in(key, 7), (B, shape.Hq, shape.D), jnp.float32)
-        built = {}  # kind -> (cfg, ref, sets, nbytes): one cache per layout ("kind" option)
+        built = (None,)  # (kind, cfg, ref, sets, nbytes): one layout's copies at a time
         for opts in points:
             rec = {"shape": shape.label, "options": opts}
             opts = dict(opts)
-            kind = opts.pop("kind", "innerq")
-            if kind not in built:
-                built.clear()  # one layout's copies in memory at a time
+            kind = opts.pop("kind", "innerq")  # the cache layout of this point
+            if built[0] != kind:
+                built = (None,)
                 cfg = shape.cfg(kind)
                 layer = _prefill(k, v, lengths, cfg)
                 qp = prepare_query(q, layer, cfg, 1 / math.sqrt(shape.D))
@@ -110,9 +110,9 @@ def kernel_stage(log, points, reps, save, copy_gbps):
                              for f in ("codes", "scale", "zero"))
                 nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qp.nbytes
                 n_sets = max(4, math.ceil(6 * 50 * 2**20 / nbytes))
-                built[kind] = (cfg, ref, _copies((qp, layer, lengths), n_sets), nbytes)
+                built = (kind, cfg, ref, _copies((qp, layer, lengths), n_sets), nbytes)
                 del layer
-            cfg, ref, sets, nbytes = built[kind]
+            _, cfg, ref, sets, nbytes = built
             qp, layer = sets[0][0], sets[0][1]
             try:
                 fn = functools.partial(md.mgpu_decode_attention, cfg=cfg, **opts)

@@ -792,6 +792,30 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                   for t8 in range(NV // 8)}
         return m_new, ops.frag("col", (NV,), l_regs, "f32"), alpha, tuple(poffs), zsum
 
+    def value_chain(poff, vw_s, ck, idx):
+        """V chunk ck's accumulator: -128 * poff (the codes' offset), then the chain of its
+        code pairs against Pexp (in kc.chain_parts waited parts; kc.wgmma's form)."""
+        acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
+                        lambda ops, po: blk.v_acc_init(ops, geo, po))(poff)
+        for js in _parts(geo.half, kc.chain_parts):
+            if kc.wgmma == "inline":
+                acc_v = _inline(
+                    [_WGMMA, ref, pexp_t, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
+                    lambda ops, acc, vw, px, i, js=js: _wgmma_chain(
+                        acc, blk.v_operands(ops, geo, vw, ck, js), px,
+                        [ck * geo.half + j for j in js], _loop_zero(_I(_scalar(i)))))(
+                    acc_v, vw_s, pexp_smem, idx[0])
+                continue
+            a_v = _inline([ref], (v_op_ty,) * len(js), lambda ops, vw, js=js: tuple(
+                blk.v_operands(ops, geo, vw, ck, js)))(vw_s)
+
+            def v_chain(acc_ref, a_v=a_v, js=js):
+                for a, j in zip(a_v, js):
+                    plgpu.wgmma(acc_ref, a, pexp_smem.at[ck * geo.half + j])
+
+            acc_v = pl.run_state(v_chain)(plgpu.ACC.init(acc_v))
+        return acc_v
+
     def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
         m_cols, l_cols, o_full = carry
         if "stream" in ablate:  # timing ablation: the pipeline's copies alone
@@ -837,25 +861,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             return blk.v_epilogue(ops, geo, o, a, vs, vz, ps, al, nv, ck)
 
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
-            acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
-                            lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
-            for js in _parts(geo.half, kc.chain_parts):
-                if kc.wgmma == "inline":
-                    acc_v = _inline(
-                        [_WGMMA, ref, pexp_t, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
-                        lambda ops, acc, vw, px, i, ck=ck, js=js: _wgmma_chain(
-                            acc, blk.v_operands(ops, geo, vw, ck, js), px,
-                            [ck * geo.half + j for j in js], _loop_zero(_I(_scalar(i)))))(
-                        acc_v, vw_s, pexp_smem, idx[0])
-                    continue
-                a_v = _inline([ref], (v_op_ty,) * len(js), lambda ops, vw, ck=ck, js=js: tuple(
-                    blk.v_operands(ops, geo, vw, ck, js)))(vw_s)
-
-                def v_chain(acc_ref, a_v=a_v, ck=ck, js=js):
-                    for a, j in zip(a_v, js):
-                        plgpu.wgmma(acc_ref, a, pexp_smem.at[ck * geo.half + j])
-
-                acc_v = pl.run_state(v_chain)(plgpu.ACC.init(acc_v))
+            acc_v = value_chain(poffs[ck], vw_s, ck, idx)
             al_args, al_types = ((alpha,), [_COL]) if ck == 0 else ((), [])
             o_full = _inline(
                 [_WGMMA, _WGMMA, ref, ref, _COL] + al_types + nv_types,
@@ -870,16 +876,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             no_sync="no_sync" in ablate)(
             acc_k, vs_s, vz_s, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
-            acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
-                            lambda ops, po: blk.v_acc_init(ops, geo, po))(poffs[ck])
-            a_v = _inline([ref], (v_op_ty,) * geo.half, lambda ops, vw, ck=ck: tuple(
-                blk.v_operands(ops, geo, vw, ck)))(vw_s)
-
-            def v_chain(acc_ref, a_v=a_v, ck=ck):
-                for j, a in enumerate(a_v):
-                    plgpu.wgmma(acc_ref, a, pexp_smem.at[ck * geo.half + j])
-
-            acc_v = pl.run_state(v_chain)(plgpu.ACC.init(acc_v))
+            acc_v = value_chain(poffs[ck], vw_s, ck, idx)
             first = ck == 0  # alpha and the zero term once per block
             o_full = _inline(
                 [_WGMMA, _WGMMA] + [_COL, _COL] * first, _sds((D, NV), jnp.float32, _WGMMA),
@@ -1137,7 +1134,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         sms = sm_count()
         if sms is None:
             raise ValueError("num_splits is required where the device reports no SM count")
-        per_sm = ctas_per_sm or tuned.get("ctas_per_sm_outerq" if outer else "ctas_per_sm", 2)
+        per_sm = ctas_per_sm or tuned["ctas_per_sm_outerq" if outer else "ctas_per_sm"]
         num_splits = default_num_splits(B, H, n_blocks, per_sm, sms)
     bps = -(-n_blocks // num_splits)
     NS = -(-n_blocks // bps)

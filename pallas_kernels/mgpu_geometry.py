@@ -192,6 +192,8 @@ class Geometry:
         return self.xchg_max_size + chunks * 4 * self.OWN * 4 * self.n_sums
 
     def validate(self) -> None:
+        if self.layout not in ("innerq", "outerq"):
+            raise ValueError(f"layout={self.layout!r}; choose 'innerq' or 'outerq'")
         if self.bits not in (2, 4):
             raise ValueError(f"bits={self.bits}; the Mosaic GPU kernel supports 2 and 4")
         if self.D % 64 or not 64 <= self.D <= 256:
@@ -211,8 +213,6 @@ class Geometry:
                 f"V chunk {self.TC} tokens) and at most 256 (TMA box)")
         if self.NK > 256 or self.NV > 256:
             raise ValueError(f"n_rep={self.n_rep} gives {self.NK}/{self.NV} MMA columns (max 256)")
-        if self.layout not in ("innerq", "outerq"):
-            raise ValueError(f"layout={self.layout!r}; choose 'innerq' or 'outerq'")
         if self.outer and self.P != 1:
             raise ValueError(
                 f"the OuterQ kernel needs one token per K row (at least 8 key words per token); "

@@ -83,3 +83,18 @@ def test_merge_refuses_files_of_two_devices(tmp_path, monkeypatch):
                                       str(tmp_path)])
     with pytest.raises(SystemExit, match="different devices"):
         bench_kernels.main()
+
+
+def test_kernel_ir_fingerprint_ignores_locations_and_sees_the_kernel():
+    """benchmarks/kernel_ir.py: the same kernel gives the same fingerprint whatever line of
+    which file built it (no source locations), and a structural option changes it."""
+    import kernel_ir
+
+    name, cfg, D, Hq, Hkv, B, opts = kernel_ir.CASES[2]  # the smallest InnerQ case
+    first = kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, opts)
+    assert len(first) == 16
+    assert kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, opts) == first
+    assert kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, dict(opts, tail="zero")) != first
+    # the OuterQ layout of the same shape is another kernel
+    outer = kernel_ir.CASES[5]
+    assert kernel_ir.fingerprint(*outer[1:]) != first

@@ -736,6 +736,8 @@ def test_simulated_outer_kernel_ignores_stale_scales_past_the_quantized_tokens()
     vt = np.arange(layer.v.scale.shape[2])  # value scales: one row per token
     kdead = (kg[None, :] >= nq[:, None])[:, None, :, None]
     vdead = (vt[None, :] >= nq[:, None])[:, None, :, None]
+    # the poison lands: dead slots in every sequence but the full one, live ones elsewhere
+    assert kdead.any() and vdead.any() and not kdead.all() and not vdead.all()
     poison = lambda x, dead: jnp.where(dead, jnp.nan, x).astype(x.dtype)  # noqa: E731
     k = dataclasses.replace(layer.k, scale=poison(layer.k.scale, kdead),
                             zero=poison(layer.k.zero, kdead))
