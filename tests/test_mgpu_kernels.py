@@ -859,6 +859,42 @@ def test_gpu_kernel_prepares_the_model_query(name):
     assert err < TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["innerq", "recommended", "outerq-sinks"])
+def test_gpu_dispatch_runs_the_tuned_mosaic_kernel(kind):
+    """The layer's attention at a shape the H200's tuned entry sends to the Mosaic kernel
+    (64 (sequence, kv head) pairs, a 16k-token cache; OuterQ here with 4 sink tokens, which
+    its published layout leaves out), with the model's bf16 query heads, against the
+    reference; ragged lengths: full, inside the sink, recent only, mid-block, one group."""
+    if _hopper() is None:
+        pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
+                    "pipelined copies, so the kernel runs only there")
+    from innerq_jax.attention import decode_attention_layer, quantized_path
+
+    make = {"innerq": CacheConfig.innerq, "recommended": CacheConfig.recommended,
+            "outerq-sinks": functools.partial(CacheConfig.outerq, sink=4)}[kind]
+    cfg = make(capacity=16384)
+    B, Hkv, Hq, D = 8, 8, 32, 128
+    assert quantized_path(cfg, B * Hkv, "pallas", head_dim=D) == "mosaic"
+    lengths = np.array([16384, 3, 100, 9001, 4 + 128 + 32 + 5, 15000, 2048 + 77, 700])
+    kk, kv, kq = jax.random.split(jax.random.PRNGKey(11), 3)
+    chan = 1.0 + 7.0 * (jax.random.uniform(kk, (D,)) > 0.97)  # a few outlier channels
+    k = (jax.random.normal(kk, (1, B, Hkv, 16384, D)) + 1.5) * chan
+    v = jax.random.normal(kv, (1, B, Hkv, 16384, D))
+    cache = KVCache.from_prefill(cfg, k, v, jnp.asarray(lengths, jnp.int32))
+    layer = cache.layer(0)
+    q = (jax.random.normal(kq, (B, Hq, D)) * 2).astype(jnp.bfloat16)
+    out = jax.jit(lambda q_, lay, n: decode_attention_layer(q_, lay, n, cfg, backend="pallas"))(
+        q, layer, cache.lengths)
+    assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+    with jax.default_matmul_precision("highest"):
+        ref = decode_attention_layer(q.astype(jnp.float32), layer, cache.lengths, cfg,
+                                     backend="reference")
+    err = _rel(out, ref)
+    print(f"{kind} through the dispatch: rel err {err:.2e}")
+    assert err < TOL
+
+
 class _Device:
     def __init__(self, platform, device_kind):
         self.platform, self.device_kind = platform, device_kind
