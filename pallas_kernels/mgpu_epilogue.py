@@ -41,12 +41,14 @@ from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
 from pallas_kernels import window_blocks as wb
+from pallas_kernels.innerq_blocks import next_pow2
 from pallas_kernels.mgpu_decode import sm_count
 from pallas_kernels.mgpu_geometry import NEG, Geometry
 from pallas_kernels.triton_ext import call_quietly
 
 _SPLIT_STEP = 16  # splits per gather of the running maxima and sums
-_MERGE_STEP = 8  # splits whose partials are read per merge step (their loads overlap)
+_MERGE_STEP = 16  # at most this many splits' partials read per merge step (loads overlap)
+_MERGE_ELEMS = 4096  # and at most this many f32 per step (32 per thread at 4 warps)
 _MIN_CHANNELS = 16  # smallest channel block (Triton tiles are at least 16 wide)
 
 
@@ -66,7 +68,9 @@ def _epilogue_kernel(
     b, d0 = pl.program_id(1), pl.program_id(2) * DC  # this program's channels d0 .. d0 + DC
     sizes = region_sizes(len_ref[b], cfg)
     windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
-    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC))
+    # the windows' output columns in the partials' M-row order (channel of M-row d0 + i)
+    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC),
+                                   v_order=geo.v_channel)
     _merge(op_ref, ml_ref, o_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC)
 
 
@@ -81,68 +85,86 @@ def _merge_kernel(
     _merge(op_ref, ml_ref, o_ref, None, pl.program_id(2) * DC, geo=geo, DC=DC)
 
 
+def _column_heads(geo: Geometry, r: int, n: int):
+    """[n] int32: the head whose value columns include column col (the wgmma layout's
+    slot k = 2 (col // 8) + col % 2 of thread c = (col % 8) // 2, k = uh * vg + token or
+    channel group), -1 where no head of the r owns it (and past the geometry's NV)."""
+    col = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    k = 2 * (col // 8) + col % 2
+    uh = k // geo.vg
+    h = 4 * uh + (col % 8) // 2
+    return jnp.where((uh < geo.OWN) & (h < r) & (col < geo.NV), h, -1)
+
+
 def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
-    """o[h, d0:d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits (and ``window``,
-    (o [NH, DC], m [NH], l [NH]) when given), w_s = 2**(m_s - max m)."""
-    NS, D, NV = op_ref.shape
-    r, nvg, NH = o_ref.shape[0], geo.vg, wb.WINDOW_HEADS  # value column groups per head
+    """o[h, channels of M-rows d0 .. d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits
+    (and ``window``, (o [NH, DC] in the same M-row order, m [NH], l [NH]) when given),
+    w_s = 2**(m_s - max m).
 
-    def col(h, gt):  # value accumulator column of (head h, token group gt); h, gt arrays
-        return geo.v_col(h // 4, gt, h % 4)
+    The sums run in the partials' own column order: a channel block's M-rows are one
+    contiguous [DC, NV] tile of each split (channels d0 .. d0+DC sit in M-rows d0 .. d0+DC,
+    permuted), read whole and weighted column by column (a head's columns all carry its
+    running max); columns no head owns are read and dropped. The columns of each head
+    are summed once, at the end, and the rows stored at their channels."""
+    NS, NV = op_ref.shape[0], next_pow2(op_ref.shape[2])  # (tile sizes are powers of 2)
+    r, NH = o_ref.shape[0], wb.WINDOW_HEADS
+    S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NV)))
+    head = _column_heads(geo, r, NV)  # [NV]
+    owned = head >= 0
 
-    def split_stats(s0):  # (m [STEP, NH], l [STEP, NH], valid) of splits s0 .. s0 + STEP
-        ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (_SPLIT_STEP, NH), 0)
-        hh = jax.lax.broadcasted_iota(jnp.int32, (_SPLIT_STEP, NH), 1)
-        ok = (ss < NS) & (hh < r)
-        sc, hc = jnp.minimum(ss, NS - 1), jnp.minimum(hh, r - 1)  # in bounds where masked
-        m = plgpu.load(ml_ref.at[sc, 0, col(hc, 0)], mask=ok, other=NEG)
-        l = jnp.zeros((_SPLIT_STEP, NH), jnp.float32)
-        for gt in range(nvg):
-            l = l + plgpu.load(ml_ref.at[sc, 1, col(hc, gt)], mask=ok, other=0.0)
-        return m, l, ok
+    def stats(s0, n):  # (m, l) [n, NV] of splits s0 .. s0 + n, NEG / 0 past NS and unowned
+        ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (n, NV), 0)
+        cc = jax.lax.broadcasted_iota(jnp.int32, (n, NV), 1)
+        ok = (ss < NS) & owned[None, :]
+        sc, cc = jnp.minimum(ss, NS - 1), jnp.minimum(cc, geo.NV - 1)  # in bounds where masked
+        m = plgpu.load(ml_ref.at[sc, 0, cc], mask=ok, other=NEG)
+        l = plgpu.load(ml_ref.at[sc, 1, cc], mask=ok, other=0.0)
+        return jnp.where(ok, m, NEG), jnp.where(ok, l, 0.0), ok
 
-    stats = [split_stats(s0) for s0 in range(0, NS, _SPLIT_STEP)]  # read once
-    m_max = jnp.full((NH,), NEG, jnp.float32) if window is None else window[1]
-    for m, _, _ in stats:
-        m_max = jnp.maximum(m_max, jnp.max(m, axis=0))
-    l_tot = jnp.zeros((NH,), jnp.float32)
-    acc = jnp.zeros((DC, NH), jnp.float32)
-    if window is not None:
-        o_w, m_w, l_w = window
-        w_w = jnp.exp2(m_w - m_max)
-        l_tot, acc = w_w * l_w, o_w.T * w_w[None, :]
-    for m, l, ok in stats:
-        l_tot = l_tot + jnp.sum(jnp.where(ok, jnp.exp2(m - m_max[None, :]) * l, 0.0), axis=0)
+    m_max = jnp.full((NV,), NEG, jnp.float32)  # each column's head's maximum over the splits
+    for s0 in range(0, NS, _SPLIT_STEP):
+        m_max = jnp.maximum(m_max, jnp.max(stats(s0, _SPLIT_STEP)[0], axis=0))
+    rows = d0 + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 2)
 
-    # accumulator [DC, NH]: channel d0 + i, head h; a split's channel d sits in M-row v_row(d)
-    dd = d0 + jax.lax.broadcasted_iota(jnp.int32, (DC, NH), 0)
+    def body(i, carry):  # splits i*S .. i*S + S: independent loads, one chain of adds
+        acc, l_acc = carry
+        m, l, ok = stats(i * S, S)
+        w = jnp.where(ok, jnp.exp2(m - m_max[None, :]), 0.0)  # [S, NV]
+        l_acc = l_acc + jnp.sum(w * l, axis=0)
+        ss = i * S + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 0)
+        o = plgpu.load(op_ref.at[jnp.minimum(ss, NS - 1), rows, jnp.minimum(cols, geo.NV - 1)],
+                       mask=(ss < NS) & (cols < geo.NV), other=0.0)
+        acc = acc + jnp.sum(jnp.where(ok[:, None, :], o * w[:, None, :], 0.0), axis=0)
+        return acc, l_acc
+
+    acc, l_acc = jax.lax.fori_loop(
+        0, -(-NS // S), body, (jnp.zeros((DC, NV), jnp.float32), jnp.zeros((NV,), jnp.float32)))
+
+    # each head's columns summed; the windows' partial merged per head
     hh = jax.lax.broadcasted_iota(jnp.int32, (DC, NH), 1)
-    rows = geo.v_row(dd)
-    head_ok = hh < r
-    cols = [col(jnp.minimum(hh, r - 1), gt) for gt in range(nvg)]
+    hw = jax.lax.broadcasted_iota(jnp.int32, (NH, DC), 0)
     h1 = jax.lax.broadcasted_iota(jnp.int32, (NH,), 0)
-    col1 = col(jnp.minimum(h1, r - 1), 0)
-
-    def body(i, acc):  # splits s0 .. s0 + _MERGE_STEP: independent loads, one chain of adds
-        s0 = i * _MERGE_STEP
-        for k in range(min(_MERGE_STEP, NS)):
-            s = s0 + k
-            live = s < NS
-            sc = jnp.minimum(s, NS - 1)
-            m_s = plgpu.load(ml_ref.at[sc, 0, col1], mask=(h1 < r) & live, other=NEG)
-            w_s = jnp.where((h1 < r) & live, jnp.exp2(m_s - m_max), 0.0)
-            o_s = jnp.zeros((DC, NH), jnp.float32)
-            for c in cols:
-                o_s = o_s + plgpu.load(op_ref.at[sc, rows, c], mask=head_ok & live, other=0.0)
-            acc = acc + o_s * w_s[None, :]
-        return acc
-
-    n_steps = -(-NS // _MERGE_STEP)
-    acc = jax.lax.fori_loop(0, n_steps, body, acc)
-    # zero only where nothing is held; a NaN l_tot (non-finite key or value) stays NaN
-    empty = l_tot == 0
-    out = jnp.where(empty[None, :], 0.0, acc / jnp.where(empty, 1.0, l_tot)[None, :])
-    plgpu.store(o_ref.at[hh, dd], out.astype(o_ref.dtype), mask=head_ok)  # (masked: unwritten)
+    out = jnp.zeros((DC, NH), jnp.float32)
+    for h in range(r):
+        mine = head == h
+        o_h = jnp.sum(jnp.where(mine[None, :], acc, 0.0), axis=1)  # [DC]
+        l_h = jnp.sum(jnp.where(mine, l_acc, 0.0))
+        if window is not None:
+            o_w, m_w, l_w = window
+            m_h = jnp.max(jnp.where(mine, m_max, NEG))
+            m_wh = jnp.max(jnp.where(h1 == h, m_w, NEG))
+            top = jnp.maximum(m_h, m_wh)
+            a, b = jnp.exp2(m_h - top), jnp.exp2(m_wh - top)
+            o_wh = jnp.sum(jnp.where(hw == h, o_w, 0.0), axis=0)  # [DC]
+            o_h = o_h * a + o_wh * b
+            l_h = l_h * a + jnp.sum(jnp.where(h1 == h, l_w, 0.0)) * b
+        # zero only where nothing is held; a NaN sum (non-finite key or value) stays NaN
+        empty = l_h == 0
+        o_h = jnp.where(empty, 0.0, o_h / jnp.where(empty, 1.0, l_h))
+        out = jnp.where(hh == h, o_h[:, None], out)
+    dd = geo.v_channel(d0 + jax.lax.broadcasted_iota(jnp.int32, (DC, NH), 0))
+    plgpu.store(o_ref.at[hh, dd], out.astype(o_ref.dtype), mask=hh < r)  # (masked: unwritten)
 
 
 def channel_blocks(B: int, H: int, D: int, sms: int | None) -> int:

@@ -47,14 +47,15 @@ def cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes: RegionSizes, cfg: Cache
     return windows
 
 
-def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None):
+def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None, v_order=None):
     """Online softmax over dense bf16 windows: (o [NH, DV], m [NH], l [NH]), scores in log2
     units (q times log2 e); rows past q_ref's heads (up to NH) hold finite filler.
 
     windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window
     row indices [rows, 1] to bool. Rows go through in chunks of ``chunk`` so the
     window tiles stay small. ``v_cols`` (d0, DV): only value channels d0 .. d0 + DV of
-    the output (the scores still use all D channels); default all D.
+    the output (the scores still use all D channels); default all D. ``v_order``: column
+    i of the output holds channel ``v_order(d0 + i)`` instead (a permutation of the block).
     """
     d0, DV = v_cols if v_cols is not None else (0, D)
     NH = WINDOW_HEADS
@@ -74,11 +75,12 @@ def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None):
             inb = rows < n
             rr = jnp.minimum(rows, n - 1)
             k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
-            if DV == D:
+            if DV == D and v_order is None:
                 v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
             else:
                 vr = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, DV), 0)
                 vc = d0 + jax.lax.broadcasted_iota(jnp.int32, (c, DV), 1)
+                vc = vc if v_order is None else v_order(vc)
                 v = plgpu.load(v_ref.at[jnp.minimum(vr, n - 1), vc], mask=vr < n, other=0)
             s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
             ok = valid(c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)) & (
