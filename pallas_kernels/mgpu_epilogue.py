@@ -103,9 +103,11 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
 
     The sums run in the partials' own column order: a channel block's M-rows are one
     contiguous [DC, NV] tile of each split (channels d0 .. d0+DC sit in M-rows d0 .. d0+DC,
-    permuted), read whole and weighted column by column (a head's columns all carry its
-    running max); columns no head owns are read and dropped. The columns of each head
-    are summed once, at the end, and the rows stored at their channels."""
+    permuted), read whole and weighted column by column (against the column's maximum over
+    the splits, which the Mosaic kernel's partials repeat over a head's columns; against the
+    head's, where the window program's partial is a split); columns no head owns are read
+    and dropped. The columns of each head are summed once, at the end, and the rows
+    stored at their channels."""
     NS, NV = op_ref.shape[0], next_pow2(op_ref.shape[2])  # (tile sizes are powers of 2)
     r, NH = o_ref.shape[0], wb.WINDOW_HEADS
     S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NV)))
@@ -121,9 +123,17 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
         l = plgpu.load(ml_ref.at[sc, 1, cc], mask=ok, other=0.0)
         return jnp.where(ok, m, NEG), jnp.where(ok, l, 0.0), ok
 
-    m_max = jnp.full((NV,), NEG, jnp.float32)  # each column's head's maximum over the splits
+    m_max = jnp.full((NV,), NEG, jnp.float32)  # each column's maximum over the splits
     for s0 in range(0, NS, _SPLIT_STEP):
         m_max = jnp.maximum(m_max, jnp.max(stats(s0, _SPLIT_STEP)[0], axis=0))
+    if window is None:
+        # the merge-only launch's last split is the window program's partial, whose running
+        # max sits in each head's first column only: one maximum per head over all its
+        # columns, so they sum on one scale (the Mosaic kernel's splits repeat a head's max
+        # over its columns, so with them alone the two are the same)
+        m_head = [jnp.max(jnp.where(head == h, m_max, NEG)) for h in range(r)]
+        for h in range(r):
+            m_max = jnp.where(head == h, m_head[h], m_max)
     rows = d0 + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 1)
     cols = jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 2)
 

@@ -98,3 +98,17 @@ def test_kernel_ir_fingerprint_ignores_locations_and_sees_the_kernel():
     # the OuterQ layout of the same shape is another kernel
     outer = kernel_ir.CASES[5]
     assert kernel_ir.fingerprint(*outer[1:]) != first
+
+
+def test_kernel_ir_fingerprints_the_triton_epilogue():
+    """benchmarks/kernel_ir.py: the epilogue's and the merge's Triton IR, one fingerprint
+    each, the same on a second lowering; another channel-block count is another kernel."""
+    import kernel_ir
+
+    name, cfg, D, Hq, Hkv, B, NS, n_dc = kernel_ir.EPILOGUE_CASES[2]  # the smallest case
+    first = kernel_ir.epilogue_fingerprints(cfg, D, Hq, Hkv, B, NS, n_dc)
+    assert set(first) == {"epilogue", "merge"} and first["epilogue"] != first["merge"]
+    assert all(len(v) == 16 for v in first.values())
+    assert kernel_ir.epilogue_fingerprints(cfg, D, Hq, Hkv, B, NS, n_dc) == first
+    other = kernel_ir.epilogue_fingerprints(cfg, D, Hq, Hkv, B, NS, 1)
+    assert other["epilogue"] != first["epilogue"] and other["merge"] != first["merge"]

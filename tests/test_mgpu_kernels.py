@@ -487,11 +487,13 @@ _EPILOGUE_CASES = ["innerq2-G32-D128-gqa4", "innerq4-G64-D64-smollm", "innerq2-G
                    "innerq4-G64-D128-gqa8", "innerq2-nosink"]
 
 
-def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
+def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=(), window_last=False):
     """Partials in the kernel's column order: each head's running max repeated over its
     token-group columns, sums and outputs random; every column no head owns (and every
-    padding head's) is NaN, so a merge that read one would show it. Splits in
-    ``empty_splits`` hold nothing (max NEG, sum 0, output 0), as the kernel leaves them."""
+    padding head's) is NaN, so a merge that used one would show it. Splits in
+    ``empty_splits`` hold nothing (max NEG, sum 0, output 0), as the kernel leaves them.
+    ``window_last``: the last split as the window program leaves its partial (max, sum and
+    output in each head's first column only, NEG / 0 in its others), with the largest max."""
     o_part = np.full((B, H, NS, geo.D, geo.NV), np.nan, np.float32)
     ml_part = np.full((B, H, NS, 2, geo.NV), np.nan, np.float32)
     cols, rows = geo.combine_tables
@@ -503,6 +505,17 @@ def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
         ml_part[:, :, s, 0, cols] = md.NEG
         ml_part[:, :, s, 1, cols] = 0.0
         o_part[:, :, s][..., cols] = 0.0
+    if window_last:
+        ml_part[:, :, -1, 0, cols] = md.NEG
+        ml_part[:, :, -1, 1, cols] = 0.0
+        o_part[:, :, -1][..., cols] = 0.0
+        top = np.nanmax(np.where(ml_part[:, :, :, 0] > md.NEG, ml_part[:, :, :, 0], -np.inf),
+                        axis=(2, 3))
+        for hh in range(geo.n_rep):
+            c0 = cols[hh, 0]
+            ml_part[:, :, -1, 0, c0] = top + rng.uniform(1.0, 4.0, (B, H))
+            ml_part[:, :, -1, 1, c0] = rng.uniform(0.2, 3.0, (B, H))
+            o_part[:, :, -1, :, c0] = rng.standard_normal((B, H, geo.D))
     return o_part, ml_part
 
 
@@ -514,7 +527,7 @@ def _random_partials(geo: Geometry, B, H, NS, rng, empty_splits=()):
                                   for n in _EPILOGUE_CASES])
 def test_epilogue_equals_xla_merge(name):
     """The Triton epilogue (interpret mode) gives the XLA windows and merge on random
-    partials, reads no column outside the heads' own, and leaves empty sequences 0."""
+    partials, uses no column outside the heads' own, and leaves empty sequences 0."""
     cfg, D, Hq, Hkv, lengths, appends, _ = GRID[name]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
     qp = _query(cache, Hq)
@@ -1047,20 +1060,22 @@ def test_simulated_kernel_with_window_program_equals_reference(name):
                                   pytest.param("innerq4-G64-D128-gqa8", marks=pytest.mark.slow)])
 def test_merge_equals_xla_merge(name):
     """The merge-only launch (windows="kernel") gives the XLA merge on random partials
-    (NaN in every column no head owns), with 1 and D/16 channel blocks; a sequence whose
-    splits all hold nothing is exactly 0."""
+    (NaN in every column no head owns; the last split also as the window program leaves
+    it, its max above every other split's), with 1 and D/16 channel blocks; a sequence
+    whose splits all hold nothing is exactly 0."""
     cfg, D, Hq, Hkv, lengths, _, _ = GRID[name]
     geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
     B, NS = len(lengths), 11  # a full merge step of 8 and a partial one
-    o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(7),
-                                       empty_splits=(0, 10))
-    ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
-                              jnp.asarray(np.nan_to_num(ml_part)), None, geo)
-    for blocks in (1, D // 16):
-        out = merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, Hq // Hkv,
-                             n_channel_blocks=blocks, interpret=True)
-        assert out.shape == ref.shape == (B, Hkv, Hq // Hkv, D)
-        assert _rel(out, ref) < 1e-5
+    for window_last in (False, True):  # the last split as the window program leaves it
+        o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(7),
+                                           empty_splits=(0, 9), window_last=window_last)
+        ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
+                                  jnp.asarray(np.nan_to_num(ml_part)), None, geo)
+        for blocks in (1, D // 16):
+            out = merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, Hq // Hkv,
+                                 n_channel_blocks=blocks, interpret=True)
+            assert out.shape == ref.shape == (B, Hkv, Hq // Hkv, D)
+            assert _rel(out, ref) < 1e-5
     o0, ml0 = _random_partials(geo, B, Hkv, NS, np.random.default_rng(8), empty_splits=range(NS))
     out0 = merge_partials(jnp.asarray(o0), jnp.asarray(ml0), geo, Hq // Hkv, interpret=True)
     np.testing.assert_array_equal(np.asarray(out0), 0.0)
