@@ -969,10 +969,7 @@ def trace(log, args, save):
     first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
     jax's bf16 Pallas kernel; with the rotating input copies of the timing protocol and
     with one input set. ``span - busy`` is time the device waited for launches."""
-    import glob
-    import tempfile
-
-    from trace_summary import summarize
+    from trace_summary import trace_runs
 
     opts = json.loads(args.options or "{}")
     out = []
@@ -1020,18 +1017,11 @@ def trace(log, args, save):
                     ms = time_calls(fn, sets, args.reps)[0]
                     multi, calls = _multi(fn, sets)
                     jax.block_until_ready(multi(calls))
-                    d = tempfile.mkdtemp(prefix="trace_")
-                    with jax.profiler.trace(d, create_perfetto_trace=True):
-                        for _ in range(2):
-                            res = multi(calls)
-                        jax.block_until_ready(res)
+                    per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                     log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
-                files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"),
-                                  recursive=True)
-                steps = 2 * len(calls)
-                for dev, s in (summarize(files[0], steps).items() if files else []):
+                for dev, s in per_dev.items():
                     log(f"  {shape.label} {name:13s} {label:8s} timed {ms * 1e3:7.1f} us | "
                         f"kernels {s['kernel_ms'] * 1e3:7.1f} busy {s['busy_ms'] * 1e3:7.1f} "
                         f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import glob
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 import types
 
@@ -30,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import Shape, _prefill, _random_kv, _rel  # noqa: E402
-from trace_summary import summarize  # noqa: E402
+from trace_summary import trace_runs  # noqa: E402
 
 from innerq_jax.reference import prepare_query  # noqa: E402
 from pallas_kernels import mgpu_decode as md  # noqa: E402
@@ -70,13 +68,7 @@ def device_us(fn, arg_sets, names) -> dict:
     from a trace of CALLS calls in one jitted program."""
     prog = jax.jit(lambda sets: [fn(*a) for a in sets])
     jax.block_until_ready(prog(arg_sets))
-    d = tempfile.mkdtemp(prefix="epi_")
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        for _ in range(2):
-            res = prog(arg_sets)
-        jax.block_until_ready(res)
-    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-    s = next(iter(summarize(files[0], 2 * len(arg_sets)).values()))
+    s = next(iter(trace_runs(lambda: prog(arg_sets), 2, len(arg_sets)).values()))
     mine = sum(ms for op, (_, ms) in s["by_op"].items() if any(n in op for n in names))
     return dict(us=mine * 1e3, busy_us=s["busy_ms"] * 1e3, ops=s["ops"])
 

@@ -43,6 +43,24 @@ def _name(e) -> str:
     return str(args.get("hlo_op") or args.get("long_name") or e.get("name", ""))
 
 
+def trace_runs(run, runs: int, steps_per_run: int) -> dict:
+    """``run()`` called ``runs`` times under the jax profiler (then waited for), and
+    :func:`summarize` of that trace per step ({} where no trace file came out)."""
+    import glob
+    import os
+    import tempfile
+
+    import jax
+
+    d = tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(runs):
+            res = run()
+        jax.block_until_ready(res)
+    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+    return summarize(files[0], runs * steps_per_run) if files else {}
+
+
 def summarize(path: str, steps: int) -> dict:
     """{device name: figures per step} for every device process of the trace."""
     with gzip.open(path) as f:

@@ -112,3 +112,26 @@ def test_kernel_ir_fingerprints_the_triton_epilogue():
     assert kernel_ir.epilogue_fingerprints(cfg, D, Hq, Hkv, B, NS, n_dc) == first
     other = kernel_ir.epilogue_fingerprints(cfg, D, Hq, Hkv, B, NS, 1)
     assert other["epilogue"] != first["epilogue"] and other["merge"] != first["merge"]
+
+
+def test_trace_runs_traces_every_run(monkeypatch):
+    """trace_summary.trace_runs: the program run the given number of times under the
+    profiler, its trace file summarized per step (runs x steps per run)."""
+    import jax
+    import jax.numpy as jnp
+    import trace_summary
+
+    seen = {}
+
+    def fake_summarize(path, steps):
+        seen.update(path=path, steps=steps)
+        return {"/device:GPU:0": {"busy_ms": 1.0}}
+
+    monkeypatch.setattr(trace_summary, "summarize", fake_summarize)
+    runs = []
+    f = jax.jit(lambda x: x * 2.0 + 1.0)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(64), jnp.float32)
+    out = trace_summary.trace_runs(lambda: runs.append(1) or f(x), 3, 4)
+    assert len(runs) == 3 and seen["steps"] == 12
+    assert seen["path"].endswith("perfetto_trace.json.gz")
+    assert out == {"/device:GPU:0": {"busy_ms": 1.0}}
