@@ -1087,6 +1087,22 @@ def test_merge_equals_xla_merge(name):
                        n_channel_blocks=3, interpret=True)
 
 
+def test_merge_takes_column_counts_not_a_power_of_two():
+    """12 query heads per kv head: 48 value columns, which the merge's tiles pad to 64 (the
+    padding never read as a head's); the XLA merge again, the window program's last split
+    among the partials."""
+    geo = Geometry(2, 32, 128, 12, 128)
+    assert geo.NV == 48
+    o_part, ml_part = _random_partials(geo, 2, 2, 11, np.random.default_rng(5),
+                                       empty_splits=(2,), window_last=True)
+    ref = md.combine_partials(jnp.asarray(np.nan_to_num(o_part)),
+                              jnp.asarray(np.nan_to_num(ml_part)), None, geo)
+    out = merge_partials(jnp.asarray(o_part), jnp.asarray(ml_part), geo, 12,
+                         n_channel_blocks=8, interpret=True)
+    assert out.shape == ref.shape == (2, 2, 12, 128)
+    assert _rel(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("parts", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_simulated_kernel_in_chain_parts_equals_reference(parts):
     """chain_parts: the key and value chains in parts, each part's A operands unpacked
