@@ -99,6 +99,13 @@ def _column_heads(geo: Geometry, r: int, n: int):
     return jnp.where((uh < geo.OWN) & (h < r) & (col < geo.NV), h, -1)
 
 
+def _first_columns(geo: Geometry, n: int):
+    """[n] int32: the first value column (token or channel group 0) of each column's head."""
+    col = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    k0 = (2 * (col // 8) + col % 2) // geo.vg * geo.vg  # the slot of group 0
+    return 8 * (k0 // 2) + 2 * ((col % 8) // 2) + k0 % 2
+
+
 def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     """o[h, channels of M-rows d0 .. d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits
     (and ``window``, (o [NH, DC] in the same M-row order, m [NH], l [NH]) when given),
@@ -106,37 +113,33 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
 
     The sums run in the partials' own column order: a channel block's M-rows are one
     contiguous [DC, NV] tile of each split (channels d0 .. d0+DC sit in M-rows d0 .. d0+DC,
-    permuted), read whole and weighted column by column (against the column's maximum over
-    the splits, which the Mosaic kernel's partials repeat over a head's columns; against the
-    head's, where the window program's partial is a split); columns no head owns are read
-    and dropped. The columns of each head are summed once, at the end, and the rows
-    stored at their channels."""
+    permuted), read whole and weighted column by column; columns no head owns are read and
+    dropped. The columns of each head are summed once, at the end, and the rows stored at
+    their channels."""
     NS, NV = op_ref.shape[0], next_pow2(op_ref.shape[2])  # (tile sizes are powers of 2)
     r, NH = o_ref.shape[0], wb.WINDOW_HEADS
     S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NV)))
     head = _column_heads(geo, r, NV)  # [NV]
     owned = head >= 0
 
+    # the running max of a column: its own (the epilogue: the Mosaic kernel repeats a head's
+    # over its columns) or its head's first column's (the merge-only launch, as the XLA
+    # merge reads it: the window program's partial holds it there only)
+    m_at = _first_columns(geo, NV) if window is None else None
+
     def stats(s0, n):  # (m, l) [n, NV] of splits s0 .. s0 + n, NEG / 0 past NS and unowned
         ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (n, NV), 0)
         cc = jax.lax.broadcasted_iota(jnp.int32, (n, NV), 1)
         ok = (ss < NS) & owned[None, :]
         sc, cc = jnp.minimum(ss, NS - 1), jnp.minimum(cc, geo.NV - 1)  # in bounds where masked
-        m = plgpu.load(ml_ref.at[sc, 0, cc], mask=ok, other=NEG)
+        mc = cc if m_at is None else jnp.broadcast_to(jnp.minimum(m_at, geo.NV - 1), (n, NV))
+        m = plgpu.load(ml_ref.at[sc, 0, mc], mask=ok, other=NEG)
         l = plgpu.load(ml_ref.at[sc, 1, cc], mask=ok, other=0.0)
         return jnp.where(ok, m, NEG), jnp.where(ok, l, 0.0), ok
 
     m_max = jnp.full((NV,), NEG, jnp.float32)  # each column's maximum over the splits
     for s0 in range(0, NS, _SPLIT_STEP):
         m_max = jnp.maximum(m_max, jnp.max(stats(s0, _SPLIT_STEP)[0], axis=0))
-    if window is None:
-        # the merge-only launch's last split is the window program's partial, whose running
-        # max sits in each head's first column only: one maximum per head over all its
-        # columns, so they sum on one scale (the Mosaic kernel's splits repeat a head's max
-        # over its columns, so with them alone the two are the same)
-        m_head = [jnp.max(jnp.where(head == h, m_max, NEG)) for h in range(r)]
-        for h in range(r):
-            m_max = jnp.where(head == h, m_head[h], m_max)
     rows = d0 + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 1)
     cols = jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 2)
 
