@@ -103,7 +103,7 @@ def _first_columns(geo: Geometry, n: int):
     """[n] int32: the first value column (token or channel group 0) of each column's head."""
     col = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
     k0 = (2 * (col // 8) + col % 2) // geo.vg * geo.vg  # the slot of group 0
-    return 8 * (k0 // 2) + 2 * ((col % 8) // 2) + k0 % 2
+    return geo.col_of_slot(k0, (col % 8) // 2)
 
 
 def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
@@ -116,46 +116,46 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     permuted), read whole and weighted column by column; columns no head owns are read and
     dropped. The columns of each head are summed once, at the end, and the rows stored at
     their channels."""
-    NS, NV = op_ref.shape[0], next_pow2(op_ref.shape[2])  # (tile sizes are powers of 2)
+    NS, NVp = op_ref.shape[0], next_pow2(geo.NV)  # the columns padded (tiles: powers of 2)
     r, NH = o_ref.shape[0], wb.WINDOW_HEADS
-    S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NV)))
-    head = _column_heads(geo, r, NV)  # [NV]
+    S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NVp)))
+    head = _column_heads(geo, r, NVp)  # [NVp]
     owned = head >= 0
 
     # the running max of a column: its own (the epilogue: the Mosaic kernel repeats a head's
     # over its columns) or its head's first column's (the merge-only launch, as the XLA
     # merge reads it: the window program's partial holds it there only)
-    m_at = _first_columns(geo, NV) if window is None else None
+    m_at = _first_columns(geo, NVp) if window is None else None
 
-    def stats(s0, n):  # (m, l) [n, NV] of splits s0 .. s0 + n, NEG / 0 past NS and unowned
-        ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (n, NV), 0)
-        cc = jax.lax.broadcasted_iota(jnp.int32, (n, NV), 1)
+    def stats(s0, n):  # (m, l) [n, NVp] of splits s0 .. s0 + n, NEG / 0 past NS and unowned
+        ss = s0 + jax.lax.broadcasted_iota(jnp.int32, (n, NVp), 0)
+        cc = jax.lax.broadcasted_iota(jnp.int32, (n, NVp), 1)
         ok = (ss < NS) & owned[None, :]
         sc, cc = jnp.minimum(ss, NS - 1), jnp.minimum(cc, geo.NV - 1)  # in bounds where masked
-        mc = cc if m_at is None else jnp.broadcast_to(jnp.minimum(m_at, geo.NV - 1), (n, NV))
+        mc = cc if m_at is None else jnp.broadcast_to(jnp.minimum(m_at, geo.NV - 1), (n, NVp))
         m = plgpu.load(ml_ref.at[sc, 0, mc], mask=ok, other=NEG)
         l = plgpu.load(ml_ref.at[sc, 1, cc], mask=ok, other=0.0)
         return jnp.where(ok, m, NEG), jnp.where(ok, l, 0.0), ok
 
-    m_max = jnp.full((NV,), NEG, jnp.float32)  # each column's maximum over the splits
+    m_max = jnp.full((NVp,), NEG, jnp.float32)  # each column's maximum over the splits
     for s0 in range(0, NS, _SPLIT_STEP):
         m_max = jnp.maximum(m_max, jnp.max(stats(s0, _SPLIT_STEP)[0], axis=0))
-    rows = d0 + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 1)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 2)
+    rows = d0 + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NVp), 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (S, DC, NVp), 2)
 
     def body(i, carry):  # splits i*S .. i*S + S: independent loads, one chain of adds
         acc, l_acc = carry
         m, l, ok = stats(i * S, S)
-        w = jnp.where(ok, jnp.exp2(m - m_max[None, :]), 0.0)  # [S, NV]
+        w = jnp.where(ok, jnp.exp2(m - m_max[None, :]), 0.0)  # [S, NVp]
         l_acc = l_acc + jnp.sum(w * l, axis=0)
-        ss = i * S + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NV), 0)
+        ss = i * S + jax.lax.broadcasted_iota(jnp.int32, (S, DC, NVp), 0)
         o = plgpu.load(op_ref.at[jnp.minimum(ss, NS - 1), rows, jnp.minimum(cols, geo.NV - 1)],
                        mask=(ss < NS) & (cols < geo.NV), other=0.0)
         acc = acc + jnp.sum(jnp.where(ok[:, None, :], o * w[:, None, :], 0.0), axis=0)
         return acc, l_acc
 
     acc, l_acc = jax.lax.fori_loop(
-        0, -(-NS // S), body, (jnp.zeros((DC, NV), jnp.float32), jnp.zeros((NV,), jnp.float32)))
+        0, -(-NS // S), body, (jnp.zeros((DC, NVp), jnp.float32), jnp.zeros((NVp,), jnp.float32)))
 
     # each head's columns summed; the windows' partial merged per head
     hh = jax.lax.broadcasted_iota(jnp.int32, (DC, NH), 1)
