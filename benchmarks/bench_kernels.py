@@ -259,6 +259,21 @@ def _multi(fn, arg_sets, n_calls=None):
 
 
 PROGRAMS = 4  # timed programs dispatched back to back per repetition, one sync at the end
+# seconds each point's program runs back to back before it is timed: at a 4k-token cache
+# the 20 timed programs take ~20 ms, and without a warm-up the first point of a run
+# measured up to 40% slower than the same op timed later (KERNEL_NOTES.md, round 15)
+WARM_S = 0.25
+
+
+def _warm(multi, calls, seconds: float) -> int:
+    """Runs the program back to back (one sync per run) for at least ``seconds``; returns
+    the number of runs (at least one)."""
+    runs, t0 = 0, time.perf_counter()
+    while True:
+        jax.block_until_ready(multi(calls))
+        runs += 1
+        if time.perf_counter() - t0 >= seconds:
+            return runs
 
 
 def _time_programs(multi, calls, reps: int, programs: int) -> list[float]:
@@ -272,7 +287,7 @@ def _time_programs(multi, calls, reps: int, programs: int) -> list[float]:
 
 
 def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
-                      one_program=True) -> dict:
+                      one_program=True, warm_s=None) -> dict:
     """ms per call of the :func:`_multi` program: ``ms`` / ``min_ms`` / ``max_ms`` (median,
     min, max over ``reps`` repetitions) with ``programs`` runs of it dispatched back to back
     and one sync, and (``one_program``) ``ms_one_program`` (median) with one run per sync.
@@ -281,12 +296,14 @@ def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
     host's per-run work (taking the program's arguments, setting up its launch) overlaps
     the device's. Timed alone, one run adds that work to every call's figure: ~35-45 us per
     call at B 8 / 32k for every op alike, measured against the device's own span in the
-    traces (benchmarks/KERNEL_NOTES.md, rounds 6 and 7)."""
+    traces (benchmarks/KERNEL_NOTES.md, rounds 6 and 7). Before timing, the program runs
+    back to back for ``warm_s`` seconds (default :data:`WARM_S`; ``warm_runs`` counts them),
+    so that no point is timed on a device still idle from the point before."""
     multi, calls = _multi(fn, arg_sets, n_calls)
-    jax.block_until_ready(multi(calls))
+    warm_runs = _warm(multi, calls, WARM_S if warm_s is None else warm_s)
     piped = _time_programs(multi, calls, reps, programs)
     out = dict(ms=statistics.median(piped), min_ms=min(piped), max_ms=max(piped),
-               programs=programs)
+               programs=programs, warm_runs=warm_runs)
     if one_program:
         out["ms_one_program"] = statistics.median(_time_programs(multi, calls, reps, 1))
     return out
@@ -685,6 +702,7 @@ def auto_suite() -> str:
 
 
 def main():
+    global WARM_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", default="auto",
                     choices=["auto", "full", "tpu", "cpu", "sweep", "quick", "profile", "trace",
@@ -701,6 +719,8 @@ def main():
                          "(default B 8 / T 32k)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warm-s", type=float, default=WARM_S,
+                    help="seconds each point runs back to back before it is timed")
     ap.add_argument("--options", default="{}", help="JSON {kind: kernel options}")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no timing: completes a suite a time limit cut, from its partial "
@@ -712,6 +732,9 @@ def main():
         return
     if args.suite == "auto":
         args.suite = auto_suite()
+    if args.warm_s < 0:
+        ap.error(f"--warm-s must be >= 0 seconds, got {args.warm_s}")
+    WARM_S = args.warm_s
     n_calls = args.calls or (4 if args.suite == "cpu" else None)
     if (args.suite == "points") != (args.points != "[]"):
         ap.error("--points is required by --suite points and used by no other suite")

@@ -135,3 +135,24 @@ def test_trace_runs_traces_every_run(monkeypatch):
     assert len(runs) == 3 and seen["steps"] == 12
     assert seen["path"].endswith("perfetto_trace.json.gz")
     assert out == {"/device:GPU:0": {"busy_ms": 1.0}}
+
+
+def test_warm_runs_the_program_until_the_time_is_spent():
+    """Each point runs back to back before it is timed: at least the given seconds, one sync
+    per run, and at least one run when no warm-up is asked for."""
+    import time
+
+    ran = []
+
+    def multi(calls):
+        ran.append(len(calls))
+        time.sleep(0.01)
+        return np.asarray(calls)
+
+    calls = list(np.random.default_rng(6).normal(size=3))
+    t0 = time.perf_counter()
+    runs = bench_kernels._warm(multi, calls, 0.05)
+    assert time.perf_counter() - t0 >= 0.05
+    assert runs == len(ran) >= 5 and set(ran) == {3}
+    ran.clear()
+    assert bench_kernels._warm(multi, calls, 0.0) == 1 and ran == [3]
