@@ -648,22 +648,22 @@ def full_suite():
     """The shape suite of docs/benchmarks.md, trimmed to fit one device call.
 
     Every peer and variant at the two target shapes; elsewhere the fastest bf16
-    peer measured there (jax's Pallas decode kernel) against the fused kernels.
+    peer measured there (jax's Pallas decode kernel) against the fused kernels and the
+    layer's dispatch (``cfg_fused``: the path a user's call takes, query preparation in).
     """
     k = 1024
     # (tunables of both kernels: kernels_sweep.json, kernels_full.json of round 2,
     # kernels_points_*.json of round 3)
-    gpu_all = [n for n in ALL if not n.endswith("_tpu")]  # the TPU kernels run on a TPU only
+    gpu_all = [n for n in ALL if not n.endswith("_tpu")] + ["cfg_fused"]  # TPU kernels: TPU only
+    rest = ["bf16_pallas", "innerq_fused", "innerq_mgpu", "cfg_fused"]
     shapes = [(Shape(8, 32 * k), gpu_all), (Shape(1, 128 * k), gpu_all)]
     for B, T in [(1, 4 * k), (1, 32 * k), (8, 4 * k), (8, 16 * k), (32, 16 * k)]:
-        shapes.append((Shape(B, T), ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
-    shapes.append((Shape(8, 32 * k, bits=4),
-                   ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
-    shapes.append((Shape(8, 32 * k, G=64), ["bf16_pallas", "innerq_fused", "innerq_mgpu"]))
-    shapes.append((Shape(8, 8 * k, Hq=32, Hkv=32, label="MHA-B8-T8k-Hq32-Hkv32"),
-                   ["bf16_pallas", "innerq_fused", "innerq_mgpu"]))
+        shapes.append((Shape(B, T), rest + ["outerq_fused"]))
+    shapes.append((Shape(8, 32 * k, bits=4), rest + ["outerq_fused"]))
+    shapes.append((Shape(8, 32 * k, G=64), rest))
+    shapes.append((Shape(8, 8 * k, Hq=32, Hkv=32, label="MHA-B8-T8k-Hq32-Hkv32"), rest))
     shapes.append((Shape(8, 8 * k, Hq=9, Hkv=3, D=64, label="SmolLM2-B8-T8k-Hq9-Hkv3-D64"),
-                   ["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused"]))
+                   rest + ["outerq_fused"]))
     return shapes
 
 

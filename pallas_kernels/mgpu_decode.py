@@ -97,12 +97,20 @@ def _check_jax_version() -> None:
 # Tuned defaults per device kind: the fastest point measured on the GPU and checked there
 # (benchmarks/KERNEL_NOTES.md, sections "Mosaic GPU", "Round 5" and "Round 8").
 # ``preferred``: where the backend dispatch runs this kernel instead of the Triton one:
-# False, True, or a rule over the call's shape, ``dict(min_pairs=P, min_capacity=T)``: at
-# least P (sequence, kv head) pairs and a cache of at least T tokens. On the H200, with the
-# one-launch epilogue spread over channel blocks and the wide copy boxes (round 8,
-# results/kernels_points_epilogue_blocks.json), this op beats the fused Triton one at B 8 /
-# 16k, B 8 / 32k and B 32 / 16k (64 and 256 pairs: 0.087 / 0.137 / 0.268 ms against 0.091
-# / 0.156 / 0.303) and loses with fewer pairs or shorter caches (B 1 / 128k 0.098 against
+# False, True, or a rule over the call's shape, ``dict(min_pair_tokens=N)``: at least N
+# cache tokens over all (sequence, kv head) pairs (batch x kv heads x capacity), the work
+# that pays for the op's fixed cost (the query launch, the epilogue's launch and its merge).
+# Both ops timed in one process on the H200 (round 16, results/kernels_points_round16_
+# dispatch.json): the Mosaic op is ahead from 2**20 pair-tokens on (B 1 / 128k 0.081 ms
+# against 0.092, B 2 / 64k 0.080 / 0.084, B 4 / 32k 0.081 / 0.091; and round 8's B 8 / 16k,
+# B 8 / 32k, B 32 / 16k) and behind at 2**19 and below (B 1 / 64k 0.067 / 0.055, B 8 / 8k
+# 0.061 / 0.056, B 1 / 32k, B 1 / 16k); OuterQ's Mosaic op is ahead from 2**19 (B 1 / 64k
+# 0.070 / 0.073) and behind at 2**18 (round 14: B 1 / 32k, B 8 / 4k) and below. Before round
+# 16 the rule was 64 pairs and a 16k-token cache (round 8: B 1 / 128k then measured 0.098
+# against 0.089, before round 15's epilogue merge).
+# Round 8's record of the same choice, before that epilogue: ahead at B 8 / 16k, B 8 / 32k,
+# B 32 / 16k (64 and 256 pairs: 0.087 / 0.137 / 0.268 ms against 0.091 / 0.156 / 0.303),
+# behind with fewer pairs or shorter caches (B 1 / 128k 0.098 against
 # 0.089; B 8 / 4k, B 1 / 32k, B 1 / 4k, SmolLM2 B 8 / 8k), where the Triton kernel's
 # in-kernel merge and window program cost less than the epilogue launch. The query
 # operands in one Triton launch (query="kernel") took B 8 / 32k from 0.142 to 0.136 ms in
@@ -116,19 +124,16 @@ def _check_jax_version() -> None:
 # ``ctas_per_sm_outerq``: the OuterQ layout's kernel holds 215 registers per thread (its
 # per-block Qexp and its Pexp of every channel group), so two programs fit an SM: split for
 # two (B 8 / 32k op 0.206 ms against 0.272 at three; results/mgpu_probe_round14d.json).
-# ``preferred_outerq``: the same rule as InnerQ's, measured for OuterQ against the Triton
-# OuterQ op in one process (results/kernels_points_round14_outer_dispatch.json): ahead by
-# 8-11% at B 8 / 32k, B 8 / 16k and B 32 / 16k, behind at B 1 / 128k (0.134 against 0.127),
-# B 1 / 32k and B 8 / 4k.
-# Round 15's epilogue (the merge reading each split's channel block as one tile) took the
-# op at B 1 / 128k to 0.0785 ms in a trace, ahead of the Triton op's 0.089-0.090 in other
-# runs; the rule stays until both are timed in one process over the B 1 shapes.
+# ``preferred_outerq``: the same form of rule, measured for OuterQ against the Triton OuterQ
+# op in one process (results/kernels_points_round14_outer_dispatch.json: ahead by 8-11% at
+# B 8 / 32k, B 8 / 16k and B 32 / 16k, behind at B 1 / 128k (0.134 against 0.127), B 1 / 32k
+# and B 8 / 4k; round 16, after the epilogue's merge: ahead at B 1 / 128k, 0.115 / 0.125).
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2,
                         explicit_barriers=True, pipeline="emit", windows="epilogue",
                         wide_copies=True, query="kernel",
-                        preferred=dict(min_pairs=64, min_capacity=16384),
-                        preferred_outerq=dict(min_pairs=64, min_capacity=16384)),
+                        preferred=dict(min_pair_tokens=1 << 20),
+                        preferred_outerq=dict(min_pair_tokens=1 << 19)),
 }
 _FALLBACK = dict(block_tokens=None, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2)
 
@@ -159,8 +164,8 @@ def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = Non
     """Whether the backend dispatch should run this kernel: an InnerQ cache (or an OuterQ
     one of a geometry this kernel takes, ``head_dim`` given), a GPU whose tuned entry says
     this kernel measured faster than the Triton one for the layout (``preferred``,
-    ``preferred_outerq``; for a shape rule: at ``pairs`` = batch x kv heads and the cache's
-    capacity), and only options this kernel takes (Triton-only options keep the Triton
+    ``preferred_outerq``; for a shape rule: ``pairs`` (batch x kv heads) times the cache's
+    capacity against its ``min_pair_tokens``), and only options this kernel takes (Triton-only options keep the Triton
     kernel)."""
     if cfg.kind not in ("innerq", "outerq") or set(options) - _OPTIONS:
         return False
@@ -179,8 +184,7 @@ def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = Non
     if device.platform != "gpu" or not rule:
         return False
     if isinstance(rule, dict):
-        return (pairs is not None and pairs >= rule["min_pairs"]
-                and cfg.capacity >= rule["min_capacity"])
+        return pairs is not None and pairs * cfg.capacity >= rule["min_pair_tokens"]
     return True
 
 

@@ -921,19 +921,24 @@ def test_dispatch_prefers_mosaic_only_where_measured():
     assert not md.preferred(CacheConfig.bf16(capacity=512), device=h200)
     assert not md.preferred(cfg, {"num_warps": 4}, device=h200)  # a Triton-only option
     assert not md.preferred(cfg, device=_Device("gpu", "an unmeasured GPU"))
-    # the H200's rule: at least 64 (sequence, kv head) pairs and a 16k-token cache
-    assert md.TUNED["NVIDIA H200"]["preferred"] == dict(min_pairs=64, min_capacity=16384)
+    # the H200's rule: at least 2**20 cache tokens over all (sequence, kv head) pairs
+    assert md.TUNED["NVIDIA H200"]["preferred"] == dict(min_pair_tokens=1 << 20)
     long = CacheConfig.innerq(capacity=32768)
     assert md.preferred(long, {"num_stages": 4}, h200, pairs=64)
     assert md.preferred(CacheConfig.innerq(capacity=16384), device=h200, pairs=256)
-    assert not md.preferred(long, device=h200, pairs=8)  # B 1 x 8 kv heads: Triton
+    assert md.preferred(CacheConfig.innerq(capacity=131072), device=h200, pairs=8)  # B 1 / 128k
+    assert md.preferred(long, device=h200, pairs=32)  # B 4 x 8 kv heads at 32k: 2**20
+    assert not md.preferred(long, device=h200, pairs=8)  # B 1 / 32k: Triton
+    assert not md.preferred(CacheConfig.innerq(capacity=65536), device=h200, pairs=8)
     assert not md.preferred(cfg, device=h200, pairs=256)  # a 512-token cache: Triton
     assert not md.preferred(long, device=h200)  # no shape given: Triton
     assert not md.preferred(long, {"num_warps": 4}, h200, pairs=64)
-    # OuterQ: the same rule, and only a geometry the kernel takes (one token per key row)
-    assert md.TUNED["NVIDIA H200"]["preferred_outerq"] == dict(min_pairs=64, min_capacity=16384)
+    # OuterQ: from 2**19 pair-tokens, and only a geometry the kernel takes (one token per
+    # key row)
+    assert md.TUNED["NVIDIA H200"]["preferred_outerq"] == dict(min_pair_tokens=1 << 19)
     outer = CacheConfig.outerq(capacity=32768)
     assert md.preferred(outer, device=h200, pairs=64, head_dim=128)
+    assert md.preferred(CacheConfig.outerq(capacity=65536), device=h200, pairs=8, head_dim=128)
     assert not md.preferred(outer, device=h200, pairs=64)  # no head_dim: Triton
     assert not md.preferred(outer, device=h200, pairs=64, head_dim=64)  # 2-bit D 64
     assert md.preferred(CacheConfig.outerq(bits=4, capacity=32768), device=h200, pairs=64,
