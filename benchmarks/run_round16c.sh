@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Round 16, third H200 call: the shapes of the kernel suite that run_round16b.sh's time limit
+# left (the points suite, the same variants as the full suite's; merged into
+# kernels_full_round16_merged.json by bench_kernels.py --merge), and the GPU test of the
+# layer's dispatch at a shape its new rule sends to the Mosaic kernel.
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round16c.sh
+source benchmarks/gpu_env.sh
+LOG="$OUT/round16c_log.txt"
+start_log "$LOG"
+head -2 "$LOG" > "$OUT/round16c_gpu_tests.txt"
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TESTS_S:-60}" $PY -m pytest -q \
+  -p no:cacheprovider -m gpu -rA -n 4 tests/test_mgpu_kernels.py -k "dispatch" \
+  >> "$OUT/round16c_gpu_tests.txt" 2>&1
+echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+grep -E "passed|failed" "$OUT/round16c_gpu_tests.txt" | tail -2 | tee -a "$LOG"
+R='["bf16_pallas", "innerq_fused", "innerq_mgpu", "cfg_fused"'
+kernel_points _round16_rest "${POINTS:-[[1, 32768, {}, $R, \"outerq_fused\"]],
+  [8, 4096, {}, $R, \"outerq_fused\"]], [8, 16384, {}, $R, \"outerq_fused\"]],
+  [32, 16384, {}, $R, \"outerq_fused\"]], [8, 32768, {\"bits\": 4}, $R, \"outerq_fused\"]],
+  [8, 32768, {\"G\": 64}, $R]], [8, 8192, {\"Hkv\": 32, \"label\": \"MHA-B8-T8k-Hq32-Hkv32\"}, $R]],
+  [8, 8192, {\"Hq\": 9, \"Hkv\": 3, \"D\": 64, \"label\": \"SmolLM2-B8-T8k-Hq9-Hkv3-D64\"},
+   $R, \"outerq_fused\"]]]}" "${BENCH_S:-440}"
+echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
