@@ -14,10 +14,11 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TESTS_S:-60}" $PY -m pytest -q \
 echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "passed|failed" "$OUT/round16c_gpu_tests.txt" | tail -2 | tee -a "$LOG"
 R='["bf16_pallas", "innerq_fused", "innerq_mgpu", "cfg_fused"'
-kernel_points _round16_rest "${POINTS:-[[1, 4096, {}, $R, \"outerq_fused\"]], [1, 32768, {}, $R, \"outerq_fused\"]],
+P="[[1, 4096, {}, $R, \"outerq_fused\"]], [1, 32768, {}, $R, \"outerq_fused\"]],
   [8, 4096, {}, $R, \"outerq_fused\"]], [8, 16384, {}, $R, \"outerq_fused\"]],
   [32, 16384, {}, $R, \"outerq_fused\"]], [8, 32768, {\"bits\": 4}, $R, \"outerq_fused\"]],
   [8, 32768, {\"G\": 64}, $R]], [8, 8192, {\"Hkv\": 32, \"label\": \"MHA-B8-T8k-Hq32-Hkv32\"}, $R]],
   [8, 8192, {\"Hq\": 9, \"Hkv\": 3, \"D\": 64, \"label\": \"SmolLM2-B8-T8k-Hq9-Hkv3-D64\"},
-   $R, \"outerq_fused\"]]]}" "${BENCH_S:-440}"
+   $R, \"outerq_fused\"]]]"
+kernel_points _round16_rest "${POINTS:-$P}" "${BENCH_S:-440}"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
