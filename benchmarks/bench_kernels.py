@@ -259,9 +259,11 @@ def _multi(fn, arg_sets, n_calls=None):
 
 
 PROGRAMS = 4  # timed programs dispatched back to back per repetition, one sync at the end
-# seconds each point's program runs back to back before it is timed: at a 4k-token cache
-# the 20 timed programs take ~20 ms, and without a warm-up the first point of a run
-# measured up to 40% slower than the same op timed later (KERNEL_NOTES.md, round 15)
+# seconds each point's program runs back to back before it is timed, so that no point is
+# timed on a device idle since the point before (at a 4k-token cache the 20 timed programs
+# take ~20 ms). Round 16 measured that it does not remove the spread of the short shapes:
+# the same three points in the same order twice, B 1 / 4k, moved by up to 70% between the
+# passes (KERNEL_NOTES.md, "Round 16")
 WARM_S = 0.25
 
 
