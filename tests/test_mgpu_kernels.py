@@ -873,12 +873,14 @@ def test_gpu_kernel_prepares_the_model_query(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["innerq", "recommended", "outerq-sinks"])
-def test_gpu_dispatch_runs_the_tuned_mosaic_kernel(kind):
-    """The layer's attention at a shape the H200's tuned entry sends to the Mosaic kernel
-    (64 (sequence, kv head) pairs, a 16k-token cache; OuterQ here with 4 sink tokens, which
-    its published layout leaves out), with the model's bf16 query heads, against the
-    reference; ragged lengths: full, inside the sink, recent only, mid-block, one group."""
+@pytest.mark.parametrize("kind,B,T", [("innerq", 8, 16384), ("recommended", 8, 16384),
+                                      ("outerq-sinks", 8, 16384), ("innerq", 1, 131072)])
+def test_gpu_dispatch_runs_the_tuned_mosaic_kernel(kind, B, T):
+    """The layer's attention at shapes the H200's tuned entry sends to the Mosaic kernel (64
+    (sequence, kv head) pairs and a 16k-token cache, ragged lengths: full, inside the sink,
+    recent only, mid-block, one group; OuterQ here with 4 sink tokens, which its published
+    layout leaves out; and one sequence of a 128k-token cache, ~50 splits per pair), with
+    the model's bf16 query heads, against the reference."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
@@ -886,14 +888,15 @@ def test_gpu_dispatch_runs_the_tuned_mosaic_kernel(kind):
 
     make = {"innerq": CacheConfig.innerq, "recommended": CacheConfig.recommended,
             "outerq-sinks": functools.partial(CacheConfig.outerq, sink=4)}[kind]
-    cfg = make(capacity=16384)
-    B, Hkv, Hq, D = 8, 8, 32, 128
+    cfg = make(capacity=T)
+    Hkv, Hq, D = 8, 32, 128
     assert quantized_path(cfg, B * Hkv, "pallas", head_dim=D) == "mosaic"
-    lengths = np.array([16384, 3, 100, 9001, 4 + 128 + 32 + 5, 15000, 2048 + 77, 700])
+    lengths = (np.array([16384, 3, 100, 9001, 4 + 128 + 32 + 5, 15000, 2048 + 77, 700])
+               if B == 8 else np.array([T - 37]))
     kk, kv, kq = jax.random.split(jax.random.PRNGKey(11), 3)
     chan = 1.0 + 7.0 * (jax.random.uniform(kk, (D,)) > 0.97)  # a few outlier channels
-    k = (jax.random.normal(kk, (1, B, Hkv, 16384, D)) + 1.5) * chan
-    v = jax.random.normal(kv, (1, B, Hkv, 16384, D))
+    k = (jax.random.normal(kk, (1, B, Hkv, T, D)) + 1.5) * chan
+    v = jax.random.normal(kv, (1, B, Hkv, T, D))
     cache = KVCache.from_prefill(cfg, k, v, jnp.asarray(lengths, jnp.int32))
     layer = cache.layer(0)
     q = (jax.random.normal(kq, (B, Hq, D)) * 2).astype(jnp.bfloat16)
