@@ -536,7 +536,9 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
                    quant_bytes, extra={"options": opts, "backend": "mosaic_gpu"},
                    abort_on_mismatch=False)
         del sets, ref
-    if "innerq-h_fused" in variants and "innerq-h" in caches:
+    # ---- InnerQ-H through the dispatch ("innerq-h_fused@{json kernel options}" one point)
+    h_points = [v for v in variants if v.split("@")[0] == "innerq-h_fused"]
+    if h_points and "innerq-h" in caches:
         cfg, layer = caches["innerq-h"]
         ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
 
@@ -545,11 +547,16 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
             assert e < TOL_QUANT, f"rel err {e:.2e}"
             return e
 
-        opts = kernel_opts.get("innerq", {})
-        fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas", **opts)
         sets = _copies((q, layer, lengths), n_sets)
-        record("innerq-h_fused", lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_h,
-               quant_bytes, extra={"note": "rotations of q and o included"})
+        for name in h_points:
+            opts = dict(kernel_opts.get("innerq", {}))
+            if "@" in name:
+                opts.update(json.loads(name.split("@", 1)[1]))
+            fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas", **opts)
+            record(name, lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_h, quant_bytes,
+                   extra={"note": "rotations of q and o included", "options": opts,
+                          "path": quantized_path(cfg, B * H, "pallas", opts)},
+                   abort_on_mismatch=False)
         del sets
     # ---- any InnerQ configuration ("cfg_fused@{CacheConfig.innerq overrides as JSON}"): a
     # candidate cache of the fidelity search timed in the same run as innerq_fused, through

@@ -154,9 +154,13 @@ TAIL = ("mask", "zero")
 # block per chain: one fence, one commit, each B descriptor one add per block, see
 # _wgmma_chain)
 WGMMA = ("pallas", "inline")
+# where a cache that rotates its values has the rotation undone (with ``prep``): "xla" (after
+# the epilogue, which then stores float32) or "kernel" (the epilogue's last channel block per
+# (sequence, kv head), mgpu_epilogue.windows_and_merge(finish_values=True); windows="epilogue")
+FINISH = ("xla", "kernel")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
-                      "chain_parts", "wgmma"})
+                      "chain_parts", "wgmma", "finish"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None,
@@ -1193,7 +1197,8 @@ def mgpu_decode_attention(
     (:class:`pallas_kernels.query_prep.QueryPrep`), qp is the model's query heads instead
     (``split_heads(q, Hkv)``): the query kernel prepares q' (``query="kernel"``; XLA does
     otherwise) and the output comes back finished, in ``prep.out_dtype`` (the epilogue
-    casts; a value rotation is undone in XLA). Options (defaults from
+    casts; a value rotation is undone in XLA, or with ``finish="kernel"`` in the epilogue's
+    last program per (sequence, kv head)). Options (defaults from
     :data:`TUNED` for the device kind): ``block_tokens`` per pipeline step,
     ``num_stages`` blocks in flight, ``num_splits`` programs per (sequence, kv head)
     (default: ``ctas_per_sm`` programs per SM, the SM count read from the device),
@@ -1220,15 +1225,24 @@ def mgpu_decode_attention(
     """
     if prep is not None:
         qprep.check_query(qp, layer)
+    finish = options.pop("finish", None) or tuned_defaults().get("finish", "xla")
+    if finish not in FINISH:
+        raise ValueError(f"finish={finish!r}; choose one of {FINISH}")
     call, operands, geo, windows, qp = prepare_call(qp, layer, lengths, cfg, prep=prep,
                                                     **options)
+    if finish == "kernel" and windows != "epilogue":
+        raise ValueError(f"finish='kernel' is the epilogue's (windows='epilogue'), got "
+                         f"windows={windows!r}")
     o_part, ml_part = call(*operands)
     if windows == "epilogue":
         from pallas_kernels.mgpu_epilogue import windows_and_merge
-        # the epilogue's programs hold channel blocks: it casts, the value rotation is XLA's
-        cast = prep is not None and not cfg.rotate_values
+        # the epilogue's programs hold channel blocks: each casts its own; the value rotation
+        # mixes all channels: XLA's after it, or its last program's per (sequence, kv head)
+        in_kernel = prep is not None and cfg.rotate_values and finish == "kernel"
+        cast = prep is not None and (not cfg.rotate_values or in_kernel)
         o = windows_and_merge(qp, layer, lengths, cfg, o_part, ml_part, geo,
-                              out_dtype=prep.out_dtype if cast else None)
+                              out_dtype=prep.out_dtype if cast else None,
+                              finish_values=in_kernel)
         return o if prep is None or cast else qprep.finish_xla(o, layer, cfg, prep)
     if windows == "kernel" and qp.shape[2] <= WINDOW_HEADS:  # the window program's partial
         from pallas_kernels.mgpu_epilogue import merge_partials  # is the last split
@@ -1246,7 +1260,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "FINISH", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

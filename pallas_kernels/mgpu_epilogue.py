@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 from innerq_jax.cache import QuantLayer
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
+from pallas_kernels import query_prep as qprep
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.innerq_blocks import next_pow2
 from pallas_kernels.mgpu_decode import sm_count
@@ -77,6 +78,44 @@ def _epilogue_kernel(
     _merge(op_ref, ml_ref, o_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC)
 
 
+def _finishing_epilogue_kernel(
+    q_ref, len_ref, sk_ref, sv_ref, rk_ref, rv_ref, op_ref, ml_ref,  # as _epilogue_kernel's
+    sg_ref,  # [D]: the layer's rotation signs (a stand-in, never read, where it has none)
+    h_ref,  # [D, D] bf16: H * sqrt(D) (query_prep.hadamard_signs)
+    cnt_in_ref,  # [H, B] int32: done-counters, zeros, aliased with cnt_ref (never read)
+    o_ref,  # [r, D] in the model's dtype: the output, the value rotation undone
+    ws_ref,  # [M, D] f32 (M >= 16): the merged output in the rotated space (scratch)
+    cnt_ref,  # [H, B] int32: done-counters
+    *, geo: Geometry, cfg: CacheConfig, DC: int, signs: bool, interpret: bool,
+):
+    """Windows, merge and finish, for caches that rotate their values: each channel block's
+    program merges its channels into the scratch rows and counts itself done on its (sequence,
+    kv head)'s counter; the last one reads the whole rows back, rotates them (one tensor-core
+    dot, :func:`pallas_kernels.query_prep.store_finished`), applies the signs and stores them
+    in the model's dtype. The rotation mixes all D channels, which no channel block holds."""
+    del cnt_in_ref
+    h, b, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    d0, r = c * DC, o_ref.shape[0]
+    sizes = region_sizes(len_ref[b], cfg)
+    windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
+    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC),
+                                   v_order=geo.v_channel)
+    _merge(op_ref, ml_ref, ws_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC, r=r)
+    if not interpret:  # (interpret mode runs programs one at a time)
+        plgpu.debug_barrier()  # every thread's stores precede the (release) atomic
+    done = plgpu.atomic_add(cnt_ref, (h, b), jnp.ones((), jnp.int32))
+
+    @pl.when(done == pl.num_programs(2) - 1)
+    def _finish():
+        M, D = ws_ref.shape
+        rows = jax.lax.broadcasted_iota(jnp.int32, (M, D), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (M, D), 1)
+        # the other programs' rows: volatile loads (past L1, not coherent across SMs)
+        out = plgpu.load(ws_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0.0,
+                         volatile=True)
+        qprep.store_finished(out, o_ref, sg_ref, h_ref, cfg=cfg, signs=signs)
+
+
 def _merge_kernel(
     op_ref,  # [NS, D, NV] f32: partial outputs (M-row, column order), the windows' among them
     ml_ref,  # [NS, 2, NV] f32: running maxima (row 0) and sums (row 1), column order
@@ -106,7 +145,7 @@ def _first_columns(geo: Geometry, n: int):
     return geo.col_of_slot(k0, (col % 8) // 2)
 
 
-def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
+def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int, r: int | None = None):
     """o[h, channels of M-rows d0 .. d0+DC] = sum_s w_s o_s / sum_s w_s l_s over the splits
     (and ``window``, (o [NH, DC] in the same M-row order, m [NH], l [NH]) when given),
     w_s = 2**(m_s - max m).
@@ -115,9 +154,9 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int):
     contiguous [DC, NV] tile of each split (channels d0 .. d0+DC sit in M-rows d0 .. d0+DC,
     permuted), read whole and weighted column by column; columns no head owns are read and
     dropped. The columns of each head are summed once, at the end, and the rows stored at
-    their channels."""
+    their channels (rows 0 .. r of ``o_ref``, default all of them)."""
     NS, NVp = op_ref.shape[0], next_pow2(geo.NV)  # the columns padded (tiles: powers of 2)
-    r, NH = o_ref.shape[0], wb.WINDOW_HEADS
+    r, NH = r or o_ref.shape[0], wb.WINDOW_HEADS
     S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NVp)))
     head = _column_heads(geo, r, NVp)  # [NVp]
     owned = head >= 0
@@ -198,13 +237,34 @@ def channel_blocks(B: int, H: int, D: int, sms: int | None) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: int,
-                interpret: bool, out_dtype: str = "float32"):
+                interpret: bool, out_dtype: str = "float32", finish: str | None = None):
     """Windows and merge (``cfg`` given; inputs q, lengths, the four windows, the partials)
-    or the merge alone (``cfg`` None; inputs the partials)."""
-    B, H, _, D, _ = shapes[-2][0]
+    or the merge alone (``cfg`` None; inputs the partials); ``finish`` ("signs" or
+    "rotation": the value rotation undone in the kernel, with or without the layer's signs;
+    inputs then also the signs, H's signs and the done-counters)."""
+    B, H, _, D, _ = (shapes[-5] if finish else shapes[-2])[0]
     full = lambda shape: pl.BlockSpec(shape, lambda h, b, c: (0,) * len(shape))  # noqa: E731
     per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
         (None, None) + shape[2:], lambda h, b, c: (b, h) + (0,) * (len(shape) - 2))
+    if finish:
+        kernel = functools.partial(_finishing_epilogue_kernel, geo=geo, cfg=cfg, DC=D // n_dc,
+                                   signs=finish == "signs", interpret=interpret)
+        in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
+        in_specs += [per_bh(sh) for sh, _ in shapes[2:-3]]
+        sg = shapes[-3][0]  # the layer's signs [B, H, D], or a stand-in (never read)
+        in_specs += [per_bh(sg) if finish == "signs" else full(sg), full(shapes[-2][0]),
+                     full(shapes[-1][0])]
+        M = max(qprep.MMA_ROWS, next_pow2(r))
+        out_shape = [jax.ShapeDtypeStruct((B, H, r, D), jnp.dtype(out_dtype)),
+                     jax.ShapeDtypeStruct((B, H, M, D), jnp.float32),  # scratch rows
+                     jax.ShapeDtypeStruct(shapes[-1][0], jnp.int32)]  # counters, aliased
+        kw = {} if interpret else {
+            "compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+        return pl.pallas_call(
+            kernel, grid=(H, B, n_dc), in_specs=in_specs,
+            out_specs=[per_bh(o.shape) for o in out_shape[:2]] + [full(shapes[-1][0])],
+            out_shape=out_shape, input_output_aliases={len(shapes) - 1: 2},
+            interpret=interpret, name="innerq_mgpu_epilogue_finish", **kw)
     if cfg is None:
         kernel = functools.partial(_merge_kernel, geo=geo, DC=D // n_dc)
         in_specs = [per_bh(sh) for sh, _ in shapes]
@@ -266,7 +326,7 @@ def merge_partials(o_part: jax.Array, ml_part: jax.Array, geo: Geometry, r: int,
 def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg: CacheConfig,
                       o_part: jax.Array, ml_part: jax.Array, geo: Geometry, *,
                       n_channel_blocks: int | None = None, out_dtype=None,
-                      interpret: bool = False) -> jax.Array:
+                      finish_values: bool = False, interpret: bool = False) -> jax.Array:
     """Attention over the windows merged with the kernel's split partials, one launch;
     f32 [B, H, r, D] (or ``out_dtype``), what ``combine_partials(o_part, ml_part,
     window_partial(...), geo)`` gives in XLA.
@@ -274,10 +334,16 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     qp [B, H, r, D] (as the kernel's), lengths [B]; o_part [B, H, NS, D, NV] and ml_part
     [B, H, NS, 2, NV] as the Mosaic kernel writes them for ``geo``. ``n_channel_blocks``:
     programs per (sequence, kv head), each merging D / n_channel_blocks channels (default
-    :func:`channel_blocks` for the device's SM count).
+    :func:`channel_blocks` for the device's SM count). ``finish_values`` (a cache that
+    rotates its values): the output comes back in the model's space, the rotation and the
+    layer's signs undone in the kernel (what ``finish_output`` gives in XLA), the last
+    channel block's program of each (sequence, kv head) finishing it.
     """
     B, H, r, D = qp.shape
     _check_partials(o_part, ml_part, geo, B, H, r, D)
+    if finish_values and not cfg.rotate_values:
+        raise ValueError(f"finish_values=True undoes a value rotation; the cache "
+                         f"{cfg.short_name()} rotates no values")
     sk, sv = (layer.sink_k, layer.sink_v) if cfg.sink else (layer.recent_k, layer.recent_v)
     inputs = [qp.astype(jnp.float32), jnp.asarray(lengths, jnp.int32), sk, sv, layer.recent_k,
               layer.recent_v, o_part, ml_part]
@@ -286,5 +352,11 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     # (interpret: the windows' hi / lo split of q needs exact bf16 roundings; the merge alone
     # does not)
     out_dtype = jnp.dtype(out_dtype or jnp.float32).name
-    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret, out_dtype), *inputs,
-                        interpret=interpret)[0]
+    finish = None
+    if finish_values:
+        finish = "signs" if layer.rot_signs is not None else "rotation"
+        signs = layer.rot_signs if finish == "signs" else jnp.ones((16,), jnp.float32)
+        inputs += [signs, jnp.asarray(qprep.hadamard_signs(D)), jnp.zeros((H, B), jnp.int32)]
+        shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
+    return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret, out_dtype, finish),
+                        *inputs, interpret=interpret)[0]

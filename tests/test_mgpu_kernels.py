@@ -44,6 +44,7 @@ from pallas_kernels import mgpu_block as blk
 from pallas_kernels import mgpu_decode as md
 from pallas_kernels.mgpu_epilogue import merge_partials, windows_and_merge
 from pallas_kernels.mgpu_geometry import Geometry, pair_plan, unpack_pair_reference
+from pallas_kernels.query_prep import QueryPrep
 
 TOL = 1e-2
 
@@ -557,6 +558,43 @@ def test_epilogue_equals_xla_merge(name):
     np.testing.assert_array_equal(np.asarray(out0), 0.0)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_epilogue_finishes_rotated_values(signed):
+    """finish_values: the epilogue undoes the value rotation (and the layer's signs) and casts,
+    the last channel block's program of each (sequence, kv head) finishing the whole rows:
+    the XLA windows, merge and finish_output on random partials, in f32 and in bf16."""
+    from innerq_jax.reference import finish_output
+
+    cfg, D, Hq, Hkv, lengths, appends, _ = GRID["recommended-D128-gqa4"]
+    cfg = dataclasses.replace(cfg, rotation_signs=signed)  # H diag(s), or H alone
+    assert cfg.rotate_values
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    layer = cache.layer(0)
+    assert (layer.rot_signs is not None) == signed
+    qp = _query(cache, Hq)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // Hkv, 128)
+    B, NS = len(lengths), 5
+    o_part, ml_part = _random_partials(geo, B, Hkv, NS, np.random.default_rng(8),
+                                       empty_splits=(2,))
+    window = md.window_partial(qp, layer, cache.lengths, cfg)
+    merged = md.combine_partials(jnp.asarray(o_part), jnp.asarray(ml_part), window, geo)
+    with jax.default_matmul_precision("highest"):
+        ref = finish_output(merged, cfg, jnp.float32, layer.rot_signs).reshape(merged.shape)
+    # the rotation mixes every channel: the finish is not the channels merged alone
+    assert _rel(merged, ref) > 0.5
+    for blocks, dtype, tol in ((1, jnp.float32, 1e-5), (D // 16, jnp.float32, 1e-5),
+                               (D // 32, jnp.bfloat16, 1e-2)):
+        out = windows_and_merge(qp, layer, cache.lengths, cfg, jnp.asarray(o_part),
+                                jnp.asarray(ml_part), geo, n_channel_blocks=blocks,
+                                out_dtype=dtype, finish_values=True, interpret=True)
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert _rel(out.astype(jnp.float32), ref) < tol, (blocks, dtype)
+    plain = CacheConfig.innerq(capacity=cfg.capacity)
+    with pytest.raises(ValueError, match="rotates no values"):
+        windows_and_merge(qp, layer, cache.lengths, plain, jnp.asarray(o_part),
+                          jnp.asarray(ml_part), geo, finish_values=True, interpret=True)
+
+
 def test_epilogue_rejects_mismatched_partials():
     cfg, D, Hq, Hkv, lengths, appends, _ = GRID["innerq2-nosink"]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
@@ -649,6 +687,29 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     assert "lop3.b32" in text
 
 
+@pytest.mark.parametrize("finish", ["xla", "kernel"])
+def test_rotated_values_finish_where_asked(finish):
+    """The op as the dispatch calls it (the model's bf16 query heads, ``prep``) on a cache that
+    rotates its values: finish="xla" leaves the rotation to an XLA dot after the epilogue,
+    finish="kernel" to the epilogue (the query and epilogue launches, no XLA dot)."""
+    cfg, D, Hq, Hkv, lengths, _, opts = GRID["recommended-D128-gqa4"]
+    assert cfg.rotate_values
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    q4 = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.bfloat16)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    prep = QueryPrep(1.0 / math.sqrt(D), "bfloat16")
+    kw = dict(opts, **VARIANTS["epilogue-query"], finish=finish)
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, prep=prep, **kw))
+    from jax.sharding import use_abstract_mesh
+    with use_abstract_mesh(abstract_h200()):
+        traced = f.trace(q4, layer, lens)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert traced.out_info.dtype == jnp.bfloat16
+    assert text.count("__gpu$xla.gpu.triton") == 2 and "mosaic_gpu" in text
+    assert ("dot_general" in text) == (finish == "xla")
+
+
 def test_rejects_bad_layouts_options_and_block():
     cfg = CacheConfig.outerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
@@ -675,10 +736,14 @@ def test_rejects_bad_layouts_options_and_block():
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
                 dict(wide_copies="yes"), dict(tail="clip"), dict(chain_parts=3),
-                dict(wgmma="asm"), dict(ablate=("nothing",))):
+                dict(wgmma="asm"), dict(ablate=("nothing",)), dict(finish="gpu")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)
+    # the finish in the kernel is the epilogue's
+    with pytest.raises(ValueError, match="finish='kernel' is the epilogue's.*windows='xla'"):
+        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                 num_splits=1, finish="kernel", windows="xla")
 
 
 # ------------------------------------------------------------ OuterQ (KIVI layout)
@@ -841,18 +906,21 @@ def test_gpu_outer_kernel_equals_reference(name, windows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4", "recommended-D128-gqa4",
-                                  "innerq2-G32-D64-smollm", "outerq2-G32-D128-gqa4"])
-def test_gpu_kernel_prepares_the_model_query(name):
+@pytest.mark.parametrize("name,finish", [("innerq2-G32-D128-gqa4", None),
+                                         ("recommended-D128-gqa4", None),
+                                         ("recommended-D128-gqa4", "kernel"),
+                                         ("innerq2-G32-D64-smollm", None),
+                                         ("outerq2-G32-D128-gqa4", None)])
+def test_gpu_kernel_prepares_the_model_query(name, finish):
     """The compiled op as the dispatch calls it (the device's tuned variant): the model's
     bf16 query heads in, q' prepared by the query kernel (by XLA for OuterQ), the model's
-    output back in bf16."""
+    output back in bf16; for the recommended cache also with its value rotation undone in
+    the epilogue (``finish="kernel"``)."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
     from innerq_jax.attention import decode_attention_layer
     from innerq_jax.reference import split_heads
-    from pallas_kernels.query_prep import QueryPrep
 
     cfg, D, Hq, Hkv, lengths, appends, opts = {**GRID, **OUTER_GRID}[name]
     cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
@@ -860,6 +928,7 @@ def test_gpu_kernel_prepares_the_model_query(name):
     q = (jax.random.normal(jax.random.PRNGKey(7), (len(lengths), Hq, D)) * 2).astype(
         jnp.bfloat16)
     prep = QueryPrep.of(q, 1.0 / math.sqrt(D))
+    opts = dict(opts, **({"finish": finish} if finish else {}))
     out = jax.jit(lambda q_, lay, n: md.mgpu_decode_attention(q_, lay, n, cfg, prep=prep,
                                                               **opts))(
         split_heads(q, Hkv), layer, cache.lengths)
