@@ -24,6 +24,19 @@ mosaic_gpu_tests() {
   grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
 }
 
+# gpu_tests FILE TIMEOUT_S PYTEST_ARGS...: every -m gpu test PYTEST_ARGS select, eight pytest
+# workers sharing the GPU (no preallocation), into FILE (headed by the log's commit and GPU
+# lines); the summary and any failures to $LOG too
+gpu_tests() {
+  local file=$1 t=$2; shift 2
+  head -2 "$LOG" > "$file"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$t" $PY -m pytest -q -p no:cacheprovider \
+    -m gpu -rA -n "${WORKERS:-8}" "$@" >> "$file" 2>&1
+  echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+  grep -E "passed|failed" "$file" | tail -2 | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)" "$file" | head -10 | tee -a "$LOG"
+}
+
 # triton_gpu_tests FILE SELECTION [TIMEOUT_S] [TEST_FILE]: the Triton kernel tests of TEST_FILE
 # (default tests/test_query_prep.py, slow ones included) picked by pytest -k, compiled on the
 # GPU (INNERQ_KERNEL_TESTS=gpu), into FILE headed like the log; the summary to $LOG too

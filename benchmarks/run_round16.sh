@@ -9,14 +9,8 @@
 source benchmarks/gpu_env.sh
 LOG="$OUT/round16_log.txt"
 start_log "$LOG"
-head -2 "$LOG" > "$OUT/round16_gpu_tests.txt"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TESTS_S:-110}" $PY -m pytest -q \
-  -p no:cacheprovider -m gpu -rA -n 8 tests/test_mgpu_kernels.py tests/test_vmap.py \
-  -k "(equals_reference and kernel-merge) or dispatch or vmap" \
-  >> "$OUT/round16_gpu_tests.txt" 2>&1
-echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "passed|failed" "$OUT/round16_gpu_tests.txt" | tail -2 | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)" "$OUT/round16_gpu_tests.txt" | head -10 | tee -a "$LOG"
+gpu_tests "$OUT/round16_gpu_tests.txt" "${TESTS_S:-110}" tests/test_mgpu_kernels.py \
+  tests/test_vmap.py -k "(equals_reference and kernel-merge) or dispatch or vmap"
 I='["bf16_pallas", "innerq_fused", "innerq_mgpu"]'
 IO='["bf16_pallas", "innerq_fused", "innerq_mgpu", "outerq_fused", "outerq_mgpu"]'
 kernel_points _round16_dispatch "[[1, 131072, {}, $IO], [1, 65536, {}, $IO],

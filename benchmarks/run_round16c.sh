@@ -7,12 +7,8 @@
 source benchmarks/gpu_env.sh
 LOG="$OUT/round16c_log.txt"
 start_log "$LOG"
-head -2 "$LOG" > "$OUT/round16c_gpu_tests.txt"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TESTS_S:-60}" $PY -m pytest -q \
-  -p no:cacheprovider -m gpu -rA -n 4 tests/test_mgpu_kernels.py -k "dispatch" \
-  >> "$OUT/round16c_gpu_tests.txt" 2>&1
-echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "passed|failed" "$OUT/round16c_gpu_tests.txt" | tail -2 | tee -a "$LOG"
+WORKERS=4 gpu_tests "$OUT/round16c_gpu_tests.txt" "${TESTS_S:-60}" tests/test_mgpu_kernels.py \
+  -k "dispatch"
 R='["bf16_pallas", "innerq_fused", "innerq_mgpu", "cfg_fused"'
 P="[[1, 4096, {}, $R, \"outerq_fused\"]], [1, 32768, {}, $R, \"outerq_fused\"]],
   [8, 4096, {}, $R, \"outerq_fused\"]], [8, 16384, {}, $R, \"outerq_fused\"]],

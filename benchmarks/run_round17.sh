@@ -4,18 +4,13 @@
 # GPU tests (the op as the dispatch calls it, the recommended cache with both finishes; the
 # dispatch's test, with its B 1 / 128k case), then InnerQ-H through the dispatch with both
 # finishes beside the paper's InnerQ at the two target shapes, every point checked first;
-# then the three shapes of the kernel suite round 16's limit cut.
+# then the three shapes of the kernel suite round 16's limit cut, and B 1 / 4k traced.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round17.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round17_log.txt"
 start_log "$LOG"
-head -2 "$LOG" > "$OUT/round17_gpu_tests.txt"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TESTS_S:-90}" $PY -m pytest -q \
-  -p no:cacheprovider -m gpu -rA -n 8 tests/test_mgpu_kernels.py \
-  -k "prepares_the_model or dispatch" >> "$OUT/round17_gpu_tests.txt" 2>&1
-echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "passed|failed" "$OUT/round17_gpu_tests.txt" | tail -2 | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)" "$OUT/round17_gpu_tests.txt" | head -10 | tee -a "$LOG"
+gpu_tests "$OUT/round17_gpu_tests.txt" "${TESTS_S:-90}" tests/test_mgpu_kernels.py \
+  -k "prepares_the_model or dispatch"
 H='["bf16_pallas", "cfg_fused", "innerq-h_fused", "innerq-h_fused@{\"finish\": \"kernel\"}"]'
 kernel_points _round17_finish "[[8, 32768, {}, $H], [1, 131072, {}, $H], [4, 32768, {}, $H]]" \
   "${FINISH_S:-200}"
@@ -24,4 +19,10 @@ P="[[8, 32768, {\"G\": 64}, $R]], [8, 8192, {\"Hkv\": 32, \"label\": \"MHA-B8-T8
   [8, 8192, {\"Hq\": 9, \"Hkv\": 3, \"D\": 64, \"label\": \"SmolLM2-B8-T8k-Hq9-Hkv3-D64\"},
    $R, \"outerq_fused\"]]]"
 kernel_points _round17_rest "${POINTS:-$P}" "${BENCH_S:-200}"
+# B 1 / 4k by device time (the timed figure is launches; round 16): the Triton op the
+# dispatch runs there and jax's bf16 kernel, traced
+timeout "${TRACE_S:-60}" $PY benchmarks/bench_kernels.py --suite trace --tag _round17 \
+  --out "$OUT" --reps 5 --options '{"ops": ["innerq_fused", "bf16_pallas"]}' \
+  --shapes '[[1, 4096, {}]]' 2>&1 | grep -vE "^\s*$" >> "$LOG"
+echo "trace rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
