@@ -70,6 +70,17 @@ mosaic_probe() {
   echo "probe done (elapsed $SECONDS s)" | tee -a "$LOG"
 }
 
+# kernel_suite TAG TIMEOUT_S: bench_kernels.py's whole suite into $OUT/kernels_full<TAG>.
+# {json,png,_log.txt} (a run its limit cuts leaves its finished shapes: bench_kernels.py
+# --merge completes it); its last shape lines to $LOG
+kernel_suite() {
+  local log="$OUT/kernels_full$1_log.txt"
+  timeout "$2" $PY benchmarks/bench_kernels.py --suite full --tag "$1" --out "$OUT" --reps 5 \
+    > "$log" 2>&1
+  echo "suite rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+  grep -E "^\[|elapsed" "$log" | tail -4 >> "$LOG"
+}
+
 # kernel_points TAG POINTS [TIMEOUT_S]: bench_kernels.py's points suite (every point checked
 # against the reference, then timed) into $OUT/kernels_points<TAG>.{json,png,_log.txt}; its
 # timing lines to $LOG

@@ -7,7 +7,4 @@
 source benchmarks/gpu_env.sh
 LOG="$OUT/round16b_log.txt"
 start_log "$LOG"
-timeout "${SUITE_S:-575}" $PY benchmarks/bench_kernels.py --suite full --tag _round16 \
-  --out "$OUT" --reps 5 > "$OUT/kernels_full_round16_log.txt" 2>&1
-echo "suite rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "^\[|elapsed" "$OUT/kernels_full_round16_log.txt" | tail -4 >> "$LOG"
+kernel_suite _round16 "${SUITE_S:-575}"
