@@ -77,6 +77,40 @@ def _resolve(backend: str) -> str:
     return _default_backend() if backend == "auto" else backend
 
 
+def _kernel_option_names(path: str) -> frozenset[str]:
+    """The tunables the kernel of ``path`` takes (its keyword parameters but the ones the
+    dispatch itself passes)."""
+    import inspect
+
+    if path == "mosaic":
+        from pallas_kernels.mgpu_decode import _OPTIONS
+
+        return _OPTIONS | {"ablate"}
+    if path in ("tpu", "tpu-interpret"):
+        from pallas_kernels.tpu_decode import quantized_decode_attention_tpu as fn
+    else:
+        fn = _fused_kernel()
+    params = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in params
+                     if p.kind == p.KEYWORD_ONLY and p.name not in ("interpret", "prep"))
+
+
+def _check_kernel_options(path: str, kernel_options) -> None:
+    """Options the kernel this call runs does not take: a ValueError naming the kernel the
+    dispatch chose and what it takes (the reference path takes none and ignores them)."""
+    if not kernel_options or path == "reference":
+        return
+    allowed = _kernel_option_names(path)
+    bad = sorted(set(kernel_options) - allowed)
+    if bad:
+        kernel = {"mosaic": "Mosaic GPU", "triton": "fused Triton",
+                  "interpret": "fused Triton (interpret mode)"}.get(path, f"{path} backend's")
+        raise ValueError(
+            f"kernel options {bad} are not taken by the {kernel} kernel that this call runs "
+            f"(the dispatch's choice for this cache, shape and device, quantized_path); it "
+            f"takes {sorted(allowed)}")
+
+
 def quantized_path(cfg: CacheConfig, pairs: int, backend: Backend = "auto",
                    kernel_options=(), head_dim: int | None = None) -> str:
     """The path :func:`decode_attention_layer` takes for a quantized cache with ``pairs``
@@ -141,6 +175,7 @@ def decode_attention_layer(
             )
         path = quantized_path(cfg, q.shape[0] * layer.k_scale.shape[1], backend,
                               kernel_options, head_dim=D)
+        _check_kernel_options(path, kernel_options)
         if path in ("triton", "interpret", "mosaic"):
             # the query's preparation and the output's finish run inside the kernels
             from pallas_kernels.query_prep import QueryPrep

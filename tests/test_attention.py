@@ -249,3 +249,20 @@ def test_accelerator_baseline_paths_match_reference(kind, backend):
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     assert np.all(np.isfinite(out))
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_kernel_options_the_chosen_kernel_does_not_take_are_named():
+    """A tunable of another kernel (here the Mosaic GPU op's) passed to a call the dispatch
+    runs on the fused Triton kernel: a ValueError naming the chosen kernel and what it
+    takes, not a TypeError from deep inside; the kernel's own tunables pass through."""
+    cfg = CacheConfig.innerq(capacity=512)
+    rng = np.random.default_rng(12)
+    k = jnp.asarray(rng.standard_normal((1, 1, 2, 300, 64)), jnp.float32)
+    cache = KVCache.from_prefill(cfg, k, k * 0.5 + 1.0, jnp.array([300]))
+    q = jnp.asarray(rng.standard_normal((1, 8, 64)), jnp.float32)
+    for bad in ({"finish": "kernel"}, {"wide_copies": True}, {"num_warp": 4}):
+        with pytest.raises(ValueError, match=rf"{next(iter(bad))}.*fused Triton.*num_splits"):
+            decode_attention(q, cache, backend="interpret", **bad)
+    out = decode_attention(q, cache, backend="interpret", num_splits=2)
+    ref = decode_attention(q, cache, backend="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-3, atol=2e-3)
