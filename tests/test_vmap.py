@@ -173,6 +173,49 @@ def test_mosaic_side_kernels_over_a_batch(caches):
         assert _rel(out[i], ref) < 1e-5
 
 
+def test_finishing_epilogue_under_vmap():
+    """The epilogue that undoes a value rotation itself (finish_values: a done-counter per
+    (sequence, kv head), the last channel block's program rotating the merged rows) under
+    jax.vmap over queries and partials: each element what its own call gives, and the
+    element's XLA merge and finish (interpret mode)."""
+    import dataclasses
+
+    from innerq_jax.cache import KVCache
+    from innerq_jax.reference import finish_output
+    from pallas_kernels.mgpu_epilogue import _column_heads, windows_and_merge
+
+    cfg = dataclasses.replace(CacheConfig.recommended(capacity=704), rotation_signs=True)
+    B, H, D, Hq, NS = 2, 2, 128, 8, 3
+    rng = np.random.default_rng(9)
+    k = jnp.asarray(rng.standard_normal((1, B, H, 600, D)), jnp.float32)
+    cache = KVCache.from_prefill(cfg, k, k * 0.7 + 0.3, jnp.array([600, 250]))
+    layer = cache.layer(0)
+    geo = Geometry(cfg.bits, cfg.group_size, D, Hq // H, 128)
+    qs = jnp.asarray(rng.standard_normal((2, B, Hq, D)), jnp.float32)
+    qp = jnp.stack([prepare_query(q, layer, cfg, D ** -0.5).reshape(B, H, Hq // H, D)
+                    for q in qs])
+    o_part = jnp.asarray(rng.standard_normal((2, B, H, NS, D, geo.NV)), jnp.float32)
+    # the Mosaic kernel's partials repeat a head's running max over the head's columns
+    head = np.asarray(_column_heads(geo, Hq // H, geo.NV))
+    m_head = rng.standard_normal((2, B, H, NS, Hq // H)) * 3
+    ml_part = jnp.asarray(np.stack([m_head[..., np.maximum(head, 0)],
+                                    rng.uniform(0.2, 2.0, (2, B, H, NS, geo.NV))], axis=4),
+                          jnp.float32)
+
+    def finished(q, o, m):
+        return windows_and_merge(q, layer, cache.lengths, cfg, o, m, geo, n_channel_blocks=4,
+                                 finish_values=True, interpret=True)
+
+    out = jax.vmap(finished)(qp, o_part, ml_part)
+    for i in range(2):
+        _close(out[i], finished(qp[i], o_part[i], ml_part[i]))
+        window = md.window_partial(qp[i], layer, cache.lengths, cfg)
+        merged = md.combine_partials(o_part[i], ml_part[i], window, geo)
+        with jax.default_matmul_precision("highest"):
+            ref = finish_output(merged, cfg, jnp.float32, layer.rot_signs).reshape(merged.shape)
+        assert _rel(out[i], ref) < 1e-5
+
+
 # the Mosaic GPU op as the H200 runs it (windows and merge in the Triton epilogue, the query
 # operands from the Triton query kernel), vmapped over queries
 _MOSAIC = dict(num_splits=2, windows="epilogue", query="kernel", wide_copies=True)
