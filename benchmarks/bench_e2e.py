@@ -19,8 +19,10 @@ back to back, one sync, median of ``--reps`` repetitions. Every row records:
 Suites: ``decode`` (every cache kind at B 8 / 32k), ``grid`` (B in {1, 8, 32}
 at 4k and 32k for the bf16 and InnerQ caches), ``max`` (each cache kind at the
 largest batch that fits at 32k, actually run), ``mesh`` (B 8 / 32k and the
-largest batch for bf16 and InnerQ on the mesh given by ``--mesh``), and
-``quick`` (a tiny model, any backend, for a CPU smoke run). Results go to
+largest batch for bf16 and InnerQ on the mesh given by ``--mesh``), ``long`` (one
+sequence at a 128k context, where the bf16 cache is as large as the 8B weights: bf16,
+InnerQ, the recommended cache and OuterQ), and ``quick`` (a tiny model, any backend, for a
+CPU smoke run). Results go to
 ``OUT/e2e_<tag>.json`` with a plot beside it.
 
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=$PWD \
@@ -91,9 +93,11 @@ def suite_rows(suite: str) -> list[tuple[str, int | str, int]]:
     if suite == "mesh":
         return [("bf16", 8, 32768), ("innerq2", 8, 32768), ("bf16", "max", 32768),
                 ("innerq2", "max", 32768)]
+    if suite == "long":  # one stream at a 128k context: the cache as large as the weights
+        return [(k, 1, 131072) for k in ("bf16", "innerq2", "recommended", "outerq2")]
     if suite == "quick":
         return [(k, 2, 512) for k in KINDS]
-    raise ValueError(f"unknown suite {suite!r}; choose decode, grid, max, mesh or quick")
+    raise ValueError(f"unknown suite {suite!r}; choose decode, grid, max, mesh, long or quick")
 
 
 # ------------------------------------------------------------------ measurement

@@ -55,3 +55,12 @@ def test_call_modes_label_rows_and_record_the_host(tmp_path):
     for call in ("bound", "module", "loop"):
         text = gzip.open(tmp_path / "hlo" / f"e2e_innerq2_{call}_B2.hlo.gz", "rt").read()
         assert "ENTRY" in text
+
+
+def test_long_suite_is_one_stream_at_128k():
+    rows = bench_e2e.suite_rows("long")
+    assert {k for k, _, _ in rows} == {"bf16", "innerq2", "recommended", "outerq2"}
+    assert all(B == 1 and ctx == 131072 for _, B, ctx in rows)
+    assert all(k in bench_e2e.KINDS for k, _, _ in rows)
+    with pytest.raises(ValueError, match="long"):
+        bench_e2e.suite_rows("longest")
