@@ -82,6 +82,9 @@ EPILOGUE_CASES = (
      9, 3, 2, 5, 2),
     ("epilogue-outerq2", CacheConfig.outerq(capacity=4096), 128, 32, 8, 8, 6, 4),
     ("epilogue-mha-G64", CacheConfig.innerq(group_size=64, capacity=4096), 128, 8, 8, 2, 7, 8),
+    # values rotated: also the epilogue that undoes the rotation itself (finish_values)
+    ("epilogue-recommended-B1-NS49", CacheConfig.recommended(capacity=4096), 128, 32, 8, 1, 49,
+     8),
 )
 
 
@@ -104,8 +107,9 @@ def _captured_triton():
 
 def epilogue_fingerprints(cfg: CacheConfig, D: int, Hq: int, Hkv: int, B: int, NS: int,
                           n_dc: int) -> dict[str, str]:
-    """{"epilogue": ..., "merge": ...}: sha256 (16 hex digits) of the Triton IR of
-    ``windows_and_merge`` and of ``merge_partials`` for these partials, lowered for an
+    """{"epilogue": ..., "merge": ...} (and "finish" where the cache rotates its values):
+    sha256 (16 hex digits) of the Triton IR of ``windows_and_merge``, of ``merge_partials``
+    and of ``windows_and_merge(finish_values=True)`` for these partials, lowered for an
     H200."""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
@@ -124,6 +128,10 @@ def epilogue_fingerprints(cfg: CacheConfig, D: int, Hq: int, Hkv: int, B: int, N
                q, lay, n, cfg, o_, ml_, geo, n_channel_blocks=n_dc),
            "merge": lambda q, lay, n, o_, ml_: merge_partials(o_, ml_, geo, r,
                                                               n_channel_blocks=n_dc)}
+    if cfg.rotate_values:
+        fns["finish"] = lambda q, lay, n, o_, ml_: windows_and_merge(
+            q, lay, n, cfg, o_, ml_, geo, n_channel_blocks=n_dc, out_dtype=jnp.bfloat16,
+            finish_values=True)
     out = {}
     for label, fn in fns.items():
         with _captured_triton() as texts, use_abstract_mesh(mesh):

@@ -70,12 +70,18 @@ def _epilogue_kernel(
 ):
     """Windows and merge: the windows' partial, then every split's, merged."""
     b, d0 = pl.program_id(1), pl.program_id(2) * DC  # this program's channels d0 .. d0 + DC
-    sizes = region_sizes(len_ref[b], cfg)
+    window = _window_partial(q_ref, len_ref[b], sk_ref, sv_ref, rk_ref, rv_ref, op_ref.shape[1],
+                             d0, geo=geo, cfg=cfg, DC=DC)
+    _merge(op_ref, ml_ref, o_ref, window, d0, geo=geo, DC=DC)
+
+
+def _window_partial(q_ref, length, sk_ref, sv_ref, rk_ref, rv_ref, D, d0, *, geo: Geometry,
+                    cfg: CacheConfig, DC: int):
+    """The windows' partial (o [NH, DC], m [NH], l [NH]) of a sequence of ``length`` tokens,
+    its output columns those of M-rows d0 .. d0 + DC in the partials' order."""
+    sizes = region_sizes(length, cfg)
     windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
-    # the windows' output columns in the partials' M-row order (channel of M-row d0 + i)
-    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC),
-                                   v_order=geo.v_channel)
-    _merge(op_ref, ml_ref, o_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC)
+    return wb.window_part(q_ref, windows, D, v_cols=(d0, DC), v_order=geo.v_channel)
 
 
 def _finishing_epilogue_kernel(
@@ -96,11 +102,9 @@ def _finishing_epilogue_kernel(
     del cnt_in_ref
     h, b, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     d0, r = c * DC, o_ref.shape[0]
-    sizes = region_sizes(len_ref[b], cfg)
-    windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
-    o_w, m_w, l_w = wb.window_part(q_ref, windows, op_ref.shape[1], v_cols=(d0, DC),
-                                   v_order=geo.v_channel)
-    _merge(op_ref, ml_ref, ws_ref, (o_w, m_w, l_w), d0, geo=geo, DC=DC, r=r)
+    window = _window_partial(q_ref, len_ref[b], sk_ref, sv_ref, rk_ref, rv_ref, op_ref.shape[1],
+                             d0, geo=geo, cfg=cfg, DC=DC)
+    _merge(op_ref, ml_ref, ws_ref, window, d0, geo=geo, DC=DC, r=r)
     if not interpret:  # (interpret mode runs programs one at a time)
         plgpu.debug_barrier()  # every thread's stores precede the (release) atomic
     done = plgpu.atomic_add(cnt_ref, (h, b), jnp.ones((), jnp.int32))
