@@ -17,21 +17,17 @@ start_log() {
 # compiled on the GPU, into FILE (headed by the log's commit and GPU lines); the summary
 # goes to $LOG too
 mosaic_gpu_tests() {
-  head -2 "$LOG" > "$1"
-  timeout "${3:-160}" $PY -m pytest -q -p no:cacheprovider -m gpu -rA \
-    tests/test_mgpu_kernels.py -k "$2" >> "$1" 2>&1
-  echo "Mosaic GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$1" "$LOG"
-  grep -E "passed|failed" "$1" | tail -2 | tee -a "$LOG"
+  WORKERS=0 gpu_tests "$1" "${3:-160}" tests/test_mgpu_kernels.py -k "$2"
 }
 
-# gpu_tests FILE TIMEOUT_S PYTEST_ARGS...: every -m gpu test PYTEST_ARGS select, eight pytest
-# workers sharing the GPU (no preallocation), into FILE (headed by the log's commit and GPU
-# lines); the summary and any failures to $LOG too
+# gpu_tests FILE TIMEOUT_S PYTEST_ARGS...: every -m gpu test PYTEST_ARGS select, $WORKERS
+# pytest workers sharing the GPU (default 8, 0: one process; no preallocation), into FILE
+# (headed by the log's commit and GPU lines); the summary and any failures to $LOG too
 gpu_tests() {
-  local file=$1 t=$2; shift 2
+  local file=$1 t=$2 workers=${WORKERS:-8}; shift 2
   head -2 "$LOG" > "$file"
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$t" $PY -m pytest -q -p no:cacheprovider \
-    -m gpu -rA -n "${WORKERS:-8}" "$@" >> "$file" 2>&1
+    -m gpu -rA $([ "$workers" -gt 0 ] && echo "-n $workers") "$@" >> "$file" 2>&1
   echo "GPU tests rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
   grep -E "passed|failed" "$file" | tail -2 | tee -a "$LOG"
   grep -E "^(FAILED|ERROR)" "$file" | head -10 | tee -a "$LOG"

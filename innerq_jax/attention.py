@@ -82,10 +82,10 @@ def _kernel_option_names(path: str) -> frozenset[str]:
     dispatch itself passes)."""
     import inspect
 
-    if path == "mosaic":
+    if path == "mosaic":  # (the dispatch picks it only with these: mgpu_decode.preferred)
         from pallas_kernels.mgpu_decode import _OPTIONS
 
-        return _OPTIONS | {"ablate"}
+        return _OPTIONS
     if path in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu_decode import quantized_decode_attention_tpu as fn
     else:

@@ -137,9 +137,7 @@ def _fused_kernel(
         o, m, l = wb.window_part(q_ref, windows, D, chunk=window_rows)
         store_partial(o, m, l, wb.WINDOW_HEADS)
 
-    if not interpret:  # (interpret mode runs programs one at a time)
-        plgpu.debug_barrier()  # every thread's partial stores precede the (release) atomic
-    done = plgpu.atomic_add(cnt_ref, (h, b), jnp.ones((), jnp.int32))
+    done = qprep.arrive(cnt_ref, (h, b), interpret=interpret)
 
     @pl.when(done == num_splits)
     def _combine():

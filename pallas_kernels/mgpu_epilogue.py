@@ -86,7 +86,7 @@ def _window_partial(q_ref, length, sk_ref, sv_ref, rk_ref, rv_ref, D, d0, *, geo
 
 def _finishing_epilogue_kernel(
     q_ref, len_ref, sk_ref, sv_ref, rk_ref, rv_ref, op_ref, ml_ref,  # as _epilogue_kernel's
-    sg_ref,  # [D]: the layer's rotation signs (a stand-in, never read, where it has none)
+    sg_ref,  # [D]: the layer's rotation signs (sigma, never read, where it has none)
     h_ref,  # [D, D] bf16: H * sqrt(D) (query_prep.hadamard_signs)
     cnt_in_ref,  # [H, B] int32: done-counters, zeros, aliased with cnt_ref (never read)
     o_ref,  # [r, D] in the model's dtype: the output, the value rotation undone
@@ -105,16 +105,13 @@ def _finishing_epilogue_kernel(
     window = _window_partial(q_ref, len_ref[b], sk_ref, sv_ref, rk_ref, rv_ref, op_ref.shape[1],
                              d0, geo=geo, cfg=cfg, DC=DC)
     _merge(op_ref, ml_ref, ws_ref, window, d0, geo=geo, DC=DC, r=r)
-    if not interpret:  # (interpret mode runs programs one at a time)
-        plgpu.debug_barrier()  # every thread's stores precede the (release) atomic
-    done = plgpu.atomic_add(cnt_ref, (h, b), jnp.ones((), jnp.int32))
+    done = qprep.arrive(cnt_ref, (h, b), interpret=interpret)
 
     @pl.when(done == pl.num_programs(2) - 1)
     def _finish():
         M, D = ws_ref.shape
         rows = jax.lax.broadcasted_iota(jnp.int32, (M, D), 0)
         cols = jax.lax.broadcasted_iota(jnp.int32, (M, D), 1)
-        # the other programs' rows: volatile loads (past L1, not coherent across SMs)
         out = plgpu.load(ws_ref.at[jnp.minimum(rows, r - 1), cols], mask=rows < r, other=0.0,
                          volatile=True)
         qprep.store_finished(out, o_ref, sg_ref, h_ref, cfg=cfg, signs=signs)
@@ -246,7 +243,7 @@ def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: in
     or the merge alone (``cfg`` None; inputs the partials); ``finish`` ("signs" or
     "rotation": the value rotation undone in the kernel, with or without the layer's signs;
     inputs then also the signs, H's signs and the done-counters)."""
-    B, H, _, D, _ = (shapes[-5] if finish else shapes[-2])[0]
+    B, H, _, D, _ = shapes[0 if cfg is None else 6][0]  # the partials o_part
     full = lambda shape: pl.BlockSpec(shape, lambda h, b, c: (0,) * len(shape))  # noqa: E731
     per_bh = lambda shape: pl.BlockSpec(  # noqa: E731
         (None, None) + shape[2:], lambda h, b, c: (b, h) + (0,) * (len(shape) - 2))
@@ -254,10 +251,8 @@ def _build_call(geo: Geometry, cfg: CacheConfig | None, shapes, r: int, n_dc: in
         kernel = functools.partial(_finishing_epilogue_kernel, geo=geo, cfg=cfg, DC=D // n_dc,
                                    signs=finish == "signs", interpret=interpret)
         in_specs = [per_bh(shapes[0][0]), full(shapes[1][0])]
-        in_specs += [per_bh(sh) for sh, _ in shapes[2:-3]]
-        sg = shapes[-3][0]  # the layer's signs [B, H, D], or a stand-in (never read)
-        in_specs += [per_bh(sg) if finish == "signs" else full(sg), full(shapes[-2][0]),
-                     full(shapes[-1][0])]
+        in_specs += [per_bh(sh) for sh, _ in shapes[2:-2]]  # ... the partials, the signs
+        in_specs += [full(shapes[-2][0]), full(shapes[-1][0])]
         M = max(qprep.MMA_ROWS, next_pow2(r))
         out_shape = [jax.ShapeDtypeStruct((B, H, r, D), jnp.dtype(out_dtype)),
                      jax.ShapeDtypeStruct((B, H, M, D), jnp.float32),  # scratch rows
@@ -359,7 +354,9 @@ def windows_and_merge(qp: jax.Array, layer: QuantLayer, lengths: jax.Array, cfg:
     finish = None
     if finish_values:
         finish = "signs" if layer.rot_signs is not None else "rotation"
-        signs = layer.rot_signs if finish == "signs" else jnp.ones((16,), jnp.float32)
+        # the signs [B, H, D] (sigma's, never read, where the layer has none), H's signs,
+        # the done-counters: as the fused Triton kernel takes them (query_prep.side_operands)
+        signs = layer.rot_signs if finish == "signs" else layer.k_scale
         inputs += [signs, jnp.asarray(qprep.hadamard_signs(D)), jnp.zeros((H, B), jnp.int32)]
         shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     return call_quietly(_build_call(geo, cfg, shapes, r, n_dc, interpret, out_dtype, finish),

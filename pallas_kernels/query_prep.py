@@ -165,6 +165,16 @@ def store_prepared(q_ref, ks_ref, sg_ref, h_ref, qs_ref, *, prep: QueryPrep | No
     plgpu.store(qs_ref.at[rows, cols], q, mask=rows < r)
 
 
+def arrive(cnt_ref, idx, *, interpret: bool) -> jax.Array:
+    """Counts this program done on ``cnt_ref[idx]`` (int32, zero at launch) once every thread's
+    stores are issued; returns the count before it, so the program that reads the number of
+    its peers is the last to arrive and may read their stores (volatile loads: past L1,
+    which is not coherent across SMs) and finish the output."""
+    if not interpret:  # (interpret mode runs programs one at a time)
+        plgpu.debug_barrier()  # every thread's stores precede the (release) atomic
+    return plgpu.atomic_add(cnt_ref, idx, jnp.ones((), jnp.int32))
+
+
 def store_finished(out: jax.Array, o_ref, sg_ref, h_ref, *, cfg: CacheConfig, signs: bool):
     """out [M, D] f32 (the kernel's output rows, M >= r) -> o_ref [r, D] in its dtype, the
     value rotation undone where the cache rotates values (M >= 16 then)."""
@@ -178,5 +188,5 @@ def store_finished(out: jax.Array, o_ref, sg_ref, h_ref, *, cfg: CacheConfig, si
     plgpu.store(o_ref.at[rows, cols], out.astype(o_ref.dtype), mask=rows < o_ref.shape[0])
 
 
-__all__ = ["MMA_ROWS", "QueryPrep", "check_query", "finish_xla", "hadamard_signs",
+__all__ = ["MMA_ROWS", "QueryPrep", "arrive", "check_query", "finish_xla", "hadamard_signs",
            "prepare_xla", "rotate_rows", "side_operands", "store_finished", "store_prepared"]
