@@ -8,12 +8,20 @@ loop, compiled for bf16 and InnerQ caches at two capacities 4x apart:
 * the temporaries do not grow with the cache: a path that copied a layer's or
   the whole cache (a layer scan taking the cache as xs and returning it as ys,
   a branch returning whole tensors, an upcast of a layer) would add temporaries
-  in proportion to the capacity.
+  in proportion to the capacity;
+* the step reads each weight once, through a matmul: the query, key and value
+  projections are one matmul per layer (on the CPU, in the lowered step), and on a
+  GPU no weight-sized reduction is left in the compiled step at one sequence (XLA's
+  GPU simplifier turns small vector-matrix dots into a multiply and a reduce).
 """
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -93,3 +101,55 @@ def test_evaluation_loop_keeps_one_cache(model, kind):
     (c0, t0), (c1, t1) = rows
     assert t0 >= 0 and t1 >= 0
     assert t1 - t0 <= 0.01 * (c1 - c0), f"evaluation: extra temporaries grew by {t1 - t0}"
+
+
+def test_projections_are_one_matmul_per_layer(model):
+    """The step's StableHLO: one dot per layer reads the fused ``qkv`` weight (q, k and v
+    from one matmul), and the attention module has no other projection in."""
+    cache = cache_for(model, CacheConfig.innerq(capacity=2048), B)
+    text = jit_decode_step.lower(model, cache, jnp.ones((B,), jnp.int32)).as_text()
+    E, H, D = MC.hidden_size, MC.num_kv_heads, MC.head_dim
+    r = MC.num_heads // H
+    qkv = f"tensor<{E}x{H}x{r + 2}x{D}xbf16>"
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert sum(qkv in line for line in dots) == MC.num_layers
+    assert sorted(nnx.state(model.layers[0].attn, nnx.Param)) == ["o", "qkv"]
+
+
+def _weight_sized_reductions(hlo: str, min_elems: int) -> list[str]:
+    """The reduce instructions of compiled HLO text whose operand has >= min_elems elements."""
+    shapes = {m[1]: m[2] for m in re.finditer(r"%([\w.-]+) = \w+\[([\d,]*)\]", hlo)}
+    found = []
+    for m in re.finditer(r"%([\w.-]+) = \w+\[[\d,]*\]\S* reduce\(%([\w.-]+)", hlo):
+        dims = shapes.get(m[2], "")
+        if dims and np.prod([int(d) for d in dims.split(",")]) >= min_elems:
+            found.append(f"{m[1]} reduces {m[2]} [{dims}]")
+    return found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: XLA's GPU passes")
+@pytest.mark.parametrize("kind", ["bf16", "recommended"])
+def test_one_sequence_step_keeps_its_matmuls_on_gpu(kind):
+    """One layer of Llama-3-8B's attention shape at one sequence, compiled for the GPU:
+    no reduction over a weight-sized operand (a projection strength-reduced by XLA reads
+    its weight at a fraction of the bandwidth, and can be fused into the cache's write)."""
+    mc = ModelConfig(vocab_size=4096, hidden_size=4096, intermediate_size=4096, num_layers=1,
+                     num_heads=32, num_kv_heads=8, head_dim=128, max_positions=1 << 12)
+    big = Llama(mc, nnx.Rngs(0))
+    cfg = {"bf16": CacheConfig.bf16, "recommended": CacheConfig.recommended}[kind](capacity=512)
+    cache = cache_for(big, cfg, 1)
+    hlo = jit_decode_step.lower(big, cache, jnp.ones((1,), jnp.int32)).compile().as_text()
+    assert not _weight_sized_reductions(hlo, 1 << 20)
+
+
+def test_weight_sized_reductions_are_found():
+    """The helper the GPU test relies on finds a strength-reduced projection's reduce in
+    XLA's text form and ignores small ones."""
+    hlo = """
+  %convert.1 = f32[4096,1024]{1,0} convert(%param_0.1), metadata={op_name="dot_general"}
+  %reduce.2 = f32[1024]{0} reduce(%convert.1, %constant_0), dimensions={0}, to_apply=%add
+  %small.3 = f32[8,128]{1,0} multiply(%a, %b)
+  %reduce.4 = f32[8]{0} reduce(%small.3, %constant_0), dimensions={1}, to_apply=%add
+"""
+    assert _weight_sized_reductions(hlo, 1 << 20) == ["reduce.2 reduces convert.1 [4096,1024]"]
