@@ -1020,7 +1020,17 @@ def trace(log, args, save):
             ops = {n: o for n, o in ops.items() if n in wanted}
         cases, refs = {}, {}
         TOL = {"innerq_fused": TOL_QUANT, "outerq_fused": TOL_OUTERQ, "innerq_mgpu": TOL_QUANT,
-               "bf16_pallas": TOL_BF16}
+               "bf16_pallas": TOL_BF16, **{n: TOL_QUANT for n in TRACE_DISPATCH}}
+        # through the dispatch, the model's query in (its preparation and the output's finish
+        # included), only where asked for by name
+        for name, over in TRACE_DISPATCH.items():
+            if name in (wanted or ()):
+                cfg = shape.cfg("innerq", **over)
+                layer = _prefill(k, v, lengths, cfg)
+                cases[name] = (functools.partial(decode_attention_layer, cfg=cfg,
+                                                 backend="pallas", **opts.get(name, {})),
+                               (q, layer, lengths))
+                refs[name] = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
         for name, (kind, op) in ops.items():
             cfg = shape.cfg(kind)
             layer = _prefill(k, v, lengths, cfg)
@@ -1069,6 +1079,11 @@ def trace(log, args, save):
         del cases, refs, k, v
         save(out)
     return out
+
+
+# the trace suite's ops through the dispatch (``--options '{"ops": [...]}'`` names them):
+# the paper's InnerQ and InnerQ-H (keys and values rotated), CacheConfig.innerq overrides
+TRACE_DISPATCH = {"innerq_dispatch": {}, "innerq-h_dispatch": {"rotation": "keys_values"}}
 
 
 def summary(runs, log, copy_gbps=None):
