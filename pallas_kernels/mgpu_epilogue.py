@@ -128,7 +128,7 @@ def _merge_kernel(
     _merge(op_ref, ml_ref, o_ref, None, pl.program_id(2) * DC, geo=geo, DC=DC)
 
 
-def _column_heads(geo: Geometry, r: int, n: int):
+def column_heads(geo: Geometry, r: int, n: int):
     """[n] int32: the head whose value columns include column col (the wgmma layout's
     slot k = 2 (col // 8) + col % 2 of thread c = (col % 8) // 2, k = uh * vg + token or
     channel group), -1 where no head of the r owns it (and past the geometry's NV)."""
@@ -159,7 +159,7 @@ def _merge(op_ref, ml_ref, o_ref, window, d0, *, geo: Geometry, DC: int, r: int 
     NS, NVp = op_ref.shape[0], next_pow2(geo.NV)  # the columns padded (tiles: powers of 2)
     r, NH = r or o_ref.shape[0], wb.WINDOW_HEADS
     S = max(1, min(_MERGE_STEP, _MERGE_ELEMS // (DC * NVp)))
-    head = _column_heads(geo, r, NVp)  # [NVp]
+    head = column_heads(geo, r, NVp)  # [NVp]
     owned = head >= 0
 
     # the running max of a column: its own (the epilogue: the Mosaic kernel repeats a head's

@@ -182,7 +182,7 @@ def test_finishing_epilogue_under_vmap():
 
     from innerq_jax.cache import KVCache
     from innerq_jax.reference import finish_output
-    from pallas_kernels.mgpu_epilogue import _column_heads, windows_and_merge
+    from pallas_kernels.mgpu_epilogue import column_heads, windows_and_merge
 
     cfg = dataclasses.replace(CacheConfig.recommended(capacity=704), rotation_signs=True)
     B, H, D, Hq, NS = 2, 2, 128, 8, 3
@@ -196,7 +196,7 @@ def test_finishing_epilogue_under_vmap():
                     for q in qs])
     o_part = jnp.asarray(rng.standard_normal((2, B, H, NS, D, geo.NV)), jnp.float32)
     # the Mosaic kernel's partials repeat a head's running max over the head's columns
-    head = np.asarray(_column_heads(geo, Hq // H, geo.NV))
+    head = np.asarray(column_heads(geo, Hq // H, geo.NV))
     m_head = rng.standard_normal((2, B, H, NS, Hq // H)) * 3
     ml_part = jnp.asarray(np.stack([m_head[..., np.maximum(head, 0)],
                                     rng.uniform(0.2, 2.0, (2, B, H, NS, geo.NV))], axis=4),
