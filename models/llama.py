@@ -166,8 +166,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs, dtype=jnp.bfloat16):
         E, D, H = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
         r = cfg.num_heads // H
-        self.qkv = nnx.Param((jax.random.normal(rngs.params(), (E, H, r + 2, D))
-                              / math.sqrt(E)).astype(dtype))
+        self.qkv = _param(rngs, (E, H, r + 2, D), dtype, scale=1.0 / math.sqrt(E))
         self.o = _param(rngs, (cfg.num_heads * D, E), dtype)
         self.cfg = cfg
 
