@@ -17,6 +17,7 @@ loop, compiled for bf16 and InnerQ caches at two capacities 4x apart:
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import jax
@@ -153,3 +154,9 @@ def test_weight_sized_reductions_are_found():
   %reduce.4 = f32[8]{0} reduce(%small.3, %constant_0), dimensions={1}, to_apply=%add
 """
     assert _weight_sized_reductions(hlo, 1 << 20) == ["reduce.2 reduces convert.1 [4096,1024]"]
+    # and in the H200's own compiled step before the fused projection (separate q/k/v
+    # weights, round 18's evidence): the key projection's and the value projection's reduces
+    old = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
+        "e2e_h200_round17longhlo_excerpt.txt"
+    found = _weight_sized_reductions(old.read_text(), 1 << 20)
+    assert len(found) == 2 and all(f.endswith("[4096,1024]") for f in found), found
