@@ -95,9 +95,15 @@ def suite_rows(suite: str) -> list[tuple[str, int | str, int]]:
                 ("innerq2", "max", 32768)]
     if suite == "long":  # one stream at a 128k context: the cache as large as the weights
         return [(k, 1, 131072) for k in ("bf16", "innerq2", "recommended", "outerq2")]
+    if suite == "short":  # the default model's own regime: short contexts, few streams
+        return [(k, B, ctx) for B, ctx in ((1, 1024), (1, 4096), (8, 8192))
+                for k in ("bf16", "innerq2", "recommended")]
+    if suite == "cli":  # what `innerq generate` runs: one stream, a 1024-token cache
+        return [(k, 1, 1024) for k in ("bf16", "innerq2", "recommended")]
     if suite == "quick":
         return [(k, 2, 512) for k in KINDS]
-    raise ValueError(f"unknown suite {suite!r}; choose decode, grid, max, mesh, long or quick")
+    raise ValueError(f"unknown suite {suite!r}; choose decode, grid, max, mesh, long, short, "
+                     "cli or quick")
 
 
 # ------------------------------------------------------------------ measurement
