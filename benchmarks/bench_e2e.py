@@ -53,7 +53,7 @@ from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
 from models.llama import DecodeStep, Llama, ModelConfig, jit_decode_step, shard_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trace_summary import summarize  # noqa: E402
+from trace_summary import host_summary, summarize  # noqa: E402
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -235,6 +235,8 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
         traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
                                   recursive=True), key=os.path.getmtime)
         profile = summarize(traces[-1], traced) if traces else {"error": "no trace written"}
+        if traces:  # the host's side of the same steps: where a call's launch time goes
+            host["trace"] = host_summary(traces[-1], traced)
     footprint = None
     if ma is not None:
         footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
@@ -399,6 +401,8 @@ def main(argv=None) -> None:
                                                       + attn * mc.num_layers) * 1e3)
                 if prof is not None:
                     row["profile"] = prof  # per device, per step (trace_summary.py)
+                if host.get("trace"):
+                    row["host_trace"] = host["trace"]  # host events per step, by name
                 row["vs_roofline"] = row["step_ms"] / row["roofline_ms"]
                 row["vs_weights_plus_attention"] = (row["step_ms"]
                                                     / row["weights_plus_attention_ms"])

@@ -97,11 +97,36 @@ def summarize(path: str, steps: int) -> dict:
     return out
 
 
+def host_summary(path: str, steps: int, top: int = 40) -> dict:
+    """The host threads' events (the runtime's own annotations: executable launch, thunks,
+    buffer handling) summed by name: {name: [count, ms]} per step, the ``top`` costliest.
+    Nested events are each counted, so the figures show where host time goes, not a sum."""
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    by_name, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or e.get("dur") is None:
+            continue
+        if DEVICE.search(procs.get(e.get("pid"), "")):
+            continue
+        n = str(e.get("name", ""))[:80]
+        by_name[n] += float(e["dur"])
+        counts[n] += 1
+    return {n: [counts[n] / steps, round(d / 1e3 / steps, 5)]
+            for n, d in by_name.most_common(top)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--steps", type=int, default=1)
     a = ap.parse_args(argv)
+    print("host, per step (nested events each counted):")
+    for n, (k, ms) in list(host_summary(a.trace, a.steps).items())[:20]:
+        print(f"    {ms:8.3f} ms  x{k:6.1f}  {n}")
     for dev, s in summarize(a.trace, a.steps).items():
         print(f"{dev}: {s['ops']:.0f} ops, kernels {s['kernel_ms']:.2f} ms, busy "
               f"{s['busy_ms']:.2f} ms, collectives {s['collective_ms']:.2f} ms "
