@@ -162,21 +162,29 @@ def _kernel(table_ref, *refs, rows: tuple[tuple[int, int], ...], groups: tuple):
 
 def _quantize_group(table_ref, srcs, outs, b, h, col, first_out, ring, G, W, cfg, which,
                     grouping, packing, fields):
-    """One program's flush group: read, put the token in, quantize, write the fields."""
-    slot = jnp.minimum(table_ref[b, col], W - G)
-    own, start = table_ref[b, col + 1], table_ref[b, col + 2]
-    block = outs[ring][b, h, pl.ds(slot, G), :]  # [G, D]
-    token = srcs[ring][b, h, :, :]  # [1, D]
-    row = jax.lax.broadcasted_iota(jnp.int32, (G, 1), 0)
-    x = jnp.where(row == own, token, block).astype(jnp.float32)
-    qt = quantize_tokens(x, grouping, cfg, packing=packing, which=which)
-    for f, (n, N, num, den) in zip(ARRAY_FIELDS, fields):
-        out = outs[first_out + ARRAY_FIELDS.index(f)]
-        r0 = start * num // den
+    """One program's flush group: read, put the token in, quantize, write the fields.
 
-        @pl.when((start >= 0) & (r0 <= N - n))
-        def _write(out=out, r0=r0, n=n, val=getattr(qt, f)):
-            out[b, h, pl.ds(r0, n), :] = val.astype(out.dtype)
+    Only where the sequence flushes (its start >= 0): a sequence flushes once every G
+    steps, and the quantization (two candidate layouts, their errors compared) is most
+    of the launch's time at short contexts, so the other steps skip it."""
+    start = table_ref[b, col + 2]
+
+    @pl.when(start >= 0)
+    def _flush():
+        slot = jnp.minimum(table_ref[b, col], W - G)
+        own = table_ref[b, col + 1]
+        block = outs[ring][b, h, pl.ds(slot, G), :]  # [G, D]
+        token = srcs[ring][b, h, :, :]  # [1, D]
+        row = jax.lax.broadcasted_iota(jnp.int32, (G, 1), 0)
+        x = jnp.where(row == own, token, block).astype(jnp.float32)
+        qt = quantize_tokens(x, grouping, cfg, packing=packing, which=which)
+        for f, (n, N, num, den) in zip(ARRAY_FIELDS, fields):
+            out = outs[first_out + ARRAY_FIELDS.index(f)]
+            r0 = start * num // den
+
+            @pl.when(r0 <= N - n)
+            def _write(out=out, r0=r0, n=n, val=getattr(qt, f)):
+                out[b, h, pl.ds(r0, n), :] = val.astype(out.dtype)
 
 
 @functools.lru_cache(maxsize=None)
