@@ -3,7 +3,8 @@
 # the token and a zero row, so XLA keeps each a matmul instead of a multiply + reduce) against
 # the default, on the default model's shape at B 1 / 1k (bf16, InnerQ; device loop and one
 # call per step).
-# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round20e.sh
+# The option was measured, found level or slower, and removed: run this at commit a3875b0.
+# Usage (repository root, on the GPU machine, at a3875b0): COMMIT=a3875b0 bash benchmarks/run_round20e.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round20e_log.txt"
 start_log "$LOG"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, replace
 
 import jax
@@ -139,25 +138,6 @@ def _param(rngs, shape, dtype, scale=None):
     return nnx.Param((std * jax.random.normal(rngs.params(), shape)).astype(dtype))
 
 
-def _matvec_rows() -> int:
-    """Rows a one-token projection is computed with: 1, or 2 (the token and a zero row).
-
-    XLA's GPU simplifier rewrites a vector-matrix dot of fewer than 10M elements as a
-    multiply and a reduce; a second row keeps it a matmul. ``INNERQ_MATVEC_ROWS`` (1 or 2)
-    chooses, read when the step is traced; the default is 1."""
-    env = os.environ.get("INNERQ_MATVEC_ROWS", "")
-    if env not in ("", "1", "2"):
-        raise ValueError(f"INNERQ_MATVEC_ROWS={env!r}; allowed: 1 or 2")
-    return int(env or 1)
-
-
-def _rows(f, x):
-    """f(x) for a projection f of x [B, T, E]; one token (B = T = 1) as _matvec_rows() rows."""
-    if x.shape[0] * x.shape[1] != 1 or _matvec_rows() == 1:
-        return f(x)
-    return f(jnp.concatenate([x, jnp.zeros_like(x)], axis=0))[:1]
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype=jnp.bfloat16):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -195,7 +175,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         r = c.num_heads // c.num_kv_heads
-        y = _rows(lambda a: jnp.einsum("bte,ehjd->bthjd", a, self.qkv[...]), x)  # [B, T, Hkv, r + 2, D]
+        y = jnp.einsum("bte,ehjd->bthjd", x, self.qkv[...])  # one matmul, [B, T, Hkv, r + 2, D]
         q = y[..., :r, :].reshape(B, T, c.num_heads, c.head_dim)
         k, v = y[..., r, :], y[..., r + 1, :]
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -251,7 +231,7 @@ class Attention(nnx.Module):
             o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
                                      ctx.lengths)
             o = o.reshape(B, 1, -1)
-        return _rows(lambda a: a @ self.o[...], o.astype(x.dtype)), layer_cache
+        return o.astype(x.dtype) @ self.o[...], layer_cache
 
 
 class MLP(nnx.Module):
@@ -262,8 +242,7 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, E), dtype)
 
     def __call__(self, x):
-        return _rows(lambda a: (jax.nn.silu(a @ self.gate[...]) * (a @ self.up[...]))
-                     @ self.down[...], x)
+        return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
 
 
 class Block(nnx.Module):
