@@ -47,18 +47,26 @@ def _update(xs, t):
         x, jax.lax.dynamic_slice_in_dim(x, t, 1, axis=2) + 1, t, axis=2) for x in xs]
 
 
-def point(n: int, layout: str) -> dict:
-    key = jax.random.PRNGKey(n)
-    t = jnp.int32(5)
+def inputs(n: int, layout: str, key):
+    """n random arrays of SHAPE, or (stacked) one array [n, *SHAPE] holding them."""
     if layout == "stacked":
-        xs = jax.random.normal(key, (n, *SHAPE), jnp.float32).astype(jnp.bfloat16)
-        fn = jax.jit(lambda x, t: _update([x.reshape(n * SHAPE[0], *SHAPE[1:])], t)[0]
-                     .reshape(x.shape), donate_argnums=0)
-    else:
-        xs = [jax.random.normal(jax.random.fold_in(key, i), SHAPE, jnp.float32)
-              .astype(jnp.bfloat16) for i in range(n)]
-        fn = jax.jit(_update, donate_argnums=0 if layout == "donated" else ())
-    call_us, per_call_us = _time(fn, (xs, t))
+        return jax.random.normal(key, (n, *SHAPE), jnp.float32).astype(jnp.bfloat16)
+    return [jax.random.normal(jax.random.fold_in(key, i), SHAPE, jnp.float32)
+            .astype(jnp.bfloat16) for i in range(n)]
+
+
+def step(n: int, layout: str):
+    """The jitted update of a layout: row t of every array plus one (donated: the inputs'
+    buffers reused; copied: new outputs; stacked: the n arrays as one, donated)."""
+    if layout == "stacked":
+        return jax.jit(lambda x, t: _update([x.reshape(n * SHAPE[0], *SHAPE[1:])], t)[0]
+                       .reshape(x.shape), donate_argnums=0)
+    return jax.jit(_update, donate_argnums=0 if layout == "donated" else ())
+
+
+def point(n: int, layout: str) -> dict:
+    xs = inputs(n, layout, jax.random.PRNGKey(n))
+    call_us, per_call_us = _time(step(n, layout), (xs, jnp.int32(5)))
     return dict(arrays=1 if layout == "stacked" else n, rows=n, layout=layout,
                 call_us=call_us, per_call_us=per_call_us,
                 per_array_us=per_call_us / (1 if layout == "stacked" else n))

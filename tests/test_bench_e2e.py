@@ -64,3 +64,72 @@ def test_long_suite_is_one_stream_at_128k():
     assert all(k in bench_e2e.KINDS for k, _, _ in rows)
     with pytest.raises(ValueError, match="long"):
         bench_e2e.suite_rows("longest")
+
+
+def test_default_model_suites_are_its_short_contexts():
+    """short: B 1 at 1k and 4k, B 8 at 8k, each for bf16, InnerQ and the recommended cache;
+    cli: what `innerq generate` runs (one stream, a 1024-token cache)."""
+    rows = bench_e2e.suite_rows("short")
+    assert sorted({(B, ctx) for _, B, ctx in rows}) == [(1, 1024), (1, 4096), (8, 8192)]
+    assert {k for k, _, _ in rows} == {"bf16", "innerq2", "recommended"} and len(rows) == 9
+    assert bench_e2e.suite_rows("cli") == [(k, 1, 1024) for k in ("bf16", "innerq2",
+                                                                 "recommended")]
+    assert all(k in bench_e2e.KINDS for k, _, _ in rows)
+
+
+def test_host_summary_sums_host_events_and_leaves_devices_out(tmp_path):
+    """trace_summary.host_summary: the host threads' complete events summed by name per
+    step (count, ms), costliest first; a device's events and unfinished events are not
+    counted."""
+    import gzip
+
+    import trace_summary
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "Execute", "ts": 0, "dur": 3000},
+        {"ph": "X", "pid": 1, "name": "Execute", "ts": 5000, "dur": 1000},
+        {"ph": "X", "pid": 1, "name": "command_buffer::update", "ts": 100, "dur": 500},
+        {"ph": "X", "pid": 1, "name": "no duration", "ts": 100},
+        {"ph": "X", "pid": 2, "name": "kernel", "ts": 0, "dur": 9000},
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = trace_summary.host_summary(str(path), steps=2)
+    assert list(got) == ["Execute", "command_buffer::update"]
+    assert got["Execute"] == [1.0, 2.0]  # two events over two steps, 4 ms in all
+    assert got["command_buffer::update"] == [0.5, 0.25]
+    # the device side is summarize's, unchanged: the GPU's kernel only
+    dev = trace_summary.summarize(str(path), steps=2)
+    assert list(dev) == ["/device:GPU:0"] and dev["/device:GPU:0"]["ops"] == 0.5
+
+
+def test_host_overhead_layouts_update_the_same_rows(tmp_path):
+    """host_overhead.py: every layout adds one to row t of each array and nothing else (on
+    random arrays), and a run writes one row per (size, layout) with its figures."""
+    import host_overhead
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n, t = 3, 5
+    for layout in ("donated", "copied", "stacked"):
+        xs = host_overhead.inputs(n, layout, jax.random.PRNGKey(7))
+        before = np.stack([np.asarray(x, np.float32) for x in xs])  # [n, *SHAPE] either way
+        got = host_overhead.step(n, layout)(xs, jnp.int32(t))
+        after = np.stack([np.asarray(y, np.float32) for y in got])
+        want = before.copy()
+        want[:, :, :, t] = np.asarray(jnp.asarray(before[:, :, :, t] + 1, jnp.bfloat16),
+                                      np.float32)
+        assert np.array_equal(after, want), layout
+        assert not np.array_equal(before[:, :, :, t], before[:, :, :, t + 1])  # random rows
+    host_overhead.main(["--sizes", "2,4", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert [(r["rows"], r["layout"]) for r in rows] == [
+        (n, lay) for n in (2, 4) for lay in ("donated", "copied", "stacked")]
+    for r in rows:
+        assert r["call_us"] > 0 and r["per_call_us"] > 0
+        assert r["arrays"] == (1 if r["layout"] == "stacked" else r["rows"])
+        assert abs(r["per_array_us"] - r["per_call_us"] / r["arrays"]) < 1e-9 * r["per_call_us"]
