@@ -5,10 +5,19 @@ is a host callback per step, only when a callback is given. The last token is
 recorded but never appended (its logits would not be used), so a prompt and
 ``max_new_tokens`` need prompt + max_new_tokens - 1 cache slots; that is checked
 before the loop starts (a ``ValueError``, never a silent overwrite).
+
+``chunk`` > 1 runs the steps ``chunk`` at a time: the while loop's condition (read by
+the host on a GPU, which waits for it) is then tested once per chunk, and the steps of
+a chunk form a loop of known trip count that the host can launch ahead. Steps past the
+stop (every sequence done, or the token budget spent) still run inside their chunk but
+change nothing: their tokens are not recorded or streamed, and the cache's lengths and
+overflow flags are kept, so the rows they wrote lie past every sequence's length, where
+nothing reads (the same tokens, margins and final cache as ``chunk=1``, tested).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import math
@@ -80,10 +89,10 @@ class Generation:
 @functools.partial(
     jax.jit,
     static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
-                     "stream", "mesh", "record_margins"),
+                     "stream", "mesh", "record_margins", "chunk"),
 )
 def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
-              backend, stream, mesh=None, record_margins=False):
+              backend, stream, mesh=None, record_margins=False, chunk=1):
     B = tokens.shape[0]
     logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
     key = jax.random.PRNGKey(sampling.seed)
@@ -97,14 +106,23 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
         return top[:, 0] - top[:, 1]
 
-    def record(i, tok, done, out, n, gaps, g):
-        """Token i of every sequence not yet stopped: stored, counted, streamed."""
+    def streamed(i, tok, done, live):  # the host's side of a step's callback
+        if live:
+            stream(i, tok, done)
+
+    def record(i, tok, done, out, n, gaps, g, live=None):
+        """Token i of every sequence not yet stopped: stored, counted, streamed (a step of
+        a chunk past the stop, ``live`` False, is streamed by no one; its results are
+        dropped by the caller)."""
         out = out.at[:, i].set(jnp.where(done, 0, tok))
         if record_margins:
             gaps = gaps.at[:, i].set(jnp.where(done, jnp.nan, g))
         n = n + (~done).astype(jnp.int32)
         if stream is not None:
-            jax.debug.callback(stream, i, tok, done, ordered=True)
+            if live is None:
+                jax.debug.callback(stream, i, tok, done, ordered=True)
+            else:
+                jax.debug.callback(streamed, i, tok, done, live, ordered=True)
         return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1), gaps
 
     # Token i + 1 needs token i in the cache, so the loop appends tokens 0 .. N - 2;
@@ -120,11 +138,33 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         key, sub = jax.random.split(key)
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, gap(logits)
 
+    def chunk_step(_, state):
+        """One step of a chunk: the loop's body where the loop would still run, else the
+        state unchanged but the cache rows the step wrote past every sequence's length."""
+        i, tok, cache, done, out, n, key, gaps, g = state
+        live = (i < max_new_tokens - 1) & ~jnp.all(done)
+        out2, n2, done2, gaps2 = record(i, tok, done, out, n, gaps, g, live)
+        logits, cache2 = decode_step(model, cache, tok, backend=backend, mesh=mesh)
+        key2, sub = jax.random.split(key)
+        cache2 = dataclasses.replace(cache2, lengths=jnp.where(live, cache2.lengths, cache.lengths),
+                                     overflow=jnp.where(live, cache2.overflow, cache.overflow))
+
+        def keep(new, old):
+            return jnp.where(live, new, old)
+
+        return (i + live.astype(i.dtype), keep(sample(logits, sub, sampling), tok), cache2,
+                keep(done2, done), keep(out2, out), keep(n2, n), keep(key2, key),
+                keep(gaps2, gaps), keep(gap(logits), g))
+
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
              key, gaps, gap(logits))
-    i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, body, state)
+    if chunk == 1:
+        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, body, state)
+    else:
+        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(
+            cond, lambda st: jax.lax.fori_loop(0, chunk, chunk_step, st), state)
 
     def last(args):
         out, n, _, gaps = record(i, tok, done, *args, g)
@@ -148,6 +188,7 @@ def generate(
     mesh: Mesh | None = None,
     pad_to: int | None = None,
     record_margins: bool = False,
+    chunk: int = 1,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
 
@@ -160,11 +201,15 @@ def generate(
     its data axis and the cache over (data, model). The loop is compiled ahead of
     the run, so ``compile_s`` and ``run_s`` are reported apart. ``record_margins``
     also returns, per generated token, its logit's lead over the runner-up.
+    ``chunk`` steps run per test of the loop's condition (see the module's text); the
+    tokens, margins and cache do not depend on it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if not is_int(chunk) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be an int >= 1 (steps per loop test)")
     lengths = np.array([len(p) for p in prompts], np.int32)
     # the last sampled token is never appended, so the cache must hold prompt + new - 1
     need = int(lengths.max()) + max_new_tokens - 1
@@ -194,7 +239,7 @@ def generate(
     t0 = time.perf_counter()
     compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
                                tuple(eos_ids), backend, stream, mesh,
-                               bool(record_margins)).compile()
+                               bool(record_margins), int(chunk)).compile()
     t1 = time.perf_counter()
     out, n, cache, gaps = compiled(model, tokens, lengths)
     out, n = np.asarray(out), np.asarray(n)

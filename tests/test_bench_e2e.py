@@ -133,3 +133,24 @@ def test_host_overhead_layouts_update_the_same_rows(tmp_path):
         assert r["call_us"] > 0 and r["per_call_us"] > 0
         assert r["arrays"] == (1 if r["layout"] == "stacked" else r["rows"])
         assert abs(r["per_array_us"] - r["per_call_us"] / r["arrays"]) < 1e-9 * r["per_call_us"]
+
+
+@pytest.mark.slow  # eight compiles of the generation loop
+def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
+    """bench_generate.py: a row per (cache, chunk) with its time per token from the run and
+    prefill times, every chunk's tokens equal to chunk 1's; a table and a plot written."""
+    import bench_generate
+
+    bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--chunks", "1,4",
+                         "--prompt", "40", "--new", "12", "--reps", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "generate_tiny.json").read_text())
+    assert (tmp_path / "generate_tiny.png").exists()
+    assert [(r["cache"], r["chunk"]) for r in doc["rows"]] == [
+        ("bf16", 1), ("bf16", 4), ("innerq2", 1), ("innerq2", 4)]
+    for r in doc["rows"]:
+        assert "error" not in r, r
+        assert r["tokens_match_chunk1"] is True
+        want = (r["run_ms"] - r["prefill_ms"]) / (r["new"] - 1)
+        assert abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
+    with pytest.raises(SystemExit):  # the first chunk size must be 1, the reference
+        bench_generate.main(["--model", "tiny", "--chunks", "4,1", "--out", str(tmp_path)])

@@ -347,3 +347,58 @@ def test_decode_step_is_pure(tiny):
     decode_step(tiny, cache, jnp.array([3]), backend="reference")
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(cache)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_chunked_generation_equals_the_step_loop(tiny):
+    """generate(chunk=7): the steps seven at a time, the loop's condition tested once per
+    chunk. Against chunk=1, with a 2-bit cache that flushes groups, in three runs: the
+    budget ending inside a chunk (19 steps), the sequences stopping at different steps
+    (stop tokens), and all stopping at step 1 where the chunk's next step, past the stop,
+    flushes a group (it writes past the length: the codes arrays differ). Each time the
+    same tokens, stop lengths, margins and streamed tokens, the same cache lengths and
+    flags, and the same logits for three steps decoded on from each final cache."""
+    cfg = CacheConfig.innerq(group_size=16, recent=16, capacity=96)
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 97, size=40).tolist()
+    prompts = [base[:9], base[:33], base[:17]]  # 33: a flush on the third append
+    free = generate(tiny, prompts, cfg, max_new_tokens=20, backend="reference")
+    mixed = (int(free.tokens[0, 6]), int(free.tokens[1, 4]), int(free.tokens[2, 9]))
+    first = tuple(int(free.tokens[i, 1]) for i in range(3))
+    for eos_ids in ((), mixed, first):
+        runs = []
+        for k in (1, 7):
+            seen = []
+            g = generate(tiny, prompts, cfg, max_new_tokens=20, backend="reference",
+                         eos_ids=eos_ids, record_margins=True, chunk=k,
+                         stream=lambda i, tok, done, seen=seen: seen.append(
+                             (int(i), np.asarray(tok).tolist(), np.asarray(done).tolist())))
+            runs.append((g, seen))
+        (a, seen_a), (b, seen_b) = runs
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+        np.testing.assert_array_equal(b.lengths, a.lengths)
+        np.testing.assert_array_equal(b.margins, a.margins)  # NaN where no token: equal too
+        assert seen_b == seen_a and len(seen_a) == max(a.lengths)
+        np.testing.assert_array_equal(np.asarray(b.cache.lengths), np.asarray(a.cache.lengths))
+        np.testing.assert_array_equal(np.asarray(b.cache.overflow), np.asarray(a.cache.overflow))
+        if eos_ids:
+            assert max(a.lengths) < 20  # every sequence stopped before the budget
+        if eos_ids == first:
+            assert a.lengths.tolist() == [2, 2, 2]
+            assert not np.array_equal(np.asarray(b.cache.layers[0].k.codes),
+                                      np.asarray(a.cache.layers[0].k.codes))
+        # a continued decode from each final cache reads the same tokens
+        step = DecodeStep(tiny, backend="reference")
+        ca, cb = a.cache, b.cache
+        tok = jnp.asarray(rng.integers(0, 97, size=3), jnp.int32)
+        for _ in range(3):
+            la, ca = step(ca, tok)
+            lb, cb = step(cb, tok)
+            np.testing.assert_array_equal(np.asarray(lb), np.asarray(la))
+            tok = jnp.argmax(la, axis=-1).astype(jnp.int32)
+
+
+def test_chunk_must_be_a_positive_int(tiny):
+    cfg = CacheConfig.bf16(capacity=64)
+    for bad in (0, -2, 1.5, "4"):
+        with pytest.raises(ValueError, match="chunk="):
+            generate(tiny, [[1, 2]], cfg, max_new_tokens=4, chunk=bad)
