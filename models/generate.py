@@ -12,7 +12,9 @@ a chunk form a loop of known trip count that the host can launch ahead. Steps pa
 stop (every sequence done, or the token budget spent) still run inside their chunk but
 change nothing: their tokens are not recorded or streamed, and the cache's lengths and
 overflow flags are kept, so the rows they wrote lie past every sequence's length, where
-nothing reads (the same tokens, margins and final cache as ``chunk=1``, tested).
+nothing reads (the same tokens, margins and final cache as ``chunk=1``, tested). A
+stream callback is then called on the host once per chunk, which hands the given
+``stream`` each step's tokens in order.
 """
 
 from __future__ import annotations
@@ -106,23 +108,20 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
         return top[:, 0] - top[:, 1]
 
-    def streamed(i, tok, done, live):  # the host's side of a step's callback
-        if live:
-            stream(i, tok, done)
+    def streamed(steps, toks, dones, lives):  # the host's side of a chunk's one callback
+        for i, tok, done, live in zip(steps, toks, dones, lives):
+            if live:
+                stream(i, tok, done)
 
-    def record(i, tok, done, out, n, gaps, g, live=None):
-        """Token i of every sequence not yet stopped: stored, counted, streamed (a step of
-        a chunk past the stop, ``live`` False, is streamed by no one; its results are
-        dropped by the caller)."""
+    def record(i, tok, done, out, n, gaps, g, callback=True):
+        """Token i of every sequence not yet stopped: stored, counted and (``callback``)
+        streamed."""
         out = out.at[:, i].set(jnp.where(done, 0, tok))
         if record_margins:
             gaps = gaps.at[:, i].set(jnp.where(done, jnp.nan, g))
         n = n + (~done).astype(jnp.int32)
-        if stream is not None:
-            if live is None:
-                jax.debug.callback(stream, i, tok, done, ordered=True)
-            else:
-                jax.debug.callback(streamed, i, tok, done, live, ordered=True)
+        if stream is not None and callback:
+            jax.debug.callback(stream, i, tok, done, ordered=True)
         return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1), gaps
 
     # Token i + 1 needs token i in the cache, so the loop appends tokens 0 .. N - 2;
@@ -138,12 +137,17 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         key, sub = jax.random.split(key)
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, gap(logits)
 
-    def chunk_step(_, state):
-        """One step of a chunk: the loop's body where the loop would still run, else the
-        state unchanged but the cache rows the step wrote past every sequence's length."""
+    def chunk_step(j, carry):
+        """Step j of a chunk: the loop's body where the loop would still run, else the
+        state unchanged but the cache rows the step wrote past every sequence's length.
+        What the step would stream goes to the chunk's buffer (``sent``), streamed once
+        per chunk, the steps past the stop left out on the host."""
+        state, sent = carry
         i, tok, cache, done, out, n, key, gaps, g = state
         live = (i < max_new_tokens - 1) & ~jnp.all(done)
-        out2, n2, done2, gaps2 = record(i, tok, done, out, n, gaps, g, live)
+        if sent is not None:
+            sent = tuple(b.at[j].set(v) for b, v in zip(sent, (i, tok, done, live)))
+        out2, n2, done2, gaps2 = record(i, tok, done, out, n, gaps, g, callback=False)
         logits, cache2 = decode_step(model, cache, tok, backend=backend, mesh=mesh)
         key2, sub = jax.random.split(key)
         cache2 = dataclasses.replace(cache2, lengths=jnp.where(live, cache2.lengths, cache.lengths),
@@ -154,7 +158,17 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
 
         return (i + live.astype(i.dtype), keep(sample(logits, sub, sampling), tok), cache2,
                 keep(done2, done), keep(out2, out), keep(n2, n), keep(key2, key),
-                keep(gaps2, gaps), keep(gap(logits), g))
+                keep(gaps2, gaps), keep(gap(logits), g)), sent
+
+    def chunk_body(state):
+        sent = None
+        if stream is not None:
+            sent = (jnp.zeros((chunk,), jnp.int32), jnp.zeros((chunk, B), jnp.int32),
+                    jnp.zeros((chunk, B), bool), jnp.zeros((chunk,), bool))
+        state, sent = jax.lax.fori_loop(0, chunk, chunk_step, (state, sent))
+        if sent is not None:
+            jax.debug.callback(streamed, *sent, ordered=True)
+        return state
 
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
@@ -163,8 +177,7 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
     if chunk == 1:
         i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, body, state)
     else:
-        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(
-            cond, lambda st: jax.lax.fori_loop(0, chunk, chunk_step, st), state)
+        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, chunk_body, state)
 
     def last(args):
         out, n, _, gaps = record(i, tok, done, *args, g)
