@@ -71,13 +71,15 @@ def test_decode_step_updates_cache_in_place(model, kind):
     _assert_flat(_growth(measure, kind), "decode step")
 
 
-@pytest.mark.parametrize("kind", ["bf16", "innerq"])
-def test_generation_loop_keeps_one_cache(model, kind):
+@pytest.mark.parametrize("kind,chunk", [("bf16", 1), ("innerq", 1), ("innerq", 4)])
+def test_generation_loop_keeps_one_cache(model, kind, chunk):
+    """Also with the steps four per loop test (generate's chunk): the inner loop's cache is
+    the outer loop's, no copy beside it."""
     prompt = jnp.ones((B, 16), jnp.int32)
 
     def measure(cfg):
         ma = _generate.lower(model, prompt, jnp.array([16, 9]), cfg, 8, Sampling(), (), "auto",
-                             None).compile().memory_analysis()
+                             None, chunk=chunk).compile().memory_analysis()
         cache_bytes = cache_for(model, cfg, B).total_nbytes()
         # the loop's cache is the returned one, not a temporary beside it
         assert ma.output_size_in_bytes >= cache_bytes
