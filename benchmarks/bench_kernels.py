@@ -995,6 +995,11 @@ def profile(log, reps, args, save):
     return out
 
 
+# the trace suite's ops through the dispatch (``--options '{"ops": [...]}'`` names them):
+# the paper's InnerQ and InnerQ-H (keys and values rotated), CacheConfig.innerq overrides
+TRACE_DISPATCH = {"innerq_dispatch": {}, "innerq-h_dispatch": {"rotation": "keys_values"}}
+
+
 def trace(log, args, save):
     """Device time of the timed program (jax profiler), per --shapes shape and op: the
     timed ms per call beside the kernels' summed durations, their union (busy) and the
@@ -1079,11 +1084,6 @@ def trace(log, args, save):
         del cases, refs, k, v
         save(out)
     return out
-
-
-# the trace suite's ops through the dispatch (``--options '{"ops": [...]}'`` names them):
-# the paper's InnerQ and InnerQ-H (keys and values rotated), CacheConfig.innerq overrides
-TRACE_DISPATCH = {"innerq_dispatch": {}, "innerq-h_dispatch": {"rotation": "keys_values"}}
 
 
 def summary(runs, log, copy_gbps=None):

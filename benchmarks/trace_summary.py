@@ -61,13 +61,19 @@ def trace_runs(run, runs: int, steps_per_run: int) -> dict:
     return summarize(files[0], runs * steps_per_run) if files else {}
 
 
-def summarize(path: str, steps: int) -> dict:
-    """{device name: figures per step} for every device process of the trace."""
+def _load(path: str):
+    """The trace's events and {pid: process name}."""
     with gzip.open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, procs
+
+
+def summarize(path: str, steps: int) -> dict:
+    """{device name: figures per step} for every device process of the trace."""
+    events, procs = _load(path)
     per_dev = collections.defaultdict(list)
     for e in events:
         name = procs.get(e.get("pid"), "")
@@ -101,11 +107,7 @@ def host_summary(path: str, steps: int, top: int = 40) -> dict:
     """The host threads' events (the runtime's own annotations: executable launch, thunks,
     buffer handling) summed by name: {name: [count, ms]} per step, the ``top`` costliest.
     Nested events are each counted, so the figures show where host time goes, not a sum."""
-    with gzip.open(path) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    procs = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    events, procs = _load(path)
     by_name, counts = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") != "X" or e.get("dur") is None:

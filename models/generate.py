@@ -130,9 +130,9 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         i, done = state[0], state[3]
         return (i < max_new_tokens - 1) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, callback=True):
         i, tok, cache, done, out, n, key, gaps, g = state
-        out, n, done, gaps = record(i, tok, done, out, n, gaps, g)
+        out, n, done, gaps = record(i, tok, done, out, n, gaps, g, callback)
         logits, cache = decode_step(model, cache, tok, backend=backend, mesh=mesh)
         key, sub = jax.random.split(key)
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, gap(logits)
@@ -143,22 +143,17 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         What the step would stream goes to the chunk's buffer (``sent``), streamed once
         per chunk, the steps past the stop left out on the host."""
         state, sent = carry
-        i, tok, cache, done, out, n, key, gaps, g = state
-        live = (i < max_new_tokens - 1) & ~jnp.all(done)
+        live = cond(state)
         if sent is not None:
-            sent = tuple(b.at[j].set(v) for b, v in zip(sent, (i, tok, done, live)))
-        out2, n2, done2, gaps2 = record(i, tok, done, out, n, gaps, g, callback=False)
-        logits, cache2 = decode_step(model, cache, tok, backend=backend, mesh=mesh)
-        key2, sub = jax.random.split(key)
+            sent = tuple(b.at[j].set(v) for b, v in zip(sent, (state[0], state[1], state[3],
+                                                                 live)))
+        new = body(state, callback=False)
+        cache, cache2 = state[2], new[2]
         cache2 = dataclasses.replace(cache2, lengths=jnp.where(live, cache2.lengths, cache.lengths),
                                      overflow=jnp.where(live, cache2.overflow, cache.overflow))
-
-        def keep(new, old):
-            return jnp.where(live, new, old)
-
-        return (i + live.astype(i.dtype), keep(sample(logits, sub, sampling), tok), cache2,
-                keep(done2, done), keep(out2, out), keep(n2, n), keep(key2, key),
-                keep(gaps2, gaps), keep(gap(logits), g)), sent
+        kept = [cache2 if k == 2 else jnp.where(live, a, b)
+                for k, (a, b) in enumerate(zip(new, state))]
+        return tuple(kept), sent
 
     def chunk_body(state):
         sent = None

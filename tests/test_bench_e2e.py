@@ -106,25 +106,25 @@ def test_host_summary_sums_host_events_and_leaves_devices_out(tmp_path):
     assert list(dev) == ["/device:GPU:0"] and dev["/device:GPU:0"]["ops"] == 0.5
 
 
-def test_host_overhead_layouts_update_the_same_rows(tmp_path):
-    """host_overhead.py: every layout adds one to row t of each array and nothing else (on
-    random arrays), and a run writes one row per (size, layout) with its figures."""
+def test_host_overhead_layouts_update_the_same_rows(tmp_path, monkeypatch):
+    """host_overhead.py: its check passes every layout's step (one added to row t of each
+    random array, nothing else) and fails a step that updates another row; a run writes one
+    row per (size, layout) with its figures."""
     import host_overhead
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    n, t = 3, 5
     for layout in ("donated", "copied", "stacked"):
-        xs = host_overhead.inputs(n, layout, jax.random.PRNGKey(7))
-        before = np.stack([np.asarray(x, np.float32) for x in xs])  # [n, *SHAPE] either way
-        got = host_overhead.step(n, layout)(xs, jnp.int32(t))
-        after = np.stack([np.asarray(y, np.float32) for y in got])
-        want = before.copy()
-        want[:, :, :, t] = np.asarray(jnp.asarray(before[:, :, :, t] + 1, jnp.bfloat16),
-                                      np.float32)
-        assert np.array_equal(after, want), layout
-        assert not np.array_equal(before[:, :, :, t], before[:, :, :, t + 1])  # random rows
+        host_overhead.check(3, layout)  # raises where a row other than t changed, or t did not
+        xs = host_overhead.inputs(3, layout, jax.random.PRNGKey(7))
+        rows = np.stack([np.asarray(x, np.float32) for x in xs])
+        assert not np.array_equal(rows[:, :, :, 5], rows[:, :, :, 6])  # random, distinct rows
+    right = host_overhead.step  # a step that updates the wrong row must fail the check
+    monkeypatch.setattr(host_overhead, "step",
+                        lambda n, layout: lambda xs, t: right(n, layout)(xs, t + 1))
+    with pytest.raises(AssertionError, match="step of 3 arrays is wrong"):
+        host_overhead.check(3, "copied")
+    monkeypatch.setattr(host_overhead, "step", right)
     host_overhead.main(["--sizes", "2,4", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
     assert [(r["rows"], r["layout"]) for r in rows] == [
