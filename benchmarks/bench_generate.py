@@ -31,7 +31,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_e2e import KINDS, LLAMA3_8B, SMOLLM2, TINY  # noqa: E402
+from bench_e2e import KINDS, LLAMA3_8B, SMOLLM2, TINY, copy_bandwidth  # noqa: E402
+from innerq_jax import KVCache  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.llama import Llama, jit_prefill  # noqa: E402
 
@@ -50,18 +51,25 @@ def _prefill_s(model, ids, cfg, reps: int) -> float:
 
 
 def run(model, mc, kinds, chunks, prompt: int, new: int, reps: int, stream: bool,
-        log=print) -> list[dict]:
+        log=print, bw: float | None = None) -> list[dict]:
+    """Rows per (cache, chunk); with ``bw`` (bytes/s) each row's HBM floor per token,
+    ``roofline_ms`` = (weight bytes + the cache's bytes) / bw."""
     rng = np.random.default_rng(0)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     ids = rng.integers(0, mc.vocab_size, size=prompt).tolist()
     sink = (lambda i, tok, done: None) if stream else None
     rows = []
     for kind in kinds:
         cfg = KINDS[kind](capacity=-(-max(prompt + new, 256) // 128) * 128)  # G divides it
         pre = _prefill_s(model, ids, cfg, reps)
+        cache_bytes = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
+                                     mc.head_dim).total_nbytes()
+        floor = None if bw is None else (weight_bytes + cache_bytes) / bw * 1e3
         want = None
         for chunk in chunks:
             row = dict(cache=kind, chunk=chunk, prompt=prompt, new=new, stream=stream,
-                       prefill_ms=pre * 1e3, device_kind=jax.devices()[0].device_kind)
+                       prefill_ms=pre * 1e3, device_kind=jax.devices()[0].device_kind,
+                       weight_bytes=weight_bytes, cache_bytes=cache_bytes, roofline_ms=floor)
             try:
                 gens = [generate(model, [ids], cfg, max_new_tokens=new, stream=sink, chunk=chunk)
                         for _ in range(reps + 1)]  # the first compiles
@@ -86,13 +94,14 @@ def run(model, mc, kinds, chunks, prompt: int, new: int, reps: int, stream: bool
 
 
 def table(rows) -> str:
-    out = [f"{'cache':12s} {'chunk':>5s} {'ms/token':>9s} {'tok/s':>7s} {'run ms':>8s} "
-           f"{'prefill':>8s} {'compile':>8s} tokens"]
+    out = [f"{'cache':12s} {'chunk':>5s} {'ms/token':>9s} {'floor':>6s} {'tok/s':>7s} "
+           f"{'run ms':>8s} {'prefill':>8s} {'compile':>8s} tokens"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['cache']:12s} {r['chunk']:5d} {r['error'][:60]}")
             continue
-        out.append(f"{r['cache']:12s} {r['chunk']:5d} {r['ms_per_token']:9.3f} "
+        floor = "" if r.get("roofline_ms") is None else f"{r['roofline_ms']:.3f}"
+        out.append(f"{r['cache']:12s} {r['chunk']:5d} {r['ms_per_token']:9.3f} {floor:>6s} "
                    f"{r['tokens_per_s'] or 0:7.0f} {r['run_ms']:8.1f} {r['prefill_ms']:8.1f} "
                    f"{r['compile_s']:7.1f}s {'equal' if r['tokens_match_chunk1'] else 'DIFFER'}")
     return "\n".join(out)
@@ -144,14 +153,16 @@ def main(argv=None) -> None:
     dev = jax.devices()[0]
     print(f"{dev.device_kind}: {a.model} shape (random weights), prompt {a.prompt}, "
           f"{a.new} new tokens, stream {a.stream}", flush=True)
+    bw = copy_bandwidth(256 << 20 if dev.platform == "cpu" else 4 << 30)
+    print(f"copy rate {bw / 1e12:.2f} TB/s (the HBM floor's bandwidth)", flush=True)
     rows = run(model, mc, kinds, chunks, a.prompt, a.new, a.reps, a.stream,
-               log=lambda s: print(s, flush=True))
+               log=lambda s: print(s, flush=True), bw=bw)
     tag = a.tag or f"{a.model}{'_stream' if a.stream else ''}"
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"generate_{tag}.json")
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 model=f"{a.model}-shape(random weights)", prompt=a.prompt, new=a.new,
-                reps=a.reps, stream=a.stream)
+                reps=a.reps, stream=a.stream, copy_bytes_per_s=bw)
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, path[:-5] + ".png")

@@ -152,5 +152,9 @@ def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
         assert r["tokens_match_chunk1"] is True
         want = (r["run_ms"] - r["prefill_ms"]) / (r["new"] - 1)
         assert abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
+        floor = (r["weight_bytes"] + r["cache_bytes"]) / doc["meta"]["copy_bytes_per_s"] * 1e3
+        assert r["cache_bytes"] > 0 and abs(r["roofline_ms"] - floor) < 1e-9 * floor
+    by = {r["cache"]: r["cache_bytes"] for r in doc["rows"]}
+    assert by["innerq2"] < by["bf16"]  # the floor counts each cache's own bytes
     with pytest.raises(SystemExit):  # the first chunk size must be 1, the reference
         bench_generate.main(["--model", "tiny", "--chunks", "4,1", "--out", str(tmp_path)])
