@@ -17,7 +17,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     --ignore=tests/test_weights.py --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-timeout "${GEN_S:-200}" $PY benchmarks/bench_generate.py --model smollm2 --chunks 1,8,32 \
+timeout "${GEN_S:-200}" $PY benchmarks/bench_generate.py --model smollm2 --chunks "${CHUNKS:-1,8,32}" --caches "${CACHES:-bf16,innerq2,recommended}" \
   --out "$OUT" $S > "$OUT/generate_log${S}.txt" 2>&1
 echo "bench_generate $S rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -A12 "^cache " "$OUT/generate_log${S}.txt" | tee -a "$LOG"
