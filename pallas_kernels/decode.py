@@ -47,11 +47,11 @@ from pallas_kernels import mixed_blocks as mb
 from pallas_kernels import outerq_blocks as ob
 from pallas_kernels import query_prep as qprep
 from pallas_kernels import window_blocks as wb
+from pallas_kernels.device_info import FALLBACK_SMS, sm_count
 from pallas_kernels.innerq_blocks import NEG, Geometry
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
-NUM_SMS = 132  # H100 / H200 SXM; only used by the default split count
 
 
 def quantized_decode_attention_reference(qp, layer, lengths, cfg):
@@ -259,11 +259,12 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     return lambda *args: call(*args)[:1]
 
 
-def _default_splits(B, H, n_blocks):
-    """About 4 programs per SM, and at least 2 blocks per program: at B=1, T=4k one
-    block per program spent more on the per-program set-up than on the tokens
-    (H200: 16 splits 0.0445 ms vs 32 splits 0.0531, benchmarks/KERNEL_NOTES.md)."""
-    return int(max(1, min(n_blocks // 2, round(4 * NUM_SMS / (B * H)))))
+def _default_splits(B, H, n_blocks, sms: int):
+    """About 4 programs per SM of the ``sms`` the device has, and at least 2 blocks per
+    program: at B=1, T=4k one block per program spent more on the per-program set-up than
+    on the tokens (H200: 16 splits 0.0445 ms vs 32 splits 0.0531,
+    benchmarks/KERNEL_NOTES.md)."""
+    return int(max(1, min(n_blocks // 2, round(4 * sms / (B * H)))))
 
 
 def quantized_decode_attention(
@@ -338,7 +339,10 @@ def quantized_decode_attention(
                                     **extra)
     geo.validate()
     n_blocks = max(1, pl.cdiv(Tq, BT))
-    NS = num_splits or _default_splits(B, H, n_blocks)
+    # the SM count of the device the kernel compiles for; interpret mode (a CPU) lays out
+    # the grid of an H100 / H200
+    sms = (None if interpret else sm_count()) or FALLBACK_SMS
+    NS = num_splits or _default_splits(B, H, n_blocks, sms)
     chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
     NS = max(1, pl.cdiv(Tq, chunk))
 

@@ -64,6 +64,7 @@ from innerq_jax.layout import recent_slot_tokens, region_sizes
 from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import query_prep as qprep
+from pallas_kernels.device_info import sm_count
 from pallas_kernels.mgpu_geometry import LOG2E, NEG, SWIZZLE, Geometry, default_block_tokens
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.window_blocks import WINDOW_HEADS
@@ -197,12 +198,6 @@ def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = Non
 def tuned_defaults(device=None) -> dict:
     device = device or jax.devices()[0]
     return dict(TUNED.get(device.device_kind, _FALLBACK))
-
-
-def sm_count(device=None) -> int | None:
-    device = device or jax.devices()[0]
-    n = getattr(device, "core_count", None)
-    return int(n) if n else None
 
 
 # =================================================================== IR backend

@@ -46,7 +46,7 @@ from innerq_jax.layout import region_sizes
 from pallas_kernels import query_prep as qprep
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.innerq_blocks import next_pow2
-from pallas_kernels.mgpu_decode import sm_count
+from pallas_kernels.device_info import sm_count
 from pallas_kernels.mgpu_geometry import NEG, Geometry
 from pallas_kernels.triton_ext import call_quietly
 

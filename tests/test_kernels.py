@@ -357,3 +357,23 @@ def test_dense_bf16_kernel_matches_reference(Hq, Hkv, D):
                                  backend="interpret" if INTERPRET else "pallas")
     # q is rounded to bf16 for the kernel: the same 1e-2 bound as above
     assert _rel(out, ref) < TOL
+
+
+def test_default_split_count_follows_the_devices_sm_count():
+    """The fused kernel's default grid reads the SM count from the device (``core_count``),
+    not a constant: about 4 programs per SM over B x H pairs, at least 2 blocks each; a
+    device reporting none (a CPU) gets the H100 / H200 figure."""
+    from types import SimpleNamespace
+
+    from pallas_kernels import decode
+    from pallas_kernels.device_info import FALLBACK_SMS, sm_count
+
+    assert sm_count(SimpleNamespace(core_count=78)) == 78
+    assert sm_count(SimpleNamespace()) is None
+    assert sm_count(SimpleNamespace(core_count=0)) is None
+    # B 1, 8 kv heads, 1024 blocks: 4 * sms / 8 programs per pair
+    assert decode._default_splits(1, 8, 1024, 132) == 66
+    assert decode._default_splits(1, 8, 1024, 78) == 39
+    assert decode._default_splits(1, 8, 6, 132) == 3  # at least two blocks per program
+    assert decode._default_splits(64, 8, 1024, 132) == 1
+    assert FALLBACK_SMS == 132
