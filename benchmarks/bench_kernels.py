@@ -289,7 +289,7 @@ def _time_programs(multi, calls, reps: int, programs: int) -> list[float]:
 
 
 def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
-                      one_program=True, warm_s=None) -> dict:
+                      one_program=True, warm_s: float = WARM_S) -> dict:
     """ms per call of the :func:`_multi` program: ``ms`` / ``min_ms`` / ``max_ms`` (median,
     min, max over ``reps`` repetitions) with ``programs`` runs of it dispatched back to back
     and one sync, and (``one_program``) ``ms_one_program`` (median) with one run per sync.
@@ -302,7 +302,7 @@ def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
     back to back for ``warm_s`` seconds (default :data:`WARM_S`; ``warm_runs`` counts them),
     so that no point is timed on a device still idle from the point before."""
     multi, calls = _multi(fn, arg_sets, n_calls)
-    warm_runs = _warm(multi, calls, WARM_S if warm_s is None else warm_s)
+    warm_runs = _warm(multi, calls, warm_s)
     piped = _time_programs(multi, calls, reps, programs)
     out = dict(ms=statistics.median(piped), min_ms=min(piped), max_ms=max(piped),
                programs=programs, warm_runs=warm_runs)
@@ -311,9 +311,10 @@ def time_calls_detail(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS,
     return out
 
 
-def time_calls(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS):
+def time_calls(fn, arg_sets, reps, n_calls=None, programs=PROGRAMS, warm_s: float = WARM_S):
     """(median, min, max) ms per call, pipelined as in :func:`time_calls_detail`."""
-    t = time_calls_detail(fn, arg_sets, reps, n_calls, programs, one_program=False)
+    t = time_calls_detail(fn, arg_sets, reps, n_calls, programs, one_program=False,
+                          warm_s=warm_s)
     return t["ms"], t["min_ms"], t["max_ms"]
 
 
@@ -347,7 +348,8 @@ def _n_sets(read_bytes: float, copy_bytes: float) -> int:
     return int(max(2, min(n, _copy_budget() // copy_bytes)))
 
 
-def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_calls=None):
+def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_calls=None,
+              warm_s: float = WARM_S):
     B, T, H, r, D = shape.B, shape.T, shape.Hkv, shape.r, shape.D
     key = jax.random.PRNGKey(B * 1000 + T)
     lengths = jnp.full((B,), T, jnp.int32)
@@ -378,7 +380,7 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
     def record(name, fn, arg_sets, check_fn, nbytes, extra=None, abort_on_mismatch=True):
         try:
             err = check_fn(fn(*arg_sets[0])) if check else float("nan")
-            t = time_calls_detail(fn, arg_sets, reps, n_calls)
+            t = time_calls_detail(fn, arg_sets, reps, n_calls, warm_s=warm_s)
             med = t["ms"]
             results[name] = dict(**t, bytes=nbytes, gbps=nbytes / med / 1e6, rel_err=err,
                                  **(extra or {}))
@@ -711,7 +713,6 @@ def auto_suite() -> str:
 
 
 def main():
-    global WARM_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", default="auto",
                     choices=["auto", "full", "tpu", "cpu", "sweep", "quick", "profile", "trace",
@@ -743,7 +744,6 @@ def main():
         args.suite = auto_suite()
     if args.warm_s < 0:
         ap.error(f"--warm-s must be >= 0 seconds, got {args.warm_s}")
-    WARM_S = args.warm_s
     n_calls = args.calls or (4 if args.suite == "cpu" else None)
     if (args.suite == "points") != (args.points != "[]"):
         ap.error("--points is required by --suite points and used by no other suite")
@@ -804,7 +804,7 @@ def main():
         for shape, variants in shapes:
             try:
                 runs.append(run_shape(shape, variants, args.reps, kernel_opts, log,
-                                      n_calls=n_calls))
+                                      n_calls=n_calls, warm_s=args.warm_s))
             except SystemExit:
                 raise
             except Exception as e:  # noqa: BLE001 - a shape that does not fit is recorded
@@ -979,7 +979,8 @@ def profile(log, reps, args, save):
                 for opts in (pts if ab == "full" else pts[:2]):
                     name = f"innerq_fused@{json.dumps(opts)}"
                     peers = ["bf16_pallas"] if ab == "full" and not names else []
-                    r = run_shape(shape, [name] + peers, reps, {}, log, check=(ab == "full"))
+                    r = run_shape(shape, [name] + peers, reps, {}, log, check=(ab == "full"),
+                                  warm_s=args.warm_s)
                     r["ablation"] = ab
                     names[f"{ab} {json.dumps(opts)}"] = r["results"].get(name)
                     out.append(r)
@@ -1061,7 +1062,7 @@ def trace(log, args, save):
             for label, sets in (("rotating", _copies(args0, _n_sets(nbytes, nbytes))),
                                 ("one set", [args0])):
                 try:
-                    ms = time_calls(fn, sets, args.reps)[0]
+                    ms = time_calls(fn, sets, args.reps, warm_s=args.warm_s)[0]
                     multi, calls = _multi(fn, sets)
                     jax.block_until_ready(multi(calls))
                     per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
