@@ -83,7 +83,7 @@ def run_shape(shape: Shape, log) -> list[dict]:
     del k, v
     q = jax.random.normal(jax.random.fold_in(key, 1), (B, H * r, D), jnp.float32)
     qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-    call, operands, geo, windows, qp = md.prepare_call(qp, layer, lengths, cfg)
+    call, operands, geo, windows, _, qp = md.prepare_call(qp, layer, lengths, cfg)
     o_part, ml_part = jax.block_until_ready(call(*operands))
     NS = o_part.shape[2]
     window = md.window_partial(qp, layer, lengths, cfg)

@@ -50,6 +50,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -1079,13 +1081,24 @@ def default_num_splits(B: int, H: int, n_blocks: int, ctas_per_sm: int, sms: int
     return int(max(1, min(-(-n_blocks // 2), round(ctas_per_sm * sms / (B * H)))))
 
 
+class PreparedCall(NamedTuple):
+    """What :func:`prepare_call` resolves and builds: ``call(*operands)`` gives the
+    partials (o_part, ml_part)."""
+
+    call: Callable
+    operands: tuple
+    geo: Geometry
+    windows: str  # where the windows and the merge run (WINDOWS)
+    finish: str  # where a value rotation is undone (FINISH)
+    qp: jax.Array  # [B, H, r, D] f32: q', the query the windows take
+
+
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, wgmma=None, ablate=(), prep=None):
-    """Resolves the options and builds the kernel: (call, operands, geo, windows, q');
-    call(*operands) gives the partials (o_part, ml_part); q' [B, H, r, D] f32 is the query
-    the windows take. Options: see :func:`mgpu_decode_attention`."""
+                 chain_parts=None, wgmma=None, finish=None, ablate=(), prep=None) -> PreparedCall:
+    """Resolves every option (the device's tuned defaults where not given) and builds the
+    kernel: a :class:`PreparedCall`. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
     if cfg.kind not in ("innerq", "outerq"):
         raise ValueError(f"mgpu_decode_attention implements the InnerQ and OuterQ layouts, got "
@@ -1128,6 +1141,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
     if windows not in WINDOWS:
         raise ValueError(f"windows={windows!r}; choose one of {WINDOWS}")
+    finish = finish or tuned.get("finish", "xla")
+    if finish not in FINISH:
+        raise ValueError(f"finish={finish!r}; choose one of {FINISH}")
+    if finish == "kernel" and windows != "epilogue":
+        raise ValueError(f"finish='kernel' is the epilogue's (windows='epilogue'), got "
+                         f"windows={windows!r}")
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
@@ -1175,7 +1194,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
-    return call, operands, geo, windows, qp
+    return PreparedCall(call, operands, geo, windows, finish, qp)
 
 
 def mgpu_decode_attention(
@@ -1222,14 +1241,8 @@ def mgpu_decode_attention(
     """
     if prep is not None:
         qprep.check_query(qp, layer)
-    finish = options.pop("finish", None) or tuned_defaults().get("finish", "xla")
-    if finish not in FINISH:
-        raise ValueError(f"finish={finish!r}; choose one of {FINISH}")
-    call, operands, geo, windows, qp = prepare_call(qp, layer, lengths, cfg, prep=prep,
-                                                    **options)
-    if finish == "kernel" and windows != "epilogue":
-        raise ValueError(f"finish='kernel' is the epilogue's (windows='epilogue'), got "
-                         f"windows={windows!r}")
+    call, operands, geo, windows, finish, qp = prepare_call(qp, layer, lengths, cfg,
+                                                            prep=prep, **options)
     o_part, ml_part = call(*operands)
     if windows == "epilogue":
         from pallas_kernels.mgpu_epilogue import windows_and_merge
@@ -1259,5 +1272,5 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
 
 __all__ = ["ABLATIONS", "FINISH", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
-           "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
+           "PreparedCall", "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

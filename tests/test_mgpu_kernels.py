@@ -744,6 +744,15 @@ def test_rejects_bad_layouts_options_and_block():
     with pytest.raises(ValueError, match="finish='kernel' is the epilogue's.*windows='xla'"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, finish="kernel", windows="xla")
+    # prepare_call resolves every option, finish included: the device's tuned default
+    # where none is given, the caller's otherwise
+    prepared = md.prepare_call(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                               num_splits=1)
+    assert prepared.finish == md.tuned_defaults().get("finish", "xla")
+    assert prepared.windows == md.tuned_defaults().get("windows", "xla")
+    prepared = md.prepare_call(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                               num_splits=1, windows="epilogue", finish="kernel")
+    assert (prepared.windows, prepared.finish) == ("epilogue", "kernel")
 
 
 # ------------------------------------------------------------ OuterQ (KIVI layout)
