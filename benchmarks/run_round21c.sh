@@ -21,5 +21,6 @@ for o in '{}' '{"window_rows": 128}' '{"num_splits": 7}' '{"num_splits": 7, "win
     | grep -E "one set|rotating|MISMATCH|FAILED|Error" | grep -v "^\s*[0-9.]* us  x" | tee -a "$LOG"
   i=$((i + 1))
 done
-rm -rf "$OUT/traces"
+rm -rf "$OUT/traces" "$OUT"/kernels_trace_round21c_[012].png  # (8 files come back at most)
+ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
