@@ -260,10 +260,16 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
 
 
 def _default_splits(B, H, n_blocks, sms: int):
-    """About 4 programs per SM of the ``sms`` the device has, and at least 2 blocks per
-    program: at B=1, T=4k one block per program spent more on the per-program set-up than
-    on the tokens (H200: 16 splits 0.0445 ms vs 32 splits 0.0531,
-    benchmarks/KERNEL_NOTES.md)."""
+    """Programs per (sequence, kv head) over the quantized region, for a device of ``sms``
+    SMs. Where every (sequence, kv head, block) fits in one wave (B * H * n_blocks <= sms),
+    one block per program: the programs all run at once and a program's set-up, not the
+    tokens, sets the time (H200, SmolLM2 B 1 / 1k: 7 splits 6.7 us of device time against
+    3 splits 7.6, benchmarks/KERNEL_NOTES.md, round 21). Otherwise about 4 programs per SM
+    and at least 2 blocks per program: at the 8B shape's B 1 / 4k (248 blocks) one block
+    per program spent more on the per-program set-up than on the tokens (16 splits 0.0445
+    ms vs 32 splits 0.0531)."""
+    if B * H * n_blocks <= sms:
+        return int(n_blocks)
     return int(max(1, min(n_blocks // 2, round(4 * sms / (B * H)))))
 
 

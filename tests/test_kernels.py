@@ -361,8 +361,9 @@ def test_dense_bf16_kernel_matches_reference(Hq, Hkv, D):
 
 def test_default_split_count_follows_the_devices_sm_count():
     """The fused kernel's default grid reads the SM count from the device (``core_count``),
-    not a constant: about 4 programs per SM over B x H pairs, at least 2 blocks each; a
-    device reporting none (a CPU) gets the H100 / H200 figure."""
+    not a constant: one block per program where all blocks fit in one wave of the SMs, else
+    about 4 programs per SM over B x H pairs, at least 2 blocks each; a device reporting
+    none (a CPU) gets the H100 / H200 figure."""
     from types import SimpleNamespace
 
     from pallas_kernels import decode
@@ -374,6 +375,10 @@ def test_default_split_count_follows_the_devices_sm_count():
     # B 1, 8 kv heads, 1024 blocks: 4 * sms / 8 programs per pair
     assert decode._default_splits(1, 8, 1024, 132) == 66
     assert decode._default_splits(1, 8, 1024, 78) == 39
-    assert decode._default_splits(1, 8, 6, 132) == 3  # at least two blocks per program
     assert decode._default_splits(64, 8, 1024, 132) == 1
+    # one wave (B * H * blocks <= SMs): one block per program
+    assert decode._default_splits(1, 3, 7, 132) == 7  # SmolLM2 B 1 / 1k
+    assert decode._default_splits(1, 3, 31, 132) == 31
+    assert decode._default_splits(1, 3, 31, 78) == 15  # more blocks than SMs: two each
+    assert decode._default_splits(1, 8, 31, 132) == 15  # the 8B shape's B 1 / 4k
     assert FALLBACK_SMS == 132
