@@ -23,7 +23,7 @@ trace old1k "$S1" '{"num_splits": 3}'
 trace new4k "$S4" '{}'
 trace old4k "$S4" '{"num_splits": 15}'
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-e2e_rows 21d "${E2E_S:-150}" "$OUT/e2e_h200_round21d_log.txt" --model smollm2 \
+e2e_rows 21d "${E2E_S:-150}" /tmp/e2e_21d_all.txt --model smollm2 \
   --suite cli --only bf16:1,innerq2:1 --call loop,bound --steps 20 --hlo --budget-s 130
 mv "$OUT"/hlo/*innerq2_loop*.hlo.gz "$OUT/round21d_innerq2_loop.hlo.gz" 2>/dev/null
 rm -rf "$OUT/hlo" "$OUT"/kernels_trace_round21d_*.png "$OUT"/e2e_h200_round21d.png
