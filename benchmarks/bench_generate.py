@@ -9,7 +9,14 @@ generated without a stop token, the prefill timed apart and taken off, so
 
     ms per token = (run time - prefill time) / (new - 1)
 
-(the last token is sampled but never decoded). Before anything is timed, every chunk
+(the last token is sampled but never decoded). That takes off a prefill timed in a program
+of its own, which need not cost what the prefill inside ``generate``'s program does; with
+``--short N`` each point also runs with N new tokens (the same cache capacity) and
+
+    ms per token = (run time (new) - run time (N)) / (new - N)
+
+cancels the prefill and every other cost the two runs share (``ms_per_token`` is then that
+figure, ``ms_per_token_less_prefill`` the first). Before anything is timed, every chunk
 size's tokens are checked against ``chunk=1``'s (they must be equal).
 
     python benchmarks/bench_generate.py --model smollm2 --out DIR   # DIR/generate_<tag>.*
@@ -50,10 +57,19 @@ def _prefill_s(model, ids, cfg, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _run_s(model, ids, cfg, new, sink, chunk, reps):
+    """(median run seconds over ``reps`` runs after a compiling one, compile seconds, the
+    first run's tokens)."""
+    gens = [generate(model, [ids], cfg, max_new_tokens=new, stream=sink, chunk=chunk)
+            for _ in range(reps + 1)]  # the first compiles
+    return statistics.median(g.run_s for g in gens[1:]), gens[0].compile_s, gens[0].tokens
+
+
 def run(model, mc, kinds, chunks, prompt: int, new: int, reps: int, stream: bool,
-        log=print, bw: float | None = None) -> list[dict]:
+        log=print, bw: float | None = None, short: int | None = None) -> list[dict]:
     """Rows per (cache, chunk); with ``bw`` (bytes/s) each row's HBM floor per token,
-    ``roofline_ms`` = (weight bytes + the cache's bytes) / bw."""
+    ``roofline_ms`` = (weight bytes + the cache's bytes) / bw; with ``short`` the time per
+    token from the difference of a run of ``new`` and one of ``short`` new tokens."""
     rng = np.random.default_rng(0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     ids = rng.integers(0, mc.vocab_size, size=prompt).tolist()
@@ -71,21 +87,24 @@ def run(model, mc, kinds, chunks, prompt: int, new: int, reps: int, stream: bool
                        prefill_ms=pre * 1e3, device_kind=jax.devices()[0].device_kind,
                        weight_bytes=weight_bytes, cache_bytes=cache_bytes, roofline_ms=floor)
             try:
-                gens = [generate(model, [ids], cfg, max_new_tokens=new, stream=sink, chunk=chunk)
-                        for _ in range(reps + 1)]  # the first compiles
+                run_s, compile_s, toks = _run_s(model, ids, cfg, new, sink, chunk, reps)
+                short_s = (None if short is None
+                           else _run_s(model, ids, cfg, short, sink, chunk, reps)[0])
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
                 log(f"{kind:12s} chunk {chunk:3d}: {row['error']}")
                 continue
-            toks = gens[0].tokens
             if want is None:
                 want = toks
             row["tokens_match_chunk1"] = bool(np.array_equal(toks, want))
-            run_s = statistics.median(g.run_s for g in gens[1:])
-            per = (run_s - pre) / max(1, new - 1)
-            row.update(compile_s=gens[0].compile_s, run_ms=run_s * 1e3, ms_per_token=per * 1e3,
+            less_prefill = (run_s - pre) / max(1, new - 1)
+            per = less_prefill if short_s is None else (run_s - short_s) / (new - short)
+            row.update(compile_s=compile_s, run_ms=run_s * 1e3, ms_per_token=per * 1e3,
+                       ms_per_token_less_prefill=less_prefill * 1e3,
                        tokens_per_s=1.0 / per if per > 0 else None)
+            if short_s is not None:
+                row.update(short=short, short_run_ms=short_s * 1e3)
             rows.append(row)
             log(f"{kind:12s} chunk {chunk:3d}: {row['ms_per_token']:7.3f} ms per token "
                 f"(run {row['run_ms']:.1f} ms, prefill {row['prefill_ms']:.1f} ms), tokens "
@@ -132,6 +151,9 @@ def main(argv=None) -> None:
     ap.add_argument("--chunks", default="1,8,32")
     ap.add_argument("--prompt", type=int, default=960)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--short", type=int, default=None,
+                    help="also run each point with this many new tokens (< --new) and take "
+                         "the time per token from the difference")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stream", action="store_true",
                     help="pass a no-op stream callback (the CLI streams by default)")
@@ -148,6 +170,8 @@ def main(argv=None) -> None:
                  "against)")
     if a.prompt < 1 or a.new < 2:
         ap.error("--prompt must be >= 1 and --new >= 2")
+    if a.short is not None and not 1 <= a.short < a.new:
+        ap.error(f"--short must lie in [1, --new) = [1, {a.new}), got {a.short}")
     mc = MODELS[a.model]
     model = Llama(mc, nnx.Rngs(0), dtype=jnp.bfloat16)
     dev = jax.devices()[0]
@@ -156,13 +180,13 @@ def main(argv=None) -> None:
     bw = copy_bandwidth(256 << 20 if dev.platform == "cpu" else 4 << 30)
     print(f"copy rate {bw / 1e12:.2f} TB/s (the HBM floor's bandwidth)", flush=True)
     rows = run(model, mc, kinds, chunks, a.prompt, a.new, a.reps, a.stream,
-               log=lambda s: print(s, flush=True), bw=bw)
+               log=lambda s: print(s, flush=True), bw=bw, short=a.short)
     tag = a.tag or f"{a.model}{'_stream' if a.stream else ''}"
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"generate_{tag}.json")
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 model=f"{a.model}-shape(random weights)", prompt=a.prompt, new=a.new,
-                reps=a.reps, stream=a.stream, copy_bytes_per_s=bw)
+                reps=a.reps, stream=a.stream, copy_bytes_per_s=bw, short=a.short)
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, path[:-5] + ".png")

@@ -138,7 +138,8 @@ def test_host_overhead_layouts_update_the_same_rows(tmp_path, monkeypatch):
 @pytest.mark.slow  # eight compiles of the generation loop
 def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
     """bench_generate.py: a row per (cache, chunk) with its time per token from the run and
-    prefill times, every chunk's tokens equal to chunk 1's; a table and a plot written."""
+    prefill times (or, with --short, from two runs' difference), every chunk's tokens equal
+    to chunk 1's, each row's HBM floor; a table and a plot written."""
     import bench_generate
 
     bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--chunks", "1,4",
@@ -158,3 +159,16 @@ def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
     assert by["innerq2"] < by["bf16"]  # the floor counts each cache's own bytes
     with pytest.raises(SystemExit):  # the first chunk size must be 1, the reference
         bench_generate.main(["--model", "tiny", "--chunks", "4,1", "--out", str(tmp_path)])
+    # --short: the time per token from two runs' difference, the prefill-less figure kept
+    bench_generate.main(["--model", "tiny", "--caches", "innerq2", "--chunks", "1",
+                         "--prompt", "40", "--new", "12", "--short", "4", "--reps", "1",
+                         "--out", str(tmp_path), "--tag", "short"])
+    r, = json.loads((tmp_path / "generate_short.json").read_text())["rows"]
+    want = (r["run_ms"] - r["short_run_ms"]) / (12 - 4)
+    assert r["short"] == 4 and abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
+    less = (r["run_ms"] - r["prefill_ms"]) / 11
+    assert abs(r["ms_per_token_less_prefill"] - less) < 1e-9 * max(1.0, abs(less))
+    for bad in ("12", "0"):  # --short must lie in [1, --new)
+        with pytest.raises(SystemExit):
+            bench_generate.main(["--model", "tiny", "--new", "12", "--short", bad,
+                                 "--out", str(tmp_path)])
