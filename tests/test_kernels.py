@@ -28,6 +28,7 @@ from kernel_cases import cache_after_appends as _cache
 from kernel_cases import kv_with_outliers as _kv
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.layout import region_sizes
+from pallas_kernels import innerq_blocks as ib
 from pallas_kernels.decode import quantized_decode_attention
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
 from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
@@ -98,8 +99,10 @@ FUSED = {
 
 
 # Variants of shapes the default suite already covers run with -m slow (CI time).
-SLOW_FUSED = {"innerq2-G32-D128-gqa4-splits3", "innerq4-G64-D64-smollm", "outerq2-sinks-mha",
-              "innerq2-G32-D64-smollm-win32",
+# (The two with a split count of their own stay in the default suite: the default rule gives
+# these small shapes one block per program, so they alone run the loop over several blocks
+# in one program, test_split_cases_loop_over_blocks.)
+SLOW_FUSED = {"innerq4-G64-D64-smollm", "innerq2-G32-D64-smollm-win32",
               "innerq2-Kd-Vd-D128", "innerq2-G16-fp8-D64", "innerq2-G64-D128-mha"}
 
 
@@ -136,6 +139,23 @@ def test_fused_op_is_one_triton_launch(name):
     # what remains beside the kernel: the done-counter's zeros and free reshapes
     assert set(ops) <= {"custom_call", "constant", "broadcast_in_dim", "reshape",
                         "bitcast_convert", "output_operand_alias", "mesh"}, sorted(set(ops))
+
+
+def test_split_cases_loop_over_blocks():
+    """The default split rule gives every small case one block per program (all blocks fit
+    in one wave of the SMs); the cases with a split count of their own run several blocks
+    per program, InnerQ and OuterQ, so the in-program online softmax over blocks is
+    checked in the default suite."""
+    from pallas_kernels.decode import _default_splits
+    from pallas_kernels.device_info import FALLBACK_SMS
+
+    for name, want in (("innerq2-G32-D128-gqa4-splits3", 2), ("outerq2-sinks-mha", 2)):
+        cfg, D, _, Hkv, lengths, _, opts = FUSED[name]
+        BT = ib.default_block_tokens(cfg.bits, cfg.group_size)
+        n_blocks = -(-cfg.quant_capacity // BT)
+        chunk = -(-(-(-cfg.quant_capacity // opts["num_splits"])) // BT) * BT
+        assert chunk // BT == want, name  # blocks per program, as the wrapper computes them
+        assert _default_splits(len(lengths), Hkv, n_blocks, FALLBACK_SMS) == n_blocks
 
 
 def test_regions_exercised():
