@@ -114,3 +114,15 @@ for r in json.load(open(sys.argv[1]))["rows"]:
             print(f"   {ms:8.4f} ms  x{k:5.0f}  {name}")
 PY
 }
+
+# trace_op TAG SHAPES OPTIONS [OPS]: bench_kernels.py's trace suite (device time per call,
+# every point checked first) of OPS (default ["innerq_fused"]) with the fused op's OPTIONS at
+# SHAPES (JSON [[B, T, {Shape kwargs}], ...]) into $OUT/kernels_trace<TAG>.json; its lines to
+# $LOG
+trace_op() {
+  echo "== $1 $3" | tee -a "$LOG"
+  timeout "${TRACE_S:-70}" $PY benchmarks/bench_kernels.py --suite trace --tag "$1" --out "$OUT" \
+    --reps 5 --options "{\"ops\": ${4:-[\"innerq_fused\"]}, \"innerq_fused\": $3}" \
+    --shapes "$2" 2>&1 | grep -E "one set|rotating|MISMATCH|FAILED|Error" \
+    | grep -v "^\s*[0-9.]* us  x" | tee -a "$LOG"
+}

@@ -15,10 +15,7 @@ profile_summary "$OUT/e2e_h200_round21cprof.json" 12
 S='[[1, 1024, {"Hq": 9, "Hkv": 3, "D": 64, "label": "SmolLM2-B1-T1k"}]]'
 i=0
 for o in '{}' '{"window_rows": 128}' '{"num_splits": 7}' '{"num_splits": 7, "window_rows": 128}'; do
-  echo "== options $o" | tee -a "$LOG"
-  timeout 60 $PY benchmarks/bench_kernels.py --suite trace --tag "_round21c_$i" --out "$OUT" \
-    --reps 5 --options "{\"ops\": [\"innerq_fused\"], \"innerq_fused\": $o}" --shapes "$S" 2>&1 \
-    | grep -E "one set|rotating|MISMATCH|FAILED|Error" | grep -v "^\s*[0-9.]* us  x" | tee -a "$LOG"
+  TRACE_S=60 trace_op "_round21c_$i" "$S" "$o"
   i=$((i + 1))
 done
 rm -rf "$OUT/traces" "$OUT"/kernels_trace_round21c_[012].png  # (8 files come back at most)
