@@ -53,7 +53,6 @@ from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
 
-
 def quantized_decode_attention_reference(qp, layer, lengths, cfg):
     """The contract: innerq_jax.reference.quantized_attention_core."""
     return quantized_attention_core(qp, layer, lengths, cfg)
