@@ -10,13 +10,15 @@ generated without a stop token, the prefill timed apart and taken off, so
     ms per token = (run time - prefill time) / (new - 1)
 
 (the last token is sampled but never decoded). That takes off a prefill timed in a program
-of its own, which need not cost what the prefill inside ``generate``'s program does; with
-``--short N`` each point also runs with N new tokens (the same cache capacity) and
+of its own, which need not cost what the prefill inside ``generate``'s program does (on the
+H200 a run's fixed cost was 2-4x the standalone prefill, benchmarks/KERNEL_NOTES.md, round
+21). So by default each point also runs with ``--short`` N new tokens (the same cache
+capacity; default a third of ``--new``) and
 
     ms per token = (run time (new) - run time (N)) / (new - N)
 
-cancels the prefill and every other cost the two runs share (``ms_per_token`` is then that
-figure, ``ms_per_token_less_prefill`` the first). Before anything is timed, every chunk
+cancels the prefill and every other cost the two runs share (``ms_per_token`` is that
+figure, ``ms_per_token_less_prefill`` the first; ``--short 0`` times the first alone). Before anything is timed, every chunk
 size's tokens are checked against ``chunk=1``'s (they must be equal).
 
     python benchmarks/bench_generate.py --model smollm2 --out DIR   # DIR/generate_<tag>.*
@@ -152,8 +154,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=960)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--short", type=int, default=None,
-                    help="also run each point with this many new tokens (< --new) and take "
-                         "the time per token from the difference")
+                    help="also run each point with this many new tokens (< --new; default "
+                         "--new // 3) and take the time per token from the difference; 0: "
+                         "the run less a separately timed prefill instead")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stream", action="store_true",
                     help="pass a no-op stream callback (the CLI streams by default)")
@@ -170,8 +173,11 @@ def main(argv=None) -> None:
                  "against)")
     if a.prompt < 1 or a.new < 2:
         ap.error("--prompt must be >= 1 and --new >= 2")
-    if a.short is not None and not 1 <= a.short < a.new:
-        ap.error(f"--short must lie in [1, --new) = [1, {a.new}), got {a.short}")
+    if a.short is None:
+        a.short = max(1, a.new // 3)
+    if not 0 <= a.short < a.new:
+        ap.error(f"--short must lie in [0, --new) = [0, {a.new}), got {a.short}")
+    short = a.short or None
     mc = MODELS[a.model]
     model = Llama(mc, nnx.Rngs(0), dtype=jnp.bfloat16)
     dev = jax.devices()[0]
@@ -180,13 +186,13 @@ def main(argv=None) -> None:
     bw = copy_bandwidth(256 << 20 if dev.platform == "cpu" else 4 << 30)
     print(f"copy rate {bw / 1e12:.2f} TB/s (the HBM floor's bandwidth)", flush=True)
     rows = run(model, mc, kinds, chunks, a.prompt, a.new, a.reps, a.stream,
-               log=lambda s: print(s, flush=True), bw=bw, short=a.short)
+               log=lambda s: print(s, flush=True), bw=bw, short=short)
     tag = a.tag or f"{a.model}{'_stream' if a.stream else ''}"
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"generate_{tag}.json")
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 model=f"{a.model}-shape(random weights)", prompt=a.prompt, new=a.new,
-                reps=a.reps, stream=a.stream, copy_bytes_per_s=bw, short=a.short)
+                reps=a.reps, stream=a.stream, copy_bytes_per_s=bw, short=short)
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, path[:-5] + ".png")

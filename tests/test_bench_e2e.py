@@ -143,7 +143,8 @@ def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
     import bench_generate
 
     bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--chunks", "1,4",
-                         "--prompt", "40", "--new", "12", "--reps", "1", "--out", str(tmp_path)])
+                         "--prompt", "40", "--new", "12", "--short", "0", "--reps", "1",
+                         "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "generate_tiny.json").read_text())
     assert (tmp_path / "generate_tiny.png").exists()
     assert [(r["cache"], r["chunk"]) for r in doc["rows"]] == [
@@ -151,24 +152,26 @@ def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
     for r in doc["rows"]:
         assert "error" not in r, r
         assert r["tokens_match_chunk1"] is True
-        want = (r["run_ms"] - r["prefill_ms"]) / (r["new"] - 1)
+        want = (r["run_ms"] - r["prefill_ms"]) / (r["new"] - 1)  # --short 0
         assert abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
+        assert "short_run_ms" not in r
         floor = (r["weight_bytes"] + r["cache_bytes"]) / doc["meta"]["copy_bytes_per_s"] * 1e3
         assert r["cache_bytes"] > 0 and abs(r["roofline_ms"] - floor) < 1e-9 * floor
     by = {r["cache"]: r["cache_bytes"] for r in doc["rows"]}
     assert by["innerq2"] < by["bf16"]  # the floor counts each cache's own bytes
     with pytest.raises(SystemExit):  # the first chunk size must be 1, the reference
         bench_generate.main(["--model", "tiny", "--chunks", "4,1", "--out", str(tmp_path)])
-    # --short: the time per token from two runs' difference, the prefill-less figure kept
+    # by default (--short --new // 3 = 4): the time per token from two runs' difference,
+    # the prefill-less figure kept
     bench_generate.main(["--model", "tiny", "--caches", "innerq2", "--chunks", "1",
-                         "--prompt", "40", "--new", "12", "--short", "4", "--reps", "1",
+                         "--prompt", "40", "--new", "12", "--reps", "1",
                          "--out", str(tmp_path), "--tag", "short"])
     r, = json.loads((tmp_path / "generate_short.json").read_text())["rows"]
     want = (r["run_ms"] - r["short_run_ms"]) / (12 - 4)
     assert r["short"] == 4 and abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
     less = (r["run_ms"] - r["prefill_ms"]) / 11
     assert abs(r["ms_per_token_less_prefill"] - less) < 1e-9 * max(1.0, abs(less))
-    for bad in ("12", "0"):  # --short must lie in [1, --new)
+    for bad in ("12", "-1"):  # --short must lie in [0, --new)
         with pytest.raises(SystemExit):
             bench_generate.main(["--model", "tiny", "--new", "12", "--short", bad,
                                  "--out", str(tmp_path)])
