@@ -164,7 +164,7 @@ def cmd_generate(args) -> int:
     # Everything the arguments decide is checked before the model loads (seconds).
     cfg = _cache_config(args)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed)
+                        seed=args.seed, repetition_penalty=args.repetition_penalty)
     if args.max_new_tokens > cfg.capacity:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} needs a cache of at least "
                          f"{args.max_new_tokens} tokens; --capacity is {cfg.capacity}")
@@ -220,6 +220,8 @@ def cmd_generate(args) -> int:
         f"tokens in regions  sink {int(sizes.sink[0])} / quantized {int(sizes.quantized[0])} "
         f"/ recent {int(sizes.recent[0])}  (total {int(np.asarray(cache.lengths)[0])})",
         f"config             {cfg}",
+        f"sampling           temperature {sampling.temperature}, top-k {sampling.top_k}, "
+        f"top-p {sampling.top_p}, repetition penalty {sampling.repetition_penalty}",
     ]
     print("\n".join(report), file=sys.stderr)
     return 0
@@ -259,6 +261,13 @@ def _top_p(text: str) -> float:
     return x
 
 
+def _penalty(text: str) -> float:
+    x = _float(text)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0 (1 disables it)")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerq", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_temperature, default=0.0, help="0 is greedy")
     g.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 disables it")
     g.add_argument("--top-p", type=_top_p, default=1.0, help="in (0, 1]; 1 disables it")
+    g.add_argument("--repetition-penalty", type=_penalty, default=1.1,
+                   help="> 0: the logits of tokens already in the sequence divided by it "
+                        "(multiplied where negative); the default 1.1 keeps a small model's "
+                        "greedy text out of loops; 1 disables it")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="device mesh (default: every local device the work splits over: "

@@ -39,16 +39,25 @@ from models.llama import Llama, decode_step, prefill
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters;
+    ``repetition_penalty`` p != 1 scales the logit of every token already in the sequence
+    (its prompt and what it generated so far) before the choice: divided by p where
+    positive, multiplied by p where negative (p > 1 discourages repeats; 1 disables it)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        p = self.repetition_penalty
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (
+                math.isfinite(p) and p > 0):
+            raise ValueError(f"repetition_penalty={p!r} must be a finite number > 0 "
+                             "(1 disables it)")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:  # NaN fails too
@@ -57,8 +66,17 @@ class Sampling:
             raise ValueError(f"seed={self.seed!r} must be an int")
 
 
+def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """logits [B, V] with the repetition penalty applied where ``seen`` [B, V] (the tokens
+    already in each sequence): divided by ``penalty`` where positive, else multiplied."""
+    if penalty == 1:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """logits [B, V] f32 -> token ids [B]."""
+    """logits [B, V] f32 -> token ids [B] (the repetition penalty is the caller's:
+    :func:`penalize`)."""
     if s.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = logits / s.temperature
@@ -97,6 +115,14 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
               backend, stream, mesh=None, record_margins=False, chunk=1):
     B = tokens.shape[0]
     logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
+    rows = jnp.arange(B)
+    penalty = sampling.repetition_penalty
+    if penalty != 1:  # the tokens in each sequence: its prompt, then each one it generates
+        valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        seen = jnp.zeros(logits.shape, jnp.int32).at[rows[:, None], tokens].add(
+            valid.astype(jnp.int32)) > 0
+    else:
+        seen = jnp.zeros((B, 0), bool)
     key = jax.random.PRNGKey(sampling.seed)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
@@ -131,11 +157,15 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         return (i < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state, callback=True):
-        i, tok, cache, done, out, n, key, gaps, g = state
+        i, tok, cache, done, out, n, key, gaps, g, seen = state
         out, n, done, gaps = record(i, tok, done, out, n, gaps, g, callback)
         logits, cache = decode_step(model, cache, tok, backend=backend, mesh=mesh)
+        if penalty != 1:
+            seen = seen.at[rows, tok].set(True)
         key, sub = jax.random.split(key)
-        return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, gap(logits)
+        logits = penalize(logits, seen, penalty)  # (the margins: of the logits chosen from)
+        return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, \
+            gap(logits), seen
 
     def chunk_step(j, carry):
         """Step j of a chunk: the loop's body where the loop would still run, else the
@@ -166,13 +196,14 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         return state
 
     key, sub = jax.random.split(key)
+    logits = penalize(logits, seen, penalty)
     first = sample(logits, sub, sampling)
     state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
-             key, gaps, gap(logits))
+             key, gaps, gap(logits), seen)
     if chunk == 1:
-        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, body, state)
+        i, tok, cache, done, out, n, _, gaps, g, _ = jax.lax.while_loop(cond, body, state)
     else:
-        i, tok, cache, done, out, n, _, gaps, g = jax.lax.while_loop(cond, chunk_body, state)
+        i, tok, cache, done, out, n, _, gaps, g, _ = jax.lax.while_loop(cond, chunk_body, state)
 
     def last(args):
         out, n, _, gaps = record(i, tok, done, *args, g)

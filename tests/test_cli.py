@@ -96,6 +96,10 @@ def _fake_model(monkeypatch, tokenizer, generated, chat_template=None):
     (["--mesh", "model=64"], "64 devices"),
     (["--chunk", "0"], "--chunk"),
     (["--chunk", "2.5"], "--chunk"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--repetition-penalty", "-1.1"], "--repetition-penalty"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys, args, flag):
     def never(path):
@@ -207,7 +211,7 @@ def test_generate_prints_nothing_foreign(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     own = ("[innerq] ", "--- report ---", "device ", "mesh ", "compile ", "tokens generated ",
-           "cache ", "cache bytes ", "tokens in regions ", "config ")
+           "cache ", "cache bytes ", "tokens in regions ", "config ", "sampling ")
     assert [x for x in lines if not x.startswith(own)] == []
     assert lines[0].startswith("[innerq] model ") and "device             cpu" in r.stderr
 
@@ -219,3 +223,18 @@ def test_chunk_reaches_generate(monkeypatch, capsys, smollm2_tokenizer):
         code, _, err = _run(["generate", "hi", "--no-stream", *argv], capsys)
         assert code == 0, err
         assert [c["chunk"] for c in calls if isinstance(c, dict)] == [want]
+
+
+def test_sampling_reaches_generate_and_the_report(monkeypatch, capsys, smollm2_tokenizer):
+    """The sampling flags reach generate's Sampling (the repetition penalty defaults to 1.1
+    in the CLI, 1 in the API) and the report says which were used."""
+    for argv, want in (([], 1.1), (["--repetition-penalty", "1"], 1.0),
+                       (["--repetition-penalty", "1.3", "--temperature", "0.7"], 1.3)):
+        calls = _fake_model(monkeypatch, smollm2_tokenizer, [20348])
+        code, _, err = _run(["generate", "hi", "--no-stream", *argv], capsys)
+        assert code == 0, err
+        s, = [c["sampling"] for c in calls if isinstance(c, dict)]
+        assert s.repetition_penalty == want
+        assert f"repetition penalty {want}" in err
+    assert s.temperature == 0.7 and "temperature 0.7" in err
+    assert models.generate.Sampling().repetition_penalty == 1.0

@@ -230,6 +230,48 @@ def test_sampling_options(tiny):
         Sampling(top_p=0.0)
 
 
+def test_repetition_penalty_equals_a_step_by_step_reference(tiny):
+    """Sampling(repetition_penalty=p): every token already in a sequence (its prompt's valid
+    tokens, then each generated one) has its logit divided by p where positive, multiplied
+    where negative, before the choice. Greedy generation equals a host loop over the
+    model's own prefill and decode steps that applies the penalty in float64 numpy from its
+    own record of each sequence's tokens (ragged prompts with repeats: padding is not a
+    seen token); penalty 1 is plain greedy, and a strong penalty changes the text."""
+    cfg = CacheConfig.bf16(capacity=64)
+    prompts = [[5, 9, 5, 9, 5], [7, 7, 3, 2, 7, 11, 40, 3, 1]]
+    new, p = 12, 2.5
+    got = generate(tiny, prompts, cfg, max_new_tokens=new,
+                   sampling=Sampling(repetition_penalty=p)).tokens
+    T = max(len(q) for q in prompts)
+    toks = np.zeros((2, T), np.int32)
+    for b, q in enumerate(prompts):
+        toks[b, :len(q)] = q
+    logits, cache = jit_prefill(tiny, jnp.asarray(toks), jnp.asarray([len(q) for q in prompts]),
+                                cfg)
+    seen = [set(q) for q in prompts]
+    want = np.zeros((2, new), np.int32)
+    for i in range(new):
+        x = np.asarray(logits, np.float64)
+        for b in range(2):
+            idx = sorted(seen[b])
+            x[b, idx] = np.where(x[b, idx] > 0, x[b, idx] / p, x[b, idx] * p)
+        tok = x.argmax(axis=-1).astype(np.int32)
+        want[:, i] = tok
+        for b in range(2):
+            seen[b].add(int(tok[b]))
+        if i < new - 1:
+            logits, cache = jit_decode_step(tiny, cache, jnp.asarray(tok))
+    np.testing.assert_array_equal(got, want)
+    greedy = generate(tiny, prompts, cfg, max_new_tokens=new).tokens
+    one = generate(tiny, prompts, cfg, max_new_tokens=new,
+                   sampling=Sampling(repetition_penalty=1.0)).tokens
+    np.testing.assert_array_equal(one, greedy)
+    assert not np.array_equal(got, greedy)
+    for bad in (0.0, -1.2, float("nan"), float("inf"), True, "1.2"):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            Sampling(repetition_penalty=bad)
+
+
 def test_margins_are_each_tokens_lead_over_the_runner_up(tiny):
     """record_margins: the first token's margin is the top-2 gap of the prefill logits
     (computed here apart, in float64), every later one is positive and finite while the
