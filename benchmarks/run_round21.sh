@@ -5,6 +5,8 @@
 # 1, the host waits on each) or every 8 / 32 steps. SmolLM2 shape (random weights), a
 # 960-token prompt, 64 new tokens, bf16 / InnerQ / the recommended cache; STREAM="" (no
 # callback) or STREAM=--stream (a no-op stream callback, as the CLI streams).
+# It ran at c758fc1 and ea41b86; generate's chunk option was removed after it measured no
+# gain (benchmarks/KERNEL_NOTES.md, round 21): check out ea41b86 to run it again.
 # Usage (repository root, on the GPU machine):
 #   COMMIT=<hash> TESTS=1 STREAM="" bash benchmarks/run_round21.sh
 #   COMMIT=<hash> TESTS=0 STREAM=--stream bash benchmarks/run_round21.sh

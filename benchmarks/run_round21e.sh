@@ -12,7 +12,7 @@ gpu_tests "$OUT/round21e_gpu_tests.txt" "${TESTS_S:-220}" tests \
   --ignore=tests/test_weights.py --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 timeout "${GEN_S:-170}" $PY benchmarks/bench_generate.py --model smollm2 --caches bf16,innerq2 \
-  --chunks 1 --prompt 928 --new 96 --short 32 --tag h200_smollm2_diff --out "$OUT" \
+  --prompt 928 --new 96 --short 32 --tag h200_smollm2_diff --out "$OUT" \
   > /tmp/gen.txt 2>&1
 echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "ms per token|^cache|^bf16|^innerq2|Error" /tmp/gen.txt | tee -a "$LOG"

@@ -9,7 +9,7 @@ LOG="$OUT/round21f_log.txt"
 start_log "$LOG"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout "${GEN_S:-180}" $PY \
-  benchmarks/bench_generate.py --model smollm2 --caches bf16,innerq2 --chunks 1 --prompt 928 \
+  benchmarks/bench_generate.py --model smollm2 --caches bf16,innerq2 --prompt 928 \
   --new 96 --short 32 --reps 2 --tag h200_smollm2_diff_nocb --out "$OUT" > /tmp/gen.txt 2>&1
 echo "bench_generate (command buffers off) rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
 grep -E "ms per token|^cache|^bf16|^innerq2|Error" /tmp/gen.txt | tee -a "$LOG"

@@ -189,8 +189,7 @@ def cmd_generate(args) -> int:
 
     stream = None if args.no_stream else TextStream(tok, sys.stdout)
     gen = generate(model, [ids], cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   eos_ids=ckpt.eos_token_ids, backend=args.backend, stream=stream, mesh=mesh,
-                   chunk=args.chunk)
+                   eos_ids=ckpt.eos_token_ids, backend=args.backend, stream=stream, mesh=mesh)
     n = int(gen.lengths[0])
     run_start = time.perf_counter() - gen.run_s
     ttft = None if stream is None or stream.first_token_at is None else \
@@ -307,9 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--no-stream", action="store_true")
-    g.add_argument("--chunk", type=_int_at_least(1), default=1,
-                   help="decode steps per test of the loop's stop condition (1: every step; "
-                        "more lets a GPU run ahead of the host; the text is the same)")
     g.set_defaults(func=cmd_generate)
     e = sub.add_parser("eval", help="fidelity evaluation (perplexity, divergence, GSM8K, passkey)",
                        add_help=False)

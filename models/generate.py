@@ -5,21 +5,10 @@ is a host callback per step, only when a callback is given. The last token is
 recorded but never appended (its logits would not be used), so a prompt and
 ``max_new_tokens`` need prompt + max_new_tokens - 1 cache slots; that is checked
 before the loop starts (a ``ValueError``, never a silent overwrite).
-
-``chunk`` > 1 runs the steps ``chunk`` at a time: the while loop's condition (read by
-the host on a GPU, which waits for it) is then tested once per chunk, and the steps of
-a chunk form a loop of known trip count that the host can launch ahead. Steps past the
-stop (every sequence done, or the token budget spent) still run inside their chunk but
-change nothing: their tokens are not recorded or streamed, and the cache's lengths and
-overflow flags are kept, so the rows they wrote lie past every sequence's length, where
-nothing reads (the same tokens, margins and final cache as ``chunk=1``, tested). A
-stream callback is then called on the host once per chunk, which hands the given
-``stream`` each step's tokens in order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 import math
@@ -109,10 +98,10 @@ class Generation:
 @functools.partial(
     jax.jit,
     static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
-                     "stream", "mesh", "record_margins", "chunk"),
+                     "stream", "mesh", "record_margins"),
 )
 def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
-              backend, stream, mesh=None, record_margins=False, chunk=1):
+              backend, stream, mesh=None, record_margins=False):
     B = tokens.shape[0]
     logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
     rows = jnp.arange(B)
@@ -134,19 +123,13 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
         return top[:, 0] - top[:, 1]
 
-    def streamed(steps, toks, dones, lives):  # the host's side of a chunk's one callback
-        for i, tok, done, live in zip(steps, toks, dones, lives):
-            if live:
-                stream(i, tok, done)
-
-    def record(i, tok, done, out, n, gaps, g, callback=True):
-        """Token i of every sequence not yet stopped: stored, counted and (``callback``)
-        streamed."""
+    def record(i, tok, done, out, n, gaps, g):
+        """Token i of every sequence not yet stopped: stored, counted, streamed."""
         out = out.at[:, i].set(jnp.where(done, 0, tok))
         if record_margins:
             gaps = gaps.at[:, i].set(jnp.where(done, jnp.nan, g))
         n = n + (~done).astype(jnp.int32)
-        if stream is not None and callback:
+        if stream is not None:
             jax.debug.callback(stream, i, tok, done, ordered=True)
         return out, n, done | jnp.any(tok[:, None] == eos[None, :], axis=-1), gaps
 
@@ -156,9 +139,9 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         i, done = state[0], state[3]
         return (i < max_new_tokens - 1) & ~jnp.all(done)
 
-    def body(state, callback=True):
+    def body(state):
         i, tok, cache, done, out, n, key, gaps, g, seen = state
-        out, n, done, gaps = record(i, tok, done, out, n, gaps, g, callback)
+        out, n, done, gaps = record(i, tok, done, out, n, gaps, g)
         logits, cache = decode_step(model, cache, tok, backend=backend, mesh=mesh)
         if penalty != 1:
             seen = seen.at[rows, tok].set(True)
@@ -167,43 +150,12 @@ def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eo
         return i + 1, sample(logits, sub, sampling), cache, done, out, n, key, gaps, \
             gap(logits), seen
 
-    def chunk_step(j, carry):
-        """Step j of a chunk: the loop's body where the loop would still run, else the
-        state unchanged but the cache rows the step wrote past every sequence's length.
-        What the step would stream goes to the chunk's buffer (``sent``), streamed once
-        per chunk, the steps past the stop left out on the host."""
-        state, sent = carry
-        live = cond(state)
-        if sent is not None:
-            sent = tuple(b.at[j].set(v) for b, v in zip(sent, (state[0], state[1], state[3],
-                                                                 live)))
-        new = body(state, callback=False)
-        cache, cache2 = state[2], new[2]
-        cache2 = dataclasses.replace(cache2, lengths=jnp.where(live, cache2.lengths, cache.lengths),
-                                     overflow=jnp.where(live, cache2.overflow, cache.overflow))
-        kept = [cache2 if k == 2 else jnp.where(live, a, b)
-                for k, (a, b) in enumerate(zip(new, state))]
-        return tuple(kept), sent
-
-    def chunk_body(state):
-        sent = None
-        if stream is not None:
-            sent = (jnp.zeros((chunk,), jnp.int32), jnp.zeros((chunk, B), jnp.int32),
-                    jnp.zeros((chunk, B), bool), jnp.zeros((chunk,), bool))
-        state, sent = jax.lax.fori_loop(0, chunk, chunk_step, (state, sent))
-        if sent is not None:
-            jax.debug.callback(streamed, *sent, ordered=True)
-        return state
-
     key, sub = jax.random.split(key)
     logits = penalize(logits, seen, penalty)
     first = sample(logits, sub, sampling)
     state = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32),
              key, gaps, gap(logits), seen)
-    if chunk == 1:
-        i, tok, cache, done, out, n, _, gaps, g, _ = jax.lax.while_loop(cond, body, state)
-    else:
-        i, tok, cache, done, out, n, _, gaps, g, _ = jax.lax.while_loop(cond, chunk_body, state)
+    i, tok, cache, done, out, n, _, gaps, g, _ = jax.lax.while_loop(cond, body, state)
 
     def last(args):
         out, n, _, gaps = record(i, tok, done, *args, g)
@@ -227,7 +179,6 @@ def generate(
     mesh: Mesh | None = None,
     pad_to: int | None = None,
     record_margins: bool = False,
-    chunk: int = 1,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
 
@@ -240,15 +191,11 @@ def generate(
     its data axis and the cache over (data, model). The loop is compiled ahead of
     the run, so ``compile_s`` and ``run_s`` are reported apart. ``record_margins``
     also returns, per generated token, its logit's lead over the runner-up.
-    ``chunk`` steps run per test of the loop's condition (see the module's text); the
-    tokens, margins and cache do not depend on it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    if not is_int(chunk) or chunk < 1:
-        raise ValueError(f"chunk={chunk!r} must be an int >= 1 (steps per loop test)")
     lengths = np.array([len(p) for p in prompts], np.int32)
     # the last sampled token is never appended, so the cache must hold prompt + new - 1
     need = int(lengths.max()) + max_new_tokens - 1
@@ -278,7 +225,7 @@ def generate(
     t0 = time.perf_counter()
     compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
                                tuple(eos_ids), backend, stream, mesh,
-                               bool(record_margins), int(chunk)).compile()
+                               bool(record_margins)).compile()
     t1 = time.perf_counter()
     out, n, cache, gaps = compiled(model, tokens, lengths)
     out, n = np.asarray(out), np.asarray(n)

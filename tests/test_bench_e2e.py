@@ -135,43 +135,41 @@ def test_host_overhead_layouts_update_the_same_rows(tmp_path, monkeypatch):
         assert abs(r["per_array_us"] - r["per_call_us"] / r["arrays"]) < 1e-9 * r["per_call_us"]
 
 
-@pytest.mark.slow  # eight compiles of the generation loop
-def test_bench_generate_rows_check_tokens_against_chunk_one(tmp_path):
-    """bench_generate.py: a row per (cache, chunk) with its time per token from the run and
-    prefill times (or, with --short, from two runs' difference), every chunk's tokens equal
-    to chunk 1's, each row's HBM floor; a table and a plot written."""
+@pytest.mark.slow  # four compiles of the generation loop
+def test_bench_generate_times_the_loop_by_two_runs_difference(tmp_path, monkeypatch):
+    """bench_generate.py: a row per cache with its time per token from the difference of a
+    12- and a 4-token run (--short, default --new // 3), the fixed cost the runs share, the
+    standalone prefill and the HBM floor of each cache's own bytes; a table and a plot; a
+    short run whose tokens are not the long run's first ones stops the benchmark."""
     import bench_generate
 
-    bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--chunks", "1,4",
-                         "--prompt", "40", "--new", "12", "--short", "0", "--reps", "1",
-                         "--out", str(tmp_path)])
+    bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--prompt", "40",
+                         "--new", "12", "--reps", "1", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "generate_tiny.json").read_text())
     assert (tmp_path / "generate_tiny.png").exists()
-    assert [(r["cache"], r["chunk"]) for r in doc["rows"]] == [
-        ("bf16", 1), ("bf16", 4), ("innerq2", 1), ("innerq2", 4)]
+    assert [r["cache"] for r in doc["rows"]] == ["bf16", "innerq2"]
     for r in doc["rows"]:
         assert "error" not in r, r
-        assert r["tokens_match_chunk1"] is True
-        want = (r["run_ms"] - r["prefill_ms"]) / (r["new"] - 1)  # --short 0
+        assert r["short"] == 4 and r["prefill_ms"] > 0
+        want = (r["run_ms"] - r["short_run_ms"]) / (12 - 4)
         assert abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
-        assert "short_run_ms" not in r
+        fixed = r["short_run_ms"] - 3 * r["ms_per_token"]
+        assert abs(r["fixed_ms"] - fixed) < 1e-9 * max(1.0, abs(fixed))
         floor = (r["weight_bytes"] + r["cache_bytes"]) / doc["meta"]["copy_bytes_per_s"] * 1e3
         assert r["cache_bytes"] > 0 and abs(r["roofline_ms"] - floor) < 1e-9 * floor
     by = {r["cache"]: r["cache_bytes"] for r in doc["rows"]}
     assert by["innerq2"] < by["bf16"]  # the floor counts each cache's own bytes
-    with pytest.raises(SystemExit):  # the first chunk size must be 1, the reference
-        bench_generate.main(["--model", "tiny", "--chunks", "4,1", "--out", str(tmp_path)])
-    # by default (--short --new // 3 = 4): the time per token from two runs' difference,
-    # the prefill-less figure kept
-    bench_generate.main(["--model", "tiny", "--caches", "innerq2", "--chunks", "1",
-                         "--prompt", "40", "--new", "12", "--reps", "1",
-                         "--out", str(tmp_path), "--tag", "short"])
-    r, = json.loads((tmp_path / "generate_short.json").read_text())["rows"]
-    want = (r["run_ms"] - r["short_run_ms"]) / (12 - 4)
-    assert r["short"] == 4 and abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
-    less = (r["run_ms"] - r["prefill_ms"]) / 11
-    assert abs(r["ms_per_token_less_prefill"] - less) < 1e-9 * max(1.0, abs(less))
-    for bad in ("12", "-1"):  # --short must lie in [0, --new)
+    for bad in ("12", "0", "-1"):  # --short must lie in [1, --new)
         with pytest.raises(SystemExit):
             bench_generate.main(["--model", "tiny", "--new", "12", "--short", bad,
                                  "--out", str(tmp_path)])
+    real = bench_generate._run_s
+
+    def wrong_short(model, ids, cfg, new, sink, reps):  # the short run's text differs
+        t, c, toks = real(model, ids, cfg, new, sink, reps)
+        return t, c, (toks + 1 if new == 4 else toks)
+
+    monkeypatch.setattr(bench_generate, "_run_s", wrong_short)
+    with pytest.raises(SystemExit, match="first ones"):
+        bench_generate.main(["--model", "tiny", "--caches", "bf16", "--prompt", "40",
+                             "--new", "12", "--reps", "1", "--out", str(tmp_path)])

@@ -94,8 +94,6 @@ def _fake_model(monkeypatch, tokenizer, generated, chat_template=None):
     (["--mesh", "data=2,modl=1"], "data=D,model=M"),
     (["--mesh", "data=0"], "data=0"),
     (["--mesh", "model=64"], "64 devices"),
-    (["--chunk", "0"], "--chunk"),
-    (["--chunk", "2.5"], "--chunk"),
     (["--repetition-penalty", "0"], "--repetition-penalty"),
     (["--repetition-penalty", "-1.1"], "--repetition-penalty"),
     (["--repetition-penalty", "nan"], "--repetition-penalty"),
@@ -214,15 +212,6 @@ def test_generate_prints_nothing_foreign(tmp_path):
            "cache ", "cache bytes ", "tokens in regions ", "config ", "sampling ")
     assert [x for x in lines if not x.startswith(own)] == []
     assert lines[0].startswith("[innerq] model ") and "device             cpu" in r.stderr
-
-
-def test_chunk_reaches_generate(monkeypatch, capsys, smollm2_tokenizer):
-    """--chunk N is passed to generate as chunk=N (default 1)."""
-    for argv, want in (([], 1), (["--chunk", "16"], 16)):
-        calls = _fake_model(monkeypatch, smollm2_tokenizer, [20348])
-        code, _, err = _run(["generate", "hi", "--no-stream", *argv], capsys)
-        assert code == 0, err
-        assert [c["chunk"] for c in calls if isinstance(c, dict)] == [want]
 
 
 def test_sampling_reaches_generate_and_the_report(monkeypatch, capsys, smollm2_tokenizer):

@@ -28,7 +28,6 @@ from kernel_cases import cache_after_appends as _cache
 from kernel_cases import kv_with_outliers as _kv
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.layout import region_sizes
-from pallas_kernels import innerq_blocks as ib
 from pallas_kernels.decode import quantized_decode_attention
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
 from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
@@ -141,21 +140,33 @@ def test_fused_op_is_one_triton_launch(name):
                         "bitcast_convert", "output_operand_alias", "mesh"}, sorted(set(ops))
 
 
-def test_split_cases_loop_over_blocks():
+def test_split_cases_loop_over_blocks(monkeypatch):
     """The default split rule gives every small case one block per program (all blocks fit
     in one wave of the SMs); the cases with a split count of their own run several blocks
     per program, InnerQ and OuterQ, so the in-program online softmax over blocks is
-    checked in the default suite."""
-    from pallas_kernels.decode import _default_splits
-    from pallas_kernels.device_info import FALLBACK_SMS
+    checked in the default suite. Read from the grid the op really builds."""
+    from pallas_kernels import decode
 
-    for name, want in (("innerq2-G32-D128-gqa4-splits3", 2), ("outerq2-sinks-mha", 2)):
-        cfg, D, _, Hkv, lengths, _, opts = FUSED[name]
-        BT = ib.default_block_tokens(cfg.bits, cfg.group_size)
-        n_blocks = -(-cfg.quant_capacity // BT)
-        chunk = -(-(-(-cfg.quant_capacity // opts["num_splits"])) // BT) * BT
-        assert chunk // BT == want, name  # blocks per program, as the wrapper computes them
-        assert _default_splits(len(lengths), Hkv, n_blocks, FALLBACK_SMS) == n_blocks
+    built = []
+    real = decode._build_call.__wrapped__
+
+    def spy(cfg, layout, geo, NS, chunk, *rest):
+        built.append((NS, chunk // geo.BT))
+        return real(cfg, layout, geo, NS, chunk, *rest)
+
+    monkeypatch.setattr(decode, "_build_call", spy)
+    for name in ("innerq2-G32-D128-gqa4-splits3", "outerq2-sinks-mha"):
+        cfg, D, Hq, Hkv, lengths, _, opts = FUSED[name]
+        B = len(lengths)
+        layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+        qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+        n = jax.ShapeDtypeStruct((B,), jnp.int32)
+        for kw, several in ((opts, True), ({}, False)):
+            built.clear()
+            jax.eval_shape(lambda q, lay, n, kw=kw: quantized_decode_attention(
+                q, lay, n, cfg, interpret=True, **kw), qp, layer, n)
+            (NS, per_program), = built
+            assert (per_program >= 2) == several, (name, kw, NS, per_program)
 
 
 def test_regions_exercised():
