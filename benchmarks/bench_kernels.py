@@ -26,6 +26,7 @@ Writes kernels_<suite>.json and a PNG plot under --out and prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -906,23 +907,15 @@ def _shapes_arg(args):
     return [Shape(B, T, **kw) for B, T, kw in spec]
 
 
-def profile(log, reps, args, save):
-    """Where the fused InnerQ kernel's time goes: ablations, at each --shapes shape.
-
-    Each ablation replaces one piece of the kernel (patched here, never in the
-    kernel modules) and is timed like a variant; differences locate the time.
-    ``no_windows`` skips the window program's work, ``no_combine`` the last
-    program's merge of the split partials, ``no_quantized`` the split programs'
-    loop (the time left is the skeleton: launch, window program, merge).
-    ``--ncu`` runs only the full kernel a few times, for Nsight Compute.
-    """
+def _ablations():
+    """Kernel ablations of the fused InnerQ op: name -> {piece: replacement}. Each replaces
+    one piece of the kernel (patched by :func:`_patched`, never in the kernel modules);
+    timed like a variant, the differences locate the time. ``no_windows`` skips the window
+    programs' work, ``no_combine`` the last program's merge of the split partials,
+    ``no_quantized`` the split programs' loop (the time left is the skeleton: launch,
+    window programs, merge)."""
     from pallas_kernels import decode as dec
-    from pallas_kernels import innerq_blocks as ib
     from pallas_kernels import window_blocks as wb
-
-    orig = {"ks": ib.block_key_scores, "vo": ib.value_operands, "vs": ib.block_value_sum,
-            "un": ib.unpack_pairs_bf16, "win": wb.window_part,
-            "comb": dec._combine_partials, "part": dec._part}
 
     def no_v_sum(vwt, vst, vzt, pexp, psum, poff, geo):
         # keeps the value loads alive, skips the unpack, MMAs and epilogue
@@ -940,7 +933,7 @@ def profile(log, reps, args, save):
              + jnp.sum(ks.astype(jnp.float32) + kz.astype(jnp.float32), axis=1, keepdims=True))
         return jnp.broadcast_to(x, (geo.BT // geo.P, geo.P * geo.NR)).reshape(geo.BT, geo.NR)
 
-    def no_win(q_ref, windows, D, chunk=32):
+    def no_win(q_ref, windows, D, chunk=32, part=None):
         nh = wb.WINDOW_HEADS
         return (jnp.zeros((nh, D), jnp.float32), jnp.full((nh,), dec.NEG, jnp.float32),
                 jnp.zeros((nh,), jnp.float32))
@@ -954,27 +947,47 @@ def profile(log, reps, args, save):
                     jnp.full((geo.NR,), dec.NEG, jnp.float32), jnp.zeros((geo.NR,), jnp.float32))
         return part
 
-    ablations = {"full": {}, "no_value_side": {"vs": no_v_sum, "vo": no_v_ops},
-                 "no_key_dots": {"ks": no_k},
-                 "no_value_side+no_key_dots": {"vs": no_v_sum, "vo": no_v_ops, "ks": no_k},
-                 "no_windows": {"win": no_win}, "no_combine": {"comb": no_comb},
-                 "no_quantized": {"part": no_part},
-                 "no_quantized+no_windows": {"part": no_part, "win": no_win}}
-    if args.ncu:
-        ablations = {"full": {}}
-    out = []
+    return {"full": {}, "no_value_side": {"vs": no_v_sum, "vo": no_v_ops},
+            "no_key_dots": {"ks": no_k},
+            "no_value_side+no_key_dots": {"vs": no_v_sum, "vo": no_v_ops, "ks": no_k},
+            "no_windows": {"win": no_win}, "no_combine": {"comb": no_comb},
+            "no_quantized": {"part": no_part},
+            "no_quantized+no_windows": {"part": no_part, "win": no_win}}
+
+
+@contextlib.contextmanager
+def _patched(patch):
+    """The fused op with the pieces ``patch`` names (see :func:`_ablations`) replaced; the
+    op's built calls are dropped on entry and exit so no patched build outlives it."""
+    from pallas_kernels import decode as dec
+    from pallas_kernels import innerq_blocks as ib
+    from pallas_kernels import window_blocks as wb
+
+    slots = {"ks": (ib, "block_key_scores"), "vo": (ib, "value_operands"),
+             "vs": (ib, "block_value_sum"), "win": (wb, "window_part"),
+             "comb": (dec, "_combine_partials"), "part": (dec, "_part")}
+    orig = {k: getattr(mod, name) for k, (mod, name) in slots.items()}
     try:
-        for shape in _shapes_arg(args):
-            names = {}
-            for ab, patch in ablations.items():
-                ib.block_key_scores = patch.get("ks", orig["ks"])
-                ib.value_operands = patch.get("vo", orig["vo"])
-                ib.block_value_sum = patch.get("vs", orig["vs"])
-                ib.unpack_pairs_bf16 = patch.get("un", orig["un"])
-                wb.window_part = patch.get("win", orig["win"])
-                dec._combine_partials = patch.get("comb", orig["comb"])
-                dec._part = patch.get("part", orig["part"])
-                dec._build_call.cache_clear()
+        for k, fn in patch.items():
+            setattr(*slots[k], fn)
+        dec._build_call.cache_clear()
+        yield
+    finally:
+        for k, (mod, name) in slots.items():
+            setattr(mod, name, orig[k])
+        dec._build_call.cache_clear()
+
+
+def profile(log, reps, args, save):
+    """Where the fused InnerQ kernel's time goes: :func:`_ablations` at each --shapes shape,
+    timed (wall time per call). ``--ncu`` runs only the full kernel a few times, for Nsight
+    Compute. (The trace suite takes the same ablations by device time.)"""
+    ablations = {"full": {}} if args.ncu else _ablations()
+    out = []
+    for shape in _shapes_arg(args):
+        names = {}
+        for ab, patch in ablations.items():
+            with _patched(patch):
                 pts = json.loads(args.options or "{}").get("points", [{}])
                 for opts in (pts if ab == "full" else pts[:2]):
                     name = f"innerq_fused@{json.dumps(opts)}"
@@ -984,15 +997,10 @@ def profile(log, reps, args, save):
                     r["ablation"] = ab
                     names[f"{ab} {json.dumps(opts)}"] = r["results"].get(name)
                     out.append(r)
-            log("  profile " + shape.label)
-            for name, v in names.items():
-                log(f"    {v.get('ms', float('nan')):8.4f} ms  {name}" if v else f"    FAILED {name}")
-            save(out)
-    finally:
-        ib.block_key_scores, ib.value_operands, ib.block_value_sum, ib.unpack_pairs_bf16 = (
-            orig["ks"], orig["vo"], orig["vs"], orig["un"])
-        wb.window_part, dec._combine_partials, dec._part = orig["win"], orig["comb"], orig["part"]
-        dec._build_call.cache_clear()
+        log("  profile " + shape.label)
+        for name, v in names.items():
+            log(f"    {v.get('ms', float('nan')):8.4f} ms  {name}" if v else f"    FAILED {name}")
+        save(out)
     return out
 
 
@@ -1006,7 +1014,13 @@ def trace(log, args, save):
     timed ms per call beside the kernels' summed durations, their union (busy) and the
     first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
     jax's bf16 Pallas kernel; with the rotating input copies of the timing protocol and
-    with one input set. ``span - busy`` is time the device waited for launches."""
+    with one input set. ``span - busy`` is time the device waited for launches.
+
+    ``--options``: {"ops": [names], name: {op options}}; for the fused InnerQ op also
+    "points": [{options}, ...] (one case per point, named ``innerq_fused@{point}``) and
+    "ablations": [names of :func:`_ablations`] (each on the first point, named
+    ``innerq_fused~{name}``; not checked: an ablation computes something else); "inputs":
+    ["rotating"] or ["one set"] to time only those inputs."""
     from trace_summary import trace_runs
 
     opts = json.loads(args.options or "{}")
@@ -1037,50 +1051,63 @@ def trace(log, args, save):
                                                  backend="pallas", **opts.get(name, {})),
                                (q, layer, lengths))
                 refs[name] = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+        patches = {}
         for name, (kind, op) in ops.items():
             cfg = shape.cfg(kind)
             layer = _prefill(k, v, lengths, cfg)
             qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
-            cases[name] = (functools.partial(op, cfg=cfg, **opts.get(name, {})), (qp, layer, lengths))
-            refs[name] = quantized_attention_core(qp, layer, lengths, cfg)
+            ref = quantized_attention_core(qp, layer, lengths, cfg)
+            points = {name: opts.get(name, {})}
+            if name == "innerq_fused" and "points" in opts:
+                points = {f"{name}@{json.dumps(p)}": p for p in opts["points"]}
+            if name == "innerq_fused":
+                first = next(iter(points.values()))
+                for ab in opts.get("ablations", []):
+                    points[f"{name}~{ab}"], patches[f"{name}~{ab}"] = first, _ablations()[ab]
+            for case, p in points.items():
+                cases[case] = (functools.partial(op, cfg=cfg, **p), (qp, layer, lengths))
+                refs[case], TOL[case] = ref, TOL[name]
         qd = q.reshape(B, H, r, D) / math.sqrt(D)
         kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
         if not wanted or "bf16_pallas" in wanted:
             cases["bf16_pallas"] = (bf16_pallas, (qd, kb, vb))
             refs["bf16_pallas"] = dense_reference(qd, kb, vb)
         for name, (fn, args0) in cases.items():
-            nbytes = _nbytes(args0)
-            try:  # checked against the reference before anything is timed
-                err = _rel(fn(*args0), refs[name])
-                assert err < TOL[name], f"rel err {err:.2e}"
-            except AssertionError as e:
-                log(f"  {shape.label} {name}: MISMATCH, not timed: {e}")
-                continue
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                continue
-            for label, sets in (("rotating", _copies(args0, _n_sets(nbytes, nbytes))),
-                                ("one set", [args0])):
-                try:
-                    ms = time_calls(fn, sets, args.reps, warm_s=args.warm_s)[0]
-                    multi, calls = _multi(fn, sets)
-                    jax.block_until_ready(multi(calls))
-                    per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
+            with _patched(patches.get(name, {})):
+                nbytes = _nbytes(args0)
+                try:  # checked against the reference before anything is timed
+                    err = _rel(fn(*args0), refs[name])
+                    assert err < TOL[name] or name in patches, f"rel err {err:.2e}"
+                except AssertionError as e:
+                    log(f"  {shape.label} {name}: MISMATCH, not timed: {e}")
+                    continue
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                     log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
-                for dev, s in per_dev.items():
-                    log(f"  {shape.label} {name:13s} {label:8s} timed {ms * 1e3:7.1f} us | "
-                        f"kernels {s['kernel_ms'] * 1e3:7.1f} busy {s['busy_ms'] * 1e3:7.1f} "
-                        f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")
-                    for op_name, (cnt, ms_) in list(s["by_op"].items())[:6]:
-                        log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
-                    out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
-                                "inputs": label, "n_sets": len(sets), "timed_ms": ms,
-                                "rel_err": err, "bytes": nbytes,
-                                "device": dev, **{k_: s[k_] for k_ in (
-                                    "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
-                del sets
+                for label, sets in (("rotating", _copies(args0, _n_sets(nbytes, nbytes))),
+                                    ("one set", [args0])):
+                    if label not in opts.get("inputs", ("rotating", "one set")):
+                        continue
+                    try:
+                        ms = time_calls(fn, sets, args.reps, warm_s=args.warm_s)[0]
+                        multi, calls = _multi(fn, sets)
+                        jax.block_until_ready(multi(calls))
+                        per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
+                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                        log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    for dev, s in per_dev.items():
+                        log(f"  {shape.label} {name:13s} {label:8s} timed {ms * 1e3:7.1f} us | "
+                            f"kernels {s['kernel_ms'] * 1e3:7.1f} busy {s['busy_ms'] * 1e3:7.1f} "
+                            f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")
+                        for op_name, (cnt, ms_) in list(s["by_op"].items())[:6]:
+                            log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
+                        out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
+                                    "inputs": label, "n_sets": len(sets), "timed_ms": ms,
+                                    "rel_err": err, "bytes": nbytes,
+                                    "device": dev, **{k_: s[k_] for k_ in (
+                                        "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
+                    del sets
             del fn, args0
         del cases, refs, k, v
         save(out)

@@ -5,14 +5,15 @@
 the bf16 sink window, the packed quantized region and the bf16 recent ring,
 then the probability-weighted values.
 
-One ``pallas_call`` with grid (splits + 1, Hkv, B):
+One ``pallas_call`` with grid (splits + window programs, Hkv, B):
 
 * program (s < splits, h, b) walks the quantized tokens
   [s * chunk, min((s + 1) * chunk, Nq[b])) of sequence b, kv head h, in blocks
   of ``block_tokens``: key scores, an online softmax (running max and sum) and
   the probability-weighted values, K and V of a block in the same iteration;
-* program (splits, h, b) covers the sink and recent windows (bf16, with a
-  hi/lo bf16 split of q and p so they keep f32 accuracy);
+* programs (splits + w, h, b) cover the sink and recent windows (bf16, with a
+  hi/lo bf16 split of q and p so they keep f32 accuracy), each an equal run of
+  their rows;
 * each program writes its unnormalised output, running max and sum to a
   scratch output and bumps a per-(b, h) counter (atomic); the last program of
   (b, h) merges the partials (``_combine_partials``), so one launch does all.
@@ -48,7 +49,7 @@ from pallas_kernels import outerq_blocks as ob
 from pallas_kernels import query_prep as qprep
 from pallas_kernels import window_blocks as wb
 from pallas_kernels.device_info import FALLBACK_SMS, sm_count
-from pallas_kernels.innerq_blocks import NEG, Geometry
+from pallas_kernels.innerq_blocks import NEG, Geometry, next_pow2
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
@@ -77,19 +78,21 @@ def _fused_kernel(
     h_ref,  # [D, D] bf16: H * sqrt(D) (read where prep is given and the cache rotates)
     cnt_in_ref,  # [H, B] int32: done-counters, aliased with cnt_ref (never read)
     o_ref,  # [r, D]: the output (f32; prep.out_dtype where prep is given)
-    po_ref,  # [NS + 1, NR, D] f32: each program's partial output (scratch)
-    pm_ref,  # [NS + 1, NR] f32: its running max
-    pl_ref,  # [NS + 1, NR] f32: its softmax denominator
+    po_ref,  # [NS + WP, NR, D] f32: each program's partial output (scratch)
+    pm_ref,  # [NS + WP, NR] f32: its running max
+    pl_ref,  # [NS + WP, NR] f32: its softmax denominator
     *rest,  # (qs_ref [r, D] f32: this program's rotated q' (scratch), where prep_query and
     # the cache rotates keys), cnt_ref
     geo, cfg: CacheConfig, num_splits: int, chunk: int, part, interpret: bool,
-    window_rows: int, prep: QueryPrep | None, prep_query: bool, signs: bool,
+    window_rows: int, window_programs: int, prep: QueryPrep | None, prep_query: bool,
+    signs: bool,
 ):
-    """Grid (num_splits + 1, H, B); ``part`` is the layout's quantized-region loop.
+    """Grid (num_splits + window_programs, H, B); ``part`` is the layout's quantized-region
+    loop.
 
     Every program stores its partial (o, running max m, sum l) in slot s of
     the scratch outputs, then counts itself done on a per-(b, h) counter; the
-    last of the num_splits + 1 programs of (b, h) merges the partials and writes
+    last of the num_splits + window_programs programs of (b, h) merges the partials and writes
     the output (no separate combine launch). The region sizes and the live ring slots
     are computed here from the length (:mod:`innerq_jax.layout`'s formulas), so the op
     is this one launch: a jnp prelude costs a launch of its own per call, and at short
@@ -130,25 +133,32 @@ def _fused_kernel(
         o, m, l = part(q_ref, quant_refs, nq, s * chunk, chunk, geo)
         store_partial(o, m, l, NR)
 
-    @pl.when(s == num_splits)
+    @pl.when(s >= num_splits)
     def _windows():
         windows = wb.cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes, cfg)
-        o, m, l = wb.window_part(q_ref, windows, D, chunk=window_rows)
+        o, m, l = wb.window_part(q_ref, windows, D, chunk=window_rows,
+                                 part=(s - num_splits, window_programs))
         store_partial(o, m, l, wb.WINDOW_HEADS)
 
     done = qprep.arrive(cnt_ref, (h, b), interpret=interpret)
+    n_parts = num_splits + window_programs
 
-    @pl.when(done == num_splits)
+    @pl.when(done == n_parts - 1)
     def _combine():
         if prep is None:
-            out = _combine_partials(po_ref, pm_ref, pl_ref, num_splits + 1, NR, NR, D)
+            out = _combine_partials(po_ref, pm_ref, pl_ref, n_parts, NR, NR, D)
             hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
             dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
             plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])
         else:  # (the rotation's dot needs at least 16 rows)
             rows = max(NR, qprep.MMA_ROWS) if cfg.rotate_values else NR
-            out = _combine_partials(po_ref, pm_ref, pl_ref, num_splits + 1, NR, rows, D)
+            out = _combine_partials(po_ref, pm_ref, pl_ref, n_parts, NR, rows, D)
             qprep.store_finished(out, o_ref, sg_ref, h_ref, cfg=cfg, signs=signs)
+
+
+# the merge loads every partial in one round where they are at most this many f32 values
+# (64 per thread of a 4-warp program); more go through in steps of 8 splits, maxima first
+MERGE_ONCE = 8192
 
 
 def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
@@ -157,7 +167,10 @@ def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
     gives).
 
     The partials come from other CTAs: volatile loads (past L1, which is not
-    coherent across SMs; jax 0.11's ".cg" cache modifier string is broken).
+    coherent across SMs; jax 0.11's ".cg" cache modifier string is broken). Where they are
+    few (n * rows * D <= MERGE_ONCE) they are all loaded before any is used, one round trip
+    to L2 on the launch's critical path instead of one for the maxima and one more for the
+    rest.
     """
     def load(ref, idx, ok, other):
         return plgpu.load(ref.at[idx], mask=ok, other=other, volatile=True)
@@ -167,6 +180,17 @@ def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
         hh = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         return jnp.minimum(ss, n - 1), jnp.minimum(hh, NR - 1), (ss < n) & (hh < NR)
 
+    if n * rows * D <= MERGE_ONCE:
+        step = next_pow2(n)
+        sc, h2, ok = split_rows(0, (step, rows))
+        pm = load(pm_ref, (sc, h2), ok, NEG)
+        pl_ = load(pl_ref, (sc, h2), ok, 0.0)
+        s3, h3, ok3 = split_rows(0, (step, rows, D))
+        d3 = jax.lax.broadcasted_iota(jnp.int32, (step, rows, D), 2)
+        po = load(po_ref, (s3, h3, d3), ok3, 0.0)
+        m_max = jnp.max(pm, axis=0)
+        w = jnp.where(ok, jnp.exp2(pm - m_max[None, :]), 0.0)
+        return _normalized(jnp.sum(w[:, :, None] * po, axis=0), jnp.sum(w * pl_, axis=0))
     d3 = jax.lax.broadcasted_iota(jnp.int32, (step, rows, D), 2)
     m_max = jnp.full((rows,), NEG, jnp.float32)
     for s0 in range(0, n, step):
@@ -180,8 +204,12 @@ def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
         l_tot = l_tot + jnp.sum(w * load(pl_ref, (sc, h2), ok, 0.0), axis=0)
         s3, h3, ok3 = split_rows(s0, (step, rows, D))
         o_tot = o_tot + jnp.sum(w[:, :, None] * load(po_ref, (s3, h3, d3), ok3, 0.0), axis=0)
-    # Zero only where nothing is held (l_tot == 0); a NaN l_tot (a non-finite key or
-    # value) must reach the output, as in the reference.
+    return _normalized(o_tot, l_tot)
+
+
+def _normalized(o_tot, l_tot):
+    """o_tot / l_tot per row; zero only where nothing is held (l_tot == 0): a NaN l_tot (a
+    non-finite key or value) must reach the output, as in the reference."""
     empty = l_tot[:, None] == 0
     return jnp.where(empty, 0.0, o_tot / jnp.where(empty, 1.0, l_tot[:, None]))
 
@@ -215,10 +243,10 @@ def _part(layout):
 
 @functools.lru_cache(maxsize=64)
 def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                window_rows, prep, prep_query, signs):
+                window_rows, window_programs, prep, prep_query, signs):
     """The pallas_call for one static configuration (cached so jit caches hit)."""
     B, H, r, D = shapes[0][0]
-    NR, NP = geo.NR, NS + 1
+    NR, NP = geo.NR, NS + window_programs
     full = lambda shape: pl.BlockSpec(shape, lambda s, h, b: (0,) * len(shape))
     per_bh = lambda shape: pl.BlockSpec(
         (None, None) + shape[2:], lambda s, h, b: (b, h) + (0,) * (len(shape) - 2))
@@ -241,8 +269,8 @@ def _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, inte
     out_specs.append(full(shapes[-1][0]))
     kernel = functools.partial(
         _fused_kernel, geo=geo, cfg=cfg, num_splits=NS, chunk=chunk,
-        part=_part(layout), interpret=interpret, window_rows=window_rows, prep=prep,
-        prep_query=prep_query, signs=signs,
+        part=_part(layout), interpret=interpret, window_rows=window_rows,
+        window_programs=window_programs, prep=prep, prep_query=prep_query, signs=signs,
     )
     call = pl.pallas_call(
         kernel,
@@ -285,6 +313,7 @@ def quantized_decode_attention(
     num_stages: int = 3,
     unpack_chunk: int = 0,
     window_rows: int = wb.WINDOW_ROWS,
+    window_programs: int = 1,
     max_registers: int | None = None,
     prep: QueryPrep | None = None,
     rotate_query: str | None = None,
@@ -307,7 +336,8 @@ def quantized_decode_attention(
     (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
     thread cap, 0 = ptxas decides, None = the layout's default; see
     :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`), ``window_rows`` (bf16 window rows
-    per step of the window program). Defaults are the fastest points of the H200 sweep in
+    per step of a window program), ``window_programs`` (programs per sequence and head sharing
+    the windows' rows). Defaults are the fastest points of the H200 sweep in
     benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):
@@ -329,6 +359,8 @@ def quantized_decode_attention(
                          f"the fused kernel reads; layouts: {mb.LAYOUTS}")
     if window_rows not in (16, 32, 64, 128):
         raise ValueError(f"window_rows={window_rows}; choose 16, 32, 64 or 128")
+    if not isinstance(window_programs, int) or not 1 <= window_programs <= 8:
+        raise ValueError(f"window_programs={window_programs!r}; choose an int from 1 to 8")
     BT = block_tokens or ib.default_block_tokens(bits, G)  # every layout shares these
     if max_registers is None:
         max_registers = ib.DEFAULT_MAX_REGISTERS
@@ -361,5 +393,6 @@ def quantized_decode_attention(
                jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                       window_rows, prep, prep_query, layer.rot_signs is not None)
+                       window_rows, window_programs, prep, prep_query,
+                       layer.rot_signs is not None)
     return call_quietly(call, *inputs, interpret=interpret)[0]

@@ -47,17 +47,47 @@ def cache_windows(sk_ref, sv_ref, rk_ref, rv_ref, sizes: RegionSizes, cfg: Cache
     return windows
 
 
-def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None, v_order=None):
+def _joined(windows, which, vrows, cols):
+    """The bf16 tile at rows ``vrows`` of the windows laid end to end (``which``: 0 keys, 1
+    values); rows past every window read 0."""
+    tile, off = None, 0
+    for win in windows:
+        n = win[0].shape[0]
+        rows = vrows - off
+        inside = (rows >= 0) & (rows < n)
+        x = plgpu.load(win[which].at[jnp.clip(rows, 0, n - 1), cols], mask=inside, other=0)
+        tile = x if tile is None else jnp.where(inside, x, tile)
+        off += n
+    return tile
+
+
+def _joined_live(windows, vrows):
+    """Which rows ``vrows`` [c, 1] of the windows laid end to end hold a live token."""
+    ok, off = None, 0
+    for k_ref, _, valid in windows:
+        n = k_ref.shape[0]
+        rows = vrows - off
+        live = (rows >= 0) & (rows < n) & valid(jnp.clip(rows, 0, n - 1))
+        ok = live if ok is None else ok | live
+        off += n
+    return ok
+
+
+def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None, v_order=None, part=None):
     """Online softmax over dense bf16 windows: (o [NH, DV], m [NH], l [NH]), scores in log2
     units (q times log2 e); rows past q_ref's heads (up to NH) hold finite filler.
 
-    windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window
-    row indices [rows, 1] to bool. Rows go through in chunks of ``chunk`` so the
-    window tiles stay small. ``v_cols`` (d0, DV): only value channels d0 .. d0 + DV of
-    the output (the scores still use all D channels); default all D. ``v_order``: column
-    i of the output holds channel ``v_order(d0 + i)`` instead (a permutation of the block).
+    windows: (k_ref, v_ref, valid) per window; refs [n, D]; valid maps window row indices
+    [rows, 1] to bool. The windows are read as one run of rows laid end to end (the sink's
+    then the ring's), in steps of ``chunk`` rows so the tiles stay small. ``part`` (index,
+    count): only the index-th of count equal runs of those rows (index may be a program
+    id), so count programs share the windows; default all of them. ``v_cols`` (d0, DV):
+    only value channels d0 .. d0 + DV of the output (the scores still use all D channels);
+    default all D. ``v_order``: column i of the output holds channel ``v_order(d0 + i)``
+    instead (a permutation of the block).
     """
     d0, DV = v_cols if v_cols is not None else (0, D)
+    index, count = part if part is not None else (0, 1)
     NH = WINDOW_HEADS
     dd = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 0)
     hh = jax.lax.broadcasted_iota(jnp.int32, (D, NH), 1)
@@ -66,31 +96,31 @@ def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None, v_order=None)
     m = jnp.full((NH,), NEG, jnp.float32)
     l = jnp.zeros((NH,), jnp.float32)
     o = jnp.zeros((NH, DV), jnp.float32)
-    for k_ref, v_ref, valid in windows:
-        n = k_ref.shape[0]
-        c = min(chunk, max(16, next_pow2(n)))
-        for c0 in range(0, n, c):
-            rows = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, D), 0)
-            cols = jax.lax.broadcasted_iota(jnp.int32, (c, D), 1)
-            inb = rows < n
-            rr = jnp.minimum(rows, n - 1)
-            k = plgpu.load(k_ref.at[rr, cols], mask=inb, other=0)
-            if DV == D and v_order is None:
-                v = plgpu.load(v_ref.at[rr, cols], mask=inb, other=0)
-            else:
-                vr = c0 + jax.lax.broadcasted_iota(jnp.int32, (c, DV), 0)
-                vc = d0 + jax.lax.broadcasted_iota(jnp.int32, (c, DV), 1)
-                vc = vc if v_order is None else v_order(vc)
-                v = plgpu.load(v_ref.at[jnp.minimum(vr, n - 1), vc], mask=vr < n, other=0)
-            s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
-            ok = valid(c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)) & (
-                c0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) < n)
-            s = jnp.where(ok, s, NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=0))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.where(ok, jnp.exp2(s - m_new[None, :]), 0.0)
-            l = alpha * l + jnp.sum(p, axis=0)
-            p_hi, p_lo = hi_lo(p.T)
-            o = dot_acc(dot_acc(alpha[:, None] * o, p_hi, v), p_lo, v)
-            m = m_new
+    total = sum(w[0].shape[0] for w in windows)
+    per = -(-total // count)  # rows per part
+    c = min(chunk, max(16, next_pow2(per)))
+    start = index * per
+    def part_rows(c0, shape):  # this part's rows only (the next part's are the next program's)
+        i = c0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+        return jnp.where(i < per, start + i, total)
+
+    for c0 in range(0, per, c):
+        vrows = part_rows(c0, (c, D))
+        cols = jax.lax.broadcasted_iota(jnp.int32, (c, D), 1)
+        k = _joined(windows, 0, vrows, cols)
+        ok = _joined_live(windows, part_rows(c0, (c, 1)))
+        if DV == D and v_order is None:
+            v = _joined(windows, 1, vrows, cols)
+        else:
+            vc = d0 + jax.lax.broadcasted_iota(jnp.int32, (c, DV), 1)
+            v = _joined(windows, 1, part_rows(c0, (c, DV)), vc if v_order is None else v_order(vc))
+        s = dot_acc(dot_acc(jnp.zeros((c, NH), jnp.float32), k, q_hi), k, q_lo)
+        s = jnp.where(ok, s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=0))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(ok, jnp.exp2(s - m_new[None, :]), 0.0)
+        l = alpha * l + jnp.sum(p, axis=0)
+        p_hi, p_lo = hi_lo(p.T)
+        o = dot_acc(dot_acc(alpha[:, None] * o, p_hi, v), p_lo, v)
+        m = m_new
     return o, m, l

@@ -78,6 +78,14 @@ FUSED = {
                                      {"window_rows": 128}),
     "innerq2-G32-D64-smollm-win32": (CacheConfig.innerq(capacity=512), 64, 9, 3, [510, 300, 1],
                                      1, {"window_rows": 32}),
+    # the windows shared by 2 and 3 programs (the sink's 4 rows and the ring's 160 split
+    # across programs: a part may start inside the sink and end inside the ring)
+    "innerq2-G32-D128-gqa4-winprog3": (CacheConfig.innerq(capacity=640), 128, 8, 2,
+                                       [630, 3, 140, 4 + 128 + 32 + 5, 197], 3,
+                                       {"window_programs": 3}),
+    "innerq2-G32-D64-smollm-winprog2": (CacheConfig.innerq(capacity=512), 64, 9, 3,
+                                        [510, 300, 1], 1, {"window_programs": 2,
+                                                           "window_rows": 32}),
     "outerq2-G32-D128-gqa4": (CacheConfig.outerq(capacity=640), 128, 8, 2,
                               [630, 3, 140, 300], 3, {}),
     "outerq4-G64-D64-smollm": (CacheConfig.outerq(bits=4, group_size=64, recent=64, capacity=512),
@@ -169,6 +177,27 @@ def test_split_cases_loop_over_blocks(monkeypatch):
             assert (per_program >= 2) == several, (name, kw, NS, per_program)
 
 
+def test_merge_in_steps_equals_reference(monkeypatch):
+    """The last program's merge loads few partials in one round (every case above) and many
+    in steps of 8 splits, maxima first: the stepped path, forced here on a case with 12
+    partials (two steps) and sequences that hold nothing in some of them."""
+    from pallas_kernels import decode
+
+    monkeypatch.setattr(decode, "MERGE_ONCE", 0)
+    decode._build_call.cache_clear()
+    try:
+        cfg, D, Hq, Hkv, lengths, appends, _ = FUSED["innerq2-G32-D128-gqa4-winprog3"]
+        cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+        layer = cache.layer(0)
+        _, qp = _query(cache, Hq)
+        ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+        out = quantized_decode_attention(qp, layer, cache.lengths, cfg, interpret=INTERPRET,
+                                         block_tokens=128, num_splits=4, window_programs=8)
+        assert _rel(out, ref) < TOL
+    finally:
+        decode._build_call.cache_clear()
+
+
 def test_regions_exercised():
     """The fused configs cover a sequence inside the sink, one with no quantized token,
     one with exactly one quantized group, and full ones."""
@@ -251,6 +280,10 @@ def test_rejects_bad_options():
     with pytest.raises(ValueError, match="window_rows"):
         quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg, interpret=INTERPRET,
                                    window_rows=48)
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="window_programs.*from 1 to 8"):
+            quantized_decode_attention(qp, cache.layer(0), cache.lengths, cfg,
+                                       interpret=INTERPRET, window_programs=bad)
 
 
 @pytest.mark.parametrize("kind", ["innerq", "outerq"])
