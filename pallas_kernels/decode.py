@@ -300,6 +300,24 @@ def _default_splits(B, H, n_blocks, sms: int):
     return int(max(1, min(n_blocks // 2, round(4 * sms / (B * H)))))
 
 
+# window programs per (sequence, kv head) where the quantized region runs one block per
+# program (H200, SmolLM2 B 1 / 1k: 1 / 2 / 3 programs 6.1 / 5.1 / 4.9 us of device time;
+# benchmarks/KERNEL_NOTES.md, round 22)
+SHORT_WINDOW_PROGRAMS = 3
+
+
+def _default_window_programs(NS, n_blocks, NR, D):
+    """Window programs for a call of NS splits: where each split is one block, the window
+    program's rows (S + R + G) are the longest program, and SHORT_WINDOW_PROGRAMS share them,
+    as long as the merge still loads every partial in one round (MERGE_ONCE: the stepped
+    merge cost more than the window rows saved at SmolLM2 B 1 / 4k, 7.7 against 6.4 us);
+    elsewhere the quantized programs are the longest and one window program is enough."""
+    wp = SHORT_WINDOW_PROGRAMS
+    if NS == n_blocks and (NS + wp) * NR * D <= MERGE_ONCE:
+        return wp
+    return 1
+
+
 def quantized_decode_attention(
     qp: jax.Array,
     layer: QuantLayer,
@@ -313,7 +331,7 @@ def quantized_decode_attention(
     num_stages: int = 3,
     unpack_chunk: int = 0,
     window_rows: int = wb.WINDOW_ROWS,
-    window_programs: int = 1,
+    window_programs: int | None = None,
     max_registers: int | None = None,
     prep: QueryPrep | None = None,
     rotate_query: str | None = None,
@@ -337,7 +355,7 @@ def quantized_decode_attention(
     thread cap, 0 = ptxas decides, None = the layout's default; see
     :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`), ``window_rows`` (bf16 window rows
     per step of a window program), ``window_programs`` (programs per sequence and head sharing
-    the windows' rows). Defaults are the fastest points of the H200 sweep in
+    the windows' rows; default 3 where every split is one block, else 1). Defaults are the fastest points of the H200 sweep in
     benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):
@@ -359,7 +377,8 @@ def quantized_decode_attention(
                          f"the fused kernel reads; layouts: {mb.LAYOUTS}")
     if window_rows not in (16, 32, 64, 128):
         raise ValueError(f"window_rows={window_rows}; choose 16, 32, 64 or 128")
-    if not isinstance(window_programs, int) or not 1 <= window_programs <= 8:
+    if window_programs is not None and (not isinstance(window_programs, int)
+                                        or not 1 <= window_programs <= 8):
         raise ValueError(f"window_programs={window_programs!r}; choose an int from 1 to 8")
     BT = block_tokens or ib.default_block_tokens(bits, G)  # every layout shares these
     if max_registers is None:
@@ -382,6 +401,7 @@ def quantized_decode_attention(
     NS = num_splits or _default_splits(B, H, n_blocks, sms)
     chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
     NS = max(1, pl.cdiv(Tq, chunk))
+    WP = window_programs or _default_window_programs(NS, n_blocks, geo.NR, D)
 
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)
@@ -393,6 +413,6 @@ def quantized_decode_attention(
                jnp.zeros((H, B), jnp.int32)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                       window_rows, window_programs, prep, prep_query,
+                       window_rows, WP, prep, prep_query,
                        layer.rot_signs is not None)
     return call_quietly(call, *inputs, interpret=interpret)[0]

@@ -72,10 +72,11 @@ FUSED = {
                               [505, 180, 0], 0, {}),
     "innerq2-nosink": (CacheConfig.innerq(sink=0, capacity=512), 64, 4, 1, [480, 33], 3, {}),
     # the window program in steps of 128 and 32 rows (default 64; the ring's 160 rows: a
-    # masked tail)
+    # masked tail); one window program for all rows (the default where a split holds
+    # several blocks)
     "innerq2-G32-D128-gqa4-win128": (CacheConfig.innerq(capacity=640), 128, 8, 2,
                                      [630, 3, 140, 4 + 128 + 32 + 5, 197], 3,
-                                     {"window_rows": 128}),
+                                     {"window_rows": 128, "window_programs": 1}),
     "innerq2-G32-D64-smollm-win32": (CacheConfig.innerq(capacity=512), 64, 9, 3, [510, 300, 1],
                                      1, {"window_rows": 32}),
     # the windows shared by 2 and 3 programs (the sink's 4 rows and the ring's 160 split
@@ -446,3 +447,32 @@ def test_default_split_count_follows_the_devices_sm_count():
     assert decode._default_splits(1, 3, 31, 78) == 15  # more blocks than SMs: two each
     assert decode._default_splits(1, 8, 31, 132) == 15  # the 8B shape's B 1 / 4k
     assert FALLBACK_SMS == 132
+
+
+def test_default_window_programs(monkeypatch):
+    """Three programs share the windows where every split is one block and the merge still
+    loads all partials in one round; one elsewhere. Read from the grid the op builds."""
+    from pallas_kernels import decode
+
+    assert decode._default_window_programs(7, 7, 4, 64) == 3  # SmolLM2 B 1 / 1k
+    assert decode._default_window_programs(31, 31, 4, 64) == 1  # 4k: 34 partials, stepped merge
+    assert decode._default_window_programs(15, 31, 8, 128) == 1  # two blocks per split
+    built = []
+    real = decode._build_call.__wrapped__
+
+    def spy(cfg, layout, geo, NS, chunk, shapes, nw, ns, interp, rows, wp, *rest):
+        built.append((NS, chunk // geo.BT, wp))
+        return real(cfg, layout, geo, NS, chunk, shapes, nw, ns, interp, rows, wp, *rest)
+
+    monkeypatch.setattr(decode, "_build_call", spy)
+    cfg, D, Hq, Hkv, lengths, _, _ = FUSED["innerq2-G32-D64-smollm"]
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+    n = jax.ShapeDtypeStruct((B,), jnp.int32)
+    for kw, want in (({}, 3), ({"window_programs": 2}, 2)):
+        built.clear()
+        jax.eval_shape(lambda q, lay, n, kw=kw: quantized_decode_attention(
+            q, lay, n, cfg, interpret=True, **kw), qp, layer, n)
+        (NS, per_program, wp), = built
+        assert per_program == 1 and wp == want, (kw, NS, per_program, wp)
