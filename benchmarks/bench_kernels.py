@@ -1005,8 +1005,10 @@ def profile(log, reps, args, save):
 
 
 # the trace suite's ops through the dispatch (``--options '{"ops": [...]}'`` names them):
-# the paper's InnerQ and InnerQ-H (keys and values rotated), CacheConfig.innerq overrides
-TRACE_DISPATCH = {"innerq_dispatch": {}, "innerq-h_dispatch": {"rotation": "keys_values"}}
+# the paper's InnerQ, InnerQ-H (keys and values rotated) and the recommended cache
+# (CacheConfig.recommended), as CacheConfig.innerq overrides
+TRACE_DISPATCH = {"innerq_dispatch": {}, "innerq-h_dispatch": {"rotation": "keys_values"},
+                  "recommended_dispatch": {"rotation": "keys_values", "sink": 36, "recent": 96}}
 
 
 def trace(log, args, save):
@@ -1016,10 +1018,11 @@ def trace(log, args, save):
     jax's bf16 Pallas kernel; with the rotating input copies of the timing protocol and
     with one input set. ``span - busy`` is time the device waited for launches.
 
-    ``--options``: {"ops": [names], name: {op options}}; for the fused InnerQ op also
-    "points": [{options}, ...] (one case per point, named ``innerq_fused@{point}``) and
-    "ablations": [names of :func:`_ablations`] (each on the first point, named
-    ``innerq_fused~{name}``; not checked: an ablation computes something else); "inputs":
+    ``--options``: {"ops": [names], name: {op options}}; "points": [{options}, ...] (one
+    case per point of the op "points_op" names, default the fused InnerQ op, named
+    ``{op}@{point}``); "ablations": [names of :func:`_ablations`] (the fused InnerQ op's, each
+    on its first point, named ``innerq_fused~{name}``; not checked: an ablation computes
+    something else); "inputs":
     ["rotating"] or ["one set"] to time only those inputs."""
     from trace_summary import trace_runs
 
@@ -1043,28 +1046,32 @@ def trace(log, args, save):
                "bf16_pallas": TOL_BF16, **{n: TOL_QUANT for n in TRACE_DISPATCH}}
         # through the dispatch, the model's query in (its preparation and the output's finish
         # included), only where asked for by name
+        def points(name):  # case name -> the op's options
+            if name == opts.get("points_op", "innerq_fused") and "points" in opts:
+                return {f"{name}@{json.dumps(p)}": p for p in opts["points"]}
+            return {name: opts.get(name, {})}
+
         for name, over in TRACE_DISPATCH.items():
             if name in (wanted or ()):
                 cfg = shape.cfg("innerq", **over)
                 layer = _prefill(k, v, lengths, cfg)
-                cases[name] = (functools.partial(decode_attention_layer, cfg=cfg,
-                                                 backend="pallas", **opts.get(name, {})),
-                               (q, layer, lengths))
-                refs[name] = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+                ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+                for case, p in points(name).items():
+                    cases[case] = (functools.partial(decode_attention_layer, cfg=cfg,
+                                                     backend="pallas", **p), (q, layer, lengths))
+                    refs[case], TOL[case] = ref, TOL[name]
         patches = {}
         for name, (kind, op) in ops.items():
             cfg = shape.cfg(kind)
             layer = _prefill(k, v, lengths, cfg)
             qp = prepare_query(q, layer, cfg, 1 / math.sqrt(D))
             ref = quantized_attention_core(qp, layer, lengths, cfg)
-            points = {name: opts.get(name, {})}
-            if name == "innerq_fused" and "points" in opts:
-                points = {f"{name}@{json.dumps(p)}": p for p in opts["points"]}
+            variants = points(name)
             if name == "innerq_fused":
-                first = next(iter(points.values()))
+                first = next(iter(variants.values()))
                 for ab in opts.get("ablations", []):
-                    points[f"{name}~{ab}"], patches[f"{name}~{ab}"] = first, _ablations()[ab]
-            for case, p in points.items():
+                    variants[f"{name}~{ab}"], patches[f"{name}~{ab}"] = first, _ablations()[ab]
+            for case, p in variants.items():
                 cases[case] = (functools.partial(op, cfg=cfg, **p), (qp, layer, lengths))
                 refs[case], TOL[case] = ref, TOL[name]
         qd = q.reshape(B, H, r, D) / math.sqrt(D)
