@@ -1,13 +1,17 @@
 """Time per generated token of ``generate``'s loop (what ``innerq generate`` runs).
 
 For each cache kind, on a model's shape with random weights: one prompt of ``--prompt``
-random tokens, then a run of ``--new`` and one of ``--short`` new tokens (no stop token;
-the same cache capacity), each compiled once and timed over ``--reps`` runs. The
-difference
+random tokens, then runs of ``--new`` and of ``--short`` new tokens (no stop token; the
+same cache capacity), each compiled once, then timed in ``--reps`` pairs (one run of each,
+back to back, so a drift of the device's clocks between pairs cancels inside each pair).
+The median over the pairs of
 
     ms per token = (run time (new) - run time (short)) / (new - short)
 
-cancels the prefill and every other cost the two runs share; what they share is reported
+is the row's figure, the pairs' lowest and highest beside it (``ms_per_token_range``: the
+method's spread on this machine, which a single pair does not show: on the H200 two sets
+of single runs of the same program differed by ~0.1 ms per token, round 22). It cancels the
+prefill and every other cost the two runs share; what they share is reported
 as ``fixed_ms`` (run time (short) - (short - 1) x ms per token: the prefill inside the
 program, the loop's start and the results' return), beside the same prefill timed in a
 program of its own (``prefill_ms``; on the H200 the fixed cost was 2-4x it,
@@ -54,12 +58,21 @@ def _prefill_s(model, ids, cfg, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _run_s(model, ids, cfg, new, sink, reps):
-    """(median run seconds over ``reps`` runs after a compiling one, compile seconds, the
-    first run's tokens [new])."""
-    gens = [generate(model, [ids], cfg, max_new_tokens=new, stream=sink)
-            for _ in range(reps + 1)]  # the first compiles
-    return statistics.median(g.run_s for g in gens[1:]), gens[0].compile_s, gens[0].tokens[0]
+def _run_s(model, ids, cfg, new, sink):
+    """(run seconds, compile seconds, tokens [new]) of one generate call."""
+    g = generate(model, [ids], cfg, max_new_tokens=new, stream=sink)
+    return g.run_s, g.compile_s, g.tokens[0]
+
+
+def _paired_runs(model, ids, cfg, new, short, sink, reps):
+    """(long-run seconds [reps], short-run seconds [reps], compile seconds of the long run,
+    long tokens, short tokens): both programs compiled by a first run each, then ``reps``
+    pairs of one long and one short run, back to back."""
+    _, compile_s, toks = _run_s(model, ids, cfg, new, sink)
+    _, _, short_toks = _run_s(model, ids, cfg, short, sink)
+    pairs = [(_run_s(model, ids, cfg, new, sink)[0], _run_s(model, ids, cfg, short, sink)[0])
+             for _ in range(reps)]
+    return [p[0] for p in pairs], [p[1] for p in pairs], compile_s, toks, short_toks
 
 
 def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: bool,
@@ -79,8 +92,8 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
                    cache_bytes=cache_bytes, roofline_ms=(weight_bytes + cache_bytes) / bw * 1e3)
         try:
             pre = _prefill_s(model, ids, cfg, reps)
-            run_s, compile_s, toks = _run_s(model, ids, cfg, new, sink, reps)
-            short_s, _, short_toks = _run_s(model, ids, cfg, short, sink, reps)
+            longs, shorts, compile_s, toks, short_toks = _paired_runs(
+                model, ids, cfg, new, short, sink, reps)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
@@ -89,26 +102,33 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
         if not np.array_equal(short_toks, toks[:short]):
             raise SystemExit(f"{kind}: the {short}-token run's tokens are not the {new}-token "
                              f"run's first ones: {short_toks.tolist()} vs {toks.tolist()}")
-        per = (run_s - short_s) / (new - short)
+        pers = [(a - b) / (new - short) for a, b in zip(longs, shorts)]
+        per, short_s = statistics.median(pers), statistics.median(shorts)
         row.update(ms_per_token=per * 1e3, tokens_per_s=1.0 / per if per > 0 else None,
-                   run_ms=run_s * 1e3, short_run_ms=short_s * 1e3,
+                   ms_per_token_range=[min(pers) * 1e3, max(pers) * 1e3],
+                   ms_per_token_pairs=[x * 1e3 for x in pers],
+                   run_ms=statistics.median(longs) * 1e3, short_run_ms=short_s * 1e3,
                    fixed_ms=(short_s - (short - 1) * per) * 1e3, prefill_ms=pre * 1e3,
                    compile_s=compile_s)
         rows.append(row)
-        log(f"{kind:12s} {row['ms_per_token']:7.3f} ms per token (floor "
+        lo, hi = row["ms_per_token_range"]
+        log(f"{kind:12s} {row['ms_per_token']:7.3f} ms per token ({lo:.3f}-{hi:.3f} over "
+            f"{reps} pairs; floor "
             f"{row['roofline_ms']:.3f}), fixed {row['fixed_ms']:.1f} ms per run (prefill alone "
             f"{row['prefill_ms']:.1f} ms)")
     return rows
 
 
 def table(rows) -> str:
-    out = [f"{'cache':12s} {'ms/token':>9s} {'floor':>6s} {'tok/s':>7s} {'fixed ms':>9s} "
-           f"{'prefill':>8s} {'compile':>8s}"]
+    out = [f"{'cache':12s} {'ms/token':>9s} {'range':>13s} {'floor':>6s} {'tok/s':>7s} "
+           f"{'fixed ms':>9s} {'prefill':>8s} {'compile':>8s}"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['cache']:12s} {r['error'][:60]}")
             continue
-        out.append(f"{r['cache']:12s} {r['ms_per_token']:9.3f} {r['roofline_ms']:6.3f} "
+        lo, hi = r["ms_per_token_range"]
+        out.append(f"{r['cache']:12s} {r['ms_per_token']:9.3f} {lo:6.3f}-{hi:6.3f} "
+                   f"{r['roofline_ms']:6.3f} "
                    f"{r['tokens_per_s'] or 0:7.0f} {r['fixed_ms']:9.1f} {r['prefill_ms']:8.1f} "
                    f"{r['compile_s']:7.1f}s")
     return "\n".join(out)
@@ -140,7 +160,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--short", type=int, default=None,
                     help="new tokens of the second run (default --new // 3; in [1, --new))")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="timed pairs (one run of each length)")
     ap.add_argument("--stream", action="store_true",
                     help="pass a no-op stream callback (the CLI streams by default)")
     ap.add_argument("--out", default=".")

@@ -138,20 +138,23 @@ def test_host_overhead_layouts_update_the_same_rows(tmp_path, monkeypatch):
 @pytest.mark.slow  # four compiles of the generation loop
 def test_bench_generate_times_the_loop_by_two_runs_difference(tmp_path, monkeypatch):
     """bench_generate.py: a row per cache with its time per token from the difference of a
-    12- and a 4-token run (--short, default --new // 3), the fixed cost the runs share, the
+    12- and a 4-token run (--short, default --new // 3) timed back to back in pairs (the
+    median over the pairs, their range beside it), the fixed cost the runs share, the
     standalone prefill and the HBM floor of each cache's own bytes; a table and a plot; a
     short run whose tokens are not the long run's first ones stops the benchmark."""
     import bench_generate
 
     bench_generate.main(["--model", "tiny", "--caches", "bf16,innerq2", "--prompt", "40",
-                         "--new", "12", "--reps", "1", "--out", str(tmp_path)])
+                         "--new", "12", "--reps", "2", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "generate_tiny.json").read_text())
     assert (tmp_path / "generate_tiny.png").exists()
     assert [r["cache"] for r in doc["rows"]] == ["bf16", "innerq2"]
     for r in doc["rows"]:
         assert "error" not in r, r
         assert r["short"] == 4 and r["prefill_ms"] > 0
-        want = (r["run_ms"] - r["short_run_ms"]) / (12 - 4)
+        pairs = r["ms_per_token_pairs"]
+        assert len(pairs) == 2 and r["ms_per_token_range"] == [min(pairs), max(pairs)]
+        want = (pairs[0] + pairs[1]) / 2  # the median of two
         assert abs(r["ms_per_token"] - want) < 1e-9 * max(1.0, abs(want))
         fixed = r["short_run_ms"] - 3 * r["ms_per_token"]
         assert abs(r["fixed_ms"] - fixed) < 1e-9 * max(1.0, abs(fixed))
@@ -165,8 +168,8 @@ def test_bench_generate_times_the_loop_by_two_runs_difference(tmp_path, monkeypa
                                  "--out", str(tmp_path)])
     real = bench_generate._run_s
 
-    def wrong_short(model, ids, cfg, new, sink, reps):  # the short run's text differs
-        t, c, toks = real(model, ids, cfg, new, sink, reps)
+    def wrong_short(model, ids, cfg, new, sink):  # the short run's text differs
+        t, c, toks = real(model, ids, cfg, new, sink)
         return t, c, (toks + 1 if new == 4 else toks)
 
     monkeypatch.setattr(bench_generate, "_run_s", wrong_short)
