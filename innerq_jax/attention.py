@@ -152,12 +152,16 @@ def decode_attention_layer(
     *,
     backend: Backend = "auto",
     softmax_scale: float | None = None,
+    counters: jax.Array | None = None,
     **kernel_options,
 ) -> jax.Array:
     """Attention of one query token per sequence over one layer's cache.
 
     q [B, Hq, D] (Hq a multiple of Hkv); lengths [B] = tokens in the cache,
-    the current token included. Returns [B, Hq, D] in q's dtype.
+    the current token included. Returns [B, Hq, D] in q's dtype. ``counters``: the
+    done-counters ``QuantLayer.append_with_counters`` returned for this layer ([Hkv, B]
+    int32 zeros, used up by the call) or None; the fused Triton kernel takes them instead
+    of zeroing its own, every other path ignores them.
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
@@ -188,7 +192,7 @@ def decode_attention_layer(
                 o = mgpu_decode_attention(q4, layer, lengths, cfg, prep=prep, **kernel_options)
             else:
                 o = _fused_kernel()(q4, layer, lengths, cfg, interpret=path == "interpret",
-                                    prep=prep, **kernel_options)
+                                    prep=prep, counters=counters, **kernel_options)
             return o.reshape(q.shape)
         qp = prepare_query(q, layer, cfg, scale)
         if path == "reference":

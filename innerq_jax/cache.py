@@ -249,6 +249,7 @@ class QuantLayer:
     def append(self, k: jax.Array, v: jax.Array, lengths: jax.Array, cfg: CacheConfig,
                writer: str = "auto"):
         """Adds one token per sequence (k, v [B, H, D], raw); lengths are before it.
+        :meth:`append_with_counters` also returns the fused attention op's done-counters.
 
         ``writer`` moves the rows: ``"scatter"`` (XLA scatters, one per array),
         ``"pallas"`` (one kernel per layer, :mod:`pallas_kernels.cache_update`),
@@ -261,6 +262,16 @@ class QuantLayer:
         mode, and compiled on a GPU up to the hybrid choice between two modes whose
         errors are equal to rounding (:mod:`pallas_kernels.cache_update`).
         """
+        return self.append_with_counters(k, v, lengths, cfg, writer)[0]
+
+    def append_with_counters(self, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                             cfg: CacheConfig, writer: str = "auto"):
+        """:meth:`append`, and the fused Triton attention op's done-counters for this layer:
+        (the new layer, [H, B] int32 zeros written by the append's own kernel, or None where
+        the append ran without it). Handed to the attention op (``decode_attention_layer(...,
+        counters=...)``), they spare it a memset launch per call (~1 us per layer on the
+        H200, benchmarks/KERNEL_NOTES.md, round 22); the array is the op's scratch, used
+        once."""
         S, W, G = cfg.sink, cfg.window, cfg.group_size
         full = lengths >= cfg.capacity
         kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg,
@@ -301,10 +312,10 @@ class QuantLayer:
                                               cfg, which)
                       for r, qt, which in ((2, self.k, "k"), (3, self.v, "v"))]
             out = cache_update.write_rows([writes[i] for i in live], groups,
-                                          interpret=writer == "interpret")
+                                          interpret=writer == "interpret", counters=True)
             done = dict(zip(live, out))
             sink_k, sink_v, recent_k, recent_v = (done.get(i, w[0]) for i, w in enumerate(writes))
-            new_k, new_v = out[len(live):]
+            new_k, new_v, counters = out[len(live):]
         else:
             take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
             own = (jnp.arange(G) == own_row[:, None])[:, None, :, None]  # [B, 1, G, 1]
@@ -324,15 +335,10 @@ class QuantLayer:
             sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
             new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in ARRAY_FIELDS})
                             for qt in (self.k, self.v))
-        return dataclasses.replace(
-            self,
-            k=new_k,
-            v=new_v,
-            sink_k=sink_k,
-            sink_v=sink_v,
-            recent_k=recent_k,
-            recent_v=recent_v,
-        )
+            counters = None
+        layer = dataclasses.replace(self, k=new_k, v=new_v, sink_k=sink_k, sink_v=sink_v,
+                                    recent_k=recent_k, recent_v=recent_v)
+        return layer, counters
 
 
 def _kernel_quantizes(layer: "QuantLayer", cfg: CacheConfig, writes) -> bool:

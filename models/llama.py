@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
-from innerq_jax.cache import layer_class, rotation_signs
+from innerq_jax.cache import QuantLayer, layer_class, rotation_signs
 from innerq_jax.config import is_int
 from innerq_jax.sharding import MODEL, cache_shardings, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -224,9 +224,13 @@ class Attention(nnx.Module):
                                   ctx.lengths, signs)
         else:
             def step(q1, k1, v1, lay, n):
-                lay = lay.append(k1, v1, n, cfg)
+                if isinstance(lay, QuantLayer):  # its write kernel zeroes the op's counters
+                    lay, counters = lay.append_with_counters(k1, v1, n, cfg)
+                else:
+                    lay, counters = lay.append(k1, v1, n, cfg), None
                 after = jnp.minimum(n + 1, cfg.capacity)
-                return decode_attention_layer(q1, lay, after, cfg, backend=ctx.backend), lay
+                return decode_attention_layer(q1, lay, after, cfg, backend=ctx.backend,
+                                              counters=counters), lay
 
             o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
                                      ctx.lengths)

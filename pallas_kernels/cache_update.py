@@ -133,16 +133,24 @@ def _group_fields(spec) -> tuple[tuple[int, int, int, int], ...]:
     return tuple(out)
 
 
-def _kernel(table_ref, *refs, rows: tuple[tuple[int, int], ...], groups: tuple):
+def _kernel(table_ref, *refs, rows: tuple[tuple[int, int], ...], groups: tuple,
+            counters: bool):
     """table_ref [B, nw + 3 ng] int32: per write its start (-1: no write), per group its
     ring slot, the token's row in it (-1: none) and its token start (-1: no write);
     refs: nw sources [B, H, n_i, C_i], nw + 4 ng destinations (aliased to the outputs),
     the same nw + 4 ng outputs [B, H, N_i, C_i] (a group's four: codes, scale, zero,
-    mask)."""
+    mask), then with ``counters`` an output [H, B] int32 that every (b, h) zeroes (the
+    fused attention kernel's done-counters, :func:`write_rows`)."""
     nw = len(rows)
     nd = nw + len(ARRAY_FIELDS) * len(groups)
     srcs, outs = refs[:nw], refs[nw + nd:]
     b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if counters:
+        cnt_ref = outs[nd]
+
+        @pl.when(p == 0)
+        def _zero():
+            cnt_ref[h, b] = jnp.zeros((), jnp.int32)
     # Program p of a (sequence, head) quantizes group p (p = 0 without groups) and does
     # the writes into its ring; program 0 the other writes. A group reads its ring rows
     # before its program writes the token there; the token's own row is replaced by the
@@ -188,8 +196,11 @@ def _quantize_group(table_ref, srcs, outs, b, h, col, first_out, ring, G, W, cfg
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool, num_warps: int):
+def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool, num_warps: int,
+                counters: bool):
     out_shape = tuple(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
+    if counters:
+        out_shape += (jax.ShapeDtypeStruct((H, B), jnp.int32),)
     nw, nd = len(rows), len(shapes)
     aliases = {1 + nw + i: i for i in range(nd)}  # inputs: table, sources, destinations
     kw = {}
@@ -197,7 +208,7 @@ def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool, num_warps
         from jax.experimental.pallas import triton as plgpu
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
-        functools.partial(_kernel, rows=rows, groups=groups),
+        functools.partial(_kernel, rows=rows, groups=groups, counters=counters),
         out_shape=out_shape,
         grid=(B, H, max(1, len(groups))),
         input_output_aliases=aliases,
@@ -208,9 +219,13 @@ def _build_call(B: int, H: int, rows, groups, shapes, interpret: bool, num_warps
 
 
 def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
-               interpret: bool = False, num_warps: int | None = None) -> list[jax.Array]:
+               interpret: bool = False, num_warps: int | None = None,
+               counters: bool = False) -> list[jax.Array]:
     """Every write of ``writes`` and every group of ``groups`` in one kernel; returns
-    the new destinations of the writes in order, then each group's new tensor.
+    the new destinations of the writes in order, then each group's new tensor, then with
+    ``counters`` a fresh [H, B] int32 array of zeros written by the same launch: the fused
+    attention kernel's done-counters (:func:`pallas_kernels.decode.quantized_decode_attention`'s
+    ``counters``), which otherwise cost that op a memset launch of their own per call.
 
     Each write must satisfy :func:`kernel_can_write` and each group
     :func:`kernel_can_quantize` (a ``ValueError`` says which does not); all share B
@@ -259,11 +274,11 @@ def write_rows(writes: Sequence[Write], groups: Sequence[GroupWrite] = (), *,
     shapes = tuple((d.shape, d.dtype) for d in dsts)
     if num_warps is None:  # INNERQ_GROUP_WARPS overrides the tuned count (read when traced)
         num_warps = _group_warps() if groups else 1
-    call = _build_call(B, H, rows, tuple(static), shapes, interpret, num_warps)
+    call = _build_call(B, H, rows, tuple(static), shapes, interpret, num_warps, counters)
     out = call(table, *srcs, *dsts)
     done = [o if o.dtype == d.dtype else jax.lax.bitcast_convert_type(o, d.dtype)
             for o, (d, _, _, _) in zip(out, writes)]
     rest = iter(out[len(writes):])
     for spec in groups:
         done.append(dataclasses.replace(spec.dst, **{f: next(rest) for f in ARRAY_FIELDS}))
-    return done
+    return done + list(rest)  # (the counters, where asked for)

@@ -335,6 +335,7 @@ def quantized_decode_attention(
     max_registers: int | None = None,
     prep: QueryPrep | None = None,
     rotate_query: str | None = None,
+    counters: jax.Array | None = None,
 ) -> jax.Array:
     """Fused decode attention; returns f32 [B, Hkv, n_rep, D] = quantized_attention_core(...).
 
@@ -348,15 +349,19 @@ def quantized_decode_attention(
     q' is prepared by XLA before the call, one launch more) or "kernel" (each program's
     prologue: one tensor-core dot with H, loaded from L2; on the H200 that cost 13 us at
     B 8 / 4k in two runs, 11 us or nothing at B 1 / 32k, and saved 6-14 us at B 1 / 4k,
-    benchmarks/KERNEL_NOTES.md, round 10). Tunables: ``block_tokens`` (tokens per loop iteration),
-    ``num_splits`` (programs per sequence and head over the quantized region;
-    default fills the GPU), ``num_warps``, ``num_stages`` (Triton), ``unpack_chunk``
-    (code pairs unpacked per inline-asm call), ``max_registers`` (registers per
-    thread cap, 0 = ptxas decides, None = the layout's default; see
-    :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`), ``window_rows`` (bf16 window rows
-    per step of a window program), ``window_programs`` (programs per sequence and head sharing
-    the windows' rows; default 3 where every split is one block, else 1). Defaults are the fastest points of the H200 sweep in
-    benchmarks/KERNEL_NOTES.md.
+    benchmarks/KERNEL_NOTES.md, round 10). ``counters``: [Hkv, B] int32 zeros the kernel
+    takes for its done-counters (and leaves used: scratch, not to be read or passed again),
+    such as the cache write's (``QuantLayer.append_with_counters``); by default the call
+    zeroes its own, a memset launch of its own per call.
+
+    Tunables: ``block_tokens`` (tokens per loop iteration), ``num_splits`` (programs per
+    sequence and head over the quantized region; default fills the GPU), ``num_warps``,
+    ``num_stages`` (Triton), ``unpack_chunk`` (code pairs unpacked per inline-asm call),
+    ``max_registers`` (registers per thread cap, 0 = ptxas decides, None = the layout's
+    default; see :func:`pallas_kernels.triton_ext.unpack_pairs_bf16`), ``window_rows`` (bf16
+    window rows per step of a window program), ``window_programs`` (programs per sequence
+    and head sharing the windows' rows; default :func:`_default_window_programs`). Defaults
+    are the fastest points of the H200 sweep in benchmarks/KERNEL_NOTES.md.
     """
     if cfg.kind not in ("innerq", "outerq"):
         raise ValueError(f"quantized_decode_attention needs an innerq/outerq cache, got {cfg.kind!r}")
@@ -365,6 +370,9 @@ def quantized_decode_attention(
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
     if rotate_query not in (None, "xla", "kernel"):
         raise ValueError(f"rotate_query={rotate_query!r}; choose 'xla' or 'kernel'")
+    if counters is not None and (counters.shape != (H, B) or counters.dtype != jnp.int32):
+        raise ValueError(f"counters {counters.shape} {counters.dtype}: the done-counters must "
+                         f"be [Hkv, B] = [{H}, {B}] int32 zeros")
     prep_query = prep is not None
     if prep is not None:
         qprep.check_query(qp, layer)
@@ -410,9 +418,8 @@ def quantized_decode_attention(
     # so the kernel's parameters are the same for every configuration
     inputs += [layer.sink_k, layer.sink_v] if S else [layer.recent_k, layer.recent_v]
     inputs += [layer.recent_k, layer.recent_v, *qprep.side_operands(layer, cfg, prep),
-               jnp.zeros((H, B), jnp.int32)]
+               jnp.zeros((H, B), jnp.int32) if counters is None else counters]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(cfg, layout, geo, NS, chunk, shapes, num_warps, num_stages, interpret,
-                       window_rows, WP, prep, prep_query,
-                       layer.rot_signs is not None)
+                       window_rows, WP, prep, prep_query, layer.rot_signs is not None)
     return call_quietly(call, *inputs, interpret=interpret)[0]

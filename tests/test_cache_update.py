@@ -298,3 +298,27 @@ def test_bad_group_warps_from_the_environment_are_refused(monkeypatch):
     monkeypatch.setenv("INNERQ_GROUP_WARPS", "6")
     with pytest.raises(ValueError, match="INNERQ_GROUP_WARPS='6'; allowed: 1, 2, 4, 8, 16 or 32"):
         jax.eval_shape(lambda lay: lay.append(kv, kv, n, cfg, writer="interpret"), layer)
+
+
+@pytest.mark.parametrize("name", ["innerq", "recommended-signs"])
+def test_append_with_counters_zeroes_the_attention_ops_counters(name):
+    """The write kernel also writes the fused attention op's done-counters, [H, B] int32
+    zeros (an output left unwritten would read the interpreter's fill, the int32 minimum),
+    beside the same layer ``append`` gives; appends that run on XLA's scatters give none."""
+    cfg = CASES[name]
+    B, H, D = 3, 2, 64
+    rng = np.random.default_rng(7)
+    lengths = jnp.asarray([5, 40, cfg.capacity - 1], jnp.int32)
+    T = int(lengths.max())
+    k = jnp.asarray(rng.standard_normal((1, B, H, T, D)) + 0.2, jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, B, H, T, D)), jnp.float32)
+    layer = KVCache.from_prefill(cfg, k, v, lengths).layer(0)
+    k1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
+    v1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
+    got, counters = jax.jit(lambda lay: lay.append_with_counters(k1, v1, lengths, cfg,
+                                                                 writer=KERNEL))(layer)
+    assert counters.shape == (H, B) and counters.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(counters), 0)
+    _assert_same(got, layer.append(k1, v1, lengths, cfg, writer=KERNEL), name)
+    _, none = layer.append_with_counters(k1, v1, lengths, cfg, writer="scatter")
+    assert none is None

@@ -163,3 +163,25 @@ def test_weight_sized_reductions_are_found():
         "e2e_h200_round17longhlo_excerpt.txt"
     found = _weight_sized_reductions(old.read_text(), 1 << 20)
     assert len(found) == 2 and all(f.endswith("[4096,1024]") for f in found), found
+
+
+def test_gpu_step_hands_the_writes_counters_to_attention(model, monkeypatch):
+    """Lowered for a GPU (an abstract H200; Pallas' Triton lowering runs here), each layer's
+    append is one write kernel and its attention one fused kernel, and the attention takes
+    its done-counters from the write kernel: the step makes no [Hkv, B] int32 zeros of its
+    own (on the H200 a 1 us memset launch per layer, benchmarks/KERNEL_NOTES.md, round 22)."""
+    from kernel_cases import cuda_ops
+    from models.llama import decode_step
+
+    monkeypatch.setenv("INNERQ_CACHE_WRITER", "pallas")
+    cfg = CacheConfig.innerq(capacity=2048)
+    cache = jax.eval_shape(lambda: cache_for(model, cfg, B))
+    tokens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    f = jax.jit(lambda c, t: decode_step(model, c, t, backend="pallas"))
+    _, text = cuda_ops(f, cache, tokens)
+    assert text.count('name = "innerq_cache_write"') == MC.num_layers, "one write per layer"
+    assert text.count('name = "innerq_decode_attention"') == MC.num_layers
+    made = [ln for ln in text.splitlines()
+            if re.search(r"stablehlo\.(constant|broadcast_in_dim)", ln)
+            and f"tensor<{MC.num_kv_heads}x{B}xi32>" in ln]
+    assert not made, made

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import jax
@@ -147,6 +148,34 @@ def test_fused_op_is_one_triton_launch(name):
     # what remains beside the kernel: the done-counter's zeros and free reshapes
     assert set(ops) <= {"custom_call", "constant", "broadcast_in_dim", "reshape",
                         "bitcast_convert", "output_operand_alias", "mesh"}, sorted(set(ops))
+
+
+def test_fused_takes_the_callers_counters():
+    """Given zeroed done-counters (as the cache write returns them), the op equals the
+    reference, and lowered for a GPU it is the one kernel with no zeros of its own to
+    make (its memset launch); counters of another shape or dtype are refused."""
+    cfg, D, Hq, Hkv, lengths, appends, _ = FUSED["innerq2-G32-D64-smollm"]
+    B = len(lengths)
+    cache = _cache(cfg, B, Hkv, D, lengths, appends)
+    layer = cache.layer(0)
+    _, qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, layer, cache.lengths, cfg)
+    out = quantized_decode_attention(qp, layer, cache.lengths, cfg, interpret=INTERPRET,
+                                     counters=jnp.zeros((Hkv, B), jnp.int32))
+    assert _rel(out, ref) < TOL
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qp, cache.lengths)]
+    lay = jax.eval_shape(lambda: layer)
+    cnt = jax.ShapeDtypeStruct((Hkv, B), jnp.int32)
+    f = jax.jit(lambda q, lay, n, c: quantized_decode_attention(q, lay, n, cfg, counters=c))
+    ops, text = cuda_ops(f, shapes[0], lay, shapes[1], cnt)
+    assert ops.count("custom_call") == 1
+    made = [ln for ln in text.splitlines() if re.search(r"stablehlo\.(constant|broadcast_in_dim)",
+                                                        ln) and f"tensor<{Hkv}x{B}xi32>" in ln]
+    assert not made, made  # the counters reach the kernel as given
+    for bad in (jnp.zeros((Hkv, B + 1), jnp.int32), jnp.zeros((Hkv, B), jnp.float32)):
+        with pytest.raises(ValueError, match="counters.*int32 zeros"):
+            quantized_decode_attention(qp, layer, cache.lengths, cfg, interpret=INTERPRET,
+                                       counters=bad)
 
 
 def test_split_cases_loop_over_blocks(monkeypatch):
