@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Round 23 (one H200 call), prepared at the end of round 22: the done-counters from the
+# cache write. (1) Every -m gpu test (the write kernel's new output compiled; the three
+# modules that hold none and import gguf left out); (2) the default model's step in a device
+# loop (SmolLM2, B 1 / 1k, bf16, InnerQ and the recommended cache, traced: the
+# memcpy32_post of round 22's profile should be gone); (3) generate's time per token, the two
+# lengths timed back to back in pairs (bench_generate.py), the median and range over pairs.
+# Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round23.sh
+source benchmarks/gpu_env.sh
+LOG="$OUT/round23_log.txt"
+start_log "$LOG"
+gpu_tests "$OUT/round23_gpu_tests.txt" "${TESTS_S:-200}" tests \
+  --ignore=tests/test_weights.py --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+e2e_rows 23 "${PROF_S:-170}" "$OUT/e2e_h200_round23_log.txt" --model smollm2 \
+  --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
+  --budget-s 150
+profile_summary "$OUT/e2e_h200_round23.json" 10
+timeout "${GEN_S:-180}" $PY benchmarks/bench_generate.py --model smollm2 \
+  --caches bf16,innerq2,recommended --prompt 800 --new 160 --short 32 --reps 5 \
+  --tag h200_smollm2_round23 --out "$OUT" > /tmp/gen.txt 2>&1
+echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+grep -E "ms per token|^cache|^bf16|^innerq2|^recommended|Error" /tmp/gen.txt | tee -a "$LOG"
+rm -rf "$OUT/traces" "$OUT"/*.png
+ls "$OUT" | tee -a "$LOG"
+echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
