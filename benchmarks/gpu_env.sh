@@ -33,6 +33,13 @@ gpu_tests() {
   grep -E "^(FAILED|ERROR)" "$file" | head -10 | tee -a "$LOG"
 }
 
+# every_gpu_test FILE [TIMEOUT_S]: every -m gpu test of tests/ into FILE (gpu_tests), the
+# three modules that hold none and import gguf (absent on the GPU machine) left out
+every_gpu_test() {
+  gpu_tests "$1" "${2:-200}" tests --ignore=tests/test_weights.py \
+    --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
+}
+
 # triton_gpu_tests FILE SELECTION [TIMEOUT_S] [TEST_FILE]: the Triton kernel tests of TEST_FILE
 # (default tests/test_query_prep.py, slow ones included) picked by pytest -k, compiled on the
 # GPU (INNERQ_KERNEL_TESTS=gpu), into FILE headed like the log; the summary to $LOG too

@@ -9,8 +9,7 @@
 source benchmarks/gpu_env.sh
 LOG="$OUT/round23_log.txt"
 start_log "$LOG"
-gpu_tests "$OUT/round23_gpu_tests.txt" "${TESTS_S:-200}" tests \
-  --ignore=tests/test_weights.py --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
+every_gpu_test "$OUT/round23_gpu_tests.txt" "${TESTS_S:-200}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 e2e_rows 23 "${PROF_S:-170}" "$OUT/e2e_h200_round23_log.txt" --model smollm2 \
   --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
