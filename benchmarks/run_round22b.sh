@@ -5,12 +5,12 @@
 # B 1 / 1k, bf16 and InnerQ, 20 greedy steps, traced); (3) the op through the dispatch at
 # the long-context targets (B 8 / 32k, B 1 / 128k: the Mosaic op, whose epilogue holds the
 # windows) and at SmolLM2 B 1 / 1k, by device time beside jax's bf16 Pallas kernel.
+# (Run at b6bbe98 with the -m gpu step written out; gpu_env.sh's every_gpu_test runs the same.)
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round22b.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round22b_log.txt"
 start_log "$LOG"
-gpu_tests "$OUT/round22b_gpu_tests.txt" "${TESTS_S:-200}" tests \
-  --ignore=tests/test_weights.py --ignore=tests/test_evaluate.py --ignore=tests/test_cli.py
+every_gpu_test "$OUT/round22b_gpu_tests.txt" "${TESTS_S:-200}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 e2e_rows 22b "${PROF_S:-160}" "$OUT/e2e_h200_round22b_log.txt" --model smollm2 \
   --suite cli --only bf16:1,innerq2:1 --call loop --steps 20 --profile --budget-s 140

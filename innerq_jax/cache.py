@@ -262,7 +262,7 @@ class QuantLayer:
         mode, and compiled on a GPU up to the hybrid choice between two modes whose
         errors are equal to rounding (:mod:`pallas_kernels.cache_update`).
         """
-        return self.append_with_counters(k, v, lengths, cfg, writer)[0]
+        return self._append(k, v, lengths, cfg, writer, counters=False)[0]
 
     def append_with_counters(self, k: jax.Array, v: jax.Array, lengths: jax.Array,
                              cfg: CacheConfig, writer: str = "auto"):
@@ -272,6 +272,10 @@ class QuantLayer:
         counters=...)``), they spare it a memset launch per call (~1 us per layer on the
         H200, benchmarks/KERNEL_NOTES.md, round 22); the array is the op's scratch, used
         once."""
+        return self._append(k, v, lengths, cfg, writer, counters=True)
+
+    def _append(self, k, v, lengths, cfg: CacheConfig, writer: str, counters: bool):
+        """(the new layer, the counters or None); see :meth:`append_with_counters`."""
         S, W, G = cfg.sink, cfg.window, cfg.group_size
         full = lengths >= cfg.capacity
         kt = self.key_transform(k[:, :, None, :], self.k_centre, self.k_scale, cfg,
@@ -312,10 +316,10 @@ class QuantLayer:
                                               cfg, which)
                       for r, qt, which in ((2, self.k, "k"), (3, self.v, "v"))]
             out = cache_update.write_rows([writes[i] for i in live], groups,
-                                          interpret=writer == "interpret", counters=True)
+                                          interpret=writer == "interpret", counters=counters)
             done = dict(zip(live, out))
             sink_k, sink_v, recent_k, recent_v = (done.get(i, w[0]) for i, w in enumerate(writes))
-            new_k, new_v, counters = out[len(live):]
+            new_k, new_v, *zeroed = out[len(live):]
         else:
             take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, G, axis=1))
             own = (jnp.arange(G) == own_row[:, None])[:, None, :, None]  # [B, 1, G, 1]
@@ -335,10 +339,10 @@ class QuantLayer:
             sink_k, sink_v, recent_k, recent_v = (next(out) for _ in range(4))
             new_k, new_v = (dataclasses.replace(qt, **{f: next(out) for f in ARRAY_FIELDS})
                             for qt in (self.k, self.v))
-            counters = None
+            zeroed = []
         layer = dataclasses.replace(self, k=new_k, v=new_v, sink_k=sink_k, sink_v=sink_v,
                                     recent_k=recent_k, recent_v=recent_v)
-        return layer, counters
+        return layer, (zeroed[0] if zeroed else None)
 
 
 def _kernel_quantizes(layer: "QuantLayer", cfg: CacheConfig, writes) -> bool:

@@ -145,15 +145,20 @@ def _fused_kernel(
 
     @pl.when(done == n_parts - 1)
     def _combine():
+        rows = _merge_rows(NR, cfg, prep)
+        out = _combine_partials(po_ref, pm_ref, pl_ref, n_parts, NR, rows, D)
         if prep is None:
-            out = _combine_partials(po_ref, pm_ref, pl_ref, n_parts, NR, NR, D)
             hh = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 0)
             dd = jax.lax.broadcasted_iota(jnp.int32, (NR, D), 1)
             plgpu.store(o_ref.at[hh, dd], out, mask=hh < o_ref.shape[0])
-        else:  # (the rotation's dot needs at least 16 rows)
-            rows = max(NR, qprep.MMA_ROWS) if cfg.rotate_values else NR
-            out = _combine_partials(po_ref, pm_ref, pl_ref, n_parts, NR, rows, D)
+        else:
             qprep.store_finished(out, o_ref, sg_ref, h_ref, cfg=cfg, signs=signs)
+
+
+def _merge_rows(NR, cfg: CacheConfig, prep: QueryPrep | None) -> int:
+    """Rows of the merged output: the NR query rows, at least 16 where the merging program
+    also undoes the value rotation (its tensor-core dot needs them)."""
+    return max(NR, qprep.MMA_ROWS) if prep is not None and cfg.rotate_values else NR
 
 
 # the merge loads every partial in one round where they are at most this many f32 values
@@ -306,14 +311,15 @@ def _default_splits(B, H, n_blocks, sms: int):
 SHORT_WINDOW_PROGRAMS = 3
 
 
-def _default_window_programs(NS, n_blocks, NR, D):
-    """Window programs for a call of NS splits: where each split is one block, the window
-    program's rows (S + R + G) are the longest program, and SHORT_WINDOW_PROGRAMS share them,
-    as long as the merge still loads every partial in one round (MERGE_ONCE: the stepped
-    merge cost more than the window rows saved at SmolLM2 B 1 / 4k, 7.7 against 6.4 us);
-    elsewhere the quantized programs are the longest and one window program is enough."""
+def _default_window_programs(NS, n_blocks, rows, D):
+    """Window programs for a call of NS splits whose merge holds ``rows`` rows of D
+    (:func:`_merge_rows`): where each split is one block, the window program's rows
+    (S + R + G) are the longest program, and SHORT_WINDOW_PROGRAMS share them, as long as the
+    merge still loads every partial in one round (MERGE_ONCE: the stepped merge cost more
+    than the window rows saved at SmolLM2 B 1 / 4k, 7.7 against 6.4 us); elsewhere the
+    quantized programs are the longest and one window program is enough."""
     wp = SHORT_WINDOW_PROGRAMS
-    if NS == n_blocks and (NS + wp) * NR * D <= MERGE_ONCE:
+    if NS == n_blocks and (NS + wp) * rows * D <= MERGE_ONCE:
         return wp
     return 1
 
@@ -409,7 +415,8 @@ def quantized_decode_attention(
     NS = num_splits or _default_splits(B, H, n_blocks, sms)
     chunk = pl.cdiv(pl.cdiv(Tq, NS), BT) * BT  # tokens per split, whole blocks
     NS = max(1, pl.cdiv(Tq, chunk))
-    WP = window_programs or _default_window_programs(NS, n_blocks, geo.NR, D)
+    WP = window_programs or _default_window_programs(NS, n_blocks,
+                                                     _merge_rows(geo.NR, cfg, prep), D)
 
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)

@@ -100,6 +100,7 @@ def window_part(q_ref, windows, D, chunk=WINDOW_ROWS, v_cols=None, v_order=None,
     per = -(-total // count)  # rows per part
     c = min(chunk, max(16, next_pow2(per)))
     start = index * per
+
     def part_rows(c0, shape):  # this part's rows only (the next part's are the next program's)
         i = c0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
         return jnp.where(i < per, start + i, total)

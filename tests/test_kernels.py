@@ -30,6 +30,7 @@ from kernel_cases import kv_with_outliers as _kv
 from innerq_jax.reference import prepare_query, quantized_attention_core
 from innerq_jax.layout import region_sizes
 from pallas_kernels.decode import quantized_decode_attention
+from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.key_scores import key_scores_reference, quantized_key_scores
 from pallas_kernels.value_sum import quantized_value_sum, value_sum_reference
 
@@ -486,6 +487,13 @@ def test_default_window_programs(monkeypatch):
     assert decode._default_window_programs(7, 7, 4, 64) == 3  # SmolLM2 B 1 / 1k
     assert decode._default_window_programs(31, 31, 4, 64) == 1  # 4k: 34 partials, stepped merge
     assert decode._default_window_programs(15, 31, 8, 128) == 1  # two blocks per split
+    # a cache that rotates values, through the dispatch: the merge holds 16 rows (the
+    # rotation's dot), so at SmolLM2 B 1 / 1k three window programs would step the merge
+    rec = CacheConfig.recommended()
+    assert decode._merge_rows(4, rec, None) == 4
+    assert decode._merge_rows(4, rec, QueryPrep(0.125, "float32")) == 16
+    assert decode._merge_rows(4, CacheConfig.innerq(), QueryPrep(0.125, "float32")) == 4
+    assert decode._default_window_programs(7, 7, 16, 64) == 1
     built = []
     real = decode._build_call.__wrapped__
 
