@@ -37,6 +37,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import time
 
@@ -50,7 +51,8 @@ from innerq_jax import CacheConfig, KVCache
 from innerq_jax.attention import decode_attention_layer, quantized_path
 from innerq_jax.cache import WRITERS
 from innerq_jax.sharding import cache_specs, on_mesh, parse_mesh
-from models.llama import DecodeStep, Llama, ModelConfig, jit_decode_step, shard_model
+from models.llama import (DecodeStep, Llama, ModelConfig, fold_value_rotation, jit_decode_step,
+                          shard_model)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_summary import host_summary, summarize  # noqa: E402
@@ -165,7 +167,7 @@ def random_cache(cfg: CacheConfig, mc: ModelConfig, B: int, length: int, key, me
 
 
 def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=None,
-              call="bound"):
+              call="bound", fold_values=True):
     """(median, min, max) seconds per step, compile seconds, memory analysis, final cache,
     and with ``profile_dir`` the device-time summary of ``steps`` more steps traced there
     (:func:`benchmarks.trace_summary.summarize`). The profiler runs XLA op by op
@@ -179,19 +181,23 @@ def time_step(model, cache, B, steps, reps, mesh, profile_dir=None, hlo_path=Non
     as a flat list); ``"module"`` passes the NNX module to :func:`jit_decode_step` on
     every call, as a loop written against that function does (the host walks the module
     each step); ``"loop"`` runs the ``steps`` steps greedily in one device loop
-    (:meth:`DecodeStep.greedy`, as ``generate`` does), one call per repetition."""
+    (:meth:`DecodeStep.greedy`, as ``generate`` does), one call per repetition. With
+    ``fold_values`` a cache that rotates values is stepped with the rotation folded into
+    the weights (:func:`models.llama.fold_value_rotation`, as ``generate`` does)."""
     tok = jnp.ones((B,), jnp.int32)
     t0 = time.perf_counter()
     if call not in ("bound", "module", "loop"):
         raise ValueError(f"call={call!r}; choose bound, module or loop")
     if call == "module":
+        if fold_values and cache.config.rotate_values:
+            model = fold_value_rotation(model, cache.config)
         compiled = jit_decode_step.lower(model, cache, tok, mesh=mesh).compile()
         args = (model,)
     else:  # loop: all the steps in one device loop, one call per repetition
-        bound = DecodeStep(model, mesh=mesh)
+        bound = DecodeStep(model, mesh=mesh, fold_values=fold_values)
         lowered = bound.lower(cache, tok) if call == "bound" else bound.lower_greedy(
             cache, tok, steps)
-        compiled, args = lowered.compile(), (bound.params,)
+        compiled, args = lowered.compile(), (bound.params_for(cache.config),)
     per_call = steps if call == "loop" else 1
     compile_s = time.perf_counter() - t0
     if hlo_path is not None:
@@ -304,6 +310,11 @@ def main(argv=None) -> None:
                     help="comma-separated cache writers for the quantized caches' appends "
                          f"({', '.join(WRITERS)}; see QuantLayer.append): each quantized row "
                          "runs once per writer, labelled kind/writer when not auto")
+    ap.add_argument("--fold-values", default="on",
+                    help="for caches that rotate values (recommended): on (the step's weights "
+                         "carry the value rotation, models.llama.fold_value_rotation, as "
+                         "generate and DecodeStep do), off, or on,off (each such row twice, "
+                         "the unfolded one labelled kind~unfolded)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="stop starting new rows after this many seconds")
     args = ap.parse_args(argv)
@@ -335,15 +346,19 @@ def main(argv=None) -> None:
     calls = args.call.split(",")
     if set(calls) - {"bound", "module", "loop"}:
         ap.error(f"--call: choose from bound, module, loop (got {args.call!r})")
+    folds = args.fold_values.split(",")
+    if not folds or set(folds) - {"on", "off"}:
+        ap.error(f"--fold-values: choose on, off or on,off (got {args.fold_values!r})")
     plan = []
     for suite in suites:
         for kind, B, ctx in suite_rows(suite):
             if args.only and f"{kind}:{B}" not in args.only.split(","):
                 continue
             cfg = KINDS[kind](capacity=ctx)
-            plan += [(suite, kind, cfg, B, ctx, w, c)
-                     for w in (writers if cfg.quantized else ["auto"]) for c in calls]
-    for suite, kind, cfg, B, ctx, writer, call in plan:
+            plan += [(suite, kind, cfg, B, ctx, w, c, f == "on")
+                     for w in (writers if cfg.quantized else ["auto"]) for c in calls
+                     for f in (folds if cfg.rotate_values else ["on"])]
+    for suite, kind, cfg, B, ctx, writer, call, fold in plan:
         if writer != os.environ.get("INNERQ_CACHE_WRITER", "auto"):
             # read when the step is traced: trace again under the new writer
             if writer == "auto":
@@ -356,10 +371,11 @@ def main(argv=None) -> None:
         if B == "max":
             B = max_batch(limit, weight_bytes, per_seq, data, model_axis) if limit else 4
         label = (kind if writer == "auto" else f"{kind}/{writer}") + (
+            "" if fold or not cfg.rotate_values else "~unfolded") + (
             "" if call == "bound" else f"@{call}")
         row = dict(schema=ROW_SCHEMA, device_kind=dev.device_kind, backend=dev.platform,
                    jax=jax.__version__, model=mname, cache=label, cache_writer=writer,
-                   step_call=call,
+                   step_call=call, values_folded=bool(fold and cfg.rotate_values),
                    B=B, context=ctx, suite=suite,
                    mesh=args.mesh or "single", devices=ndev, weight_bytes=weight_bytes,
                    cache_bytes=per_seq * B, cache_bytes_per_seq=per_seq)
@@ -379,15 +395,15 @@ def main(argv=None) -> None:
                 cache = random_cache(cfg, mc, B, ctx - args.steps - 2,
                                      jax.random.PRNGKey(B + ctx), mesh)
                 pdir = None
+                fname = re.sub(r"[^\w.-]", "_", label if "@" in label else f"{label}@{call}")
+                fname = f"{fname}_B{B}"
                 if args.profile:
-                    pdir = os.path.join(args.out, "traces",
-                                        f"{args.tag or 'e2e'}_{kind}_{call}_B{B}")
-                hlo = (os.path.join(args.out, "hlo",
-                                    f"{args.tag or 'e2e'}_{kind}_{call}_B{B}.hlo.gz")
+                    pdir = os.path.join(args.out, "traces", f"{args.tag or 'e2e'}_{fname}")
+                hlo = (os.path.join(args.out, "hlo", f"{args.tag or 'e2e'}_{fname}.hlo.gz")
                        if args.hlo else None)
                 (med, lo, hi), comp, foot, cache, prof, host = time_step(
                     model, cache, B, args.steps, args.reps, mesh, profile_dir=pdir,
-                    hlo_path=hlo, call=call)
+                    hlo_path=hlo, call=call, fold_values=fold)
                 attn = time_attention(cache, mc, B, args.reps, mesh)
                 pairs = (B // data) * max(1, mc.num_kv_heads // model_axis)  # per device
                 row.update(attention_kernel=attention_kernel(cfg, pairs, mc.head_dim),

@@ -58,20 +58,20 @@ def _prefill_s(model, ids, cfg, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _run_s(model, ids, cfg, new, sink):
+def _run_s(model, ids, cfg, new, sink, fold=True):
     """(run seconds, compile seconds, tokens [new]) of one generate call."""
-    g = generate(model, [ids], cfg, max_new_tokens=new, stream=sink)
+    g = generate(model, [ids], cfg, max_new_tokens=new, stream=sink, fold_values=fold)
     return g.run_s, g.compile_s, g.tokens[0]
 
 
-def _paired_runs(model, ids, cfg, new, short, sink, reps):
+def _paired_runs(model, ids, cfg, new, short, sink, reps, fold=True):
     """(long-run seconds [reps], short-run seconds [reps], compile seconds of the long run,
     long tokens, short tokens): both programs compiled by a first run each, then ``reps``
     pairs of one long and one short run, back to back."""
-    _, compile_s, toks = _run_s(model, ids, cfg, new, sink)
-    _, _, short_toks = _run_s(model, ids, cfg, short, sink)
-    pairs = [(_run_s(model, ids, cfg, new, sink)[0], _run_s(model, ids, cfg, short, sink)[0])
-             for _ in range(reps)]
+    _, compile_s, toks = _run_s(model, ids, cfg, new, sink, fold)
+    _, _, short_toks = _run_s(model, ids, cfg, short, sink, fold)
+    pairs = [(_run_s(model, ids, cfg, new, sink, fold)[0],
+              _run_s(model, ids, cfg, short, sink, fold)[0]) for _ in range(reps)]
     return [p[0] for p in pairs], [p[1] for p in pairs], compile_s, toks, short_toks
 
 
@@ -84,7 +84,8 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
     sink = (lambda i, tok, done: None) if stream else None
     rows = []
     for kind in kinds:
-        cfg = KINDS[kind](capacity=-(-max(prompt + new, 256) // 128) * 128)  # G divides it
+        base, _, how = kind.partition("~")  # kind~unfolded: generate(fold_values=False)
+        cfg = KINDS[base](capacity=-(-max(prompt + new, 256) // 128) * 128)  # G divides it
         cache_bytes = KVCache.create(cfg, mc.num_layers, 1, mc.num_kv_heads,
                                      mc.head_dim).total_nbytes()
         row = dict(cache=kind, prompt=prompt, new=new, short=short, stream=stream,
@@ -93,7 +94,7 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
         try:
             pre = _prefill_s(model, ids, cfg, reps)
             longs, shorts, compile_s, toks, short_toks = _paired_runs(
-                model, ids, cfg, new, short, sink, reps)
+                model, ids, cfg, new, short, sink, reps, fold=how != "unfolded")
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
@@ -155,7 +156,10 @@ def plot(rows, path: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    ap.add_argument("--caches", default="bf16,innerq2,recommended")
+    ap.add_argument("--caches", default="bf16,innerq2,recommended",
+                    help="comma-separated cache kinds; KIND~unfolded runs generate with "
+                         "fold_values=False (a cache that rotates values: the rotation in "
+                         "each step instead of in the weights)")
     ap.add_argument("--prompt", type=int, default=928)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--short", type=int, default=None,
@@ -167,7 +171,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default=None)
     a = ap.parse_args(argv)
     kinds = a.caches.split(",")
-    bad = sorted(set(kinds) - set(KINDS))
+    bad = sorted({k for k in kinds if k.partition("~")[0] not in KINDS
+                  or k.partition("~")[2] not in ("", "unfolded")})
     if bad:
         ap.error(f"--caches: unknown {bad}; choose from {', '.join(KINDS)}")
     if a.prompt < 1 or a.new < 2:

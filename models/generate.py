@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from innerq_jax import CacheConfig
 from innerq_jax.config import is_int
 from innerq_jax.sharding import DATA, check_divisible
-from models.llama import Llama, decode_step, prefill
+from models.llama import Llama, decode_step, fold_value_rotation, prefill
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,15 @@ class Generation:
 @functools.partial(
     jax.jit,
     static_argnames=("cache_config", "max_new_tokens", "sampling", "eos_ids", "backend",
-                     "stream", "mesh", "record_margins"),
+                     "stream", "mesh", "record_margins", "fold_values"),
 )
 def _generate(model, tokens, lengths, cache_config, max_new_tokens, sampling, eos_ids,
-              backend, stream, mesh=None, record_margins=False):
+              backend, stream, mesh=None, record_margins=False, fold_values=True):
     B = tokens.shape[0]
+    if fold_values and cache_config.rotate_values and model.value_fold is None:
+        # once per call, before the loop: no value rotation in any step's cache write or
+        # attention (models.llama.fold_value_rotation)
+        model = fold_value_rotation(model, cache_config)
     logits, cache = prefill(model, tokens, lengths, cache_config, mesh=mesh)
     rows = jnp.arange(B)
     penalty = sampling.repetition_penalty
@@ -179,6 +183,7 @@ def generate(
     mesh: Mesh | None = None,
     pad_to: int | None = None,
     record_margins: bool = False,
+    fold_values: bool = True,
 ) -> Generation:
     """Generates for a batch of token-id prompts of different lengths.
 
@@ -190,7 +195,11 @@ def generate(
     (the model placed by ``models.llama.shard_model``) the prompts are split over
     its data axis and the cache over (data, model). The loop is compiled ahead of
     the run, so ``compile_s`` and ``run_s`` are reported apart. ``record_margins``
-    also returns, per generated token, its logit's lead over the runner-up.
+    also returns, per generated token, its logit's lead over the runner-up. For a cache
+    that rotates values (the recommended cache) the model's value and output weights carry
+    the rotation during the call (``fold_values``, default; computed once per call on the
+    device: ``models.llama.fold_value_rotation``), so no step rotates values; the cache
+    returned is the same kind of cache either way.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -225,7 +234,7 @@ def generate(
     t0 = time.perf_counter()
     compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
                                tuple(eos_ids), backend, stream, mesh,
-                               bool(record_margins)).compile()
+                               bool(record_margins), bool(fold_values)).compile()
     t1 = time.perf_counter()
     out, n, cache, gaps = compiled(model, tokens, lengths)
     out, n = np.asarray(out), np.asarray(n)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
-from innerq_jax.cache import QuantLayer, layer_class, rotation_signs
+from innerq_jax.cache import QuantLayer, hadamard, layer_class, rotation_signs
 from innerq_jax.config import is_int
 from innerq_jax.sharding import MODEL, cache_shardings, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -200,7 +200,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         q, k, v = self.project(x, positions, inv_freq)
-        cfg = ctx.config
+        cfg = ctx.cache_config
         if layer_cache is None:
             r = c.num_heads // c.num_kv_heads
             qg = q.reshape(B, T, c.num_kv_heads, r, c.head_dim)
@@ -274,6 +274,14 @@ class CacheContext:
     backend: str = "auto"
     mesh: Mesh | None = None  # data x model mesh; attention then runs per device
     layer: int = 0  # index of the layer being built (prefill: its rotation signs)
+    # the config the layers' caches are written and read with: ``config``, or where the
+    # model's weights fold the value rotation (:func:`fold_value_rotation`) the same cache
+    # rotating keys only (its values arrive rotated and the output leaves rotated)
+    layer_config: CacheConfig | None = None
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.config if self.layer_config is None else self.layer_config
 
 
 class Llama(nnx.Module):
@@ -292,6 +300,9 @@ class Llama(nnx.Module):
             else _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, scale=0.02)
         )
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(cfg)))
+        # None, or the value rotation folded into the weights (:func:`fold_value_rotation`):
+        # the rotation seed where it has signs, else -1
+        self.value_fold: int | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt, dtype=jnp.bfloat16) -> "Llama":
@@ -326,6 +337,78 @@ class Llama(nnx.Module):
         return jnp.einsum("...e,ev->...v", h, w, preferred_element_type=jnp.float32)
 
 
+# ------------------------------------------------------- the value rotation folded
+def _fold_key(cache_config: CacheConfig) -> int:
+    """What a fold depends on: the rotation's seed where it has signs, else -1."""
+    return cache_config.rotation_seed if cache_config.rotation_signs else -1
+
+
+def _layer_config(model: "Llama", cache_config: CacheConfig) -> CacheConfig | None:
+    """None for a model with its own weights; for one that folds the value rotation, the
+    cache config its layers are written and read with (the same cache rotating keys only),
+    after checking that ``cache_config`` rotates values with the signs the fold used."""
+    fold = getattr(model, "value_fold", None)
+    if fold is None:
+        return None
+    if not cache_config.rotate_values or _fold_key(cache_config) != fold:
+        raise ValueError(
+            f"this model folds a value rotation into its weights (fold_value_rotation, "
+            f"seed key {fold}), so its cache must rotate values with the same signs "
+            f"(rotation='keys_values', rotation_signs / rotation_seed as folded); got "
+            f"rotation={cache_config.rotation!r}, rotation_signs="
+            f"{cache_config.rotation_signs}, rotation_seed={cache_config.rotation_seed}. "
+            f"Use the model it was folded from for any other cache")
+    return cache_config.replace(rotation="keys")
+
+
+def fold_value_rotation(model: "Llama", cache_config: CacheConfig) -> "Llama":
+    """A copy of ``model`` whose weights carry ``cache_config``'s value rotation.
+
+    A cache with ``rotation='keys_values'`` stores each value as v M (M = diag(s) H per
+    layer and kv head: the Hadamard H, the signs s where ``rotation_signs``) and undoes M
+    on the attention's output. Attention is linear in the values, so the same model is
+    W_v M in place of W_v and M^T W_o (per query head's rows) in place of W_o: the cache
+    then stores the projection as it comes and the output leaves rotated, and neither
+    the cache write nor the attention's finish rotates anything (one Hadamard product and
+    a 16-row merge less per layer and step; the keys' rotation stays, after the rotary
+    embedding). Mathematically the same model; the folded weights are rounded to the
+    model's dtype once.
+
+    The copy shares every other array with ``model`` and records the fold
+    (``value_fold``): :func:`prefill` and :func:`decode_step` accept it with that cache
+    config only (a ``ValueError`` otherwise), and the cache they build is an ordinary
+    ``cache_config`` cache, which the unfolded model can also continue. :func:`generate
+    <models.generate.generate>` and :class:`DecodeStep` fold by themselves.
+    """
+    if not cache_config.rotate_values:
+        raise ValueError(f"fold_value_rotation needs a cache that rotates values "
+                         f"(rotation='keys_values'); got rotation={cache_config.rotation!r}")
+    if getattr(model, "value_fold", None) is not None:
+        raise ValueError("this model already folds a value rotation; fold the model it "
+                         "came from")
+    c = model.cfg
+    cache_config.validate_head_dim(c.head_dim)
+    D, Hkv = c.head_dim, c.num_kv_heads
+    r = c.num_heads // Hkv
+    graphdef, state = nnx.split(model)
+    folded = nnx.merge(graphdef, state)  # new modules over the same arrays
+    h = jnp.asarray(hadamard(D))
+    for i, lay in enumerate(folded.layers):
+        signs = rotation_signs(cache_config, i, 1, Hkv, D)  # [1, Hkv, D] int8, or None
+        s = jnp.ones((Hkv, D), jnp.float32) if signs is None else signs[0].astype(jnp.float32)
+        m = s[:, :, None] * h[None]  # [Hkv, D, D]: diag(s) H per kv head
+        qkv = lay.attn.qkv[...]
+        wv = jnp.einsum("ehd,hdf->ehf", qkv[:, :, r + 1].astype(jnp.float32), m)
+        lay.attn.qkv = nnx.Param(qkv.at[:, :, r + 1].set(wv.astype(qkv.dtype)))
+        wo = lay.attn.o[...]
+        E = wo.shape[-1]
+        wo4 = wo.reshape(Hkv, r, D, E).astype(jnp.float32)  # rows: query head (kv, rep), d
+        lay.attn.o = nnx.Param(jnp.einsum("hfd,hrfe->hrde", m, wo4).reshape(wo.shape)
+                               .astype(wo.dtype))
+    folded.value_fold = _fold_key(cache_config)
+    return folded
+
+
 # ------------------------------------------------------------- entry points
 def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: CacheConfig,
             *, all_logits: bool = False, mesh: Mesh | None = None):
@@ -343,7 +426,8 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh)
+    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh,
+                       layer_config=_layer_config(model, cache_config))
     layers = []
     for i, block in enumerate(model.layers):
         x, layer_cache = block(x, pos, inv, replace(ctx, layer=i))
@@ -367,7 +451,8 @@ def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str
     pos = cache.lengths[:, None]  # [B, 1]
     x = model.embed[...][tokens][:, None, :]  # [B, 1, E]
     inv = model.inv_freq[...]
-    ctx = CacheContext(cache.lengths, cache.config, backend, mesh)
+    ctx = CacheContext(cache.lengths, cache.config, backend, mesh,
+                       layer_config=_layer_config(model, cache.config))
     layers = []
     for block, layer_cache in zip(model.layers, cache.layers, strict=True):
         x, layer_cache = block(x, pos, inv, ctx, layer_cache)
@@ -414,20 +499,32 @@ class DecodeStep:
     rebind after changing the model's variables) and rebuilds the module inside the
     trace.
 
+    For a cache that rotates values (``rotation='keys_values'``, the recommended cache)
+    the step runs, by default (``fold_values``), on a copy of the weights with the value
+    rotation folded in (:func:`fold_value_rotation`, made once per rotation at the first
+    such call and kept: a second copy of each layer's ``qkv`` and ``o``): the same model
+    without a Hadamard product and a 16-row merge per layer and step.
+
     ``lower(cache, tokens)`` gives jax's ``Lowered`` (``.compile()``, memory
-    analysis); a compiled step is called as ``compiled(step.params, cache, tokens)``.
-    :meth:`greedy` runs several greedy steps in one device loop.
+    analysis); a compiled step is called as
+    ``compiled(step.params_for(cache.config), cache, tokens)``. :meth:`greedy` runs
+    several greedy steps in one device loop.
     """
 
-    def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None):
-        graphdef, state = nnx.split(model)
-        self.params, treedef = jax.tree.flatten(state)
+    def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None,
+                 fold_values: bool = True):
+        self.backend, self.mesh, self.fold_values = backend, mesh, bool(fold_values)
+        self._graphdef, state = nnx.split(model)
+        self.params, self._treedef = jax.tree.flatten(state)
+        self._jitted, self._greedy = self._compile(self._graphdef, self._treedef)
+        self._folded = {}  # fold key -> (params, jitted step, jitted greedy loop)
+
+    def _compile(self, graphdef, treedef):
+        backend, mesh = self.backend, self.mesh
 
         def run(params, cache, tokens):
             bound = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
             return decode_step(bound, cache, tokens, backend=backend, mesh=mesh)
-
-        self._jitted = jax.jit(run, donate_argnames=("cache",))
 
         def greedy(params, cache, tokens, steps):
             def body(i, carry):
@@ -440,15 +537,38 @@ class DecodeStep:
             cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
             return out, cache
 
-        self._greedy = jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",))
+        return (jax.jit(run, donate_argnames=("cache",)),
+                jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",)))
+
+    def _variant(self, cache_config: CacheConfig):
+        """(params, step, greedy loop) for a cache of ``cache_config``."""
+        if not (self.fold_values and cache_config.rotate_values):
+            return self.params, self._jitted, self._greedy
+        key = _fold_key(cache_config)
+        if key not in self._folded:
+            model = nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, self.params))
+            graphdef, state = nnx.split(fold_value_rotation(model, cache_config))
+            params, treedef = jax.tree.flatten(state)
+            # each folded weight where its original lies (a mesh's shards included)
+            params = [jax.device_put(p, o.sharding) if isinstance(o, jax.Array) else p
+                      for p, o in zip(params, self.params, strict=True)]
+            self._folded[key] = (params, *self._compile(graphdef, treedef))
+        return self._folded[key]
+
+    def params_for(self, cache_config: CacheConfig) -> list:
+        """The flat arrays a step over a ``cache_config`` cache runs on (the value rotation
+        folded in where the cache rotates values and ``fold_values``)."""
+        return self._variant(cache_config)[0]
 
     def __call__(self, cache: KVCache, tokens: jax.Array):
         """tokens [B] at positions cache.lengths -> (logits [B, V], the new cache); the
         cache passed in is donated (its buffers are reused, do not read it again)."""
-        return self._jitted(self.params, cache, tokens)
+        params, jitted, _ = self._variant(cache.config)
+        return jitted(params, cache, tokens)
 
     def lower(self, cache: KVCache, tokens: jax.Array):
-        return self._jitted.lower(self.params, cache, tokens)
+        params, jitted, _ = self._variant(cache.config)
+        return jitted.lower(params, cache, tokens)
 
     def greedy(self, cache: KVCache, tokens: jax.Array, steps: int):
         """``steps`` greedy steps in one jitted loop on the device, fed ``tokens`` [B] first:
@@ -456,10 +576,12 @@ class DecodeStep:
         One call per ``steps`` tokens, so the host launches the loop, not each step."""
         if not is_int(steps) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
-        return self._greedy(self.params, cache, tokens, steps=steps)
+        params, _, greedy = self._variant(cache.config)
+        return greedy(params, cache, tokens, steps=steps)
 
     def lower_greedy(self, cache: KVCache, tokens: jax.Array, steps: int):
-        return self._greedy.lower(self.params, cache, tokens, steps=steps)
+        params, _, greedy = self._variant(cache.config)
+        return greedy.lower(params, cache, tokens, steps=steps)
 
 
 # Megatron-style tensor parallelism on the model axis: qkv split by kv heads (each
@@ -502,5 +624,6 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
     return KVCache.create(cache_config, c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
 
-__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for", "decode_step", "jit_decode_step",
-           "jit_prefill", "param_shardings", "prefill", "shard_model"]
+__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for", "decode_step",
+           "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
+           "shard_model"]

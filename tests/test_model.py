@@ -389,3 +389,150 @@ def test_decode_step_is_pure(tiny):
     decode_step(tiny, cache, jnp.array([3]), backend="reference")
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(cache)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# ------------------------------------------------- the value rotation folded into weights
+def _sylvester(D):
+    h = np.array([[1.0]])
+    for _ in range(int(np.log2(D))):
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / np.sqrt(D)
+
+
+@pytest.mark.parametrize("signs", [False, True])
+def test_folded_value_rotation_is_the_same_model(tiny, signs):
+    """fold_value_rotation: W_v M and M^T W_o per head (checked in float64 against a
+    Hadamard built here), and the folded model's prefill and decode logits equal the
+    unfolded model's over the same rotating cache (f32 weights: rounding only), its cache
+    holds the same values, and the unfolded model continues the folded model's cache."""
+    from innerq_jax.cache import rotation_signs
+    from models.llama import fold_value_rotation
+
+    cfg = CacheConfig.recommended(group_size=16, sink=4, recent=16, capacity=128,
+                                  rotation_signs=signs, rotation_seed=7)
+    folded = fold_value_rotation(tiny, cfg)
+    assert tiny.value_fold is None and folded.value_fold == (7 if signs else -1)
+    c, D = TINY, TINY.head_dim
+    r = c.num_heads // c.num_kv_heads
+    h = _sylvester(D)
+    for i, (a, b) in enumerate(zip(tiny.layers, folded.layers, strict=True)):
+        s = rotation_signs(cfg, i, 1, c.num_kv_heads, D)
+        s = np.ones((c.num_kv_heads, D)) if s is None else np.asarray(s[0], np.float64)
+        m = s[:, :, None] * h[None]  # diag(s) H per kv head
+        qkv_a, qkv_b = (np.asarray(x.attn.qkv[...], np.float64) for x in (a, b))
+        want_v = np.einsum("ehd,hdf->ehf", qkv_a[:, :, r + 1], m)
+        np.testing.assert_allclose(qkv_b[:, :, r + 1], want_v, atol=1e-6)
+        np.testing.assert_array_equal(qkv_b[:, :, : r + 1], qkv_a[:, :, : r + 1])  # q, k kept
+        o_a = np.asarray(a.attn.o[...], np.float64).reshape(c.num_kv_heads, r, D, -1)
+        o_b = np.asarray(b.attn.o[...], np.float64).reshape(c.num_kv_heads, r, D, -1)
+        np.testing.assert_allclose(o_b, np.einsum("hfd,hrfe->hrde", m, o_a), atol=1e-6)
+    assert np.abs(np.asarray(folded.layers[0].attn.o[...]) -
+                  np.asarray(tiny.layers[0].attn.o[...])).max() > 1e-2  # really changed
+    rng = np.random.default_rng(11)
+    toks = jnp.asarray(rng.integers(0, 97, size=(2, 70)), jnp.int32)
+    lengths = jnp.array([40, 27])
+    la, ca = prefill(tiny, toks[:, :40], lengths, cfg)
+    lb, cb = prefill(folded, toks[:, :40], lengths, cfg)
+    np.testing.assert_allclose(np.asarray(lb), np.asarray(la), atol=2e-5)
+    assert cb.config == cfg  # an ordinary cache of the config asked for
+    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_allclose(np.asarray(cb.layers[0].sink_v, np.float32),
+                               np.asarray(ca.layers[0].sink_v, np.float32), atol=1e-2)
+    cc = jax.tree.map(jnp.copy, cb)
+    for t in range(40, 70):  # 30 steps: groups flush from the window into the 2-bit codes
+        xa, ca = jit_decode_step(tiny, ca, toks[:, t], backend="reference")
+        xb, cb = jit_decode_step(folded, cb, toks[:, t], backend="reference")
+        xc, cc = jit_decode_step(tiny, cc, toks[:, t], backend="reference")
+        np.testing.assert_allclose(np.asarray(xb), np.asarray(xa), atol=2e-3)
+        np.testing.assert_allclose(np.asarray(xc), np.asarray(xa), atol=2e-3)
+    assert int(cb.region_sizes().quantized[1]) > 0
+
+
+def test_folded_model_refuses_other_caches(tiny):
+    from models.llama import fold_value_rotation
+
+    cfg = CacheConfig.recommended(group_size=16, recent=16, capacity=96)
+    folded = fold_value_rotation(tiny, cfg)
+    toks, n = jnp.ones((1, 8), jnp.int32), jnp.array([8])
+    for other in (CacheConfig.innerq(group_size=16, recent=16, capacity=96),
+                  CacheConfig.bf16(capacity=96), cfg.replace(rotation="keys"),
+                  cfg.replace(rotation_signs=True)):
+        with pytest.raises(ValueError, match="folds a value rotation into its weights"):
+            prefill(folded, toks, n, other)
+    _, cache = prefill(tiny, toks, n, cfg.replace(rotation_signs=True))
+    with pytest.raises(ValueError, match="must rotate values with the same signs"):
+        decode_step(folded, cache, jnp.array([3]), backend="reference")
+    with pytest.raises(ValueError, match="already folds"):
+        fold_value_rotation(folded, cfg)
+    with pytest.raises(ValueError, match="needs a cache that rotates values"):
+        fold_value_rotation(tiny, cfg.replace(rotation="keys"))
+
+
+def test_generate_and_bound_step_fold_the_value_rotation(tiny):
+    """generate and DecodeStep fold by themselves for a value-rotating cache: the same
+    tokens and near-equal margins as unfolded (f32), the step's weights carry the fold
+    (only qkv and o are new arrays), and its traced step has two Hadamard products per
+    layer fewer (the value's on the write, the output's in the finish)."""
+    cfg = CacheConfig.recommended(group_size=16, sink=4, recent=16, capacity=128)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 97, 40).tolist(), rng.integers(0, 97, 29).tolist()]
+    a = generate(tiny, prompts, cfg, max_new_tokens=24, backend="reference",
+                 record_margins=True)
+    b = generate(tiny, prompts, cfg, max_new_tokens=24, backend="reference",
+                 record_margins=True, fold_values=False)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.margins, b.margins, atol=1e-3)
+    assert a.cache.config == cfg
+    step, plain = DecodeStep(tiny, backend="reference"), DecodeStep(
+        tiny, backend="reference", fold_values=False)
+    params = step.params_for(cfg)
+    assert step.params_for(cfg) is params  # folded once, kept
+    changed = [p.shape for p, q in zip(params, step.params, strict=True)
+               if p.unsafe_buffer_pointer() != q.unsafe_buffer_pointer()]
+    assert sorted(changed) == sorted([TINY_QKV, TINY_O] * TINY.num_layers)
+    assert step.params_for(CacheConfig.innerq(group_size=16, recent=16, capacity=128)) \
+        is step.params
+    toks = jnp.asarray(rng.integers(0, 97, size=(2, 40)), jnp.int32)
+    _, c1 = prefill(tiny, toks, jnp.array([40, 31]), cfg)
+    c2 = jax.tree.map(jnp.copy, c1)
+
+    def dots(s, cache):
+        text = s.lower(cache, toks[:, 0]).as_text()
+        return text.count("stablehlo.dot_general")
+
+    assert dots(plain, c1) - dots(step, c1) == 2 * TINY.num_layers
+    for t in range(12):
+        l1, c1 = step(c1, toks[:, t])
+        l2, c2 = plain(c2, toks[:, t])
+        np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), atol=2e-3)
+
+
+TINY_QKV = (TINY.hidden_size, TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads + 2,
+            TINY.head_dim)
+TINY_O = (TINY.num_heads * TINY.head_dim, TINY.hidden_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the fused kernels")
+def test_folded_step_on_gpu_kernels():
+    """On the GPU's kernels (the cache write and the fused attention, which then skip the
+    value rotation and its 16-row merge): the folded step's logits equal the unfolded
+    step's over the recommended cache, groups flushing on the way."""
+    from flax import nnx
+
+    mc = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_layers=2,
+                     num_heads=6, num_kv_heads=2, head_dim=64, tie_embeddings=False)
+    m = Llama(mc, nnx.Rngs(4), dtype=jnp.float32)
+    cfg = CacheConfig.recommended(capacity=512)
+    rng = np.random.default_rng(6)
+    toks = jnp.asarray(rng.integers(0, 97, size=(3, 260)), jnp.int32)
+    lengths = jnp.array([200, 137, 180])
+    _, c1 = prefill(m, toks[:, :200], lengths, cfg)
+    c2 = jax.tree.map(jnp.copy, c1)
+    step, plain = DecodeStep(m), DecodeStep(m, fold_values=False)
+    for t in range(200, 260):
+        l1, c1 = step(c1, toks[:, t])
+        l2, c2 = plain(c2, toks[:, t])
+        np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), atol=5e-3)
+    assert int(c1.region_sizes().quantized[1]) > 0
