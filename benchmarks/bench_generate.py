@@ -76,8 +76,9 @@ def _paired_runs(model, ids, cfg, new, short, sink, reps, fold=True):
 
 
 def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: bool,
-        bw: float, log=print) -> list[dict]:
-    """A row per cache kind (``error`` where it could not run)."""
+        bw: float, log=print, on_rows=None) -> list[dict]:
+    """A row per cache kind (``error`` where it could not run); ``on_rows(rows)`` after each
+    (the JSON written as rows finish, so a run cut short keeps the finished ones)."""
     rng = np.random.default_rng(0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     ids = rng.integers(0, mc.vocab_size, size=prompt).tolist()
@@ -99,6 +100,8 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             log(f"{kind:12s} {row['error']}")
+            if on_rows:
+                on_rows(rows)
             continue
         if not np.array_equal(short_toks, toks[:short]):
             raise SystemExit(f"{kind}: the {short}-token run's tokens are not the {new}-token "
@@ -112,6 +115,8 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
                    fixed_ms=(short_s - (short - 1) * per) * 1e3, prefill_ms=pre * 1e3,
                    compile_s=compile_s)
         rows.append(row)
+        if on_rows:
+            on_rows(rows)
         lo, hi = row["ms_per_token_range"]
         log(f"{kind:12s} {row['ms_per_token']:7.3f} ms per token ({lo:.3f}-{hi:.3f} over "
             f"{reps} pairs; floor "
@@ -189,16 +194,21 @@ def main(argv=None) -> None:
           f"{a.new} and {short} new tokens, stream {a.stream}", flush=True)
     bw = copy_bandwidth(256 << 20 if dev.platform == "cpu" else 4 << 30)
     print(f"copy rate {bw / 1e12:.2f} TB/s (the HBM floor's bandwidth)", flush=True)
-    rows = run(model, mc, kinds, a.prompt, a.new, short, a.reps, a.stream, bw,
-               log=lambda s: print(s, flush=True))
     tag = a.tag or f"{a.model}{'_stream' if a.stream else ''}"
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"generate_{tag}.json")
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 model=f"{a.model}-shape(random weights)", prompt=a.prompt, new=a.new,
-                short=short, reps=a.reps, stream=a.stream, copy_bytes_per_s=bw)
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                short=short, reps=a.reps, stream=a.stream, copy_bytes_per_s=bw,
+                caches=kinds)
+
+    def write(rows):
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    rows = run(model, mc, kinds, a.prompt, a.new, short, a.reps, a.stream, bw,
+               log=lambda s: print(s, flush=True), on_rows=write)
+    write(rows)
     plot(rows, path[:-5] + ".png")
     print(table(rows))
 

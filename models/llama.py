@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, replace
 
 import jax
@@ -337,6 +338,29 @@ class Llama(nnx.Module):
         return jnp.einsum("...e,ev->...v", h, w, preferred_element_type=jnp.float32)
 
 
+# ------------------------------------------------------------ compiling the decode loop
+def decode_compiler_options(platform: str | None = None) -> dict:
+    """XLA options the project's decode programs (:class:`DecodeStep`, ``generate``) are
+    compiled with on ``platform`` (default: jax's default backend).
+
+    On a GPU: ``xla_gpu_enable_dot_strength_reduction`` off. At one sequence every
+    projection is a vector times a matrix, and XLA's GPU simplifier rewrites such a dot
+    (under ~10M weight elements: every projection of SmolLM2-135M) as an elementwise
+    multiply and a reduction, which it then runs as two kernels with the weight-sized
+    product written and read back in between (``benchmarks/KERNEL_NOTES.md``, round 24).
+    Kept as a dot, it is one GEMV-shaped matmul. The environment variable
+    ``INNERQ_DOT_STRENGTH_REDUCTION=keep`` leaves XLA's default (read when a program is
+    built). Elsewhere: none.
+    """
+    env = os.environ.get("INNERQ_DOT_STRENGTH_REDUCTION", "off") or "off"
+    if env not in ("off", "keep"):
+        raise ValueError(f"INNERQ_DOT_STRENGTH_REDUCTION={env!r}; choose off (default) or keep")
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm") and env == "off":
+        return {"xla_gpu_enable_dot_strength_reduction": False}
+    return {}
+
+
 # ------------------------------------------------------- the value rotation folded
 def _fold_key(cache_config: CacheConfig) -> int:
     """What a fold depends on: the rotation's seed where it has signs, else -1."""
@@ -508,7 +532,8 @@ class DecodeStep:
     ``lower(cache, tokens)`` gives jax's ``Lowered`` (``.compile()``, memory
     analysis); a compiled step is called as
     ``compiled(step.params_for(cache.config), cache, tokens)``. :meth:`greedy` runs
-    several greedy steps in one device loop.
+    several greedy steps in one device loop. Both compile with
+    :func:`decode_compiler_options`.
     """
 
     def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None,
@@ -537,8 +562,10 @@ class DecodeStep:
             cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
             return out, cache
 
-        return (jax.jit(run, donate_argnames=("cache",)),
-                jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",)))
+        opts = decode_compiler_options()
+        return (jax.jit(run, donate_argnames=("cache",), compiler_options=opts),
+                jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",),
+                        compiler_options=opts))
 
     def _variant(self, cache_config: CacheConfig):
         """(params, step, greedy loop) for a cache of ``cache_config``."""
@@ -624,6 +651,6 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
     return KVCache.create(cache_config, c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
 
-__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for", "decode_step",
-           "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
+__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for",
+           "decode_compiler_options", "decode_step", "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
            "shard_model"]

@@ -12,7 +12,8 @@ loop, compiled for bf16 and InnerQ caches at two capacities 4x apart:
 * the step reads each weight once, through a matmul: the query, key and value
   projections are one matmul per layer (on the CPU, in the lowered step), and on a
   GPU no weight-sized reduction is left in the compiled step at one sequence (XLA's
-  GPU simplifier turns small vector-matrix dots into a multiply and a reduce).
+  GPU simplifier turns small vector-matrix dots into a multiply and a reduce; the decode
+  programs compile with that rewrite off on a GPU, ``decode_compiler_options``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,47 @@ def test_one_sequence_step_keeps_its_matmuls_on_gpu(kind):
     assert not _weight_sized_reductions(hlo, 1 << 20)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: XLA's GPU passes")
+def test_small_model_step_keeps_its_matmuls_on_gpu(monkeypatch):
+    """SmolLM2's shape (every weight under XLA's strength-reduction size) at one sequence,
+    through DecodeStep (compiled with decode_compiler_options): no reduction over a
+    weight-sized operand; with XLA's default kept, all five projections of the layer are
+    reduced (the test sees them)."""
+    from models.llama import DecodeStep
+
+    mc = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=1,
+                     num_heads=9, num_kv_heads=3, head_dim=64, max_positions=1 << 12)
+    small = Llama(mc, nnx.Rngs(0))
+    for kind in ("bf16", "recommended"):
+        cfg = {"bf16": CacheConfig.bf16, "recommended": CacheConfig.recommended}[kind](
+            capacity=1024)
+        cache = cache_for(small, cfg, 1)
+        tok = jnp.ones((1,), jnp.int32)
+        hlo = DecodeStep(small).lower(cache, tok).compile().as_text()
+        assert not _weight_sized_reductions(hlo, 1 << 18), kind
+        monkeypatch.setenv("INNERQ_DOT_STRENGTH_REDUCTION", "keep")
+        hlo = DecodeStep(small).lower(cache, tok).compile().as_text()
+        monkeypatch.delenv("INNERQ_DOT_STRENGTH_REDUCTION")
+        assert len(_weight_sized_reductions(hlo, 1 << 18)) == 5, kind
+
+
+def test_decode_compiler_options(monkeypatch):
+    """The decode programs' XLA options: dot strength reduction off on a GPU (the env
+    variable keeps XLA's default), none elsewhere, a bad env value refused."""
+    from models.llama import decode_compiler_options
+
+    off = {"xla_gpu_enable_dot_strength_reduction": False}
+    assert decode_compiler_options("gpu") == off and decode_compiler_options("cuda") == off
+    assert decode_compiler_options("cpu") == {} and decode_compiler_options("tpu") == {}
+    assert decode_compiler_options() == (off if jax.default_backend() == "gpu" else {})
+    monkeypatch.setenv("INNERQ_DOT_STRENGTH_REDUCTION", "keep")
+    assert decode_compiler_options("gpu") == {}
+    monkeypatch.setenv("INNERQ_DOT_STRENGTH_REDUCTION", "no")
+    with pytest.raises(ValueError, match="choose off .default. or keep"):
+        decode_compiler_options("gpu")
+
+
 def test_weight_sized_reductions_are_found():
     """The helper the GPU test relies on finds a strength-reduced projection's reduce in
     XLA's text form and ignores small ones."""
@@ -163,6 +205,10 @@ def test_weight_sized_reductions_are_found():
         "e2e_h200_round17longhlo_excerpt.txt"
     found = _weight_sized_reductions(old.read_text(), 1 << 20)
     assert len(found) == 2 and all(f.endswith("[4096,1024]") for f in found), found
+    # and SmolLM2's step under XLA's default options (round 24's excerpt): five of them
+    small = old.parent / "e2e_h200_round24hlo_excerpt.txt"
+    found = _weight_sized_reductions(small.read_text(), 1 << 18)
+    assert len(found) == 5 and all(f.endswith("[576,1536]") for f in found), found
 
 
 def test_gpu_step_hands_the_writes_counters_to_attention(model, monkeypatch):
