@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Round 25 (one H200 call): the decode programs compiled with XLA's dot strength reduction
-# off (models.llama.decode_compiler_options; round 24's HLO: every projection of SmolLM2 at
-# one sequence ran as a weight-sized multiply and a reduce). (1) The model's -m gpu tests
-# (the compiled step has no weight-sized reduction; with XLA's default it has five);
-# (2) the default model's step in a device loop (SmolLM2, B 1 / 1k: bf16, InnerQ, the
-# recommended cache), traced; round 24's rows are the same code under XLA's default;
-# (3) generate's time per token: bf16, the recommended cache folded and unfolded.
+# Round 25 (one H200 call): at one sequence the model's projections run on two rows
+# (models.llama.project; round 24's HLO: every projection of SmolLM2 at one sequence ran as
+# a weight-sized multiply and a reduce). (1) The model's -m gpu tests (the compiled step has
+# no weight-sized reduction; with INNERQ_VECTOR_DOTS=keep it has five); (2) the default
+# model's step in a device loop (SmolLM2, B 1 / 1k: bf16, InnerQ, the recommended cache),
+# traced, with the two-row products and then with the vector products kept (tag 25k);
+# (3) generate's time per token: bf16, the recommended cache folded and unfolded, InnerQ.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round25.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round25_log.txt"
@@ -17,6 +17,12 @@ e2e_rows 25 "${PROF_S:-150}" "$OUT/e2e_h200_round25_log.txt" --model smollm2 \
   --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
   --budget-s 120
 profile_summary "$OUT/e2e_h200_round25.json" 12
+export INNERQ_VECTOR_DOTS=keep
+e2e_rows 25k "${PROF_S:-150}" "$OUT/e2e_h200_round25k_log.txt" \
+  --model smollm2 --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 \
+  --profile --budget-s 120
+profile_summary "$OUT/e2e_h200_round25k.json" 6
+unset INNERQ_VECTOR_DOTS
 timeout "${GEN_S:-270}" $PY benchmarks/bench_generate.py --model smollm2 \
   --caches bf16,recommended,recommended~unfolded,innerq2 --prompt 800 --new 160 --short 32 \
   --reps 5 --tag h200_smollm2_round25 --out "$OUT" > /tmp/gen.txt 2>&1

@@ -23,8 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from innerq_jax import CacheConfig
 from innerq_jax.config import is_int
 from innerq_jax.sharding import DATA, check_divisible
-from models.llama import (Llama, decode_compiler_options, decode_step, fold_value_rotation,
-                          prefill)
+from models.llama import Llama, decode_step, fold_value_rotation, prefill
 
 
 @dataclass(frozen=True)
@@ -200,8 +199,7 @@ def generate(
     that rotates values (the recommended cache) the model's value and output weights carry
     the rotation during the call (``fold_values``, default; computed once per call on the
     device: ``models.llama.fold_value_rotation``), so no step rotates values; the cache
-    returned is the same kind of cache either way. The program compiles with
-    ``models.llama.decode_compiler_options`` for the prompts' device.
+    returned is the same kind of cache either way.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -236,8 +234,7 @@ def generate(
     t0 = time.perf_counter()
     compiled = _generate.lower(model, tokens, lengths, cache_config, max_new_tokens, sampling,
                                tuple(eos_ids), backend, stream, mesh,
-                               bool(record_margins), bool(fold_values)).compile(
-                                   decode_compiler_options(tokens.devices().pop().platform))
+                               bool(record_margins), bool(fold_values)).compile()
     t1 = time.perf_counter()
     out, n, cache, gaps = compiled(model, tokens, lengths)
     out, n = np.asarray(out), np.asarray(n)

@@ -133,6 +133,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
 
 
 # -------------------------------------------------------------------- modules
+def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` for activations x [B, T, ...] times a weight w.
+
+    At one row (B * T == 1, a decode step at one sequence) on a GPU the product runs on
+    two rows, the row and a copy, and keeps the first: XLA's GPU simplifier rewrites a
+    vector times a matrix of under 10M elements (every projection of SmolLM2-135M) as an
+    elementwise multiply and a reduction, which it ran as two kernels with the weight-sized
+    product written and read back between them (``benchmarks/KERNEL_NOTES.md``, round
+    24); two rows are a matrix product, which it keeps (one read of the weight). The
+    environment variable ``INNERQ_VECTOR_DOTS=keep`` leaves the vector product (read when
+    the step is traced). Elsewhere, and at more rows, the einsum as written.
+    """
+    env = os.environ.get("INNERQ_VECTOR_DOTS", "pad") or "pad"
+    if env not in ("pad", "keep"):
+        raise ValueError(f"INNERQ_VECTOR_DOTS={env!r}; choose pad (default) or keep")
+    if x.shape[0] * x.shape[1] != 1 or env == "keep" or jax.default_backend() != "gpu":
+        return jnp.einsum(spec, x, w)
+    return jnp.einsum(spec, jnp.concatenate([x, x], axis=0), w)[:1]
+
+
 def _param(rngs, shape, dtype, scale=None):
     fan_in = shape[-2] if len(shape) >= 2 else 1
     std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
@@ -176,7 +196,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         r = c.num_heads // c.num_kv_heads
-        y = jnp.einsum("bte,ehjd->bthjd", x, self.qkv[...])  # one matmul, [B, T, Hkv, r + 2, D]
+        y = project("bte,ehjd->bthjd", x, self.qkv[...])  # one matmul, [B, T, Hkv, r + 2, D]
         q = y[..., :r, :].reshape(B, T, c.num_heads, c.head_dim)
         k, v = y[..., r, :], y[..., r + 1, :]
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -236,7 +256,7 @@ class Attention(nnx.Module):
             o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
                                      ctx.lengths)
             o = o.reshape(B, 1, -1)
-        return o.astype(x.dtype) @ self.o[...], layer_cache
+        return project("bti,ie->bte", o.astype(x.dtype), self.o[...]), layer_cache
 
 
 class MLP(nnx.Module):
@@ -247,7 +267,10 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, E), dtype)
 
     def __call__(self, x):
-        return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
+        """x [B, T, E] -> [B, T, E]."""
+        h = jax.nn.silu(project("bte,ef->btf", x, self.gate[...])) * project(
+            "bte,ef->btf", x, self.up[...])
+        return project("btf,fe->bte", h, self.down[...])
 
 
 class Block(nnx.Module):
@@ -336,29 +359,6 @@ class Llama(nnx.Module):
         h = self.norm(x)
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...e,ev->...v", h, w, preferred_element_type=jnp.float32)
-
-
-# ------------------------------------------------------------ compiling the decode loop
-def decode_compiler_options(platform: str | None = None) -> dict:
-    """XLA options the project's decode programs (:class:`DecodeStep`, ``generate``) are
-    compiled with on ``platform`` (default: jax's default backend).
-
-    On a GPU: ``xla_gpu_enable_dot_strength_reduction`` off. At one sequence every
-    projection is a vector times a matrix, and XLA's GPU simplifier rewrites such a dot
-    (under ~10M weight elements: every projection of SmolLM2-135M) as an elementwise
-    multiply and a reduction, which it then runs as two kernels with the weight-sized
-    product written and read back in between (``benchmarks/KERNEL_NOTES.md``, round 24).
-    Kept as a dot, it is one GEMV-shaped matmul. The environment variable
-    ``INNERQ_DOT_STRENGTH_REDUCTION=keep`` leaves XLA's default (read when a program is
-    built). Elsewhere: none.
-    """
-    env = os.environ.get("INNERQ_DOT_STRENGTH_REDUCTION", "off") or "off"
-    if env not in ("off", "keep"):
-        raise ValueError(f"INNERQ_DOT_STRENGTH_REDUCTION={env!r}; choose off (default) or keep")
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm") and env == "off":
-        return {"xla_gpu_enable_dot_strength_reduction": False}
-    return {}
 
 
 # ------------------------------------------------------- the value rotation folded
@@ -532,8 +532,7 @@ class DecodeStep:
     ``lower(cache, tokens)`` gives jax's ``Lowered`` (``.compile()``, memory
     analysis); a compiled step is called as
     ``compiled(step.params_for(cache.config), cache, tokens)``. :meth:`greedy` runs
-    several greedy steps in one device loop. Both compile with
-    :func:`decode_compiler_options`.
+    several greedy steps in one device loop.
     """
 
     def __init__(self, model: Llama, *, backend: str = "auto", mesh: Mesh | None = None,
@@ -562,10 +561,8 @@ class DecodeStep:
             cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
             return out, cache
 
-        opts = decode_compiler_options()
-        return (jax.jit(run, donate_argnames=("cache",), compiler_options=opts),
-                jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",),
-                        compiler_options=opts))
+        return (jax.jit(run, donate_argnames=("cache",)),
+                jax.jit(greedy, static_argnames=("steps",), donate_argnames=("cache",)))
 
     def _variant(self, cache_config: CacheConfig):
         """(params, step, greedy loop) for a cache of ``cache_config``."""
@@ -651,6 +648,6 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
     return KVCache.create(cache_config, c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
 
-__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for",
-           "decode_compiler_options", "decode_step", "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
-           "shard_model"]
+__all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for", "decode_step",
+           "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
+           "project", "shard_model"]
