@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, replace
 
 import jax
@@ -133,26 +132,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
 
 
 # -------------------------------------------------------------------- modules
-def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``jnp.einsum(spec, x, w)`` for activations x [B, T, ...] times a weight w.
-
-    At one row (B * T == 1, a decode step at one sequence) on a GPU the product runs on
-    two rows, the row and a copy, and keeps the first: XLA's GPU simplifier rewrites a
-    vector times a matrix of under 10M elements (every projection of SmolLM2-135M) as an
-    elementwise multiply and a reduction, which it ran as two kernels with the weight-sized
-    product written and read back between them (``benchmarks/KERNEL_NOTES.md``, round
-    24); two rows are a matrix product, which it keeps (one read of the weight). The
-    environment variable ``INNERQ_VECTOR_DOTS=keep`` leaves the vector product (read when
-    the step is traced). Elsewhere, and at more rows, the einsum as written.
-    """
-    env = os.environ.get("INNERQ_VECTOR_DOTS", "pad") or "pad"
-    if env not in ("pad", "keep"):
-        raise ValueError(f"INNERQ_VECTOR_DOTS={env!r}; choose pad (default) or keep")
-    if x.shape[0] * x.shape[1] != 1 or env == "keep" or jax.default_backend() != "gpu":
-        return jnp.einsum(spec, x, w)
-    return jnp.einsum(spec, jnp.concatenate([x, x], axis=0), w)[:1]
-
-
 def _param(rngs, shape, dtype, scale=None):
     fan_in = shape[-2] if len(shape) >= 2 else 1
     std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
@@ -196,7 +175,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         r = c.num_heads // c.num_kv_heads
-        y = project("bte,ehjd->bthjd", x, self.qkv[...])  # one matmul, [B, T, Hkv, r + 2, D]
+        y = jnp.einsum("bte,ehjd->bthjd", x, self.qkv[...])  # one matmul, [B, T, Hkv, r + 2, D]
         q = y[..., :r, :].reshape(B, T, c.num_heads, c.head_dim)
         k, v = y[..., r, :], y[..., r + 1, :]
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -256,7 +235,7 @@ class Attention(nnx.Module):
             o, layer_cache = on_mesh(step, ctx.mesh, q[:, 0], k[:, 0], v[:, 0], layer_cache,
                                      ctx.lengths)
             o = o.reshape(B, 1, -1)
-        return project("bti,ie->bte", o.astype(x.dtype), self.o[...]), layer_cache
+        return o.astype(x.dtype) @ self.o[...], layer_cache
 
 
 class MLP(nnx.Module):
@@ -267,10 +246,7 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, E), dtype)
 
     def __call__(self, x):
-        """x [B, T, E] -> [B, T, E]."""
-        h = jax.nn.silu(project("bte,ef->btf", x, self.gate[...])) * project(
-            "bte,ef->btf", x, self.up[...])
-        return project("btf,fe->bte", h, self.down[...])
+        return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
 
 
 class Block(nnx.Module):
@@ -650,4 +626,4 @@ def cache_for(model: Llama, cache_config: CacheConfig, batch: int) -> KVCache:
 
 __all__ = ["CacheContext", "DecodeStep", "Llama", "ModelConfig", "cache_for", "decode_step",
            "fold_value_rotation", "jit_decode_step", "jit_prefill", "param_shardings", "prefill",
-           "project", "shard_model"]
+           "shard_model"]

@@ -12,8 +12,8 @@ loop, compiled for bf16 and InnerQ caches at two capacities 4x apart:
 * the step reads each weight once, through a matmul: the query, key and value
   projections are one matmul per layer (on the CPU, in the lowered step), and on a
   GPU no weight-sized reduction is left in the compiled step at one sequence (XLA's
-  GPU simplifier turns small vector-matrix dots into a multiply and a reduce; at one
-  sequence the model's projections run on two rows, ``models.llama.project``).
+  GPU simplifier turns small vector-matrix dots into a multiply and a reduce, above its
+  size limit; below it, as in SmolLM2's step, it does so whatever the code, round 25).
 """
 
 from __future__ import annotations
@@ -148,62 +148,6 @@ def test_one_sequence_step_keeps_its_matmuls_on_gpu(kind):
     assert not _weight_sized_reductions(hlo, 1 << 20)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: XLA's GPU passes")
-def test_small_model_step_keeps_its_matmuls_on_gpu(monkeypatch):
-    """SmolLM2's shape (every weight under XLA's strength-reduction size) at one sequence:
-    the compiled step has no reduction over a weight-sized operand (models.llama.project
-    runs each projection on two rows); with the vector products kept
-    (INNERQ_VECTOR_DOTS=keep), all five projections of the layer are reductions (the
-    test sees them)."""
-    from models.llama import DecodeStep
-
-    mc = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=1,
-                     num_heads=9, num_kv_heads=3, head_dim=64, max_positions=1 << 12)
-    small = Llama(mc, nnx.Rngs(0))
-    for kind in ("bf16", "recommended"):
-        cfg = {"bf16": CacheConfig.bf16, "recommended": CacheConfig.recommended}[kind](
-            capacity=1024)
-        cache = cache_for(small, cfg, 1)
-        tok = jnp.ones((1,), jnp.int32)
-        hlo = DecodeStep(small).lower(cache, tok).compile().as_text()
-        assert not _weight_sized_reductions(hlo, 1 << 18), kind
-        monkeypatch.setenv("INNERQ_VECTOR_DOTS", "keep")
-        hlo = DecodeStep(small).lower(cache, tok).compile().as_text()
-        monkeypatch.delenv("INNERQ_VECTOR_DOTS")
-        assert len(_weight_sized_reductions(hlo, 1 << 18)) == 5, kind
-
-
-def test_project_runs_one_row_as_two_on_gpu(monkeypatch):
-    """models.llama.project: at one row on a GPU backend, a product of two rows (the row
-    and its copy) of which the first is kept, equal to the einsum; at two rows, off a GPU,
-    or with INNERQ_VECTOR_DOTS=keep, the einsum itself; a bad env value refused."""
-    import models.llama as llama
-
-    rng = np.random.default_rng(3)
-    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.float32)
-    x1 = jnp.asarray(rng.standard_normal((1, 1, 96)), jnp.float32)
-    x2 = jnp.asarray(rng.standard_normal((2, 1, 96)), jnp.float32)
-
-    def rows(x):  # the dot's row count in the traced product
-        jaxpr = jax.make_jaxpr(lambda a: llama.project("bte,ef->btf", a, w))(x)
-        (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-        return dot.invars[0].aval.shape[0]
-
-    assert rows(x1) == 1  # off a GPU
-    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
-    assert rows(x1) == 2 and rows(x2) == 2
-    want = np.einsum("bte,ef->btf", np.asarray(x1, np.float64), np.asarray(w, np.float64))
-    got = llama.project("bte,ef->btf", x1, w)
-    assert got.shape == (1, 1, 40)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("INNERQ_VECTOR_DOTS", "keep")
-    assert rows(x1) == 1
-    monkeypatch.setenv("INNERQ_VECTOR_DOTS", "no")
-    with pytest.raises(ValueError, match="choose pad .default. or keep"):
-        llama.project("bte,ef->btf", x1, w)
-
-
 def test_weight_sized_reductions_are_found():
     """The helper the GPU test relies on finds a strength-reduced projection's reduce in
     XLA's text form and ignores small ones."""
@@ -220,7 +164,8 @@ def test_weight_sized_reductions_are_found():
         "e2e_h200_round17longhlo_excerpt.txt"
     found = _weight_sized_reductions(old.read_text(), 1 << 20)
     assert len(found) == 2 and all(f.endswith("[4096,1024]") for f in found), found
-    # and SmolLM2's step under XLA's default options (round 24's excerpt): five of them
+    # and SmolLM2's step (round 24's excerpt; every weight under the size limit): five of
+    # them per layer, the weight-sized product written by one kernel and reduced by another
     small = old.parent / "e2e_h200_round24hlo_excerpt.txt"
     found = _weight_sized_reductions(small.read_text(), 1 << 18)
     assert len(found) == 5 and all(f.endswith("[576,1536]") for f in found), found
