@@ -75,10 +75,28 @@ def _paired_runs(model, ids, cfg, new, short, sink, reps, fold=True):
     return [p[0] for p in pairs], [p[1] for p in pairs], compile_s, toks, short_toks
 
 
+def _profile(model, ids, cfg, new, sink, fold, trace_dir) -> dict:
+    """One more run of ``new`` tokens traced (jax.profiler) under ``trace_dir``: the device
+    ops per generated token and the host's events (benchmarks/trace_summary.py). The run
+    includes its prefill, so the figures are per token over the whole run."""
+    import glob
+
+    from trace_summary import host_summary, summarize
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        _run_s(model, ids, cfg, new, sink, fold)
+    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                              recursive=True), key=os.path.getmtime)
+    if not traces:
+        return {"error": "no trace written"}
+    return dict(device=summarize(traces[-1], new), host=host_summary(traces[-1], new))
+
+
 def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: bool,
-        bw: float, log=print, on_rows=None) -> list[dict]:
+        bw: float, log=print, on_rows=None, profile_dir=None) -> list[dict]:
     """A row per cache kind (``error`` where it could not run); ``on_rows(rows)`` after each
-    (the JSON written as rows finish, so a run cut short keeps the finished ones)."""
+    (the JSON written as rows finish, so a run cut short keeps the finished ones). With
+    ``profile_dir`` each row also traces one long run there (``profile``: per token)."""
     rng = np.random.default_rng(0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     ids = rng.integers(0, mc.vocab_size, size=prompt).tolist()
@@ -103,6 +121,9 @@ def run(model, mc, kinds, prompt: int, new: int, short: int, reps: int, stream: 
             if on_rows:
                 on_rows(rows)
             continue
+        if profile_dir is not None:
+            row["profile"] = _profile(model, ids, cfg, new, sink, how != "unfolded",
+                                      os.path.join(profile_dir, kind.replace("~", "_")))
         if not np.array_equal(short_toks, toks[:short]):
             raise SystemExit(f"{kind}: the {short}-token run's tokens are not the {new}-token "
                              f"run's first ones: {short_toks.tolist()} vs {toks.tolist()}")
@@ -172,6 +193,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed pairs (one run of each length)")
     ap.add_argument("--stream", action="store_true",
                     help="pass a no-op stream callback (the CLI streams by default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one long run per cache under OUT/traces: device ops and "
+                         "host events per generated token in the row's 'profile'")
     ap.add_argument("--out", default=".")
     ap.add_argument("--tag", default=None)
     a = ap.parse_args(argv)
@@ -207,10 +231,21 @@ def main(argv=None) -> None:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     rows = run(model, mc, kinds, a.prompt, a.new, short, a.reps, a.stream, bw,
-               log=lambda s: print(s, flush=True), on_rows=write)
+               log=lambda s: print(s, flush=True), on_rows=write,
+               profile_dir=os.path.join(a.out, "traces") if a.profile else None)
     write(rows)
     plot(rows, path[:-5] + ".png")
     print(table(rows))
+    for r in rows:
+        for dev, p in ((r.get("profile") or {}).get("device") or {}).items():
+            if "busy_ms" in p:
+                print(f"== {r['cache']} {dev}: busy {p['busy_ms']:.3f} ms, {p['ops']:.0f} "
+                      f"kernels, span {p['span_ms']:.3f} ms per token")
+                for name, (k, ms) in list(p.get("by_op", {}).items())[:14]:
+                    print(f"   {ms:8.4f} ms  x{k:7.2f}  {name}")
+        host = (r.get("profile") or {}).get("host") or {}
+        for name, (k, ms) in list(host.items())[:12]:
+            print(f"   host {ms:8.4f} ms  x{k:7.2f}  {name}")
 
 
 if __name__ == "__main__":
