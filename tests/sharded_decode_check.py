@@ -23,7 +23,8 @@ from innerq_jax.sharding import (
     make_mesh,
     split_factor,
 )
-from models.llama import Llama, ModelConfig, jit_decode_step, jit_prefill, shard_model
+from models.llama import (DecodeStep, Llama, ModelConfig, jit_decode_step, jit_prefill,
+                          shard_model)
 
 # kv heads divide every model axis used; untied LM head so it is split by vocabulary
 MC = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
@@ -37,22 +38,38 @@ CONFIGS = {
     # with one kv head per device, each device must see its own head's signs
     "signs": CacheConfig.innerq_h(capacity=128, recent=32, rotation_signs=True,
                                   key_group_size=16, key_scale_dtype="float8_e4m3fn"),
+    # the recommended layout with signs, stepped by DecodeStep on a mesh: the value rotation
+    # folded into the sharded weights (each kv head's own signs), against the unfolded
+    # single-device run
+    "folded": CacheConfig.recommended(capacity=128, sink=4, recent=32, rotation_signs=True),
 }
 MESHES = [(1, 8), (2, 4), (8, 1)]
-MESHES_OF = {"signs": [(1, 8)]}
+MESHES_OF = {"signs": [(1, 8)], "folded": [(2, 4)]}
 
 
-def run(model, cfg, tokens, lengths, mesh, forced=None):
+def run(model, cfg, tokens, lengths, mesh, forced=None, bound=False):
     """Prefill, then STEPS decode steps fed greedy tokens (or ``forced`` ones); the logits,
     their argmax, the final cache and the compiled step's optimized HLO. One compiled
     step takes prefill's cache and every step's: a compiled step refuses arguments whose
     shardings differ from the ones it was compiled for, so this also checks that the
-    step compiles once on a mesh."""
+    step compiles once on a mesh. ``bound``: the steps through DecodeStep (which folds a
+    value rotation into the weights), its folded weights checked to keep their shardings."""
     logits, cache = jit_prefill(model, tokens, lengths, cfg, mesh=mesh)
     out = [np.asarray(logits)]
     # compiled once, and its text read from the same executable (a second lower().compile()
     # would compile the step again)
-    step = jit_decode_step.lower(model, cache, jnp.zeros((B,), jnp.int32), mesh=mesh).compile()
+    if bound:
+        ds = DecodeStep(model, mesh=mesh)
+        params = ds.params_for(cfg)
+        assert params is not ds.params, "DecodeStep did not fold the value rotation"
+        for p, q in zip(params, ds.params, strict=True):
+            assert p.sharding.is_equivalent_to(q.sharding, q.ndim), (p.shape, p.sharding)
+        compiled = ds.lower(cache, jnp.zeros((B,), jnp.int32)).compile()
+        step = lambda _, c, t: compiled(params, c, t)  # noqa: E731
+        step.as_text = compiled.as_text
+    else:
+        step = jit_decode_step.lower(model, cache, jnp.zeros((B,), jnp.int32),
+                                     mesh=mesh).compile()
     for i in range(STEPS):
         tok = jnp.argmax(logits, -1).astype(jnp.int32) if forced is None else forced[i]
         logits, cache = step(model, cache, jnp.asarray(tok))
@@ -95,7 +112,8 @@ def main() -> None:
             model = shard_model(Llama(MC, nnx.Rngs(0), dtype=jnp.float32), mesh)
             # fed the single-device run's greedy tokens, so a near-tie decided the
             # other way by summation order cannot send the two runs apart
-            logits, toks, cache, hlo = run(model, cfg, tokens, lengths, mesh, forced=ref_tokens)
+            logits, toks, cache, hlo = run(model, cfg, tokens, lengths, mesh, forced=ref_tokens,
+                                           bound=kind == "folded")
             top2 = np.sort(ref_logits, axis=-1)[..., -2:]
             tie = (top2[..., 1] - top2[..., 0]) < 1e-3 * np.abs(ref_logits).max()
             per_dev = bytes_per_device(cache)

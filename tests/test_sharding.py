@@ -28,8 +28,9 @@ import pytest
 HERE = Path(__file__).parent
 CASES = [f"{kind}:{m}" for kind in ("bf16", "innerq", "outerq") for m in ("1x8", "2x4", "8x1")]
 CASES += ["signs:1x8"]  # randomized Hadamard signs (a [B, Hkv, D] leaf), fp8 K16 keys
+CASES += ["folded:2x4"]  # the recommended cache through DecodeStep: the value rotation folded
 # the default suite: every cache kind and every mesh shape once; the rest with -m slow
-DEFAULT = ("bf16:8x1", "innerq:2x4", "outerq:1x8", "signs:1x8")
+DEFAULT = ("bf16:8x1", "innerq:2x4", "outerq:1x8", "signs:1x8", "folded:2x4")
 PARAMS = [c if c in DEFAULT else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 NUM_LAYERS = 2
 _RUNS: dict = {}
