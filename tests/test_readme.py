@@ -66,8 +66,33 @@ def test_decode_step_example():
     np.testing.assert_array_equal(np.asarray(ns["cache"].lengths), [24 + 33, 17 + 33])
 
 
+def test_fold_value_rotation_example():
+    """The fold_value_rotation example, on a small random Llama with the recommended layout:
+    the folded model's prefill and step give the unfolded model's logits (float32: rounding
+    and the cache's own rounding of values on a boundary), its cache is a cfg cache."""
+    from models.llama import jit_prefill
+
+    mc = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=32, max_positions=512)
+    model = Llama(mc, nnx.Rngs(2), dtype=jnp.float32)
+    cfg = CacheConfig.recommended(group_size=16, sink=4, recent=16, capacity=160)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 50)), jnp.int32)
+    lengths = jnp.asarray([50, 41], jnp.int32)
+    next_tokens = jnp.asarray([3, 7], jnp.int32)
+    want, ref = jit_prefill(model, tokens, lengths, cfg)
+    want, _ = jit_decode_step(model, ref, next_tokens)
+    ns = {"model": model, "cfg": cfg, "tokens": tokens, "lengths": lengths,
+          "next_tokens": next_tokens, "jit_prefill": jit_prefill,
+          "jit_decode_step": jit_decode_step}
+    exec(compile(_block("fold_value_rotation(model, cfg)"), "README.md", "exec"), ns)  # noqa: S102
+    assert ns["cache"].config == cfg and ns["folded"].value_fold == -1
+    np.testing.assert_allclose(np.asarray(ns["logits"]), np.asarray(want), atol=2e-3)
+
+
 @pytest.mark.parametrize("block", range(len(_blocks())))
 def test_every_example_is_covered(block):
     """Each python block of the README is one of the examples run above."""
     text = _blocks()[block]
-    assert "donate_argnums=0" in text or "DecodeStep(model)" in text
+    assert any(m in text for m in ("donate_argnums=0", "DecodeStep(model)",
+                                   "fold_value_rotation(model, cfg)"))
