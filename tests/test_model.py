@@ -97,16 +97,19 @@ def test_greedy_generation_matches_transformers(model32, golden, ckpt):
     assert "Paris" in ckpt.tokenizer.decode(gen.tokens[0, :3].tolist())
 
 
+# a question about the prompt's own context, long enough that a group flushes at prefill
+CAPITALS = ("Paris is the capital and largest city of France. The city is known for the Eiffel "
+            "Tower, the Louvre museum and its cafes. Berlin is the capital of Germany, and Madrid "
+            "is the capital of Spain. Rome, the capital of Italy, is famous for its ancient "
+            "history. Question: What is the capital of France? Answer: The capital of France is")
+
+
 def test_innerq_cache_generation_is_coherent(ckpt):
     """The bf16 model on the 2-bit InnerQ cache answers a question about its own context,
     the context quantized: 74 prompt tokens, of which the first group of 32 after the sink
     is stored as 2-bit codes before the first answer token is drawn."""
     model = Llama.from_checkpoint(ckpt, dtype=jnp.bfloat16)
-    text = ("Paris is the capital and largest city of France. The city is known for the Eiffel "
-            "Tower, the Louvre museum and its cafes. Berlin is the capital of Germany, and Madrid "
-            "is the capital of Spain. Rome, the capital of Italy, is famous for its ancient "
-            "history. Question: What is the capital of France? Answer: The capital of France is")
-    ids = ckpt.tokenizer.encode(text).ids
+    ids = ckpt.tokenizer.encode(CAPITALS).ids
     cfg = CacheConfig.innerq(recent=32, group_size=32, capacity=256)
     assert len(ids) > cfg.sink + cfg.recent + cfg.group_size  # a group flushes at prefill
     gen = generate(model, [ids], cfg, max_new_tokens=8, backend="reference")
@@ -121,11 +124,7 @@ def test_folded_recommended_cache_on_the_real_model(model32, ckpt):
     (The two runs' values differ by float32 summation order before the cache rounds them;
     one on a rounding boundary lands on the other side, up to a code step of its group,
     as in test_sharding.py: measured 0.011 at most, within 5e-2.)"""
-    text = ("Paris is the capital and largest city of France. The city is known for the Eiffel "
-            "Tower, the Louvre museum and its cafes. Berlin is the capital of Germany, and Madrid "
-            "is the capital of Spain. Rome, the capital of Italy, is famous for its ancient "
-            "history. Question: What is the capital of France? Answer: The capital of France is")
-    ids = ckpt.tokenizer.encode(text).ids
+    ids = ckpt.tokenizer.encode(CAPITALS).ids
     cfg = CacheConfig.recommended(sink=4, recent=32, capacity=256)
     assert len(ids) > cfg.sink + cfg.recent + cfg.group_size  # a group flushes at prefill
     kw = dict(max_new_tokens=12, backend="reference", record_margins=True)
