@@ -198,8 +198,9 @@ def generate(
     also returns, per generated token, its logit's lead over the runner-up. For a cache
     that rotates values (the recommended cache) the model's value and output weights carry
     the rotation during the call (``fold_values``, default; computed once per call on the
-    device: ``models.llama.fold_value_rotation``), so no step rotates values; the cache
-    returned is the same kind of cache either way.
+    device: ``models.llama.fold_value_rotation``; the folded copies of each layer's ``qkv``
+    and ``o`` live for the call), so no step rotates values; the cache returned is the same
+    kind of cache either way.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
