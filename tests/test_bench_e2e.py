@@ -23,7 +23,8 @@ def test_quick_suite_writes_complete_rows(tmp_path):
     doc = json.loads((tmp_path / "e2e_quick.json").read_text())
     bw = doc["meta"]["copy_bandwidth"]
     assert bw > 0 and (tmp_path / "e2e_quick.png").exists()
-    assert [r["cache"] for r in doc["rows"]] == ["bf16", "int8", "outerq2", "innerq2"]
+    assert [r["cache"] for r in doc["rows"]] == ["bf16", "int8", "outerq2", "innerq2",
+                                                 "recommended"]
     for r in doc["rows"]:
         assert "error" not in r, r
         assert r["schema"] == bench_e2e.ROW_SCHEMA and r["backend"] == "cpu"
@@ -168,11 +169,35 @@ def test_bench_generate_times_the_loop_by_two_runs_difference(tmp_path, monkeypa
                                  "--out", str(tmp_path)])
     real = bench_generate._run_s
 
-    def wrong_short(model, ids, cfg, new, sink):  # the short run's text differs
-        t, c, toks = real(model, ids, cfg, new, sink)
+    def wrong_short(model, ids, cfg, new, sink, fold=True):  # the short run's text differs
+        t, c, toks = real(model, ids, cfg, new, sink, fold)
         return t, c, (toks + 1 if new == 4 else toks)
 
     monkeypatch.setattr(bench_generate, "_run_s", wrong_short)
     with pytest.raises(SystemExit, match="first ones"):
         bench_generate.main(["--model", "tiny", "--caches", "bf16", "--prompt", "40",
                              "--new", "12", "--reps", "1", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # compiles of the recommended cache's step and loop, folded and not
+def test_fold_options_label_rows(tmp_path):
+    """bench_e2e.py --fold-values on,off: the recommended cache's row twice, the unfolded one
+    labelled kind~unfolded and flagged; bench_generate.py KIND~unfolded runs generate
+    unfolded beside the folded row, and a kind with an unknown suffix is refused."""
+    import bench_generate
+
+    bench_e2e.main(["--suite", "quick", "--only", "recommended:2", "--call", "loop",
+                    "--fold-values", "on,off", "--out", str(tmp_path), "--steps", "2",
+                    "--reps", "1"])
+    rows = json.loads((tmp_path / "e2e_quick.json").read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["recommended@loop", "recommended~unfolded@loop"]
+    assert [r["values_folded"] for r in rows] == [True, False]
+    assert all("error" not in r for r in rows), rows
+    bench_generate.main(["--model", "tiny", "--caches", "recommended,recommended~unfolded",
+                         "--prompt", "40", "--new", "6", "--reps", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "generate_tiny.json").read_text())
+    assert [r["cache"] for r in doc["rows"]] == ["recommended", "recommended~unfolded"]
+    assert all("error" not in r for r in doc["rows"]), doc["rows"]
+    with pytest.raises(SystemExit):
+        bench_generate.main(["--model", "tiny", "--caches", "recommended~other",
+                             "--out", str(tmp_path)])
