@@ -516,6 +516,7 @@ class DecodeStep:
         self.backend, self.mesh, self.fold_values = backend, mesh, bool(fold_values)
         self._graphdef, state = nnx.split(model)
         self.params, self._treedef = jax.tree.flatten(state)
+        self._model_folds = getattr(model, "value_fold", None) is not None
         self._jitted, self._greedy = self._compile(self._graphdef, self._treedef)
         self._folded = {}  # fold key -> (params, jitted step, jitted greedy loop)
 
@@ -542,7 +543,8 @@ class DecodeStep:
 
     def _variant(self, cache_config: CacheConfig):
         """(params, step, greedy loop) for a cache of ``cache_config``."""
-        if not (self.fold_values and cache_config.rotate_values):
+        if not (self.fold_values and cache_config.rotate_values) or self._model_folds:
+            # (a model folded already steps as it is: decode_step checks its cache config)
             return self.params, self._jitted, self._greedy
         key = _fold_key(cache_config)
         if key not in self._folded:

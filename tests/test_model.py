@@ -530,6 +530,14 @@ def test_generate_and_bound_step_fold_the_value_rotation(tiny):
         l1, c1 = step(c1, toks[:, t])
         l2, c2 = plain(c2, toks[:, t])
         np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), atol=2e-3)
+    # a model folded already is stepped as it is (not folded twice)
+    from models.llama import fold_value_rotation
+
+    pre = DecodeStep(fold_value_rotation(tiny, cfg), backend="reference")
+    assert pre.params_for(cfg) is pre.params
+    l3, _ = pre(jax.tree.map(jnp.copy, c2), toks[:, 0])
+    l2, _ = plain(c2, toks[:, 0])
+    np.testing.assert_allclose(np.asarray(l3), np.asarray(l2), atol=2e-3)
 
 
 TINY_QKV = (TINY.hidden_size, TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads + 2,
