@@ -219,6 +219,8 @@ def cmd_generate(args) -> int:
         f"tokens in regions  sink {int(sizes.sink[0])} / quantized {int(sizes.quantized[0])} "
         f"/ recent {int(sizes.recent[0])}  (total {int(np.asarray(cache.lengths)[0])})",
         f"config             {cfg}",
+    ] + (["weights            the value rotation folded into W_v and W_o for the run "
+          "(models.llama.fold_value_rotation)"] if cfg.rotate_values else []) + [
         f"sampling           temperature {sampling.temperature}, top-k {sampling.top_k}, "
         f"top-p {sampling.top_p}, repetition penalty {sampling.repetition_penalty}",
     ]

@@ -227,3 +227,13 @@ def test_sampling_reaches_generate_and_the_report(monkeypatch, capsys, smollm2_t
         assert f"repetition penalty {want}" in err
     assert s.temperature == 0.7 and "temperature 0.7" in err
     assert models.generate.Sampling().repetition_penalty == 1.0
+
+
+def test_report_says_when_the_value_rotation_is_folded(monkeypatch, capsys, smollm2_tokenizer):
+    """The default (recommended) cache rotates values, which generate folds into the
+    weights: the report says so; the paper-faithful cache's report does not."""
+    for argv, folded in (([], True), (["--cache", "innerq"], False)):
+        _fake_model(monkeypatch, smollm2_tokenizer, [20348])
+        code, _, err = _run(["generate", "hi", "--no-stream", *argv], capsys)
+        assert code == 0, err
+        assert ("value rotation folded into W_v and W_o" in err) == folded, err
