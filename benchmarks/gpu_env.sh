@@ -108,6 +108,27 @@ e2e_rows() {
   cat "/tmp/e2e_$tag.txt" >> "$all"
 }
 
+# step_rows TAG TIMEOUT_S ONLY [ARGS...]: the default model's step (SmolLM2 shape, --suite cli,
+# B 1 / 1k) for the caches ONLY (kind:B,...), 20 greedy steps in one device loop, traced,
+# into $OUT/e2e_h200_round<TAG>.json (e2e_rows), then each row's profile ($TOP costliest ops,
+# default 10) to $LOG
+step_rows() {
+  local tag=$1 t=$2 only=$3; shift 3
+  e2e_rows "$tag" "$t" "$OUT/e2e_h200_round${tag}_log.txt" --model smollm2 --suite cli \
+    --only "$only" --call loop --steps 20 --profile "$@"
+  profile_summary "$OUT/e2e_h200_round$tag.json" "${TOP:-10}"
+}
+
+# generate_rows TAG TIMEOUT_S ARGS...: bench_generate.py on the SmolLM2 shape with ARGS into
+# $OUT/generate_h200_smollm2_round<TAG>.json; its output (rows, table, --profile's ops) to $LOG
+generate_rows() {
+  local tag=$1 t=$2; shift 2
+  timeout "$t" $PY benchmarks/bench_generate.py --model smollm2 \
+    --tag "h200_smollm2_round$tag" --out "$OUT" "$@" > /tmp/gen.txt 2>&1
+  echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+  grep -vE "^\{|Warning|warn" /tmp/gen.txt | tail -90 | cut -c1-200 | tee -a "$LOG"
+}
+
 # profile_summary JSON [N]: each row's device busy time, kernels per step and N costliest
 # ops (bench_e2e.py --profile) to $LOG
 profile_summary() {

@@ -12,9 +12,7 @@ LOG="$OUT/round22b_log.txt"
 start_log "$LOG"
 every_gpu_test "$OUT/round22b_gpu_tests.txt" "${TESTS_S:-200}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-e2e_rows 22b "${PROF_S:-160}" "$OUT/e2e_h200_round22b_log.txt" --model smollm2 \
-  --suite cli --only bf16:1,innerq2:1 --call loop --steps 20 --profile --budget-s 140
-profile_summary "$OUT/e2e_h200_round22b.json" 10
+step_rows 22b "${PROF_S:-160}" bf16:1,innerq2:1 --budget-s 140
 unset XLA_PYTHON_CLIENT_MEM_FRACTION
 TRACE_S=${TRACE_S:-110} trace_op _round22b_long '[[8, 32768, {}], [1, 131072, {}]]' '{}' \
   '["innerq_dispatch", "bf16_pallas"], "inputs": ["rotating"]'

@@ -8,14 +8,9 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/round22d_log.txt"
 start_log "$LOG"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-timeout "${GEN_S:-210}" $PY benchmarks/bench_generate.py --model smollm2 \
-  --caches bf16,innerq2,recommended --prompt 800 --new 192 --short 32 --reps 5 \
-  --tag h200_smollm2_round22d --out "$OUT" > /tmp/gen.txt 2>&1
-echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "ms per token|^cache|^bf16|^innerq2|^recommended|Error" /tmp/gen.txt | tee -a "$LOG"
-e2e_rows 22d "${PROF_S:-150}" "$OUT/e2e_h200_round22d_log.txt" --model smollm2 \
-  --suite cli --only bf16:1,recommended:1 --call loop --steps 20 --profile --budget-s 130
-profile_summary "$OUT/e2e_h200_round22d.json" 10
+generate_rows 22d "${GEN_S:-210}" --caches bf16,innerq2,recommended --prompt 800 --new 192 \
+  --short 32 --reps 5
+step_rows 22d "${PROF_S:-150}" bf16:1,recommended:1 --budget-s 130
 rm -rf "$OUT/traces" "$OUT"/*.png
 ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -11,15 +11,9 @@ LOG="$OUT/round23_log.txt"
 start_log "$LOG"
 every_gpu_test "$OUT/round23_gpu_tests.txt" "${TESTS_S:-200}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-e2e_rows 23 "${PROF_S:-170}" "$OUT/e2e_h200_round23_log.txt" --model smollm2 \
-  --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
-  --budget-s 150
-profile_summary "$OUT/e2e_h200_round23.json" 10
-timeout "${GEN_S:-180}" $PY benchmarks/bench_generate.py --model smollm2 \
-  --caches bf16,innerq2,recommended --prompt 800 --new 160 --short 32 --reps 5 \
-  --tag h200_smollm2_round23 --out "$OUT" > /tmp/gen.txt 2>&1
-echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "ms per token|^cache|^bf16|^innerq2|^recommended|Error" /tmp/gen.txt | tee -a "$LOG"
+step_rows 23 "${PROF_S:-170}" bf16:1,innerq2:1,recommended:1 --budget-s 150
+generate_rows 23 "${GEN_S:-180}" --caches bf16,innerq2,recommended --prompt 800 --new 160 \
+  --short 32 --reps 5
 rm -rf "$OUT/traces" "$OUT"/*.png
 ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

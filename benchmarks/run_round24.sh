@@ -12,16 +12,11 @@ start_log "$LOG"
 gpu_tests "$OUT/round24_gpu_tests.txt" "${TESTS_S:-120}" tests/test_model.py \
   tests/test_decode_memory.py
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-e2e_rows 24 "${PROF_S:-200}" "$OUT/e2e_h200_round24_log.txt" --model smollm2 \
-  --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
-  --hlo --fold-values on,off --budget-s 170
-profile_summary "$OUT/e2e_h200_round24.json" 12
+TOP=12 step_rows 24 "${PROF_S:-200}" bf16:1,innerq2:1,recommended:1 --hlo --fold-values on,off \
+  --budget-s 170
 tar -C "$OUT" -czf "$OUT/e2e_h200_round24_hlo.tgz" hlo && rm -rf "$OUT/hlo"
-timeout "${GEN_S:-200}" $PY benchmarks/bench_generate.py --model smollm2 \
-  --caches bf16,innerq2,recommended,recommended~unfolded --prompt 800 --new 160 --short 32 \
-  --reps 5 --tag h200_smollm2_round24 --out "$OUT" > /tmp/gen.txt 2>&1
-echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "ms per token|^cache|^bf16|^innerq2|^recommended|Error" /tmp/gen.txt | tee -a "$LOG"
+generate_rows 24 "${GEN_S:-200}" --caches bf16,innerq2,recommended,recommended~unfolded \
+  --prompt 800 --new 160 --short 32 --reps 5
 rm -rf "$OUT/traces" "$OUT"/*.png
 ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

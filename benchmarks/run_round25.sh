@@ -13,21 +13,12 @@ start_log "$LOG"
 gpu_tests "$OUT/round25_gpu_tests.txt" "${TESTS_S:-120}" tests/test_model.py \
   tests/test_decode_memory.py
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-e2e_rows 25 "${PROF_S:-150}" "$OUT/e2e_h200_round25_log.txt" --model smollm2 \
-  --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 --profile \
-  --budget-s 120
-profile_summary "$OUT/e2e_h200_round25.json" 12
+TOP=12 step_rows 25 "${PROF_S:-150}" bf16:1,innerq2:1,recommended:1 --budget-s 120
 export INNERQ_VECTOR_DOTS=keep
-e2e_rows 25k "${PROF_S:-150}" "$OUT/e2e_h200_round25k_log.txt" \
-  --model smollm2 --suite cli --only bf16:1,innerq2:1,recommended:1 --call loop --steps 20 \
-  --profile --budget-s 120
-profile_summary "$OUT/e2e_h200_round25k.json" 6
+TOP=6 step_rows 25k "${PROF_S:-150}" bf16:1,innerq2:1,recommended:1 --budget-s 120
 unset INNERQ_VECTOR_DOTS
-timeout "${GEN_S:-270}" $PY benchmarks/bench_generate.py --model smollm2 \
-  --caches bf16,recommended,recommended~unfolded,innerq2 --prompt 800 --new 160 --short 32 \
-  --reps 5 --tag h200_smollm2_round25 --out "$OUT" > /tmp/gen.txt 2>&1
-echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -E "ms per token|^cache|^bf16|^innerq2|^recommended|Error" /tmp/gen.txt | tee -a "$LOG"
+generate_rows 25 "${GEN_S:-270}" --caches bf16,recommended,recommended~unfolded,innerq2 \
+  --prompt 800 --new 160 --short 32 --reps 5
 rm -rf "$OUT/traces" "$OUT"/*.png
 ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

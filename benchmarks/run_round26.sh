@@ -8,11 +8,8 @@ source benchmarks/gpu_env.sh
 LOG="$OUT/round26_log.txt"
 start_log "$LOG"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-timeout "${GEN_S:-250}" $PY benchmarks/bench_generate.py --model smollm2 \
-  --caches bf16,innerq2,recommended --prompt 800 --new 160 --short 32 --reps 2 --profile \
-  --tag h200_smollm2_round26 --out "$OUT" > /tmp/gen.txt 2>&1
-echo "bench_generate rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
-grep -vE "^\{|Warning|warn" /tmp/gen.txt | tail -90 | cut -c1-200 | tee -a "$LOG"
+generate_rows 26 "${GEN_S:-250}" --caches bf16,innerq2,recommended --prompt 800 --new 160 \
+  --short 32 --reps 2 --profile
 rm -rf "$OUT/traces" "$OUT"/*.png
 ls "$OUT" | tee -a "$LOG"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"
