@@ -434,6 +434,10 @@ class DenseLayer:
         put = lambda x: jnp.pad(jnp.where(ok, x, 0), pad).astype(COMPUTE_DTYPE)  # noqa: E731
         return cls(put(k), put(v))
 
+    def append_with_counters(self, k, v, lengths, cfg):
+        """(:meth:`append`, None): no kernel of this layer writes attention counters."""
+        return self.append(k, v, lengths, cfg), None
+
     def append(self, k, v, lengths, cfg):
         ok = lengths < cfg.capacity
         return DenseLayer(
@@ -475,6 +479,10 @@ class Int8Layer:
         (kc, ks), (vc, vs) = _int8_quantize(dense.k), _int8_quantize(dense.v)
         return cls(kc, vc, ks, vs)
 
+    def append_with_counters(self, k, v, lengths, cfg):
+        """(:meth:`append`, None): no kernel of this layer writes attention counters."""
+        return self.append(k, v, lengths, cfg), None
+
     def append(self, k, v, lengths, cfg):
         ok = lengths < cfg.capacity
         (kc, ks), (vc, vs) = _int8_quantize(k[:, :, None]), _int8_quantize(v[:, :, None])
@@ -492,8 +500,10 @@ _LAYER_KIND = {"innerq": QuantLayer, "outerq": QuantLayer, "bf16": DenseLayer, "
 
 def layer_class(cfg: CacheConfig):
     """The layer class of a cache kind. Every class takes ``create(B, H, D, cfg, layer=0)``
-    and ``prefill(k, v, lengths, cfg, layer=0, signs=None)``; the layer index and the
-    randomized Hadamard signs only matter to a rotated quantized layer."""
+    and ``prefill(k, v, lengths, cfg, layer=0, signs=None)``, and its layers
+    ``append(k, v, lengths, cfg)`` and ``append_with_counters(...)`` (the new layer and the
+    fused attention op's done-counters its append kernel wrote, or None); the layer index
+    and the randomized Hadamard signs only matter to a rotated quantized layer."""
     return _LAYER_KIND[cfg.kind]
 
 

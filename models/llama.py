@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from innerq_jax import CacheConfig, KVCache, decode_attention_layer
-from innerq_jax.cache import QuantLayer, hadamard, layer_class, rotation_signs
+from innerq_jax.cache import hadamard, layer_class, rotation_signs
 from innerq_jax.config import is_int
 from innerq_jax.sharding import MODEL, cache_shardings, on_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -200,7 +200,7 @@ class Attention(nnx.Module):
         c = self.cfg
         B, T, _ = x.shape
         q, k, v = self.project(x, positions, inv_freq)
-        cfg = ctx.cache_config
+        cfg = ctx.config
         if layer_cache is None:
             r = c.num_heads // c.num_kv_heads
             qg = q.reshape(B, T, c.num_kv_heads, r, c.head_dim)
@@ -224,10 +224,8 @@ class Attention(nnx.Module):
                                   ctx.lengths, signs)
         else:
             def step(q1, k1, v1, lay, n):
-                if isinstance(lay, QuantLayer):  # its write kernel zeroes the op's counters
-                    lay, counters = lay.append_with_counters(k1, v1, n, cfg)
-                else:
-                    lay, counters = lay.append(k1, v1, n, cfg), None
+                # (a quantized layer's write kernel also zeroes the attention op's counters)
+                lay, counters = lay.append_with_counters(k1, v1, n, cfg)
                 after = jnp.minimum(n + 1, cfg.capacity)
                 return decode_attention_layer(q1, lay, after, cfg, backend=ctx.backend,
                                               counters=counters), lay
@@ -270,18 +268,13 @@ class CacheContext:
     """What every layer's attention needs besides its own cache."""
 
     lengths: jax.Array  # [B] tokens in the cache before this call (prefill: prompt lengths)
+    # the config the layers are written and read with: the cache's, or for a model that folds
+    # the value rotation (:func:`fold_value_rotation`) the same rotating keys only
+    # (:func:`_layer_config`)
     config: CacheConfig
     backend: str = "auto"
     mesh: Mesh | None = None  # data x model mesh; attention then runs per device
     layer: int = 0  # index of the layer being built (prefill: its rotation signs)
-    # the config the layers' caches are written and read with: ``config``, or where the
-    # model's weights fold the value rotation (:func:`fold_value_rotation`) the same cache
-    # rotating keys only (its values arrive rotated and the output leaves rotated)
-    layer_config: CacheConfig | None = None
-
-    @property
-    def cache_config(self) -> CacheConfig:
-        return self.config if self.layer_config is None else self.layer_config
 
 
 class Llama(nnx.Module):
@@ -343,13 +336,14 @@ def _fold_key(cache_config: CacheConfig) -> int:
     return cache_config.rotation_seed if cache_config.rotation_signs else -1
 
 
-def _layer_config(model: "Llama", cache_config: CacheConfig) -> CacheConfig | None:
-    """None for a model with its own weights; for one that folds the value rotation, the
-    cache config its layers are written and read with (the same cache rotating keys only),
-    after checking that ``cache_config`` rotates values with the signs the fold used."""
+def _layer_config(model: "Llama", cache_config: CacheConfig) -> CacheConfig:
+    """The config a cache of ``cache_config`` has its layers written and read with by
+    ``model``: ``cache_config`` itself, or for a model that folds the value rotation the
+    same cache rotating keys only, after checking that ``cache_config`` rotates values with
+    the signs the fold used."""
     fold = getattr(model, "value_fold", None)
     if fold is None:
-        return None
+        return cache_config
     if not cache_config.rotate_values or _fold_key(cache_config) != fold:
         raise ValueError(
             f"this model folds a value rotation into its weights (fold_value_rotation, "
@@ -426,8 +420,8 @@ def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, cache_config: C
     pos = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
     x = model.embed[...][tokens]
     inv = model.inv_freq[...]
-    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), cache_config, mesh=mesh,
-                       layer_config=_layer_config(model, cache_config))
+    ctx = CacheContext(jnp.asarray(lengths, jnp.int32), _layer_config(model, cache_config),
+                       mesh=mesh)
     layers = []
     for i, block in enumerate(model.layers):
         x, layer_cache = block(x, pos, inv, replace(ctx, layer=i))
@@ -451,8 +445,7 @@ def decode_step(model: Llama, cache: KVCache, tokens: jax.Array, *, backend: str
     pos = cache.lengths[:, None]  # [B, 1]
     x = model.embed[...][tokens][:, None, :]  # [B, 1, E]
     inv = model.inv_freq[...]
-    ctx = CacheContext(cache.lengths, cache.config, backend, mesh,
-                       layer_config=_layer_config(model, cache.config))
+    ctx = CacheContext(cache.lengths, _layer_config(model, cache.config), backend, mesh)
     layers = []
     for block, layer_cache in zip(model.layers, cache.layers, strict=True):
         x, layer_cache = block(x, pos, inv, ctx, layer_cache)

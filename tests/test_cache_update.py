@@ -322,3 +322,24 @@ def test_append_with_counters_zeroes_the_attention_ops_counters(name):
     _assert_same(got, layer.append(k1, v1, lengths, cfg, writer=KERNEL), name)
     _, none = layer.append_with_counters(k1, v1, lengths, cfg, writer="scatter")
     assert none is None
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_unquantized_layers_append_with_no_counters(kind):
+    """Every layer class takes append_with_counters (the model's step calls it whatever the
+    cache): the bf16 and int8 layers give append's layer, leaf for leaf, and no counters."""
+    cfg = {"bf16": CacheConfig.bf16, "int8": CacheConfig.int8}[kind](capacity=64)
+    B, H, D = 2, 2, 32
+    rng = np.random.default_rng(3)
+    lengths = jnp.asarray([9, 63], jnp.int32)
+    k = jnp.asarray(rng.standard_normal((1, B, H, 63, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, B, H, 63, D)), jnp.float32)
+    layer = KVCache.from_prefill(cfg, k, v, lengths).layer(0)
+    k1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
+    v1 = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
+    got, counters = layer.append_with_counters(k1, v1, lengths, cfg)
+    assert counters is None
+    want = layer.append(k1, v1, lengths, cfg)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(got.k), np.asarray(layer.k))  # the token landed
