@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from innerq_jax.cache import Int8Layer, QuantLayer, hadamard
+from innerq_jax.cache import Int8Layer, QuantLayer, hadamard_rotate
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import (
     recent_slot_tokens,
@@ -58,7 +58,7 @@ def prepare_query(q: jax.Array, layer: QuantLayer, cfg: CacheConfig, softmax_sca
     if cfg.rotate_keys:
         if layer.rot_signs is not None:  # randomized Hadamard: (q * s) @ H, as the keys
             qh = qh * layer.rot_signs.astype(jnp.float32)[:, :, None, :]
-        qh = qh @ hadamard(D)
+        qh = hadamard_rotate(qh)
     return qh * layer.k_scale[:, :, None, :] * softmax_scale
 
 
@@ -70,7 +70,7 @@ def finish_output(o: jax.Array, cfg: CacheConfig, dtype, signs: jax.Array | None
     undone after H (the values were stored as (v * s) @ H)."""
     B, H, r, D = o.shape
     if cfg.rotate_values:
-        o = o @ hadamard(D)  # H is symmetric and orthonormal: its own inverse
+        o = hadamard_rotate(o)  # H is symmetric and orthonormal: its own inverse
         if signs is not None:
             o = o * signs.astype(jnp.float32)[:, :, None, :]
     return o.reshape(B, H * r, D).astype(dtype)
