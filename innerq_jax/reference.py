@@ -53,7 +53,7 @@ def split_heads(q: jax.Array, H: int) -> jax.Array:
 
 def prepare_query(q: jax.Array, layer: QuantLayer, cfg: CacheConfig, softmax_scale: float):
     """q [B, Hq, D] -> q' [B, Hkv, Hq/Hkv, D] f32 with rotation, sigma and scale folded in."""
-    H, D = layer.k_scale.shape[1], layer.k_scale.shape[2]
+    H = layer.k_scale.shape[1]
     qh = split_heads(q, H).astype(jnp.float32)
     if cfg.rotate_keys:
         if layer.rot_signs is not None:  # randomized Hadamard: (q * s) @ H, as the keys
