@@ -59,24 +59,6 @@ def hadamard(D: int) -> np.ndarray:
     return h / np.sqrt(D)
 
 
-def hadamard_rotate(x: jax.Array) -> jax.Array:
-    """``x @ hadamard(D)`` along the last axis (D a power of two), as log2(D) butterfly stages
-    of sums and differences in ``x``'s dtype: the Sylvester order of :func:`hadamard`, no
-    matrix product. On a GPU, XLA runs an f32 product with H at TF32 by default and as a
-    kernel of its own; the stages are float32-exact adds that XLA fuses with the
-    elementwise work around them (the signs, sigma, the casts)."""
-    D = x.shape[-1]
-    if D < 1 or D & (D - 1):
-        raise ValueError(f"the Hadamard rotation needs a power-of-two last axis; got {D}")
-    lead, h, y = x.shape[:-1], 1, x
-    while h < D:  # pairs (i, i + h) in blocks of 2h: [a + b, a - b]
-        y = y.reshape(*lead, D // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = jnp.stack([a + b, a - b], axis=-2)
-        h *= 2
-    return y.reshape(x.shape) * jnp.asarray(1.0 / np.sqrt(D), x.dtype)
-
-
 def rotation_signs(cfg: CacheConfig, layer: int, batch: int, num_kv_heads: int,
                    head_dim: int) -> jax.Array | None:
     """The randomized Hadamard's signs: [B, Hkv, D] int8 of +-1, or None when unused.
@@ -149,13 +131,13 @@ class QuantLayer:
         The rotation is x -> (x * s) @ H: H diag(s) applied to each token's key."""
         x = k.astype(jnp.float32) - centre[:, :, None, :]
         if cfg.rotate_keys:
-            x = hadamard_rotate(_apply_signs(x, signs))
+            x = _apply_signs(x, signs) @ hadamard(k.shape[-1])
         return x / scale[:, :, None, :]
 
     @staticmethod
     def value_transform(v: jax.Array, cfg: CacheConfig, signs=None) -> jax.Array:
         x = v.astype(jnp.float32)
-        return hadamard_rotate(_apply_signs(x, signs)) if cfg.rotate_values else x
+        return _apply_signs(x, signs) @ hadamard(v.shape[-1]) if cfg.rotate_values else x
 
     @staticmethod
     def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig, signs=None):
@@ -180,7 +162,7 @@ class QuantLayer:
             return centre, jnp.ones((B, H, D), jnp.float32)
         y = x - centre[:, :, None, :]
         if cfg.rotate_keys:
-            y = hadamard_rotate(_apply_signs(y, signs))
+            y = _apply_signs(y, signs) @ hadamard(D)
         if cfg.key_scale == "absmax":
             stat = jnp.max(jnp.where(use, jnp.abs(y), 0.0), axis=2)
             # as in quant.py: a non-finite prompt key stays visible (the CPU max may drop NaN)

@@ -398,24 +398,3 @@ def test_recommended_preset_and_cli_mapping():
     assert _cache_config(ns) == CacheConfig.innerq(capacity=1024, sink=8, recent=64)
     ns.cache, ns.sink = "outerq", None
     assert _cache_config(ns) == CacheConfig.outerq(capacity=1024, recent=64)
-
-
-@pytest.mark.parametrize("D", [2, 16, 64, 128, 256])
-def test_hadamard_rotate_is_the_product_with_h(D):
-    """The butterfly rotation against the float64 product with the oracle's own Sylvester
-    matrix (built recursively there, not from the library), on random rows of two leading
-    shapes; it keeps the dtype, computes no matrix product and refuses other widths."""
-    from innerq_jax.cache import hadamard_rotate
-
-    rng = np.random.default_rng(D)
-    h = oracle.hadamard(D).astype(np.float64)
-    for shape in [(D,), (2, 3, 5, D)]:
-        x = rng.standard_normal(shape).astype(np.float32) * 3.0
-        got = jax.jit(hadamard_rotate)(jnp.asarray(x))
-        assert got.dtype == jnp.float32 and got.shape == x.shape
-        want = x.astype(np.float64) @ h
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=2e-6 * 3 * np.sqrt(D))
-    jaxpr = str(jax.make_jaxpr(hadamard_rotate)(jnp.ones((4, D), jnp.float32)))
-    assert "dot_general" not in jaxpr
-    with pytest.raises(ValueError, match="power-of-two last axis; got 48"):
-        hadamard_rotate(jnp.ones((2, 48), jnp.float32))
