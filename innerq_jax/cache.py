@@ -59,24 +59,6 @@ def hadamard(D: int) -> np.ndarray:
     return h / np.sqrt(D)
 
 
-# Rows up to which :func:`hadamard_rotate` multiplies and sums instead of calling a matrix
-# product (a decode step's few query and key rows; a prefill's many go to the product).
-ROTATE_REDUCE_ROWS = 256
-
-
-def hadamard_rotate(x: jax.Array) -> jax.Array:
-    """``x @ hadamard(D)`` along the last axis. A decode step's few rows (at most
-    ``ROTATE_REDUCE_ROWS``) as a float32 multiply and sum over D, which XLA fuses with the
-    elementwise work around it (the signs, sigma, the casts) where a product with H is a
-    kernel of its own, and on GPUs a TF32 one by default; more rows as the product."""
-    D = x.shape[-1]
-    h = jnp.asarray(hadamard(D), x.dtype)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if rows <= ROTATE_REDUCE_ROWS:
-        return jnp.sum(x[..., :, None] * h, axis=-2)
-    return x @ h
-
-
 def rotation_signs(cfg: CacheConfig, layer: int, batch: int, num_kv_heads: int,
                    head_dim: int) -> jax.Array | None:
     """The randomized Hadamard's signs: [B, Hkv, D] int8 of +-1, or None when unused.
@@ -149,13 +131,13 @@ class QuantLayer:
         The rotation is x -> (x * s) @ H: H diag(s) applied to each token's key."""
         x = k.astype(jnp.float32) - centre[:, :, None, :]
         if cfg.rotate_keys:
-            x = hadamard_rotate(_apply_signs(x, signs))
+            x = _apply_signs(x, signs) @ hadamard(k.shape[-1])
         return x / scale[:, :, None, :]
 
     @staticmethod
     def value_transform(v: jax.Array, cfg: CacheConfig, signs=None) -> jax.Array:
         x = v.astype(jnp.float32)
-        return hadamard_rotate(_apply_signs(x, signs)) if cfg.rotate_values else x
+        return _apply_signs(x, signs) @ hadamard(v.shape[-1]) if cfg.rotate_values else x
 
     @staticmethod
     def key_statistics(k: jax.Array, lengths: jax.Array, cfg: CacheConfig, signs=None):
@@ -180,7 +162,7 @@ class QuantLayer:
             return centre, jnp.ones((B, H, D), jnp.float32)
         y = x - centre[:, :, None, :]
         if cfg.rotate_keys:
-            y = hadamard_rotate(_apply_signs(y, signs))
+            y = _apply_signs(y, signs) @ hadamard(D)
         if cfg.key_scale == "absmax":
             stat = jnp.max(jnp.where(use, jnp.abs(y), 0.0), axis=2)
             # as in quant.py: a non-finite prompt key stays visible (the CPU max may drop NaN)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from innerq_jax.cache import Int8Layer, QuantLayer, hadamard_rotate
+from innerq_jax.cache import Int8Layer, QuantLayer, hadamard
 from innerq_jax.config import CacheConfig
 from innerq_jax.layout import (
     recent_slot_tokens,
@@ -53,12 +53,12 @@ def split_heads(q: jax.Array, H: int) -> jax.Array:
 
 def prepare_query(q: jax.Array, layer: QuantLayer, cfg: CacheConfig, softmax_scale: float):
     """q [B, Hq, D] -> q' [B, Hkv, Hq/Hkv, D] f32 with rotation, sigma and scale folded in."""
-    H = layer.k_scale.shape[1]
+    H, D = layer.k_scale.shape[1], layer.k_scale.shape[2]
     qh = split_heads(q, H).astype(jnp.float32)
     if cfg.rotate_keys:
         if layer.rot_signs is not None:  # randomized Hadamard: (q * s) @ H, as the keys
             qh = qh * layer.rot_signs.astype(jnp.float32)[:, :, None, :]
-        qh = hadamard_rotate(qh)
+        qh = qh @ hadamard(D)
     return qh * layer.k_scale[:, :, None, :] * softmax_scale
 
 
@@ -70,7 +70,7 @@ def finish_output(o: jax.Array, cfg: CacheConfig, dtype, signs: jax.Array | None
     undone after H (the values were stored as (v * s) @ H)."""
     B, H, r, D = o.shape
     if cfg.rotate_values:
-        o = hadamard_rotate(o)  # H is symmetric and orthonormal: its own inverse
+        o = o @ hadamard(D)  # H is symmetric and orthonormal: its own inverse
         if signs is not None:
             o = o * signs.astype(jnp.float32)[:, :, None, :]
     return o.reshape(B, H * r, D).astype(dtype)
