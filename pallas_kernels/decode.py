@@ -185,30 +185,29 @@ def _combine_partials(po_ref, pm_ref, pl_ref, n, NR, rows, D, step=8):
         hh = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         return jnp.minimum(ss, n - 1), jnp.minimum(hh, NR - 1), (ss < n) & (hh < NR)
 
-    if n * rows * D <= MERGE_ONCE:
-        step = next_pow2(n)
-        sc, h2, ok = split_rows(0, (step, rows))
-        pm = load(pm_ref, (sc, h2), ok, NEG)
-        pl_ = load(pl_ref, (sc, h2), ok, 0.0)
-        s3, h3, ok3 = split_rows(0, (step, rows, D))
-        d3 = jax.lax.broadcasted_iota(jnp.int32, (step, rows, D), 2)
-        po = load(po_ref, (s3, h3, d3), ok3, 0.0)
-        m_max = jnp.max(pm, axis=0)
+    def partials(s0, size):  # splits s0 .. s0 + size: (max, sum, output, valid), padded
+        sc, h2, ok = split_rows(s0, (size, rows))
+        s3, h3, ok3 = split_rows(s0, (size, rows, D))
+        d3 = jax.lax.broadcasted_iota(jnp.int32, (size, rows, D), 2)
+        return (load(pm_ref, (sc, h2), ok, NEG), load(pl_ref, (sc, h2), ok, 0.0),
+                load(po_ref, (s3, h3, d3), ok3, 0.0), ok)
+
+    def weighted(pm, pl_, po, ok, m_max):  # (sum_s w_s o_s, sum_s w_s l_s)
         w = jnp.where(ok, jnp.exp2(pm - m_max[None, :]), 0.0)
-        return _normalized(jnp.sum(w[:, :, None] * po, axis=0), jnp.sum(w * pl_, axis=0))
-    d3 = jax.lax.broadcasted_iota(jnp.int32, (step, rows, D), 2)
+        return jnp.sum(w[:, :, None] * po, axis=0), jnp.sum(w * pl_, axis=0)
+
+    if n * rows * D <= MERGE_ONCE:
+        pm, pl_, po, ok = partials(0, next_pow2(n))
+        return _normalized(*weighted(pm, pl_, po, ok, jnp.max(pm, axis=0)))
     m_max = jnp.full((rows,), NEG, jnp.float32)
     for s0 in range(0, n, step):
         sc, h2, ok = split_rows(s0, (step, rows))
         m_max = jnp.maximum(m_max, jnp.max(load(pm_ref, (sc, h2), ok, NEG), axis=0))
-    l_tot = jnp.zeros((rows,), jnp.float32)
     o_tot = jnp.zeros((rows, D), jnp.float32)
+    l_tot = jnp.zeros((rows,), jnp.float32)
     for s0 in range(0, n, step):
-        sc, h2, ok = split_rows(s0, (step, rows))
-        w = jnp.where(ok, jnp.exp2(load(pm_ref, (sc, h2), ok, NEG) - m_max[None, :]), 0.0)
-        l_tot = l_tot + jnp.sum(w * load(pl_ref, (sc, h2), ok, 0.0), axis=0)
-        s3, h3, ok3 = split_rows(s0, (step, rows, D))
-        o_tot = o_tot + jnp.sum(w[:, :, None] * load(po_ref, (s3, h3, d3), ok3, 0.0), axis=0)
+        o_s, l_s = weighted(*partials(s0, step), m_max)
+        o_tot, l_tot = o_tot + o_s, l_tot + l_s
     return _normalized(o_tot, l_tot)
 
 
