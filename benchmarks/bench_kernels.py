@@ -254,21 +254,13 @@ def _multi(fn, arg_sets, n_calls=None):
     program, call i on input set i % len(arg_sets) (distinct buffers) with its own copy of
     the first argument (the query), so no two calls are identical and XLA cannot merge them.
 
-    Every buffer is an argument of the program once: the queries one per call, each input
-    set's other arrays once however many calls read them (round 30; before, each call's
-    arrays were flattened again, so a program of 32 calls over one cache layer's ~15 arrays
-    took 480 arguments and the host's work on them, ~1 us each, outlasted the device's at
-    a 4k-token cache: KERNEL_NOTES.md, rounds 17 and 30)."""
+    Each call's arrays are separate arguments of the program even where calls share a
+    set: given each buffer once (round 30), XLA saw the calls sharing a cache and merged
+    the XLA peer's products over it, 7.5 TB/s on the H200's 4.8 (KERNEL_NOTES.md, round 30)."""
     n_calls = n_calls or CALLS
-    n = len(arg_sets)
-    queries = [jax.tree.map(lambda x: x.copy(), arg_sets[i % n][0]) for i in range(n_calls)]
-    rests = [tuple(a[1:]) for a in arg_sets]
-
-    def program(args):
-        qs, rs = args
-        return [fn(qs[i], *rs[i % n]) for i in range(n_calls)]
-
-    return jax.jit(program), (queries, rests)
+    calls = [(jax.tree.map(lambda x: x.copy(), arg_sets[i % len(arg_sets)][0]),)
+             + tuple(arg_sets[i % len(arg_sets)][1:]) for i in range(n_calls)]
+    return jax.jit(lambda cs: [fn(*a) for a in cs]), calls
 
 
 PROGRAMS = 4  # timed programs dispatched back to back per repetition, one sync at the end
@@ -297,7 +289,7 @@ def _time_programs(multi, calls, reps: int, programs: int) -> list[float]:
         t0 = time.perf_counter()
         outs = [multi(calls) for _ in range(programs)]
         jax.block_until_ready(outs)
-        ts.append((time.perf_counter() - t0) * 1e3 / (programs * len(calls[0])))
+        ts.append((time.perf_counter() - t0) * 1e3 / (programs * len(calls)))
     return ts
 
 
@@ -1111,7 +1103,7 @@ def trace(log, args, save):
                         ms = time_calls(fn, sets, args.reps, warm_s=args.warm_s)[0]
                         multi, calls = _multi(fn, sets)
                         jax.block_until_ready(multi(calls))
-                        per_dev = trace_runs(lambda: multi(calls), 2, len(calls[0]))
+                        per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
                         continue
