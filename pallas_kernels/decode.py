@@ -33,7 +33,6 @@ quantized region's offsets come from :mod:`innerq_jax.layout`.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -305,28 +304,6 @@ def _default_splits(B, H, n_blocks, sms: int):
     return int(max(1, min(n_blocks // 2, round(4 * sms / (B * H)))))
 
 
-# The query's rotation in every program's prologue where a call has at most this many
-# programs (splits and window programs over all (sequence, kv head) pairs), else in XLA
-# before the call. Each program loads H and takes one tensor-core dot, so the prologue costs
-# with the program count (H200, round 10: 13 us more at B 8 / 4k, 576 programs), while XLA's
-# rotation is a launch of its own (~1.5 us of a short step; KERNEL_NOTES.md, rounds 10, 30).
-ROTATE_QUERY_MAX_PROGRAMS = 0
-
-
-def _rotate_query(choice: str | None, programs: int) -> str:
-    """Where a call of ``programs`` programs rotates its query: ``choice`` where given, else
-    the environment's ``INNERQ_ROTATE_QUERY`` ("xla" or "kernel"; read when a call is
-    traced), else "kernel" up to :data:`ROTATE_QUERY_MAX_PROGRAMS` programs."""
-    if choice is None:
-        env = os.environ.get("INNERQ_ROTATE_QUERY", "") or None
-        if env not in (None, "xla", "kernel"):
-            raise ValueError(f"INNERQ_ROTATE_QUERY={env!r}; choose 'xla' or 'kernel'")
-        choice = env
-    if choice is None:
-        choice = "kernel" if programs <= ROTATE_QUERY_MAX_PROGRAMS else "xla"
-    return choice
-
-
 # window programs per (sequence, kv head) where the quantized region runs one block per
 # program (H200, SmolLM2 B 1 / 1k: 1 / 2 / 3 programs 6.1 / 5.1 / 4.9 us of device time;
 # benchmarks/KERNEL_NOTES.md, round 22)
@@ -373,9 +350,8 @@ def quantized_decode_attention(
     the kernel, and the output is finished there too: [B, Hkv, n_rep, D] in
     ``prep.out_dtype``, the value rotation undone, what ``prepare_query`` before and
     ``finish_output`` after the call give, in the one launch; ``rotate_query`` says where
-    the query's Hadamard rotation runs where the cache rotates keys: "xla" (q' is prepared
-    by XLA before the call, one launch more), "kernel" or None (the default: by the call's
-    program count, :func:`_rotate_query`); "kernel" (each program's
+    the query's Hadamard rotation runs where the cache rotates keys: "xla" (default: then
+    q' is prepared by XLA before the call, one launch more) or "kernel" (each program's
     prologue: one tensor-core dot with H, loaded from L2; on the H200 that cost 13 us at
     B 8 / 4k in two runs, 11 us or nothing at B 1 / 32k, and saved 6-14 us at B 1 / 4k,
     benchmarks/KERNEL_NOTES.md, round 10). ``counters``: [Hkv, B] int32 zeros the kernel
@@ -402,8 +378,11 @@ def quantized_decode_attention(
     if counters is not None and (counters.shape != (H, B) or counters.dtype != jnp.int32):
         raise ValueError(f"counters {counters.shape} {counters.dtype}: the done-counters must "
                          f"be [Hkv, B] = [{H}, {B}] int32 zeros")
+    prep_query = prep is not None
     if prep is not None:
         qprep.check_query(qp, layer)
+        if cfg.rotate_keys and (rotate_query or "xla") == "xla":
+            qp, prep_query = qprep.prepare_xla(qp, layer, cfg, prep), False
     G, bits, S, Tq = cfg.group_size, cfg.bits, cfg.sink, cfg.quant_capacity
     layout = (layer.k.grouping, layer.v.grouping)
     if layout not in mb.LAYOUTS:
@@ -437,10 +416,6 @@ def quantized_decode_attention(
     NS = max(1, pl.cdiv(Tq, chunk))
     WP = window_programs or _default_window_programs(NS, n_blocks,
                                                      _merge_rows(geo.NR, cfg, prep), D)
-    prep_query = prep is not None
-    if prep is not None and cfg.rotate_keys and _rotate_query(
-            rotate_query, (NS + WP) * H * B) == "xla":
-        qp, prep_query = qprep.prepare_xla(qp, layer, cfg, prep), False
 
     lengths = jnp.asarray(lengths, jnp.int32)
     quant = mb.kernel_operands(layer, geo)

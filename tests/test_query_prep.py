@@ -127,18 +127,14 @@ def test_dispatch_gives_the_model_output(name):
 _REC = CacheConfig.recommended(capacity=512, rotation_signs=True)
 
 
-@pytest.mark.parametrize("cfg,opts,env", [
-    (CacheConfig.innerq(capacity=512), {}, ""), (_REC, {"rotate_query": "kernel"}, "xla"),
-    (_REC, {}, "kernel"), (_REC, {}, "xla")],
-    ids=["innerq", "recommended-rotate-in-kernel", "recommended-kernel-by-env",
-         "recommended-xla-by-env"])
-def test_dispatch_is_one_triton_launch(cfg, opts, env, monkeypatch):
+@pytest.mark.parametrize("cfg,opts", [(CacheConfig.innerq(capacity=512), {}),
+                                      (_REC, {"rotate_query": "kernel"}), (_REC, {})],
+                         ids=["innerq", "recommended-rotate-in-kernel", "recommended"])
+def test_dispatch_is_one_triton_launch(cfg, opts):
     """Through the dispatch (backend "pallas", a shape the Triton kernel takes) the call
     lowers for CUDA to one kernel and no op that computes: no XLA fusion prepares q or
     finishes the output (at B 1 / 4k on the H200 those cost as much as the kernel). Where
-    the cache rotates keys and the query's rotation is XLA's (by the environment here;
-    an explicit ``rotate_query`` wins over it), that rotation is one dot before the call."""
-    monkeypatch.setenv("INNERQ_ROTATE_QUERY", env)
+    the cache rotates keys, the query's rotation is XLA's by default (one dot)."""
     B, Hkv, D = 2, 2, 64
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     q = jax.ShapeDtypeStruct((B, 8, D), jnp.bfloat16)
@@ -147,32 +143,11 @@ def test_dispatch_is_one_triton_launch(cfg, opts, env, monkeypatch):
                                                           **opts))
     ops, text = cuda_ops(f, q, layer, lens)
     assert ops.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
-    if cfg.rotate_keys and not opts and env == "xla":
+    if cfg.rotate_keys and not opts:
         assert ops.count("dot_general") == 1  # q @ H, XLA's
         return
     assert set(ops) <= {"custom_call", "constant", "broadcast_in_dim", "reshape",
                         "bitcast_convert", "output_operand_alias", "mesh"}, sorted(set(ops))
-
-
-def test_where_the_query_rotates(monkeypatch):
-    """The query's rotation in the kernel up to ROTATE_QUERY_MAX_PROGRAMS programs, in XLA
-    past them; an explicit choice first, then the environment's; a bad value refused."""
-    from pallas_kernels import decode
-
-    monkeypatch.delenv("INNERQ_ROTATE_QUERY", raising=False)
-    monkeypatch.setattr(decode, "ROTATE_QUERY_MAX_PROGRAMS", 64)
-    assert decode._rotate_query(None, 64) == "kernel"
-    assert decode._rotate_query(None, 65) == "xla"
-    assert decode._rotate_query("kernel", 10**6) == "kernel"
-    assert decode._rotate_query("xla", 1) == "xla"
-    monkeypatch.setenv("INNERQ_ROTATE_QUERY", "xla")
-    assert decode._rotate_query(None, 1) == "xla"
-    assert decode._rotate_query("kernel", 1) == "kernel"
-    monkeypatch.setenv("INNERQ_ROTATE_QUERY", "kernel")
-    assert decode._rotate_query(None, 10**6) == "kernel"
-    monkeypatch.setenv("INNERQ_ROTATE_QUERY", "gpu")
-    with pytest.raises(ValueError, match="INNERQ_ROTATE_QUERY='gpu'; choose 'xla' or 'kernel'"):
-        decode._rotate_query(None, 1)
 
 
 def test_hadamard_signs_are_the_rotation():
