@@ -571,14 +571,18 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
     # "cfg_xlaprep@{...}": the same kernel with q prepared and the output finished in XLA
     # around it (the dispatch before the kernels took them in, round 10); "cfg_qkernel@{...}":
     # the dispatch with the query's rotation in the fused Triton kernel's prologue
+    # "query_dtype" in the JSON is not the cache's: the dtype of the model's query heads the
+    # call takes (float32 by default; "bfloat16" as a bf16 model's projection gives them)
     for name in [x for x in variants if x.split("@")[0] in CFG_VARIANTS]:
         over = json.loads(name.split("@", 1)[1]) if "@" in name else {}
+        q_in = q.astype(over.pop("query_dtype", "float32"))
         cfg = shape.cfg("innerq", **over)
         layer = _prefill(k, v, lengths, cfg)
         nbytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
                      for f in ("codes", "scale", "zero"))
         nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qbytes
-        ref = decode_attention_layer(q, layer, lengths, cfg, backend="reference")
+        ref = decode_attention_layer(q_in.astype(jnp.float32), layer, lengths, cfg,
+                                     backend="reference")
 
         # keys along T take OuterQ's key path (scales folded into bf16 operands)
         tol_c = TOL_QUANT if cfg.k_grouping == "d" else TOL_OUTERQ
@@ -597,7 +601,7 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
         else:
             fn = functools.partial(decode_attention_layer, cfg=cfg, backend="pallas",
                                    **kernel_opts.get("innerq", {}))
-        sets = _copies((q, layer, lengths), n_sets)
+        sets = _copies((q_in, layer, lengths), n_sets)
         record(name, lambda q_, l_, n_, fn=fn: fn(q_, l_, n_), sets, check_c, nbytes,
                extra={"config": cfg.short_name(), "note": "rotations of q and o included",
                       "path": quantized_path(cfg, layer.k_scale.shape[0]
