@@ -159,3 +159,35 @@ def test_warm_runs_the_program_until_the_time_is_spent():
     assert all(e - t0 < 0.055 for e in ends[:-1])
     ran.clear()
     assert bench_kernels._warm(multi, calls, 0.0) == 1 and ran == [3]
+
+
+def test_cfg_variants_take_the_query_dtype_apart_from_the_cache(monkeypatch):
+    """``cfg_fused@{"query_dtype": "bfloat16", ...}``: the call gets bf16 query heads (as a
+    bf16 model's projection gives them), the rest of the JSON configures the cache, and the
+    point is checked against the reference path before it would be timed (the Triton
+    kernel in interpret mode here; the timing itself is stubbed)."""
+    seen = []
+    dispatch = bench_kernels.decode_attention_layer
+
+    def interpreted(q, layer, lengths, cfg, backend="auto", **kw):
+        if backend == "pallas":
+            seen.append((q.dtype, cfg.rotation, cfg.sink))
+            backend = "interpret"
+        return dispatch(q, layer, lengths, cfg, backend=backend, **kw)
+
+    def one_call(fn, arg_sets, reps, n_calls=None, warm_s=0.0, **kw):
+        fn(*arg_sets[0])
+        return dict(ms=1.0, min_ms=1.0, max_ms=1.0, ms_one_program=1.0)
+
+    monkeypatch.setattr(bench_kernels, "decode_attention_layer", interpreted)
+    monkeypatch.setattr(bench_kernels, "time_calls_detail", one_call)
+    monkeypatch.setattr(bench_kernels, "_n_sets", lambda *a: 1)
+    shape = bench_kernels.Shape(1, 512, Hq=4, Hkv=2, D=64)
+    names = ['cfg_fused@{"query_dtype": "bfloat16", "rotation": "keys", "sink": 4}',
+             "cfg_fused"]
+    out = bench_kernels.run_shape(shape, names, 1, {}, lambda *_: None)["results"]
+    assert set(out) == set(names)
+    for n in names:
+        assert "error" not in out[n] and out[n]["rel_err"] < bench_kernels.TOL_QUANT
+    assert seen[0][0] == np.dtype("bfloat16") and seen[0][1:] == ("keys", 4)
+    assert seen[-1][0] == np.dtype("float32") and seen[-1][1] == "none"
