@@ -575,12 +575,15 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
     # call takes (float32 by default; "bfloat16" as a bf16 model's projection gives them)
     for name in [x for x in variants if x.split("@")[0] in CFG_VARIANTS]:
         over = json.loads(name.split("@", 1)[1]) if "@" in name else {}
-        q_in = q.astype(over.pop("query_dtype", "float32"))
+        q_dtype = over.pop("query_dtype", "float32")
+        if q_dtype not in QUERY_DTYPES:
+            raise ValueError(f"{name}: query_dtype={q_dtype!r}; choose one of {QUERY_DTYPES}")
+        q_in = q.astype(q_dtype)
         cfg = shape.cfg("innerq", **over)
         layer = _prefill(k, v, lengths, cfg)
         nbytes = sum(layer.k.nbytes()[f] + layer.v.nbytes()[f]
                      for f in ("codes", "scale", "zero"))
-        nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + qbytes
+        nbytes += (layer.sink_k.nbytes + layer.recent_k.nbytes) * 2 + q_in.nbytes
         ref = decode_attention_layer(q_in.astype(jnp.float32), layer, lengths, cfg,
                                      backend="reference")
 
@@ -646,6 +649,7 @@ def run_shape(shape: Shape, variants, reps, kernel_opts, log, check=True, n_call
 
 # ------------------------------------------------------------------ suites
 CFG_VARIANTS = ("cfg_fused", "cfg_xlaprep", "cfg_qkernel")
+QUERY_DTYPES = ("float32", "bfloat16", "float16")  # a cfg variant's "query_dtype"
 
 
 def _xla_prep_dispatch(q, layer, lengths, cfg, scale, **opts):

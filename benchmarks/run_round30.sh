@@ -3,6 +3,9 @@
 # (bench_kernels._multi), at the short shapes where the timed figure was the host's, and
 # the long ones for the record; InnerQ-H as the model runs it (the value rotation folded
 # into the weights: the cache rotates keys only) beside InnerQ-H as a standalone op.
+# As run at be4d1b1: that commit's _multi took each buffer once; the protocol was invalid
+# (XLA merged its bf16 peer's calls, KERNEL_NOTES.md round 30) and is reverted, so at later
+# commits this script times with each call's own arguments.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round30.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round30_log.txt"

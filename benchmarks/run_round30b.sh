@@ -4,6 +4,9 @@
 # in XLA before the call (the default) or in the kernel's prologue (rotate_query="kernel"),
 # at the default model's shapes and the 8B shape's B 1 / 4k, beside InnerQ and bf16.
 # Then the default model's step with each choice (INNERQ_ROTATE_QUERY).
+# As run at 652c2ef: INNERQ_ROTATE_QUERY and the rule by program count exist there only
+# (measured slower end to end and taken out), so at later commits its second step row
+# repeats the first.
 # Usage (repository root, on the GPU machine): COMMIT=<hash> bash benchmarks/run_round30b.sh
 source benchmarks/gpu_env.sh
 LOG="$OUT/round30b_log.txt"

@@ -191,3 +191,6 @@ def test_cfg_variants_take_the_query_dtype_apart_from_the_cache(monkeypatch):
         assert "error" not in out[n] and out[n]["rel_err"] < bench_kernels.TOL_QUANT
     assert seen[0][0] == np.dtype("bfloat16") and seen[0][1:] == ("keys", 4)
     assert seen[-1][0] == np.dtype("float32") and seen[-1][1] == "none"
+    with pytest.raises(ValueError, match=r"query_dtype='int8'; choose one of"):
+        bench_kernels.run_shape(shape, ['cfg_fused@{"query_dtype": "int8"}'], 1, {},
+                                lambda *_: None)
