@@ -1,0 +1,234 @@
+"""The precision of 8-bit MMA operands for the fused InnerQ decode attention (CPU study).
+
+benchmarks/KERNEL_NOTES.md ("What would close it", item 5) proposes e4m3 A operands for the
+Mosaic kernel's two wgmma chains: the 2-bit codes unpacked four to a register as e4m3
+``8 + code`` (or ``8 + 2 code``), which halves the chains' wgmmas and shortens the unpack. The
+B operands (the query table Qexp and the probabilities Pexp) would then be e4m3 too, alone or
+as a hi + lo pair (``x = e4m3(x) + e4m3(x - e4m3(x))``, twice the columns). Before any of
+that is built this script measures what it would cost in accuracy, on the CPU:
+
+* the unpack: :func:`e4m3_registers` (three shifts, four masks with the 0x50 exponent) checked
+  against the words' codes (``tests/test_operand_precision.py``);
+* the operands: the kernel's contract (``quantized_attention_core``'s math over the
+  quantized region) in float64 as the reference, and the same math with q and the
+  probabilities rounded as each operand format would store them. The codes, scales and zeros
+  are exact in every variant (the kernel's integer-code product with each group's scale applied
+  once); what differs is only what the MMAs' B operands hold. The e4m3 operands are scaled by
+  a power of two first (q per head, the probabilities per 128-token block), so that their
+  largest element sits at 2^8 and small ones stay out of e4m3's subnormals, as the kernel
+  would do and undo in its f32 accumulators.
+
+Writes ``operand_precision.{json,png}`` and prints a table last (relative L2 error of the
+attention output per variant and input regime, the median and worst of the trials, beside
+the kernels' test tolerance, 1e-2).
+
+    PYTHONPATH=$PWD python benchmarks/operand_precision.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+E4M3 = ml_dtypes.float8_e4m3fn
+BF16 = ml_dtypes.bfloat16
+EXP8 = 0x50505050  # e4m3 0x50 is 8.0: exponent 10 (bias 7), empty mantissa
+TOL = 1e-2  # the fused kernels' test tolerance (tests/test_mgpu_kernels.py)
+
+
+# ------------------------------------------------------------------ the unpack
+def e4m3_registers(words: np.ndarray) -> np.ndarray:
+    """The four e4m3 A registers of each uint32 word of sixteen 2-bit codes (code i at bits
+    2i, 2i + 1): register k holds codes 4b + k in its bytes b = 0..3, as 8 + code (k even, the
+    code at mantissa bits 0-1) or 8 + 2 code (k odd, at bits 1-2). Shifts 0, 1, 4, 5; one
+    mask-and-or (a lop3 on the GPU) each. Returns uint32 [4, *words.shape]."""
+    w = np.asarray(words, np.uint32)
+    out = []
+    for k, (shift, mask) in enumerate(((0, 0x03030303), (1, 0x06060606),
+                                       (4, 0x03030303), (5, 0x06060606))):
+        out.append(((w >> np.uint32(shift)) & np.uint32(mask)) | np.uint32(EXP8))
+    return np.stack(out)
+
+
+def decode_e4m3_register(regs: np.ndarray) -> np.ndarray:
+    """float64 [..., 4]: the four e4m3 values (bytes 0..3) of each uint32 register."""
+    b = np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))
+    return (b & 0xFF).astype(np.uint8).view(E4M3).astype(np.float64)
+
+
+# ------------------------------------------------------------------ operand formats
+def _pow2_scale(x: np.ndarray, axis, top: float = 256.0) -> np.ndarray:
+    """A power of two per slice along ``axis`` that puts the slice's largest magnitude in
+    [top / 2, top) (1 where the slice is all zero)."""
+    m = np.max(np.abs(x), axis=axis, keepdims=True)
+    e = np.floor(np.log2(np.where(m > 0, m, 1.0)))
+    return np.where(m > 0, 2.0 ** (np.log2(top) - 1 - e), 1.0)
+
+
+def rounded(x: np.ndarray, fmt: str, axis) -> np.ndarray:
+    """x as a B operand of format ``fmt`` would hold it, back in float64: "f32", "bf16",
+    "e4m3" or "e4m3x2" (hi + lo); the e4m3 formats scaled by a power of two per slice along
+    ``axis`` first and unscaled after (exact)."""
+    if fmt == "f32":
+        return x.astype(np.float32).astype(np.float64)
+    if fmt == "bf16":
+        return x.astype(BF16).astype(np.float64)
+    sc = _pow2_scale(x, axis)
+    y = x * sc
+    hi = y.astype(E4M3).astype(np.float64)
+    if fmt == "e4m3":
+        return hi / sc
+    if fmt == "e4m3x2":
+        lo = (y - hi).astype(E4M3).astype(np.float64)
+        return (hi + lo) / sc
+    raise ValueError(f"operand format {fmt!r}; choose f32, bf16, e4m3 or e4m3x2")
+
+
+# ------------------------------------------------------------------ the attention
+def _quantize(x: np.ndarray, axis: int, G: int, bits: int = 2):
+    """Asymmetric ``bits``-bit codes of x grouped by G along ``axis``, scales and zeros rounded
+    to bf16 as the cache stores them: (codes, scale, zero), scale and zero broadcast back
+    over the group."""
+    n = x.shape[axis]
+    shp = list(x.shape)
+    shp[axis:axis + 1] = [n // G, G]
+    xg = x.reshape(shp)
+    lo, hi = xg.min(axis=axis + 1, keepdims=True), xg.max(axis=axis + 1, keepdims=True)
+    qmax = 2 ** bits - 1
+    s = np.maximum((hi - lo) / qmax, 1e-8).astype(BF16).astype(np.float64)
+    z = lo.astype(BF16).astype(np.float64)
+    codes = np.clip(np.round((xg - z) / s), 0, qmax)
+    bshape = list(xg.shape)
+    return (codes.reshape(x.shape), np.broadcast_to(s, bshape).reshape(x.shape),
+            np.broadcast_to(z, bshape).reshape(x.shape))
+
+
+def attention(q, kc, ks, kz, vc, vs, vz, G: int, q_fmt: str = "f64", p_fmt: str = "f64",
+              block: int = 128):
+    """Decode attention of q [r, D] over T quantized tokens (keys grouped along D, values
+    along T: codes, scales, zeros [T, D]), in float64 but for the two B operands: q rounded
+    as ``q_fmt`` (per query head) where it meets the key codes, the probabilities as
+    ``p_fmt`` (per head and 128-token block) where they meet the value codes. Scales and zeros
+    multiply once per group; the zero terms take the f32 query's group sums and the rounded
+    probabilities' sums (what the kernel's accumulators see). Returns o [r, D]."""
+    r, D = q.shape
+    T = kc.shape[0]
+    qr = q if q_fmt == "f64" else rounded(q, q_fmt, axis=1)
+    # scores[t, h] = sum_g s[t, g] (codes . q_r)_g + z[t, g] * sum_g q
+    code_dot = np.einsum("tgc,hgc->thg", kc.reshape(T, D // G, G), qr.reshape(r, D // G, G))
+    qsum = q.reshape(r, D // G, G).sum(-1)
+    s_g, z_g = ks[:, ::G], kz[:, ::G]
+    scores = np.einsum("tg,thg->th", s_g, code_dot) + z_g @ qsum.T
+    p = np.exp(scores - scores.max(0, keepdims=True))  # [T, r]
+    if p_fmt != "f64":
+        pb = p.reshape(T // block, block, r)
+        p = rounded(pb, p_fmt, axis=1).reshape(T, r)
+    # o[h, ch] = sum_tg s[tg, ch] (p . codes)_tg + z[tg, ch] * psum_tg
+    pg = p.reshape(T // G, G, r)
+    code_sum = np.einsum("ugh,ugc->uhc", pg, vc.reshape(T // G, G, D))
+    vs_g, vz_g = vs[::G], vz[::G]  # [T/G, D]
+    o = np.einsum("uc,uhc->hc", vs_g, code_sum) + np.einsum("uh,uc->hc", pg.sum(1), vz_g)
+    return o / p.sum(0)[:, None]
+
+
+VARIANTS = {  # name: (q operand, probability operand)
+    "bf16 (today's kernels)": ("bf16", "bf16"),
+    "e4m3": ("e4m3", "e4m3"),
+    "e4m3 hi+lo": ("e4m3x2", "e4m3x2"),
+    "e4m3 hi+lo keys, bf16 values": ("e4m3x2", "bf16"),
+    "e4m3 keys, bf16 values": ("e4m3", "bf16"),
+}
+REGIMES = ("gaussian", "outlier key channels", "sharp softmax")
+
+
+def trial(rng, regime: str, T: int, D: int, r: int, G: int):
+    """One (sequence, kv head): random q, K, V of the regime, quantized to 2 bits."""
+    q = rng.standard_normal((r, D)) / np.sqrt(D)
+    k = rng.standard_normal((T, D))
+    v = rng.standard_normal((T, D))
+    if regime == "outlier key channels":  # a few channels 10x larger, as real keys have
+        k[:, rng.choice(D, 4, replace=False)] *= 10.0
+    elif regime == "sharp softmax":  # a peaked distribution: a few tokens hold the mass
+        q *= 6.0
+    kc, ks, kz = _quantize(k, axis=1, G=G)
+    vc, vs, vz = _quantize(v, axis=0, G=G)
+    return q, (kc, ks, kz, vc, vs, vz)
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run(trials: int, T: int, D: int, r: int, G: int, seed: int = 0, log=print):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for regime in REGIMES:
+        errs = {name: [] for name in VARIANTS}
+        for _ in range(trials):
+            q, cache = trial(rng, regime, T, D, r, G)
+            ref = attention(q, *cache, G=G)
+            for name, (qf, pf) in VARIANTS.items():
+                errs[name].append(rel(attention(q, *cache, G=G, q_fmt=qf, p_fmt=pf), ref))
+        for name, e in errs.items():
+            rows.append({"regime": regime, "variant": name, "q_operand": VARIANTS[name][0],
+                         "p_operand": VARIANTS[name][1], "median": float(np.median(e)),
+                         "max": float(np.max(e)), "trials": trials})
+            log(f"  {regime:22s} {name:30s} median {np.median(e):.2e}  max {np.max(e):.2e}")
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(VARIANTS)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        med = [next(r["median"] for r in rows if r["regime"] == g and r["variant"] == name)
+               for g in REGIMES]
+        mx = [next(r["max"] for r in rows if r["regime"] == g and r["variant"] == name)
+              for g in REGIMES]
+        xs = np.arange(len(REGIMES)) + (i - (len(names) - 1) / 2) * width
+        ax.bar(xs, med, width, label=name)
+        ax.scatter(xs, mx, marker="_", color="k", s=60, zorder=3)
+    ax.axhline(TOL, color="r", ls="--", lw=1, label="kernel test tolerance")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(REGIMES)), REGIMES)
+    ax.set_ylabel("rel. L2 error vs float64\n(bar: median, tick: worst)")
+    ax.set_title("B operand formats of the InnerQ attention MMAs (2-bit, G 32, D 128)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    T, D, r, G = args.tokens, 128, 4, 32
+    print(f"{args.trials} trials per regime: T {T}, D {D}, {r} query heads per kv head, G {G}, "
+          "2 bits")
+    rows = run(args.trials, T, D, r, G)
+    os.makedirs(args.out, exist_ok=True)
+    doc = {"shape": {"T": T, "D": D, "n_rep": r, "G": G, "bits": 2}, "tolerance": TOL,
+           "protocol": __doc__.split("\n\n")[2].strip(), "rows": rows}
+    with open(os.path.join(args.out, "operand_precision.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    plot(rows, os.path.join(args.out, "operand_precision.png"))
+    print(f"\n{'regime':22s} {'variant':30s} {'median':>9s} {'worst':>9s}  (tolerance {TOL:g})")
+    for row in rows:
+        print(f"{row['regime']:22s} {row['variant']:30s} {row['median']:9.2e} {row['max']:9.2e}")
+
+
+if __name__ == "__main__":
+    main()
