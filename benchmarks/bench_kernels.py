@@ -1027,8 +1027,8 @@ def trace(log, args, save):
     """Device time of the timed program (jax profiler), per --shapes shape and op: the
     timed ms per call beside the kernels' summed durations, their union (busy) and the
     first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
-    jax's bf16 Pallas kernel (cuDNN's too where "ops" names "cudnn"); with the rotating input copies of the timing protocol and
-    with one input set. ``span - busy`` is time the device waited for launches.
+    jax's bf16 Pallas kernel (cuDNN's too where "ops" names "cudnn"); with the rotating
+    input copies of the timing protocol and with one input set. ``span - busy`` is time the device waited for launches.
 
     ``--options``: {"ops": [names], name: {op options}}; "points": [{options}, ...] (one
     case per point of the op "points_op" names, default the fused InnerQ op, named
@@ -1055,7 +1055,8 @@ def trace(log, args, save):
             ops = {n: o for n, o in ops.items() if n in wanted}
         cases, refs = {}, {}
         TOL = {"innerq_fused": TOL_QUANT, "outerq_fused": TOL_OUTERQ, "innerq_mgpu": TOL_QUANT,
-               "bf16_pallas": TOL_BF16, "cudnn": TOL_BF16, **{n: TOL_QUANT for n in TRACE_DISPATCH}}
+               "bf16_pallas": TOL_BF16, "cudnn": TOL_BF16,
+               **{n: TOL_QUANT for n in TRACE_DISPATCH}}
         # through the dispatch, the model's query in (its preparation and the output's finish
         # included), only where asked for by name
         def points(name):  # case name -> the op's options
@@ -1093,7 +1094,8 @@ def trace(log, args, save):
             refs["bf16_pallas"] = dense_reference(qd, kb, vb)
         if "cudnn" in (wanted or ()):  # by name only: cuDNN runs on NVIDIA GPUs alone
             cases["cudnn"] = (cudnn, (qd, jnp.swapaxes(kb, 1, 2), jnp.swapaxes(vb, 1, 2)))
-            refs["cudnn"] = refs.get("bf16_pallas", dense_reference(qd, kb, vb))
+            refs["cudnn"] = refs["bf16_pallas"] if "bf16_pallas" in refs else dense_reference(
+                qd, kb, vb)
         for name, (fn, args0) in cases.items():
             with _patched(patches.get(name, {})):
                 nbytes = _nbytes(args0)
