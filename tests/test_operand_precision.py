@@ -1,13 +1,13 @@
 """benchmarks/operand_precision.py: the e4m3 unpack's bit trick, the hi + lo operand's error
 bound and the study's attention emulation, each against an independent computation."""
 
-import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import operand_precision as op  # noqa: E402
 
 
