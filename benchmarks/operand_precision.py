@@ -18,11 +18,13 @@ that is built this script measures what it would cost in accuracy, on the CPU:
   largest element sits at 2^8 and small ones stay out of e4m3's subnormals, as the kernel
   would do and undo in its f32 accumulators.
 
+``--model-text PATH`` adds the real default model's activations (:func:`model_trials`).
 Writes ``operand_precision.{json,png}`` and prints a table last (relative L2 error of the
 attention output per variant and input regime, the median and worst of the trials, beside
 the kernels' test tolerance, 1e-2).
 
-    PYTHONPATH=$PWD python benchmarks/operand_precision.py --out benchmarks/results
+    PYTHONPATH=$PWD python benchmarks/operand_precision.py --out benchmarks/results \
+        --model-text ../shared/data/wikitext-2-raw/wiki.test.raw
 """
 
 from __future__ import annotations
@@ -159,6 +161,68 @@ def trial(rng, regime: str, T: int, D: int, r: int, G: int):
     return q, (kc, ks, kz, vc, vs, vz)
 
 
+def model_trials(text_path: str, T: int = 1024, model_path=None):
+    """(q, cache) per (layer, kv head) of the real default model (SmolLM2-135M-Instruct) on one
+    window of ``text_path``: the last token's query heads (softmax scale in) over the
+    window's keys and values after RoPE, as a decode step sees them. The keys are
+    normalized as the paper's InnerQ cache does (``key_norm="centre_scale"``, absmax scale:
+    (k - mu) / sigma per channel, sigma folded into q; q . mu is one constant per query and
+    leaves the softmax), then quantized like the synthetic regimes."""
+    import jax.numpy as jnp
+
+    from innerq_jax import CacheConfig
+    from models import evaluate as ev
+    from models import llama
+
+    model, ckpt = ev._load_model(jnp.bfloat16, model_path)
+    tokens = ev.text_windows(ckpt.tokenizer, text_path, window=T, n=1)
+    seen = []
+    project = llama.Attention.project
+
+    def recording(self, x, positions, inv_freq):
+        out = project(self, x, positions, inv_freq)
+        seen.append([np.asarray(t, np.float64) for t in out])
+        return out
+
+    llama.Attention.project = recording
+    try:
+        llama.prefill(model, jnp.asarray(tokens), jnp.full((1,), T, jnp.int32),
+                      CacheConfig.bf16(capacity=T))
+    finally:
+        llama.Attention.project = project
+    G = 32
+    for q, k, v in seen:  # [1, T, Hq, D], [1, T, Hkv, D] x 2
+        Hq, H, D = q.shape[2], k.shape[2], q.shape[3]
+        r = Hq // H
+        for h in range(H):
+            kh, vh = k[0, :, h], v[0, :, h]
+            mu = kh.mean(0)
+            sigma = np.maximum(np.abs(kh - mu).max(0), 1e-3)
+            qh = q[0, T - 1, h * r:(h + 1) * r] / np.sqrt(D) * sigma
+            kc, ks, kz = _quantize((kh - mu) / sigma, axis=1, G=G)
+            vc, vs, vz = _quantize(vh, axis=0, G=G)
+            yield qh, (kc, ks, kz, vc, vs, vz), G
+
+
+def model_rows(text_path: str, T: int = 1024, log=print):
+    """The study's rows for the real model's activations (:func:`model_trials`)."""
+    errs = {name: [] for name in VARIANTS}
+    n = 0
+    for q, cache, G in model_trials(text_path, T):
+        ref = attention(q, *cache, G=G)
+        for name, (qf, pf) in VARIANTS.items():
+            errs[name].append(rel(attention(q, *cache, G=G, q_fmt=qf, p_fmt=pf), ref))
+        n += 1
+    regime = "SmolLM2 activations"
+    rows = []
+    for name, e in errs.items():
+        rows.append({"regime": regime, "variant": name, "q_operand": VARIANTS[name][0],
+                     "p_operand": VARIANTS[name][1], "median": float(np.median(e)),
+                     "max": float(np.max(e)), "trials": n})
+        log(f"  {regime:22s} {name:30s} median {np.median(e):.2e}  max {np.max(e):.2e}")
+    return rows
+
+
 def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -188,22 +252,23 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     names = list(VARIANTS)
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         med = [next(r["median"] for r in rows if r["regime"] == g and r["variant"] == name)
-               for g in REGIMES]
+               for g in regimes]
         mx = [next(r["max"] for r in rows if r["regime"] == g and r["variant"] == name)
-              for g in REGIMES]
-        xs = np.arange(len(REGIMES)) + (i - (len(names) - 1) / 2) * width
+              for g in regimes]
+        xs = np.arange(len(regimes)) + (i - (len(names) - 1) / 2) * width
         ax.bar(xs, med, width, label=name)
         ax.scatter(xs, mx, marker="_", color="k", s=60, zorder=3)
     ax.axhline(TOL, color="r", ls="--", lw=1, label="kernel test tolerance")
     ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(REGIMES)), REGIMES)
+    ax.set_xticks(np.arange(len(regimes)), regimes)
     ax.set_ylabel("rel. L2 error vs float64\n(bar: median, tick: worst)")
-    ax.set_title("B operand formats of the InnerQ attention MMAs (2-bit, G 32, D 128)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("B operand formats of the InnerQ attention MMAs (2-bit, G 32)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,14 +278,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--model-text", default=None, metavar="PATH",
+                    help="also the real default model's activations on a window of this text "
+                         "(e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     T, D, r, G = args.tokens, 128, 4, 32
     print(f"{args.trials} trials per regime: T {T}, D {D}, {r} query heads per kv head, G {G}, "
           "2 bits")
     rows = run(args.trials, T, D, r, G)
+    shape = {"T": T, "D": D, "n_rep": r, "G": G, "bits": 2}
+    if args.model_text:
+        print("the real default model (SmolLM2-135M-Instruct): 30 layers x 3 kv heads, D 64, "
+              "3 query heads each, a 1024-token window")
+        rows += model_rows(args.model_text)
+        shape["model"] = {"text": os.path.basename(args.model_text), "T": 1024, "D": 64,
+                          "n_rep": 3, "G": 32, "key_norm": "centre_scale (absmax)"}
     os.makedirs(args.out, exist_ok=True)
-    doc = {"shape": {"T": T, "D": D, "n_rep": r, "G": G, "bits": 2}, "tolerance": TOL,
+    doc = {"shape": shape, "tolerance": TOL,
            "protocol": __doc__.split("\n\n")[2].strip(), "rows": rows}
     with open(os.path.join(args.out, "operand_precision.json"), "w") as f:
         json.dump(doc, f, indent=1)

@@ -68,3 +68,14 @@ def test_study_separates_the_formats():
     assert got[("gaussian", "bf16 (today's kernels)")] < 5e-3
     assert got[("gaussian", "e4m3 hi+lo")] < 5e-3
     assert got[("gaussian", "e4m3")] > op.TOL
+
+
+def test_plot_draws_every_regime_of_the_rows(tmp_path):
+    """The plot takes its regimes from the rows (the real model's among them when present)
+    and writes a PNG."""
+    rows = op.run(trials=1, T=512, D=64, r=2, G=32, log=lambda *_: None)
+    rows += [dict(row, regime="another") for row in rows if row["regime"] == "gaussian"]
+    path = tmp_path / "p.png"
+    op.plot(rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {row["regime"] for row in rows} == set(op.REGIMES) | {"another"}
