@@ -206,42 +206,37 @@ def model_trials(text_path: str, T: int = 1024, model_path=None):
 
 def model_rows(text_path: str, T: int = 1024, log=print):
     """The study's rows for the real model's activations (:func:`model_trials`)."""
-    errs = {name: [] for name in VARIANTS}
-    n = 0
-    for q, cache, G in model_trials(text_path, T):
-        ref = attention(q, *cache, G=G)
-        for name, (qf, pf) in VARIANTS.items():
-            errs[name].append(rel(attention(q, *cache, G=G, q_fmt=qf, p_fmt=pf), ref))
-        n += 1
-    regime = "SmolLM2 activations"
-    rows = []
-    for name, e in errs.items():
-        rows.append({"regime": regime, "variant": name, "q_operand": VARIANTS[name][0],
-                     "p_operand": VARIANTS[name][1], "median": float(np.median(e)),
-                     "max": float(np.max(e)), "trials": n})
-        log(f"  {regime:22s} {name:30s} median {np.median(e):.2e}  max {np.max(e):.2e}")
-    return rows
+    return _regime_rows("SmolLM2 activations", model_trials(text_path, T), log)
 
 
 def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _regime_rows(regime: str, trials, log):
+    """One row per variant: the median and worst error over ``trials`` ((q, cache, G) each)
+    of the variant's attention against the float64 one."""
+    errs = {name: [] for name in VARIANTS}
+    for q, cache, G in trials:
+        ref = attention(q, *cache, G=G)
+        for name, (qf, pf) in VARIANTS.items():
+            errs[name].append(rel(attention(q, *cache, G=G, q_fmt=qf, p_fmt=pf), ref))
+    rows = []
+    for name, e in errs.items():
+        rows.append({"regime": regime, "variant": name, "q_operand": VARIANTS[name][0],
+                     "p_operand": VARIANTS[name][1], "median": float(np.median(e)),
+                     "max": float(np.max(e)), "trials": len(e)})
+        log(f"  {regime:22s} {name:30s} median {np.median(e):.2e}  max {np.max(e):.2e}")
+    return rows
+
+
 def run(trials: int, T: int, D: int, r: int, G: int, seed: int = 0, log=print):
+    """The synthetic regimes' rows, ``trials`` random (sequence, kv head) caches each."""
     rng = np.random.default_rng(seed)
     rows = []
     for regime in REGIMES:
-        errs = {name: [] for name in VARIANTS}
-        for _ in range(trials):
-            q, cache = trial(rng, regime, T, D, r, G)
-            ref = attention(q, *cache, G=G)
-            for name, (qf, pf) in VARIANTS.items():
-                errs[name].append(rel(attention(q, *cache, G=G, q_fmt=qf, p_fmt=pf), ref))
-        for name, e in errs.items():
-            rows.append({"regime": regime, "variant": name, "q_operand": VARIANTS[name][0],
-                         "p_operand": VARIANTS[name][1], "median": float(np.median(e)),
-                         "max": float(np.max(e)), "trials": trials})
-            log(f"  {regime:22s} {name:30s} median {np.median(e):.2e}  max {np.max(e):.2e}")
+        cases = ((*trial(rng, regime, T, D, r, G), G) for _ in range(trials))
+        rows += _regime_rows(regime, cases, log)
     return rows
 
 
