@@ -1028,7 +1028,8 @@ def trace(log, args, save):
     timed ms per call beside the kernels' summed durations, their union (busy) and the
     first-to-last span, per call, for the fused Triton ops, the Mosaic op (on a GPU) and
     jax's bf16 Pallas kernel (cuDNN's too where "ops" names "cudnn"); with the rotating
-    input copies of the timing protocol and with one input set. ``span - busy`` is time the device waited for launches.
+    input copies of the timing protocol and with one input set. ``span - busy`` is time the
+    device waited for launches.
 
     ``--options``: {"ops": [names], name: {op options}}; "points": [{options}, ...] (one
     case per point of the op "points_op" names, default the fused InnerQ op, named

@@ -154,3 +154,12 @@ trace_op() {
     --shapes "$2" 2>&1 | grep -E "one set|rotating|MISMATCH|FAILED|Error" \
     | grep -v "^\s*[0-9.]* us  x" | tee -a "$LOG"
 }
+
+# trace_suite TAG SHAPES OPTIONS [TIMEOUT_S]: bench_kernels.py's trace suite with the whole
+# --options JSON given (ops by name, "inputs", points ...; trace_op sets only the fused op's
+# options) at SHAPES into $OUT/kernels_trace<TAG>.json; each point's lines to $LOG
+trace_suite() {
+  timeout "${4:-300}" $PY benchmarks/bench_kernels.py --suite trace --tag "$1" --out "$OUT" \
+    --reps 5 --options "$3" --shapes "$2" 2>&1 \
+    | grep -E "rotating|one set|MISMATCH|FAILED|Error" | tee -a "$LOG"
+}

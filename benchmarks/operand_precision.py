@@ -72,11 +72,9 @@ def _pow2_scale(x: np.ndarray, axis, top: float = 256.0) -> np.ndarray:
 
 
 def rounded(x: np.ndarray, fmt: str, axis) -> np.ndarray:
-    """x as a B operand of format ``fmt`` would hold it, back in float64: "f32", "bf16",
-    "e4m3" or "e4m3x2" (hi + lo); the e4m3 formats scaled by a power of two per slice along
-    ``axis`` first and unscaled after (exact)."""
-    if fmt == "f32":
-        return x.astype(np.float32).astype(np.float64)
+    """x as a B operand of format ``fmt`` would hold it, back in float64: "bf16", "e4m3" or
+    "e4m3x2" (hi + lo); the e4m3 formats scaled by a power of two per slice along ``axis``
+    first and unscaled after (exact)."""
     if fmt == "bf16":
         return x.astype(BF16).astype(np.float64)
     sc = _pow2_scale(x, axis)
@@ -87,26 +85,24 @@ def rounded(x: np.ndarray, fmt: str, axis) -> np.ndarray:
     if fmt == "e4m3x2":
         lo = (y - hi).astype(E4M3).astype(np.float64)
         return (hi + lo) / sc
-    raise ValueError(f"operand format {fmt!r}; choose f32, bf16, e4m3 or e4m3x2")
+    raise ValueError(f"operand format {fmt!r}; choose bf16, e4m3 or e4m3x2")
 
 
 # ------------------------------------------------------------------ the attention
 def _quantize(x: np.ndarray, axis: int, G: int, bits: int = 2):
-    """Asymmetric ``bits``-bit codes of x grouped by G along ``axis``, scales and zeros rounded
-    to bf16 as the cache stores them: (codes, scale, zero), scale and zero broadcast back
-    over the group."""
-    n = x.shape[axis]
-    shp = list(x.shape)
-    shp[axis:axis + 1] = [n // G, G]
-    xg = x.reshape(shp)
-    lo, hi = xg.min(axis=axis + 1, keepdims=True), xg.max(axis=axis + 1, keepdims=True)
-    qmax = 2 ** bits - 1
-    s = np.maximum((hi - lo) / qmax, 1e-8).astype(BF16).astype(np.float64)
-    z = lo.astype(BF16).astype(np.float64)
-    codes = np.clip(np.round((xg - z) / s), 0, qmax)
-    bshape = list(xg.shape)
-    return (codes.reshape(x.shape), np.broadcast_to(s, bshape).reshape(x.shape),
-            np.broadcast_to(z, bshape).reshape(x.shape))
+    """x quantized as the cache's own quantizer does (``innerq_jax.quant.quantize_groups``:
+    hybrid asymmetric / symmetric groups, bf16 scales and zeros), grouped by G along
+    ``axis``: (codes, scale, zero) as float64 [T, D], scale and zero broadcast back over each
+    group."""
+    from innerq_jax.quant import quantize_groups
+
+    xg = np.moveaxis(x, axis, -1)  # [..., n]
+    shape = xg.shape
+    q = quantize_groups(xg.reshape(*shape[:-1], shape[-1] // G, G).astype(np.float32), bits)
+    codes = np.asarray(q.codes, np.float64).reshape(shape)
+    scale, zero = (np.repeat(np.asarray(a, np.float64), G, axis=-1).reshape(shape)
+                   for a in (q.scale, q.zero))
+    return tuple(np.moveaxis(a, -1, axis) for a in (codes, scale, zero))
 
 
 def attention(q, kc, ks, kz, vc, vs, vz, G: int, q_fmt: str = "f64", p_fmt: str = "f64",
@@ -119,6 +115,9 @@ def attention(q, kc, ks, kz, vc, vs, vz, G: int, q_fmt: str = "f64", p_fmt: str 
     probabilities' sums (what the kernel's accumulators see). Returns o [r, D]."""
     r, D = q.shape
     T = kc.shape[0]
+    if D % G or T % G or T % block:
+        raise ValueError(f"{T} tokens of {D} channels: the groups (G {G}) must divide both and "
+                         f"the probability blocks ({block} tokens) the tokens")
     qr = q if q_fmt == "f64" else rounded(q, q_fmt, axis=1)
     # scores[t, h] = sum_g s[t, g] (codes . q_r)_g + z[t, g] * sum_g q
     code_dot = np.einsum("tgc,hgc->thg", kc.reshape(T, D // G, G), qr.reshape(r, D // G, G))
@@ -161,16 +160,18 @@ def trial(rng, regime: str, T: int, D: int, r: int, G: int):
     return q, (kc, ks, kz, vc, vs, vz)
 
 
-def model_trials(text_path: str, T: int = 1024, model_path=None):
-    """(q, cache) per (layer, kv head) of the real default model (SmolLM2-135M-Instruct) on one
-    window of ``text_path``: the last token's query heads (softmax scale in) over the
+def model_trials(text_path: str, T: int = 1024, model_path=None, meta: dict | None = None):
+    """(q, cache, G) per (layer, kv head) of the real default model (SmolLM2-135M-Instruct) on
+    one window of ``text_path``: the last token's query heads (softmax scale in) over the
     window's keys and values after RoPE, as a decode step sees them. The keys are
-    normalized as the paper's InnerQ cache does (``key_norm="centre_scale"``, absmax scale:
-    (k - mu) / sigma per channel, sigma folded into q; q . mu is one constant per query and
-    leaves the softmax), then quantized like the synthetic regimes."""
+    normalized with the paper's InnerQ cache's own statistics
+    (``QuantLayer.key_statistics``: centre and absmax scale per channel past the sinks; the
+    scale folded into q, and q . centre, one constant per query, left out of the softmax),
+    then quantized like the synthetic regimes. ``meta``, if given, receives the shapes seen."""
     import jax.numpy as jnp
 
     from innerq_jax import CacheConfig
+    from innerq_jax.cache import QuantLayer
     from models import evaluate as ev
     from models import llama
 
@@ -186,27 +187,31 @@ def model_trials(text_path: str, T: int = 1024, model_path=None):
 
     llama.Attention.project = recording
     try:
-        llama.prefill(model, jnp.asarray(tokens), jnp.full((1,), T, jnp.int32),
-                      CacheConfig.bf16(capacity=T))
+        lengths = jnp.full((1,), T, jnp.int32)
+        llama.prefill(model, jnp.asarray(tokens), lengths, CacheConfig.bf16(capacity=T))
     finally:
         llama.Attention.project = project
-    G = 32
+    cfg = CacheConfig.innerq(capacity=T)
+    G = cfg.group_size
+    _, _, Hq, D = seen[0][0].shape
+    H = seen[0][1].shape[2]
+    r = Hq // H
+    if meta is not None:
+        meta.update(text=os.path.basename(text_path), T=T, layers=len(seen), kv_heads=H,
+                    n_rep=r, D=D, G=G, key_norm=f"{cfg.key_norm} ({cfg.key_scale})")
     for q, k, v in seen:  # [1, T, Hq, D], [1, T, Hkv, D] x 2
-        Hq, H, D = q.shape[2], k.shape[2], q.shape[3]
-        r = Hq // H
+        mu, sigma = (np.asarray(a, np.float64)[0] for a in QuantLayer.key_statistics(
+            jnp.swapaxes(jnp.asarray(k, jnp.float32), 1, 2), lengths, cfg))  # [H, D] each
         for h in range(H):
-            kh, vh = k[0, :, h], v[0, :, h]
-            mu = kh.mean(0)
-            sigma = np.maximum(np.abs(kh - mu).max(0), 1e-3)
-            qh = q[0, T - 1, h * r:(h + 1) * r] / np.sqrt(D) * sigma
-            kc, ks, kz = _quantize((kh - mu) / sigma, axis=1, G=G)
-            vc, vs, vz = _quantize(vh, axis=0, G=G)
+            qh = q[0, T - 1, h * r:(h + 1) * r] / np.sqrt(D) * sigma[h]
+            kc, ks, kz = _quantize((k[0, :, h] - mu[h]) / sigma[h], axis=1, G=G)
+            vc, vs, vz = _quantize(v[0, :, h], axis=0, G=G)
             yield qh, (kc, ks, kz, vc, vs, vz), G
 
 
-def model_rows(text_path: str, T: int = 1024, log=print):
+def model_rows(text_path: str, T: int = 1024, log=print, meta: dict | None = None):
     """The study's rows for the real model's activations (:func:`model_trials`)."""
-    return _regime_rows("SmolLM2 activations", model_trials(text_path, T), log)
+    return _regime_rows("SmolLM2 activations", model_trials(text_path, T, meta=meta), log)
 
 
 def rel(a, b) -> float:
@@ -287,11 +292,9 @@ def main():
     rows = run(args.trials, T, D, r, G)
     shape = {"T": T, "D": D, "n_rep": r, "G": G, "bits": 2}
     if args.model_text:
-        print("the real default model (SmolLM2-135M-Instruct): 30 layers x 3 kv heads, D 64, "
-              "3 query heads each, a 1024-token window")
-        rows += model_rows(args.model_text)
-        shape["model"] = {"text": os.path.basename(args.model_text), "T": 1024, "D": 64,
-                          "n_rep": 3, "G": 32, "key_norm": "centre_scale (absmax)"}
+        print("the real default model (SmolLM2-135M-Instruct) on a 1024-token window")
+        shape["model"] = {}
+        rows += model_rows(args.model_text, meta=shape["model"])
     os.makedirs(args.out, exist_ok=True)
     doc = {"shape": shape, "tolerance": TOL,
            "protocol": __doc__.split("\n\n")[2].strip(), "rows": rows}

@@ -12,8 +12,6 @@ SMOL='"Hq": 9, "Hkv": 3, "D": 64'
 SHAPES="[[1, 4096, {}], [8, 4096, {}], [1, 32768, {}],
   [8, 8192, {$SMOL, \"label\": \"SmolLM2-B8-T8k\"}], [1, 1024, {$SMOL, \"label\": \"SmolLM2-B1-T1k\"}]]"
 OPTS='{"ops": ["innerq_dispatch", "recommended_dispatch", "bf16_pallas"], "inputs": ["rotating"]}'
-timeout "${TRACE_S:-420}" $PY benchmarks/bench_kernels.py --suite trace --tag _round31c \
-  --out "$OUT" --reps 5 --options "$OPTS" --shapes "$SHAPES" 2>&1 \
-  | grep -E "rotating|MISMATCH|FAILED|Error" | tee -a "$LOG"
+trace_suite _round31c "$SHAPES" "$OPTS" "${TRACE_S:-420}"
 rm -rf "$OUT/traces"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

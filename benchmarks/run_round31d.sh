@@ -11,8 +11,6 @@ SMOL='"Hq": 9, "Hkv": 3, "D": 64'
 SHAPES="[[1, 1024, {$SMOL, \"label\": \"SmolLM2-B1-T1k\"}], [1, 4096, {}],
   [8, 8192, {$SMOL, \"label\": \"SmolLM2-B8-T8k\"}], [8, 4096, {}], [1, 32768, {}]]"
 OPTS='{"ops": ["innerq_dispatch", "cudnn", "bf16_pallas"], "inputs": ["rotating"]}'
-timeout "${TRACE_S:-300}" $PY benchmarks/bench_kernels.py --suite trace --tag _round31d \
-  --out "$OUT" --reps 5 --options "$OPTS" --shapes "$SHAPES" 2>&1 \
-  | grep -E "rotating|MISMATCH|FAILED|Error" | tee -a "$LOG"
+trace_suite _round31d "$SHAPES" "$OPTS" "${TRACE_S:-300}"
 rm -rf "$OUT/traces"
 echo "done (elapsed $SECONDS s)" | tee -a "$LOG"

@@ -78,3 +78,12 @@ def test_plot_draws_every_regime_of_the_rows(tmp_path):
     path = tmp_path / "p.png"
     assert op.plot(rows, str(path)) == [*op.REGIMES, "another"]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_rejects_tokens_the_blocks_do_not_divide():
+    """A token count the probability blocks (or groups) do not divide is refused with the
+    sizes named, not reshaped into garbage."""
+    rng = np.random.default_rng(3)
+    q, cache = op.trial(rng, "gaussian", 256, 64, 2, 32)
+    with pytest.raises(ValueError, match="256 tokens of 64 channels.*200 tokens"):
+        op.attention(q, *cache, G=32, block=200)
