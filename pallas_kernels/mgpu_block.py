@@ -13,6 +13,7 @@ The backend provides:
   ``store(ref, off, vals, kind, pred=None)``   n consecutive elements
   ``where, maximum, exp2, shfl_xor, round_bf16, f32, imin``   arithmetic
   ``bf16x2(bits)``     a wgmma A register from 32 bits (two bf16)
+  ``e4m3x4(bits)``     an 8-bit wgmma A register from 32 bits (four e4m3, byte 0 first)
   ``and_or(x, mask, bits)``   (x & mask) | bits as one ``lop3`` (two constants: ptxas
                        splits the plain ``&``, ``|`` pair into two instructions)
   ``frag(kind, shape, regs)`` / ``get(frag, idx, e)``   register arrays in the wgmma
@@ -24,7 +25,8 @@ Integer values support + - * // % & | ^ << >> and comparisons; floats + - *.
 
 from __future__ import annotations
 
-from pallas_kernels.mgpu_geometry import LOG2E, MAGIC, NEG, Geometry, pair_mask, pair_plan
+from pallas_kernels.mgpu_geometry import (E4M3_MAGIC, E4M3_PLAN, LOG2E, MAGIC, NEG, Geometry,
+                                          pair_mask, pair_plan)
 
 
 def _unpack(ops, word, bits: int, j: int, shifted: dict):
@@ -61,6 +63,36 @@ def k_operands(ops, geo: Geometry, kw, steps=None):
     return [ops.frag("wgmma", (64 * geo.MT, 16), regs[st]) for st in steps]
 
 
+def k_operands8(ops, geo: Geometry, kw, steps=None):
+    """``key_format="e4m3x2"``: the A operands of the key chain as e4m3 arrays [MT*64, 32]
+    for K steps ``steps`` (default all n_ksteps8; step s = 4T + i), in that order.
+
+    Thread c of a row loads words 8T + 2c + t (t = 0, 1) of word tile T, as the bf16 form
+    does; level i of each word (one shift, one lop3, E4M3_PLAN) is its register of columns
+    16t + 4c .. 16t + 4c + 3 of step 4T + i (:attr:`Geometry.qexp8_tables`).
+    """
+    w, rr, c = ops.w, ops.rr, ops.c
+    steps = list(range(geo.n_ksteps8)) if steps is None else list(steps)
+    regs = {st: {} for st in steps}
+    for mt in range(geo.MT):
+        for rho in range(2):
+            row = 64 * mt + 16 * w + rr + 8 * rho
+            for T in range(geo.KT):
+                levels = [i for i in range(4) if 4 * T + i in regs]
+                if not levels:
+                    continue
+                words = ops.load(kw, row * geo.KW + 8 * T + 2 * c, "u32", 2)
+                for t in range(2):
+                    shifted = {}
+                    for i in levels:
+                        sh, mask = E4M3_PLAN[i]
+                        if sh not in shifted:
+                            shifted[sh] = words[t] >> sh if sh else words[t]
+                        regs[4 * T + i][(mt, t, rho)] = ops.e4m3x4(
+                            ops.and_or(shifted[sh], mask, E4M3_MAGIC))
+    return [ops.frag("wgmma", (64 * geo.MT, 32), regs[st], dtype="e4m3") for st in steps]
+
+
 def k_acc_init(ops, geo: Geometry, kconst):
     """-koff on every row: the codes' +128 offset, removed before any MMA runs."""
     regs = {}
@@ -77,7 +109,8 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     """Scores, the block's online-softmax update and the value operands of one block.
 
     acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
-    key scales / zeros [BT, ng] (flat bf16); kconst: [2, NK] f32 (koff, qsum);
+    key scales / zeros [BT, ng] (flat bf16); kconst: [kconst_rows, NK] f32 (koff, qsum; with
+    e4m3 keys both scaled per head by a power of two, and the inverse of that scale);
     m_cols: running max per head, "col" [NV]; n_valid: valid tokens of the block.
     Writes Pexp (bf16, tiled and swizzled) and exchanges block maxima and group sums
     through ``xchg``. Returns (m_new_cols, alpha_cols, [poff_cols per chunk],
@@ -92,11 +125,13 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     if tail is not None:
         zero_tail_groups(ops, geo, *tail, n_valid)
 
-    qsum = {}
+    qsum, unscale = {}, {}
     for u in range(P * OWN):
         for g in range(ng):
             k = u * ng + g
             qsum[(u, g)] = ops.load(kconst, geo.NK + geo.col_of_slot(k, c), "f32", 1)[0]
+        if geo.e4m3:  # the e4m3 columns hold q scaled by a power of two per head: undone once
+            unscale[u] = ops.load(kconst, 2 * geo.NK + geo.col_of_slot(u * ng, c), "f32", 1)[0]
 
     # scores[(mt, rho, p, uh)]: token TM*mt + P*(16w + rr + 8rho) + p, head 4*uh + c
     scores = {}
@@ -116,6 +151,8 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
                         a = ops.get(acc_k, (mt, k // 2, rho), k % 2)
                         s = kzv[g] * qsum[(u, g)] if s is None else s + kzv[g] * qsum[(u, g)]
                         s = s + ksv[g] * a
+                    if geo.e4m3:
+                        s = s * unscale[u]
                     scores[(mt, rho, p, uh)] = ops.where(valid, s, NEG)
 
     m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)

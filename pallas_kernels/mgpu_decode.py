@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -67,7 +68,8 @@ from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import query_prep as qprep
 from pallas_kernels.device_info import sm_count
-from pallas_kernels.mgpu_geometry import LOG2E, NEG, SWIZZLE, Geometry, default_block_tokens
+from pallas_kernels.mgpu_geometry import (E4M3_FAC, E4M3_OFFSET, KEY_FORMATS, LOG2E, NEG, SWIZZLE,
+                                          Geometry, default_block_tokens)
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.window_blocks import WINDOW_HEADS
 
@@ -165,7 +167,7 @@ WGMMA = ("pallas", "inline")
 FINISH = ("xla", "kernel")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
-                      "chain_parts", "wgmma", "finish"})
+                      "chain_parts", "wgmma", "finish", "key_format"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None,
@@ -400,6 +402,10 @@ class MlirOps:
     def bf16x2(bits):
         return mu.bitcast(bits.v, ir.VectorType.get((2,), ir.BF16Type.get()))
 
+    @staticmethod
+    def e4m3x4(bits):
+        return mu.bitcast(bits.v, ir.VectorType.get((4,), ir.Float8E4M3FNType.get()))
+
     # ----------------------------------------------------------------- memory
     def _ptr(self, ref):
         key = id(ref)
@@ -490,6 +496,8 @@ class MlirOps:
     @staticmethod
     def frag(kind, shape, regs, dtype="bf16"):
         layout = fa.WGMMA_LAYOUT if kind == "wgmma" else fa.WGMMA_COL_LAYOUT
+        if dtype == "e4m3":  # four 8-bit elements per register (the same register indices)
+            layout = fa.WGMMA_LAYOUT_8BIT
         arr = np.empty(layout.registers_shape(shape), dtype=object)
         f32 = ir.F32Type.get()
         for idx, reg in regs.items():
@@ -515,6 +523,8 @@ _WGMMA = plgpu.Layout.WGMMA
 _COL = plgpu.Layout.WGMMA.reduce(0)
 _SPLAT = plgpu.Layout.WG_SPLAT(())
 _B_TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
+# e4m3 keys: Qexp K-major ([NK, 32] per step: 8-bit wgmma B operands cannot be transposed)
+_B8_TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
 
 
 def _sds(shape, dtype, layout):
@@ -739,8 +749,10 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         _inline([pexp_t], (), lambda ops, p: blk.zero_fill(ops, p, n_qexp) or ())(qexp_smem)
     else:
         # one copy per K step: a [16, NK] tile is the largest box TMA takes with the swizzle
-        base = (b * kconst_ref.shape[1] + h) * geo.n_ksteps
-        for st in range(geo.n_ksteps):
+        # (e4m3 keys: an [NK, 32] tile per step and half, hi and lo)
+        n_tiles = qexp_smem.shape[0]
+        base = (b * kconst_ref.shape[1] + h) * n_tiles
+        for st in range(n_tiles):
             plgpu.copy_gmem_to_smem(qexp_ref.at[base + st], qexp_smem.at[st], const_bar)
         plgpu.copy_gmem_to_smem(kconst_ref.at[b, h], kconst_smem, const_bar)
 
@@ -771,7 +783,8 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     nblk = lax.div(n + (BT - 1), BT)
     blk0 = s * bps
 
-    k_op_ty = _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA)
+    k_op_ty = (_sds((64 * geo.MT, 32), jnp.float8_e4m3fn, plgpu.Layout.WGMMA_8BIT) if geo.e4m3
+               else _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA))
     v_op_ty = _sds((D, 16), jnp.bfloat16, _WGMMA)
     col_ty = _sds((NV,), jnp.float32, _COL)
     step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC,
@@ -837,7 +850,19 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         # the key chain in kc.chain_parts parts, each waited for before the next one's
         # operands are unpacked (fewer A registers live at once)
         acc_k = k_init() if geo.outer else acc_k_init
-        for stp in _parts(geo.n_ksteps, kc.chain_parts):
+        if geo.e4m3:  # e4m3 codes against the hi and the lo table: two wgmmas per step
+            for stp in _parts(geo.n_ksteps8, kc.chain_parts):
+                a_k = _inline([ref], (k_op_ty,) * len(stp), lambda ops, kw, stp=stp: tuple(
+                    blk.k_operands8(ops, geo, kw, stp)))(kw_s)
+
+                def k_chain8(acc_ref, a_k=a_k, stp=stp):
+                    for a, st in zip(a_k, stp):
+                        for half in range(2):
+                            b_t = plgpu.transpose_ref(qexp_smem.at[2 * st + half], (1, 0))
+                            plgpu.wgmma(acc_ref, a, b_t)
+
+                acc_k = pl.run_state(k_chain8)(plgpu.ACC.init(acc_k))
+        for stp in _parts(geo.n_ksteps, kc.chain_parts) if not geo.e4m3 else ():
             if kc.wgmma == "inline":
                 acc_k = _inline(
                     [_WGMMA, ref, pexp_t, _SPLAT], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
@@ -952,12 +977,15 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
     NP = NS + (1 if kc.windows == "kernel" else 0)
     out_type = (jax.ShapeDtypeStruct((B, H, NP, geo.D, geo.NV), jnp.float32),
                 jax.ShapeDtypeStruct((B, H, NP, 2, geo.NV), jnp.float32))
+    qexp_buf = (plgpu.SMEM((2 * geo.n_ksteps8, geo.NK, 32), jnp.float8_e4m3fn,
+                           transforms=_B8_TRANSFORMS) if geo.e4m3 else
+                plgpu.SMEM((geo.n_ksteps, 16, geo.NK), jnp.bfloat16, transforms=_B_TRANSFORMS))
     scratch = [
-        plgpu.SMEM((geo.n_ksteps, 16, geo.NK), jnp.bfloat16, transforms=_B_TRANSFORMS),
-        plgpu.SMEM((2, geo.NK), jnp.float32),
+        qexp_buf,
+        plgpu.SMEM((geo.kconst_rows, geo.NK), jnp.float32),
         plgpu.SMEM((geo.NC * geo.half, 16, geo.NV), jnp.bfloat16, transforms=_B_TRANSFORMS),
         plgpu.SMEM((geo.xchg_size,), jnp.float32),
-        plgpu.Barrier(num_arrivals=1 if geo.outer else geo.n_ksteps + 1),
+        plgpu.Barrier(num_arrivals=1 if geo.outer else qexp_buf.shape[0] + 1),
     ]
     if kc.windows == "kernel":
         n_win = blk.window_scratch_size(geo, kc.sink + kc.window)
@@ -995,6 +1023,43 @@ def query_operands(qp: jax.Array, geo: Geometry):
     qgs = jnp.sum(q.reshape(*q.shape[:3], geo.ng, geo.G), axis=-1)  # [B, H, r, ng]
     qsum = jnp.where(ok, qgs[:, :, qh, qg], 0.0)
     return qexp, jnp.stack([koff, qsum], axis=2)
+
+
+E4M3_TOP = 128.0  # the e4m3 columns' largest |element| is scaled into [TOP / 2, TOP)
+
+
+def query_operands8(qp: jax.Array, geo: Geometry):
+    """``key_format="e4m3x2"``: qp [B, H, r, D] f32 -> (Qexp [B, H, 2 n_ksteps8, NK, 32]
+    float8_e4m3fn, kconst [B, H, 4, NK] f32).
+
+    Qexp holds each step's table twice, hi (step 2s) and lo (2s + 1): x = q * log2 e * fac
+    times a power of two per query head that puts the head's largest |x| in [64, 128), hi =
+    e4m3(x), lo = e4m3(x - hi), so that hi + lo keeps about eight bits of x; the kernel feeds
+    the same A registers to both. kconst: koff = 8 x the sum of exactly the e4m3 values (the
+    codes' +8 offset), the per-group query sums times the column's scale, 1 / the scale
+    (applied once per score) and zeros (the copy's 128-byte multiple).
+    """
+    q = qp.astype(jnp.float32) * LOG2E
+    head, chan, fac = geo.qexp8_tables
+    qh, qg, ok = geo.qsum_tables
+    x = q[:, :, head, chan] * fac  # [B, H, n8, NK, 32]
+    # one scale per query head (all its columns: a score sums its groups' columns)
+    top = jnp.max(jnp.abs(q) * max(E4M3_FAC), axis=-1)  # [B, H, r]
+    e = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0)))
+    scale_h = jnp.where(top > 0, jnp.exp2(math.log2(E4M3_TOP) - 1 - e), 1.0)
+    scale = jnp.where(ok, scale_h[:, :, qh], 1.0)  # [B, H, NK]
+    x = x * scale[:, :, None, :, None]
+    # the barriers keep XLA from folding an f32 -> e4m3 -> f32 round trip (excess precision)
+    hi8 = lax.optimization_barrier(x.astype(jnp.float8_e4m3fn))
+    hi = hi8.astype(jnp.float32)
+    lo8 = lax.optimization_barrier((x - hi).astype(jnp.float8_e4m3fn))
+    lo = lo8.astype(jnp.float32)
+    koff = E4M3_OFFSET * jnp.sum(hi + lo, axis=(2, 4))
+    qgs = jnp.sum(q.reshape(*q.shape[:3], geo.ng, geo.G), axis=-1)  # [B, H, r, ng]
+    qsum = jnp.where(ok, qgs[:, :, qh, qg], 0.0) * scale
+    B, H = q.shape[:2]
+    qexp = jnp.stack([hi8, lo8], axis=3).reshape(B, H, 2 * geo.n_ksteps8, geo.NK, 32)
+    return qexp, jnp.stack([koff, qsum, 1.0 / scale, jnp.zeros_like(koff)], axis=2)
 
 
 def outer_query_table(qp: jax.Array, geo: Geometry) -> jax.Array:
@@ -1096,7 +1161,8 @@ class PreparedCall(NamedTuple):
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, wgmma=None, finish=None, ablate=(), prep=None) -> PreparedCall:
+                 chain_parts=None, wgmma=None, finish=None, key_format=None, ablate=(),
+                 prep=None) -> PreparedCall:
     """Resolves every option (the device's tuned defaults where not given) and builds the
     kernel: a :class:`PreparedCall`. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -1104,11 +1170,21 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"mgpu_decode_attention implements the InnerQ and OuterQ layouts, got "
                          f"cfg.kind={cfg.kind!r}")
     outer = cfg.kind == "outerq"
+    key_format = key_format or ("bf16" if outer else tuned_defaults().get("key_format", "bf16"))
+    if key_format not in KEY_FORMATS:
+        raise ValueError(f"key_format={key_format!r}; choose one of {KEY_FORMATS}")
+    if key_format == "e4m3x2":  # its query operands are XLA's; its chains plgpu.wgmma's
+        given = dict(query=query, wgmma=wgmma)
+        allowed = dict(query=("xla",), wgmma=("pallas",))
+        for k, v in given.items():
+            if v is not None and v not in allowed[k]:
+                raise ValueError(f"{k}={v!r}: key_format='e4m3x2' takes {k} in {allowed[k]}")
+        query, wgmma = "xla", "pallas"
     if outer:  # options with an InnerQ-only form
         given = dict(query=query, windows=windows, tail=tail, chain_parts=chain_parts,
-                     wgmma=wgmma)
+                     wgmma=wgmma, key_format=key_format)
         allowed = dict(query=("xla",), windows=("xla", "epilogue"), tail=("mask",),
-                       chain_parts=(1,), wgmma=("pallas",))
+                       chain_parts=(1,), wgmma=("pallas",), key_format=("bf16",))
         for k, v in given.items():
             if v is not None and v not in allowed[k]:
                 raise ValueError(f"{k}={v!r}: the OuterQ kernel takes {k} in {allowed[k]}")
@@ -1150,11 +1226,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
-    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind)
+    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind, key_format)
     geo.validate()
-    if chain_parts not in (1, 2, 4) or chain_parts > min(geo.n_ksteps, geo.half):
+    k_steps = geo.n_ksteps8 if geo.e4m3 else geo.n_ksteps
+    if chain_parts not in (1, 2, 4) or chain_parts > min(k_steps, geo.half):
         raise ValueError(f"chain_parts={chain_parts!r}; choose 1, 2 or 4, at most "
-                         f"{min(geo.n_ksteps, geo.half)} for this geometry")
+                         f"{min(k_steps, geo.half)} for this geometry")
     Tq = cfg.quant_capacity
     n_blocks = max(1, -(-Tq // BT))
     if num_splits is None:
@@ -1175,9 +1252,13 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         nq = region_sizes(lengths, cfg).quantized
         if outer:  # the query table (a stand-in for kconst, never read)
             qexp = kconst = outer_query_table(qp, geo)
+        elif geo.e4m3:
+            qexp, kconst = query_operands8(qp, geo)
         else:
             qexp, kconst = query_operands(qp, geo)
-    if not outer:
+    if geo.e4m3:
+        qexp = qexp.reshape(B * H * 2 * geo.n_ksteps8, geo.NK, 32)
+    elif not outer:
         qexp = qexp.reshape(B * H * geo.n_ksteps, 16, geo.NK)
     sk, sv = layer.sink_k, layer.sink_v
     if cfg.sink == 0:  # a stand-in: the kernel never reads it
@@ -1234,7 +1315,12 @@ def mgpu_decode_attention(
     last block), ``chain_parts`` (1, 2 or 4: each wgmma chain in parts, each waited for
     before the next part's operands are unpacked, so fewer A registers are live), ``wgmma``
     ("pallas": ``plgpu.wgmma`` per step; "inline": each chain one inline block with one
-    fence and one commit, its B descriptors rebuilt per block from one base).
+    fence and one commit, its B descriptors rebuilt per block from one base), ``key_format``
+    ("bf16": the key chain's operands as bf16 code pairs and a bf16 query table; "e4m3x2",
+    2-bit InnerQ only: e4m3 codes, four per register, against the query table split into
+    an e4m3 hi and lo part, two wgmmas per 32 channels into one accumulator: half the key
+    A registers and about 3x the bf16 table's precision; query operands in XLA,
+    :func:`query_operands8`).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -1272,5 +1358,5 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
 
 __all__ = ["ABLATIONS", "FINISH", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
-           "PreparedCall", "preferred", "prepare_call", "query_operands", "sm_count", "tuned_defaults",
+           "PreparedCall", "preferred", "prepare_call", "query_operands", "query_operands8", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

@@ -46,6 +46,16 @@ LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": exp2(NEG - m) == 0 and NEG - NEG is not NaN
 MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code into the mantissa gives 128 + code * 2**e
 SWIZZLE = 32  # bytes: the B operands are [16, N] bf16 tiles of 16-column (32-byte) rows
+# key_format="e4m3x2" (2-bit codes only): the key chain's A operands as e4m3, four codes per
+# register. e4m3 0x50 is 8.0 with an empty mantissa, so OR-ing a code into mantissa bits 0-1
+# gives 8 + code and into bits 1-2 gives 8 + 2 code. Byte b of a key word holds codes
+# 4b .. 4b+3 (bits 0-1, 2-3, 4-5, 6-7); level i of E4M3_PLAN puts code 4b + i of every byte
+# in place with one shift (shared by the levels 0/1 and 2/3 pairs) and one lop3.
+E4M3_MAGIC = 0x50505050
+E4M3_PLAN = ((0, 0x03030303), (1, 0x06060606), (4, 0x03030303), (5, 0x06060606))
+E4M3_FAC = (1.0, 0.5, 1.0, 0.5)  # folded into Qexp: (8 + 2 code) * x/2 = 4x + code * x
+E4M3_OFFSET = 8.0  # every A value is 8 + code * 2**(i % 2): Qexp's own sum times 8 cancels it
+KEY_FORMATS = ("bf16", "e4m3x2")
 
 
 @functools.cache
@@ -75,6 +85,27 @@ def unpack_pair_reference(words: np.ndarray, bits: int, j: int) -> tuple[np.ndar
     return lo, hi
 
 
+def unpack_e4m3_reference(words: np.ndarray, i: int) -> np.ndarray:
+    """numpy meaning of level i of the e4m3 unpack: [..., 4] values (byte b of each word)
+    8 + code * 2**(i % 2), code 4b + i of the word."""
+    import ml_dtypes
+    sh, mask = E4M3_PLAN[i]
+    x = (((words.astype(np.int64) >> sh) & mask) | E4M3_MAGIC).astype(np.uint32)
+    b = x[..., None].view(np.uint8).reshape(*x.shape, 4)  # little endian: byte 0 first
+    return b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def split_e4m3(x):
+    """x -> (hi, lo) in float8_e4m3fn with hi + lo ~ x (rounded to nearest, each): numpy or
+    jax arrays. Near 2**-9 relative error for x in e4m3's normal range."""
+    import ml_dtypes
+    xp = np if isinstance(x, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
+    f8 = ml_dtypes.float8_e4m3fn if xp is np else xp.float8_e4m3fn
+    hi = x.astype(f8)
+    lo = (x - hi.astype(x.dtype)).astype(f8)
+    return hi, lo
+
+
 def _ceil_to(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -87,6 +118,7 @@ class Geometry:
     n_rep: int  # query heads per kv head
     BT: int  # tokens per pipeline block
     layout: str = "innerq"  # or "outerq": K grouped along T, V along D (see the module doc)
+    key_format: str = "bf16"  # the key chain's operands: "bf16" or "e4m3x2" (E4M3_PLAN)
 
     @property
     def outer(self) -> bool:
@@ -120,6 +152,20 @@ class Geometry:
     @property
     def n_ksteps(self) -> int:
         return self.half * self.KT
+
+    @property
+    def e4m3(self) -> bool:
+        return self.key_format == "e4m3x2"
+
+    @property
+    def n_ksteps8(self) -> int:  # e4m3 K steps (32 channels each): 4 levels per word tile
+        return 4 * self.KT
+
+    @property
+    def kconst_rows(self) -> int:
+        """koff, query sums; with e4m3 keys also 1 / the column's scale and a zero row (the
+        copy into shared memory moves a multiple of 128 bytes)."""
+        return 4 if self.e4m3 else 2
 
     @property
     def TM(self) -> int:  # tokens per 64-row K M-tile
@@ -213,6 +259,12 @@ class Geometry:
                 f"V chunk {self.TC} tokens) and at most 256 (TMA box)")
         if self.NK > 256 or self.NV > 256:
             raise ValueError(f"n_rep={self.n_rep} gives {self.NK}/{self.NV} MMA columns (max 256)")
+        if self.key_format not in KEY_FORMATS:
+            raise ValueError(f"key_format={self.key_format!r}; choose one of {KEY_FORMATS}")
+        if self.e4m3 and (self.outer or self.bits != 2):
+            raise ValueError(
+                f"key_format='e4m3x2' takes 2-bit InnerQ keys (three mantissa bits hold a 2-bit "
+                f"code); got layout={self.layout!r}, bits={self.bits}")
         if self.outer and self.P != 1:
             raise ValueError(
                 f"the OuterQ kernel needs one token per K row (at least 8 key words per token); "
@@ -305,6 +357,29 @@ class Geometry:
         return head, chan, fac
 
     @functools.cached_property
+    def qexp8_tables(self):
+        """For the e4m3 Qexp [n_ksteps8, NK, 32] (K-major: a row per accumulator column):
+        head, channel and factor (E4M3_FAC, 0 = structural zero). Column a = 16t + 4c + b of
+        step 4T + i is code 4b + i of word 8T + 2c + t of the K row (the 8-bit wgmma register
+        layout: thread c holds columns 4c .. 4c+3 of each 16-column half t)."""
+        shape = (self.n_ksteps8, self.NK, 32)
+        head, chan = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        fac = np.zeros(shape, np.float32)
+        for T in range(self.KT):
+            for i in range(4):
+                s = 4 * T + i
+                for a in range(32):
+                    t, c, b = a // 16, (a % 16) // 4, a % 4
+                    wi = 8 * T + 2 * c + t
+                    p, wt = wi // self.nw, wi % self.nw
+                    ch = wt * self.cpw + 4 * b + i
+                    for h in range(self.n_rep):
+                        col = self.k_col(p, h, ch // self.G)
+                        head[s, col, a], chan[s, col, a] = h, ch
+                        fac[s, col, a] = E4M3_FAC[i]
+        return head, chan, fac
+
+    @functools.cached_property
     def qsum_tables(self):
         """For qsum [NK]: (head, group, valid) of each key column."""
         head = np.zeros(self.NK, np.int32)
@@ -333,5 +408,6 @@ def default_block_tokens(bits: int, G: int, D: int) -> int:
     return max(128, math.lcm(geo.TM, geo.TC))
 
 
-__all__ = ["Geometry", "LOG2E", "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan",
-           "unpack_pair_reference"]
+__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
+           "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "split_e4m3",
+           "unpack_e4m3_reference", "unpack_pair_reference"]

@@ -5,7 +5,8 @@ one entry per thread, so a store before ``barrier()`` is visible to every load
 after it. Register arrays are modelled by their logical matrix and the Hopper
 wgmma register layout that Mosaic GPU uses (``WGMMA_LAYOUT``: thread (warp w,
 lane l) holds rows 16w + l//4 (+8) and columns 8*t8 + 2*(l%4) + {0, 1} of each
-64-row tile), so the simulator also checks that every register array the code
+64-row tile; the 8-bit layout ``WGMMA_LAYOUT_8BIT`` of e4m3 arrays: the same rows and
+columns 16*t + 4*(l%4) + {0..3}), so the simulator also checks that every register array the code
 builds covers its matrix exactly once (or, for the column layout, consistently
 replicated). Shared buffers are flat numpy arrays of their element type.
 """
@@ -16,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 BF16 = ml_dtypes.bfloat16
+E4M3 = ml_dtypes.float8_e4m3fn
 N = 128
 
 
@@ -78,6 +80,11 @@ class SimOps:
         hi = (bits & 0xFFFF0000).view(np.float32)
         return (lo.copy(), hi.copy())
 
+    def e4m3x4(self, bits):
+        b = np.asarray(bits, np.int64).astype(np.uint32)
+        return tuple(((b >> (8 * e)) & 0xFF).astype(np.uint8).view(E4M3).astype(np.float32)
+                     for e in range(4))
+
     # ----------------------------------------------------------------- memory
     @staticmethod
     def _view(ref, kind):
@@ -130,10 +137,11 @@ class SimOps:
         pass
 
     # -------------------------------------------------------------- registers
-    def _coords(self, kind, idx, e):
+    def _coords(self, kind, idx, e, width=2):
         if kind == "wgmma":
             mt, t8, rho = idx
-            return (64 * mt + 16 * self.w + self.rr + 8 * rho, 8 * t8 + 2 * self.c + e)
+            return (64 * mt + 16 * self.w + self.rr + 8 * rho,
+                    4 * width * t8 + width * self.c + e)
         (t8,) = idx
         return (8 * t8 + 2 * self.c + e,)
 
@@ -143,9 +151,11 @@ class SimOps:
     def frag(self, kind, shape, regs, dtype="bf16"):
         mat = np.full(shape, np.nan, np.float32)
         seen = np.zeros(shape, np.int64)
+        width = 4 if dtype == "e4m3" else 2
         for idx, reg in regs.items():
-            for e in range(2):
-                coords = self._coords(kind, idx, e)
+            assert len(reg) == width, f"{dtype} register holds {width} elements"
+            for e in range(width):
+                coords = self._coords(kind, idx, e, width)
                 v = np.broadcast_to(np.asarray(reg[e], np.float32), (N,))
                 if kind == "col":  # replicated over rows: all owners must agree
                     (cc,) = coords
@@ -159,10 +169,13 @@ class SimOps:
         assert np.all(seen == expect), f"{kind} register array does not cover {shape} exactly"
         if dtype == "bf16":
             assert np.array_equal(bf16_round(mat), mat), "bf16 register holds a non-bf16 value"
+        if dtype == "e4m3":
+            assert np.array_equal(mat.astype(E4M3).astype(np.float32), mat), "not e4m3"
         return Frag(kind, shape, mat)
 
 
 def wgmma(acc: Frag, a: Frag, b: np.ndarray) -> Frag:
-    """acc + a @ b in float32 (a: bf16 register array [M, 16], b: logical bf16 [16, N])."""
+    """acc + a @ b in float32 (a: register array [M, K] (bf16 K 16, e4m3 K 32), b: logical
+    [K, N] of the same element type)."""
     out = acc.mat.astype(np.float64) + a.mat.astype(np.float64) @ b.astype(np.float64)
     return Frag("wgmma", acc.shape, out.astype(np.float32))

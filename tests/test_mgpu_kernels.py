@@ -313,7 +313,12 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
         acc_init = blk.k_acc_init(ops, geo, kc)
         for n_valid, (kw_s, ks_s, kz_s, vw_s, vs_s, vz_s) in blocks:
             acc = acc_init
-            for stp in md._parts(geo.n_ksteps, chain_parts):  # the kernel's parts
+            if geo.e4m3:  # the hi and the lo table (K-major rows) against the same registers
+                for stp in md._parts(geo.n_ksteps8, chain_parts):
+                    for a, st in zip(blk.k_operands8(ops, geo, kw_s, stp), stp):
+                        for half in range(2):
+                            acc = simt.wgmma(acc, a, qexp[b, h, 2 * st + half].T)
+            for stp in md._parts(geo.n_ksteps, chain_parts) if not geo.e4m3 else ():
                 a_k = blk.k_operands(ops, geo, kw_s, stp)
                 for a, st in zip(a_k, stp):
                     acc = simt.wgmma(acc, a, qexp[b, h, st])
@@ -383,7 +388,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
                    opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D),
-                   cfg.kind)
+                   cfg.kind, opts.get("key_format", "bf16"))
     geo.validate()
     n_blocks = max(1, -(-cfg.quant_capacity // geo.BT))
     bps = -(-n_blocks // opts["num_splits"])
@@ -395,7 +400,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
         o_part, ml_part = simulate_outer_kernel(geo, nq, md.outer_query_table(qp, geo), operands,
                                                 NS, bps)
     else:
-        qexp, kconst = md.query_operands(qp, geo)
+        qexp, kconst = (md.query_operands8 if geo.e4m3 else md.query_operands)(qp, geo)
         o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
                                           opts.get("tail", "mask"), opts.get("chain_parts", 1))
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
@@ -1258,3 +1263,157 @@ def test_simulated_kernel_agrees_with_reference_on_non_finite_keys():
         np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
         np.testing.assert_array_equal(~np.isfinite(out), bad)
         assert _rel(out[~bad], ref[~bad]) < TOL
+
+
+# ------------------------------------------------ e4m3 key operands (key_format="e4m3x2")
+# The key chain's codes as e4m3 A registers (four per register) against the query table
+# split into an e4m3 hi and lo part, two wgmmas per 32 channels into one accumulator.
+_E4M3_GRID = [n for n in GRID if GRID[n][0].bits == 2]
+_E4M3_SIM = ("innerq2-G32-D128-gqa4", "innerq2-G32-D64-smollm")  # by default (CI time)
+
+
+def test_e4m3_unpack_matches_numpy():
+    """Each level of the e4m3 unpack (one shift, one lop3 with 0x50) gives 8 + code or
+    8 + 2 code of code 4b + i in byte b, exactly, and the kernel's own expression
+    (blk.k_operands8 through the simulator) builds those registers."""
+    from pallas_kernels.mgpu_geometry import E4M3_FAC, unpack_e4m3_reference
+    rng = np.random.default_rng(8)
+    words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    codes = (words[:, None].astype(np.int64) >> (2 * np.arange(16))) & 3
+    for i in range(4):
+        got = unpack_e4m3_reference(words, i)
+        want = 8.0 + codes[:, 4 * np.arange(4) + i] / E4M3_FAC[i]
+        np.testing.assert_array_equal(got, want)
+    # the kernel's registers: one 128-token block of random key words, D 128
+    geo = Geometry(2, 32, 128, 4, 128, key_format="e4m3x2")
+    kw = rng.integers(0, 2**32, size=geo.BT // geo.P * geo.KW, dtype=np.uint64).astype(np.uint32)
+    ops = simt.SimOps()
+    head, chan, fac = geo.qexp8_tables
+    rows = kw.reshape(geo.BT, geo.KW)
+    code = (rows[:, :, None].astype(np.int64) >> (2 * np.arange(16))) & 3  # [token, word, k]
+    for st, a in enumerate(blk.k_operands8(ops, geo, kw)):
+        assert a.shape == (geo.BT, 32)
+        for col in range(32):  # column col of step st meets one channel (of every head)
+            (ch,) = {int(chan[st, n, col]) for n in range(geo.NK) if fac[st, n, col]}
+            want = 8.0 + code[:, ch // 16, ch % 16] / E4M3_FAC[st % 4]
+            np.testing.assert_array_equal(a.mat[:, col], want)
+
+
+@pytest.mark.parametrize("geo", [g for g in GEOS if g.bits == 2],
+                         ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
+def test_e4m3_query_table_meets_every_channel_once(geo):
+    """The e4m3 Qexp (K-major rows) meets every (token of the row, head, channel) once, in
+    the column of its (token, head, group), with the level's factor."""
+    geo = dataclasses.replace(geo, key_format="e4m3x2")
+    geo.validate()
+    head, chan, fac = geo.qexp8_tables
+    hits = np.zeros((geo.P, geo.n_rep, geo.D), int)
+    for s, col, a in zip(*np.nonzero(fac)):
+        h, ch = head[s, col, a], chan[s, col, a]
+        p = [pp for pp in range(geo.P) if geo.k_col(pp, h, ch // geo.G) == col]
+        assert len(p) == 1 and fac[s, col, a] == (1.0 if s % 4 in (0, 2) else 0.5)
+        hits[p[0], h, ch] += 1
+    assert np.all(hits == 1)
+
+
+def test_e4m3_query_operands_split_and_constants():
+    """query_operands8: hi + lo within 2**-8 of each scaled element (plus e4m3's half
+    subnormal step), each head's largest |q| scaled into [64, 128) by a power of two,
+    koff = 8 x the sum of exactly the stored e4m3 values, query sums scaled alike."""
+    geo = Geometry(2, 32, 128, 4, 128, key_format="e4m3x2")
+    qp = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 4, 128)) * jnp.asarray(
+        [0.01, 1.0, 30.0])[None, :, None, None]  # three magnitudes, one per kv head
+    qexp, kc = md.query_operands8(qp, geo)
+    assert qexp.dtype == jnp.float8_e4m3fn and qexp.shape == (2, 3, 2 * geo.n_ksteps8, 16, 32)
+    qe = np.asarray(qexp, np.float64).reshape(2, 3, geo.n_ksteps8, 2, 16, 32)
+    hi, lo = qe[:, :, :, 0], qe[:, :, :, 1]
+    kc = np.asarray(kc, np.float64)
+    head, chan, fac = geo.qexp8_tables
+    q = np.asarray(qp, np.float64) * md.LOG2E
+    scale = 1.0 / kc[:, :, 2]  # [B, H, NK]
+    assert np.all(np.log2(scale) == np.round(np.log2(scale)))  # powers of two
+    x = q[:, :, head, chan] * fac * scale[:, :, None, :, None]
+    qh, qg, ok = geo.qsum_tables
+    for h in range(geo.n_rep):  # |x| <= |q|: the levels' factors are 1 and 1/2
+        (cols,) = np.nonzero(ok & (qh == h))
+        assert np.all(scale[..., cols] == scale[..., cols[:1]])
+        top_h = np.abs(q[:, :, h]).max(-1) * scale[..., cols[0]]
+        assert np.all((top_h >= 64) & (top_h < 128)), top_h
+    assert np.all(np.abs(hi + lo - x) <= np.abs(x) * 2.0**-8 + 2.0**-10)
+    np.testing.assert_allclose(kc[:, :, 0], 8.0 * (hi + lo).sum(axis=(2, 4)), rtol=1e-6,
+                               atol=1e-4)
+    qsum = q.reshape(2, 3, 4, geo.ng, geo.G).sum(-1)[:, :, qh, qg] * ok
+    np.testing.assert_allclose(kc[:, :, 1], qsum * scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(kc[:, :, 3], 0.0)
+
+
+@pytest.mark.parametrize("name", [n if n in _E4M3_SIM else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in _E4M3_GRID])
+def test_simulated_e4m3_keys_equal_reference(name):
+    """The kernel with e4m3 keys (simulated) against the reference, and more accurate than
+    the bf16 key operands on the same inputs (its scores carry about 8 bits of q, not 8
+    bits of the bf16 table's rounding)."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    (out8,) = _simulated_attention(cache, qp, dict(opts, key_format="e4m3x2"))
+    (out16,) = _simulated_attention(cache, qp, opts)
+    err8, err16 = _rel(out8, ref), _rel(out16, ref)
+    assert err8 < TOL and err8 < err16, (err8, err16)
+    empty = np.asarray(cache.lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out8)[empty], 0.0)
+
+
+@pytest.mark.parametrize("name", _E4M3_SIM)
+def test_e4m3_kernel_lowers_to_mosaic_gpu(name):
+    """The kernel with e4m3 keys lowers (8-bit register operands, the K-major B tiles read
+    transposed, the constants' copy a multiple of 128 bytes)."""
+    cfg, D, Hq, Hkv, lengths, _, opts = GRID[name]
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    kw = dict(opts, windows="xla", wide_copies=True, key_format="e4m3x2")
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
+    text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "lop3.b32" in text
+
+
+def test_e4m3_keys_reject_what_they_cannot_take():
+    for bits, kind in ((4, "innerq"), (2, "outerq")):
+        with pytest.raises(ValueError, match="key_format='e4m3x2' takes 2-bit InnerQ"):
+            Geometry(bits, 32, 128, 4, 128, kind, "e4m3x2").validate()
+    with pytest.raises(ValueError, match="key_format='fp8'; choose one of"):
+        Geometry(2, 32, 128, 4, 128, key_format="fp8").validate()
+    cfg = CacheConfig.innerq(capacity=512)
+    cache = _cache(cfg, 1, 1, 64, [100])
+    for bad in (dict(query="kernel"), dict(wgmma="inline")):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*key_format='e4m3x2' takes"):
+            md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                     num_splits=1, key_format="e4m3x2", **bad)
+    with pytest.raises(ValueError, match="key_format='half'; choose one of"):
+        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                 num_splits=1, key_format="half")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", _E4M3_GRID)
+def test_gpu_e4m3_keys_equal_reference(name):
+    """The compiled kernel with e4m3 keys against the reference, beside the bf16 keys' error
+    on the same inputs (printed; both under the tolerance)."""
+    if _hopper() is None:
+        pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
+                    "pipelined copies, so the kernel runs only there")
+    cfg, _, _, _, _, _, opts = GRID[name]
+    cache, qp, ref = _gpu_case(name)
+    errs = {}
+    for fmt in ("e4m3x2", "bf16"):
+        kw = dict(opts, windows="epilogue", wide_copies=True, query="xla", key_format=fmt)
+        out = jax.jit(lambda q, lay, n, kw=kw: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
+            qp, cache.layer(0), cache.lengths)
+        errs[fmt] = _rel(out, ref)
+        empty = np.asarray(cache.lengths) == 0
+        np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+    print(f"{name}: rel err e4m3x2 {errs['e4m3x2']:.2e}, bf16 {errs['bf16']:.2e}")
+    assert errs["e4m3x2"] < TOL and errs["bf16"] < TOL
