@@ -68,7 +68,7 @@ from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import query_prep as qprep
 from pallas_kernels.device_info import sm_count
-from pallas_kernels.mgpu_geometry import (E4M3_FAC, E4M3_OFFSET, KEY_FORMATS, LOG2E, NEG, SWIZZLE,
+from pallas_kernels.mgpu_geometry import (E4M3_OFFSET, E4M3_TOP, KEY_FORMATS, LOG2E, NEG, SWIZZLE,
                                           Geometry, default_block_tokens)
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.window_blocks import WINDOW_HEADS
@@ -1025,9 +1025,6 @@ def query_operands(qp: jax.Array, geo: Geometry):
     return qexp, jnp.stack([koff, qsum], axis=2)
 
 
-E4M3_TOP = 128.0  # the e4m3 columns' largest |element| is scaled into [TOP / 2, TOP)
-
-
 def query_operands8(qp: jax.Array, geo: Geometry):
     """``key_format="e4m3x2"``: qp [B, H, r, D] f32 -> (Qexp [B, H, 2 n_ksteps8, NK, 32]
     float8_e4m3fn, kconst [B, H, 4, NK] f32).
@@ -1044,7 +1041,7 @@ def query_operands8(qp: jax.Array, geo: Geometry):
     qh, qg, ok = geo.qsum_tables
     x = q[:, :, head, chan] * fac  # [B, H, n8, NK, 32]
     # one scale per query head (all its columns: a score sums its groups' columns)
-    top = jnp.max(jnp.abs(q) * max(E4M3_FAC), axis=-1)  # [B, H, r]
+    top = jnp.max(jnp.abs(q), axis=-1)  # [B, H, r] (the levels' factors are 1 and 1/2)
     e = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0)))
     scale_h = jnp.where(top > 0, jnp.exp2(math.log2(E4M3_TOP) - 1 - e), 1.0)
     scale = jnp.where(ok, scale_h[:, :, qh], 1.0)  # [B, H, NK]
@@ -1173,13 +1170,10 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     key_format = key_format or ("bf16" if outer else tuned_defaults().get("key_format", "bf16"))
     if key_format not in KEY_FORMATS:
         raise ValueError(f"key_format={key_format!r}; choose one of {KEY_FORMATS}")
-    if key_format == "e4m3x2":  # its query operands are XLA's; its chains plgpu.wgmma's
-        given = dict(query=query, wgmma=wgmma)
-        allowed = dict(query=("xla",), wgmma=("pallas",))
-        for k, v in given.items():
-            if v is not None and v not in allowed[k]:
-                raise ValueError(f"{k}={v!r}: key_format='e4m3x2' takes {k} in {allowed[k]}")
-        query, wgmma = "xla", "pallas"
+    if key_format == "e4m3x2":  # its chains are plgpu.wgmma's
+        if wgmma not in (None, "pallas"):
+            raise ValueError(f"wgmma={wgmma!r}: key_format='e4m3x2' takes wgmma in ('pallas',)")
+        wgmma = "pallas"
     if outer:  # options with an InnerQ-only form
         given = dict(query=query, windows=windows, tail=tail, chain_parts=chain_parts,
                      wgmma=wgmma, key_format=key_format)
@@ -1319,8 +1313,8 @@ def mgpu_decode_attention(
     ("bf16": the key chain's operands as bf16 code pairs and a bf16 query table; "e4m3x2",
     2-bit InnerQ only: e4m3 codes, four per register, against the query table split into
     an e4m3 hi and lo part, two wgmmas per 32 channels into one accumulator: half the key
-    A registers and about 3x the bf16 table's precision; query operands in XLA,
-    :func:`query_operands8`).
+    A registers and about twice the bf16 table's precision; :func:`query_operands8`, or the
+    query kernel's e4m3 form).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).

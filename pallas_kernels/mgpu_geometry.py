@@ -55,6 +55,7 @@ E4M3_MAGIC = 0x50505050
 E4M3_PLAN = ((0, 0x03030303), (1, 0x06060606), (4, 0x03030303), (5, 0x06060606))
 E4M3_FAC = (1.0, 0.5, 1.0, 0.5)  # folded into Qexp: (8 + 2 code) * x/2 = 4x + code * x
 E4M3_OFFSET = 8.0  # every A value is 8 + code * 2**(i % 2): Qexp's own sum times 8 cancels it
+E4M3_TOP = 128.0  # each query head's largest |q * log2 e| is scaled into [TOP / 2, TOP)
 KEY_FORMATS = ("bf16", "e4m3x2")
 
 
@@ -408,6 +409,6 @@ def default_block_tokens(bits: int, G: int, D: int) -> int:
     return max(128, math.lcm(geo.TM, geo.TC))
 
 
-__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
+__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_TOP", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
            "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "split_e4m3",
            "unpack_e4m3_reference", "unpack_pair_reference"]

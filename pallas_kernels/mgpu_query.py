@@ -22,6 +22,7 @@ It runs in Pallas interpret mode on the CPU (tests/test_mgpu_kernels.py).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
 from pallas_kernels import query_prep as qprep
 from pallas_kernels.innerq_blocks import load_q, next_pow2
-from pallas_kernels.mgpu_geometry import Geometry
+from pallas_kernels.mgpu_geometry import E4M3_OFFSET, E4M3_TOP, Geometry
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
@@ -80,6 +81,70 @@ def _query_kernel(
     plgpu.store(kconst_ref.at[1, c1], qsum, mask=c1 < NK)
 
 
+def _query_kernel8(
+    q_ref,  # [r, D]: as _query_kernel
+    len_ref, sig_ref, sg_ref, hm_ref,  # as _query_kernel
+    head_ref,  # [NKp, n8*32] int32: Qexp8's query head per entry (a row per key column)
+    chan_ref,  # [NKp, n8*32] int32: its channel
+    fac_ref,  # [NKp, n8*32] f32: its factor (E4M3_FAC; 0: a structural zero)
+    colh_ref,  # [NKp, D] int32: each key column's query head (NR where it has none)
+    qh_ref, qc_ref, qok_ref,  # [NKp, G] int32: as _query_kernel
+    qexp_ref,  # out [2*n8, NK, 32] e4m3: tile 2s + half of step s (hi: half 0, lo: 1)
+    kconst_ref,  # out [4, NK] f32: koff, scaled query sums, 1 / scale, 0
+    qp_ref, nq_ref,  # out: as _query_kernel
+    *, NK: int, cfg: CacheConfig, prep: QueryPrep | None, signs: bool, interpret: bool,
+):
+    """``key_format="e4m3x2"``: :func:`pallas_kernels.mgpu_decode.query_operands8` in one
+    launch (the same values; koff and the sums up to the order of their float32 sums)."""
+    h, b = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(h == 0)
+    def _():
+        nq_ref[b] = region_sizes(len_ref[b], cfg).quantized
+
+    qprep.store_prepared(q_ref, sig_ref, sg_ref, hm_ref, qp_ref, prep=prep, cfg=cfg, signs=signs)
+    if not interpret:
+        plgpu.debug_barrier()
+    NKp, D = colh_ref.shape
+    # one power of two per query head (each column takes its head's): the head's largest
+    # |q * log2 e| into [TOP / 2, TOP)
+    dcol = jax.lax.broadcasted_iota(jnp.int32, (NKp, D), 1)
+    top = jnp.max(jnp.abs(load_q(qp_ref, colh_ref[...], dcol)), axis=1)  # [NKp]
+    e = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0)))
+    scale = jnp.where(top > 0, jnp.exp2((math.log2(E4M3_TOP) - 1) - e), 1.0)
+    c1 = jax.lax.broadcasted_iota(jnp.int32, (NKp,), 0)
+    W = head_ref.shape[1]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (NKp, W), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (NKp, W), 1)
+    x = load_q(qp_ref, head_ref[...], chan_ref[...]) * fac_ref[...] * scale[:, None]
+    hi = x.astype(jnp.float8_e4m3fn)
+    lo = (x - hi.astype(jnp.float32)).astype(jnp.float8_e4m3fn)
+    # rows past NK (the tile's padding) fall outside the column axis, masked off
+    plgpu.store(qexp_ref.at[2 * (cols // 32), rows, cols % 32], hi, mask=rows < NK)
+    plgpu.store(qexp_ref.at[2 * (cols // 32) + 1, rows, cols % 32], lo, mask=rows < NK)
+    koff = E4M3_OFFSET * jnp.sum(hi.astype(jnp.float32) + lo.astype(jnp.float32), axis=1)
+    qg = jnp.where(qok_ref[...] != 0, load_q(qp_ref, qh_ref[...], qc_ref[...]), 0.0)
+    qsum = jnp.sum(qg, axis=1) * scale  # [NKp]
+    plgpu.store(kconst_ref.at[0, c1], koff, mask=c1 < NK)
+    plgpu.store(kconst_ref.at[1, c1], qsum, mask=c1 < NK)
+    plgpu.store(kconst_ref.at[2, c1], 1.0 / scale, mask=c1 < NK)
+    plgpu.store(kconst_ref.at[3, c1], jnp.zeros_like(scale), mask=c1 < NK)
+
+
+@functools.lru_cache(maxsize=32)
+def _tables8(geo: Geometry):
+    """The e4m3 gather tables, a row per key column (padded to a power of two) and the
+    column's steps and K positions along it; each column's head for its scale."""
+    head, chan, fac = geo.qexp8_tables  # [n8, NK, 32]
+    NK, NKp = geo.NK, next_pow2(geo.NK)
+    flat = lambda x: np.pad(np.transpose(x, (1, 0, 2)).reshape(NK, -1), ((0, NKp - NK), (0, 0)))  # noqa: E731
+    qh, qg, ok = geo.qsum_tables
+    colh = np.where(ok, qh, geo.NR)
+    colh = np.repeat(np.pad(colh, (0, NKp - NK), constant_values=geo.NR)[:, None], geo.D, 1)
+    return (flat(head).astype(np.int32), flat(chan).astype(np.int32),
+            flat(fac).astype(np.float32), colh.astype(np.int32))
+
+
 @functools.lru_cache(maxsize=32)
 def _tables(geo: Geometry):
     """The gather tables padded to power-of-two widths (Triton tiles), as numpy arrays."""
@@ -101,21 +166,26 @@ def _build_call(geo: Geometry, cfg: CacheConfig, shapes, prep: QueryPrep | None,
                 interpret: bool):
     B, H = shapes[0][0][:2]
     S16, NK = geo.n_ksteps * 16, geo.NK
-    tables = _tables(geo)
+    tables = (*_tables8(geo), *_tables(geo)[3:]) if geo.e4m3 else _tables(geo)
+    kernel = _query_kernel8 if geo.e4m3 else _query_kernel
+    qexp_shape, qexp_dtype = (((2 * geo.n_ksteps8, NK, 32), jnp.float8_e4m3fn) if geo.e4m3
+                              else ((S16, NK), jnp.bfloat16))
+    nkc = geo.kconst_rows
     full = lambda shape: pl.BlockSpec(shape, lambda h, b: (0,) * len(shape))  # noqa: E731
     per_bh = lambda shape: pl.BlockSpec((None, None) + shape, lambda h, b: (b, h) + (0,) * len(shape))  # noqa: E731
     kw = {}
     if not interpret:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=1)
     return pl.pallas_call(
-        functools.partial(_query_kernel, NK=NK, cfg=cfg, prep=prep, signs=signs,
+        functools.partial(kernel, NK=NK, cfg=cfg, prep=prep, signs=signs,
                           interpret=interpret),
         grid=(H, B),
         in_specs=[per_bh((geo.n_rep, geo.D)), full((B,)), per_bh((geo.D,)), per_bh((geo.D,)),
                   full(shapes[4][0])] + [full(t.shape) for t in tables],
-        out_specs=[per_bh((S16, NK)), per_bh((2, NK)), per_bh((geo.n_rep, geo.D)), full((B,))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, S16, NK), jnp.bfloat16),
-                   jax.ShapeDtypeStruct((B, H, 2, NK), jnp.float32),
+        out_specs=[per_bh(qexp_shape), per_bh((nkc, NK)), per_bh((geo.n_rep, geo.D)),
+                   full((B,))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, *qexp_shape), qexp_dtype),
+                   jax.ShapeDtypeStruct((B, H, nkc, NK), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, geo.n_rep, geo.D), jnp.float32),
                    jax.ShapeDtypeStruct((B,), jnp.int32)],
         interpret=interpret,
@@ -142,10 +212,13 @@ def query_operands_kernel(qp: jax.Array, geo: Geometry, layer: QuantLayer, lengt
         qprep.check_query(qp, layer)
     inputs = [qp.astype(jnp.float32) if prep is None else qp, jnp.asarray(lengths, jnp.int32),
               *qprep.side_operands(layer, cfg, prep)]
-    tables = [jnp.asarray(t) for t in _tables(geo)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(geo, cfg, shapes, prep, layer.rot_signs is not None, interpret)
+    tables = [jnp.asarray(t) for t in (_tables8(geo) + _tables(geo)[3:] if geo.e4m3
+                                       else _tables(geo))]
     qexp, kconst, q_prepared, nq = call_quietly(call, *inputs, *tables, interpret=interpret)
+    if geo.e4m3:
+        return qexp.reshape(B, H, 2 * geo.n_ksteps8, geo.NK, 32), kconst, q_prepared, nq
     return qexp.reshape(B, H, geo.n_ksteps, 16, geo.NK), kconst, q_prepared, nq
 
 

@@ -1374,10 +1374,13 @@ def test_e4m3_kernel_lowers_to_mosaic_gpu(name):
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
-    kw = dict(opts, windows="xla", wide_copies=True, key_format="e4m3x2")
+    kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", key_format="e4m3x2")
     f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
-    text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    from jax.sharding import use_abstract_mesh
+    with use_abstract_mesh(abstract_h200()):  # the Triton query kernel casts to e4m3 (sm_89+)
+        text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "lop3.b32" in text
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the query kernel and the epilogue
 
 
 def test_e4m3_keys_reject_what_they_cannot_take():
@@ -1388,10 +1391,9 @@ def test_e4m3_keys_reject_what_they_cannot_take():
         Geometry(2, 32, 128, 4, 128, key_format="fp8").validate()
     cfg = CacheConfig.innerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
-    for bad in (dict(query="kernel"), dict(wgmma="inline")):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*key_format='e4m3x2' takes"):
-            md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
-                                     num_splits=1, key_format="e4m3x2", **bad)
+    with pytest.raises(ValueError, match="wgmma='inline': key_format='e4m3x2' takes"):
+        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                 num_splits=1, key_format="e4m3x2", wgmma="inline")
     with pytest.raises(ValueError, match="key_format='half'; choose one of"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, key_format="half")
@@ -1409,7 +1411,7 @@ def test_gpu_e4m3_keys_equal_reference(name):
     cache, qp, ref = _gpu_case(name)
     errs = {}
     for fmt in ("e4m3x2", "bf16"):
-        kw = dict(opts, windows="epilogue", wide_copies=True, query="xla", key_format=fmt)
+        kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", key_format=fmt)
         out = jax.jit(lambda q, lay, n, kw=kw: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
             qp, cache.layer(0), cache.lengths)
         errs[fmt] = _rel(out, ref)
@@ -1417,3 +1419,28 @@ def test_gpu_e4m3_keys_equal_reference(name):
         np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
     print(f"{name}: rel err e4m3x2 {errs['e4m3x2']:.2e}, bf16 {errs['bf16']:.2e}")
     assert errs["e4m3x2"] < TOL and errs["bf16"] < TOL
+
+
+@pytest.mark.parametrize("geo", [Geometry(2, 32, 128, 4, 128, key_format="e4m3x2"),
+                                 Geometry(2, 32, 64, 3, 128, key_format="e4m3x2"),
+                                 Geometry(2, 32, 128, 12, 128, key_format="e4m3x2")],
+                         ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
+def test_e4m3_query_kernel_equals_xla_operands(geo):
+    """The query kernel's e4m3 form (interpret mode) equals query_operands8: hi and lo bit
+    for bit (koff cancels the +8 offset only for exactly these values), the constants up to
+    the order of their float32 sums; three query magnitudes (the scale per head)."""
+    from pallas_kernels.mgpu_query import query_operands_kernel
+    qp = jax.random.normal(jax.random.PRNGKey(geo.D + geo.n_rep), (2, 3, geo.n_rep, geo.D))
+    qp = qp * jnp.asarray([0.02, 1.0, 40.0])[None, :, None, None]
+    cfg = CacheConfig.innerq(bits=geo.bits, group_size=geo.G, capacity=1024)
+    layer = KVCache.create(cfg, 1, 2, 3, geo.D).layer(0)
+    lengths = jnp.asarray([700, 37], jnp.int32)
+    qe_ref, kc_ref = md.query_operands8(qp, geo)
+    qe, kc, q_out, nq = query_operands_kernel(qp, geo, layer, lengths, cfg, interpret=True)
+    assert qe.shape == qe_ref.shape and qe.dtype == jnp.float8_e4m3fn and kc.shape == kc_ref.shape
+    np.testing.assert_array_equal(np.asarray(qe, np.float32), np.asarray(qe_ref, np.float32))
+    kc, kc_ref = np.asarray(kc), np.asarray(kc_ref)  # sums of terms scaled up to 2**12
+    np.testing.assert_allclose(kc, kc_ref, rtol=2e-6, atol=2e-6 * np.abs(kc_ref).max())
+    assert np.abs(kc[:, :, 0]).max() > 1.0  # not vacuous: real sums
+    np.testing.assert_array_equal(q_out, qp)
+    np.testing.assert_array_equal(nq, region_sizes(lengths, cfg).quantized)
