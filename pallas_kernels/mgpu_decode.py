@@ -1313,7 +1313,10 @@ def mgpu_decode_attention(
     ("bf16": the key chain's operands as bf16 code pairs and a bf16 query table; "e4m3x2",
     2-bit InnerQ only: e4m3 codes, four per register, against the query table split into
     an e4m3 hi and lo part, two wgmmas per 32 channels into one accumulator: half the key
-    A registers and about twice the bf16 table's precision; :func:`query_operands8`, or the
+    A registers and, in exact arithmetic, about twice the bf16 table's precision; on the
+    H200 its error was 1.6-2.3x lower in six of seven test cases and 2.2x higher in one (MHA,
+    G 64: the e4m3 MMAs accumulate with fewer bits), level speed at B 8 / 32k, 2-3% slower
+    at B 1 / 128k (benchmarks/KERNEL_NOTES.md, "Round 32"); :func:`query_operands8`, or the
     query kernel's e4m3 form).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
