@@ -14,7 +14,6 @@ The backend provides:
   ``where, maximum, exp2, shfl_xor, round_bf16, f32, imin``   arithmetic
   ``bf16x2(bits)``     a wgmma A register from 32 bits (two bf16)
   ``e4m3x4(bits)``     an 8-bit wgmma A register from 32 bits (four e4m3, byte 0 first)
-  ``round_e4m3(x)``    x rounded to e4m3 (nearest even, saturating), as a float
   ``and_or(x, mask, bits)``   (x & mask) | bits as one ``lop3`` (two constants: ptxas
                        splits the plain ``&``, ``|`` pair into two instructions)
   ``frag(kind, shape, regs)`` / ``get(frag, idx, e)``   register arrays in the wgmma
@@ -26,8 +25,8 @@ Integer values support + - * // % & | ^ << >> and comparisons; floats + - *.
 
 from __future__ import annotations
 
-from pallas_kernels.mgpu_geometry import (E4M3_MAGIC, E4M3_OFFSET, E4M3_P_SHIFT, E4M3_PLAN, LOG2E,
-                                          MAGIC, NEG, Geometry, pair_mask, pair_plan)
+from pallas_kernels.mgpu_geometry import (E4M3_MAGIC, E4M3_PLAN, LOG2E, MAGIC, NEG, Geometry,
+                                          pair_mask, pair_plan)
 
 
 def _unpack(ops, word, bits: int, j: int, shifted: dict):
@@ -161,7 +160,7 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
 
     # probabilities -> Pexp (bf16 * 2**-e_j at the token's row of pair j) and group sums
     exps = [e for _, e in plan]
-    for mt in range(geo.MT if not geo.v8 else 0):
+    for mt in range(geo.MT):
         ck = (geo.TM * mt) // geo.TC
         for uh in range(OWN):
             poff = psum = None
@@ -188,8 +187,6 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
                 psum = psum + ops.shfl_xor(psum, d)
             base = geo.xchg_max_size + (((mt * 4 + w) * OWN + uh) * 4 + c) * 2
             ops.store(xchg, base, [poff, psum], "f32", pred=first_lane)
-    if geo.v8:
-        _probabilities_e4m3(ops, geo, scores, m_new, pexp, xchg)
     ops.fence_barrier()
 
     poff_cols, psum_cols = [], []
@@ -215,41 +212,6 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
 
     m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
     return m_cols_new, alpha_cols, poff_cols, psum_cols
-
-
-def _probabilities_e4m3(ops, geo: Geometry, scores, m_new, pexp, xchg):
-    """value_format="e4m3x2": each probability p times 2**E4M3_P_SHIFT (and 1/2 at the odd
-    levels, whose codes sit one mantissa bit up) as an e4m3 hi and lo pair at its (level,
-    column a) of the hi and the lo tile; per (head, token group) column the sums of the
-    stored values (poff, the codes' +8 offset) and of the probabilities they carry (psum,
-    in the same 2**E4M3_P_SHIFT units) to the exchange, as the bf16 form does."""
-    w, rr, c, OWN = ops.w, ops.rr, ops.c, geo.OWN
-    up = float(2 ** E4M3_P_SHIFT)
-    for mt in range(geo.MT):
-        ck = (geo.TM * mt) // geo.TC
-        for uh in range(OWN):
-            poff = psum = None
-            for rho in range(2):
-                for p in range(geo.P):
-                    tau_c = geo.TM * (mt % (geo.TC // geo.TM)) + geo.P * (16 * w + rr + 8 * rho) + p
-                    i, a = geo.pexp8_row(tau_c)
-                    odd = (tau_c % 2) == 1  # the level's parity is the token's
-                    col = geo.v_col(uh, tau_c // geo.G, c)
-                    pv = ops.exp2(scores[(mt, rho, p, uh)] - m_new[uh])
-                    x = pv * ops.where(odd, up / 2, up)
-                    hi = ops.round_e4m3(x)
-                    lo = ops.round_e4m3(x - hi)
-                    ops.store(pexp, geo.pexp8_offset(ck, i, 0, a, col), [hi], "e4m3")
-                    ops.store(pexp, geo.pexp8_offset(ck, i, 1, a, col), [lo], "e4m3")
-                    st = hi + lo
-                    poff = st if poff is None else poff + st
-                    pr = st * ops.where(odd, 2.0, 1.0)
-                    psum = pr if psum is None else psum + pr
-            for d in (4, 8, 16):
-                poff = poff + ops.shfl_xor(poff, d)
-                psum = psum + ops.shfl_xor(psum, d)
-            base = geo.xchg_max_size + (((mt * 4 + w) * OWN + uh) * 4 + c) * 2
-            ops.store(xchg, base, [poff, psum], "f32", pred=rr == 0)
 
 
 def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
@@ -312,33 +274,11 @@ def v_operands(ops, geo: Geometry, vw, ck: int, pairs=None):
     return [ops.frag("wgmma", (geo.D, 16), regs[j]) for j in pairs]
 
 
-def v_operands8(ops, geo: Geometry, vw, ck: int, levels=None):
-    """value_format="e4m3x2": the A operands of V chunk ck as e4m3 arrays [D, 32], one per
-    level of ``levels`` (default 0..3); thread c's words 8ck + 2c + t give columns 16t + 4c
-    .. 16t + 4c + 3 (:meth:`Geometry.pexp8_row`), the rows as :func:`v_operands`."""
-    w, rr, c = ops.w, ops.rr, ops.c
-    levels = list(range(4)) if levels is None else list(levels)
-    regs = {i: {} for i in levels}
-    for mv in range(geo.MV):
-        for t in range(2):
-            wr = 8 * ck + 2 * c + t
-            words = ops.load(vw, wr * geo.D + 64 * mv + 16 * w + 2 * rr, "u32", 2)  # rho = 0, 1
-            for rho in range(2):
-                shifted = {}
-                for i in levels:
-                    sh, mask = E4M3_PLAN[i]
-                    if sh not in shifted:
-                        shifted[sh] = words[rho] >> sh if sh else words[rho]
-                    regs[i][(mv, t, rho)] = ops.e4m3x4(ops.and_or(shifted[sh], mask, E4M3_MAGIC))
-    return [ops.frag("wgmma", (geo.D, 32), regs[i], dtype="e4m3") for i in levels]
-
-
 def v_acc_init(ops, geo: Geometry, poff_cols):
-    """-128 * poff on every row: the codes' +128 offset of this chunk (e4m3 values: +8)."""
-    off = E4M3_OFFSET if geo.v8 else 128.0
+    """-128 * poff on every row: the codes' +128 offset of this chunk."""
     regs = {}
     for t8 in range(geo.NV // 8):
-        v = (ops.get(poff_cols, (t8,), 0) * -off, ops.get(poff_cols, (t8,), 1) * -off)
+        v = (ops.get(poff_cols, (t8,), 0) * -128.0, ops.get(poff_cols, (t8,), 1) * -128.0)
         for mv in range(geo.MV):
             for rho in range(2):
                 regs[(mv, t8, rho)] = v
@@ -604,10 +544,8 @@ def store_partials(ops, geo: Geometry, o_full, m_cols, l_cols, o_out, ml_out):
                 vals = [ops.get(o_full, (mv, t8, rho), e) for e in range(2)]
                 ops.store(o_out, m * geo.NV + 8 * t8 + 2 * c, vals, "f32")
     lead = (w == 0) & (rr == 0)
-    shift = E4M3_P_SHIFT if geo.v8 else 0  # e4m3 values: o and l are 2**shift too large
     for t8 in range(geo.NV // 8):
-        m = [ops.get(m_cols, (t8,), e) for e in range(2)]
-        ops.store(ml_out, 8 * t8 + 2 * c, [x - shift for x in m] if shift else m, "f32",
+        ops.store(ml_out, 8 * t8 + 2 * c, [ops.get(m_cols, (t8,), e) for e in range(2)], "f32",
                   pred=lead)
         ops.store(ml_out, geo.NV + 8 * t8 + 2 * c, [ops.get(l_cols, (t8,), e) for e in range(2)],
                   "f32", pred=lead)

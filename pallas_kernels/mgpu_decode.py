@@ -167,7 +167,7 @@ WGMMA = ("pallas", "inline")
 FINISH = ("xla", "kernel")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
-                      "chain_parts", "wgmma", "finish", "key_format", "value_format"})
+                      "chain_parts", "wgmma", "finish", "key_format"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None,
@@ -383,17 +383,6 @@ class MlirOps:
         return _F(arith.extf(f32, arith.truncf(bf16, _F._v(x))))
 
     @staticmethod
-    def round_e4m3(x):
-        """x rounded to e4m3 (nearest even, saturating) and back, as float32: two cvts to the
-        e4m3 pair and back to f16, one to f32."""
-        f32 = ir.F32Type.get()
-        return _F(llvm.inline_asm(
-            f32, [_F._v(x)],
-            "{ .reg .b16 h; .reg .b32 r; .reg .f16 f0, f1; "
-            "cvt.rn.satfinite.e4m3x2.f32 h, $1, $1; cvt.rn.f16x2.e4m3x2 r, h; "
-            "mov.b32 {f0, f1}, r; cvt.f32.f16 $0, f0; }", "=f,f"))
-
-    @staticmethod
     def imin(a, b):
         return _I(arith.minsi(_I._v(a), _I._v(b)))
 
@@ -427,12 +416,12 @@ class MlirOps:
     @staticmethod
     def _elem(kind):
         return {"u32": _i32(), "i32": _i32(), "bf16": ir.BF16Type.get(),
-                "f32": ir.F32Type.get(), "e4m3": ir.IntegerType.get_signless(8)}[kind]
+                "f32": ir.F32Type.get()}[kind]
 
     @staticmethod
     def _align(kind, n):
         """Vector accesses of n elements start at multiples of n elements."""
-        return {"bf16": 2, "e4m3": 1}.get(kind, 4) * (n & -n)
+        return (2 if kind == "bf16" else 4) * (n & -n)
 
     def load(self, ref, off, kind, n, keep=None):
         """n elements from ``off``; with ``keep`` (an i1; bf16 pairs only) zeros where it is
@@ -484,11 +473,6 @@ class MlirOps:
         raw = []
         for v in vals:
             x = _F._v(v)
-            if kind == "e4m3":  # the byte of an (exactly representable) e4m3 value
-                bits = llvm.inline_asm(
-                    _i32(), [x], "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, $1, $1; "
-                    "cvt.u32.u16 $0, h; }", "=r,f")
-                x = arith.trunci(et, bits)
             raw.append(arith.truncf(et, x) if kind == "bf16" else x)
         n = len(raw)
         nbytes = self._align(kind, n)
@@ -772,9 +756,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
             plgpu.copy_gmem_to_smem(qexp_ref.at[base + st], qexp_smem.at[st], const_bar)
         plgpu.copy_gmem_to_smem(kconst_ref.at[b, h], kconst_smem, const_bar)
 
-    # e4m3 values: Pexp is [NC * 4 levels * 2 halves, NV, 32] bytes (zeroed as bf16 pairs)
-    pexp_t = plgpu.RefType(_B8_TRANSFORMS) if geo.v8 else pexp_t
-    n_pexp = geo.NC * 8 * NV * 16 if geo.v8 else geo.NC * geo.half * 16 * NV
+    n_pexp = geo.NC * geo.half * 16 * NV
     _inline([pexp_t], (), lambda ops, p: blk.zero_fill(ops, p, n_pexp) or ())(pexp_smem)
 
     def init_state(ops):
@@ -804,7 +786,6 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     k_op_ty = (_sds((64 * geo.MT, 32), jnp.float8_e4m3fn, plgpu.Layout.WGMMA_8BIT) if geo.e4m3
                else _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA))
     v_op_ty = _sds((D, 16), jnp.bfloat16, _WGMMA)
-    v8_op_ty = _sds((D, 32), jnp.float8_e4m3fn, plgpu.Layout.WGMMA_8BIT)
     col_ty = _sds((NV,), jnp.float32, _COL)
     step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC,
                col_ty if geo.outer else (col_ty,) * geo.NC)
@@ -839,18 +820,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         code pairs against Pexp (in kc.chain_parts waited parts; kc.wgmma's form)."""
         acc_v = _inline([_COL], _sds((D, NV), jnp.float32, _WGMMA),
                         lambda ops, po: blk.v_acc_init(ops, geo, po))(poff)
-        for lv in _parts(4, kc.chain_parts) if geo.v8 else ():  # e4m3: hi and lo tiles
-            a_v = _inline([ref], (v8_op_ty,) * len(lv), lambda ops, vw, lv=lv: tuple(
-                blk.v_operands8(ops, geo, vw, ck, lv)))(vw_s)
-
-            def v_chain8(acc_ref, a_v=a_v, lv=lv):
-                for a, i in zip(a_v, lv):
-                    for half in range(2):
-                        b_t = pexp_smem.at[(ck * 4 + i) * 2 + half].transpose((1, 0))
-                        plgpu.wgmma(acc_ref, a, b_t)
-
-            acc_v = pl.run_state(v_chain8)(plgpu.ACC.init(acc_v))
-        for js in _parts(geo.half, kc.chain_parts) if not geo.v8 else ():
+        for js in _parts(geo.half, kc.chain_parts):
             if kc.wgmma == "inline":
                 acc_v = _inline(
                     [_WGMMA, ref, pexp_t, _SPLAT], _sds((D, NV), jnp.float32, _WGMMA),
@@ -1013,9 +983,7 @@ def _build_kernel(kc: KernelConfig, B: int, H: int, NS: int):
     scratch = [
         qexp_buf,
         plgpu.SMEM((geo.kconst_rows, geo.NK), jnp.float32),
-        (plgpu.SMEM((geo.NC * 8, geo.NV, 32), jnp.float8_e4m3fn, transforms=_B8_TRANSFORMS)
-         if geo.v8 else
-         plgpu.SMEM((geo.NC * geo.half, 16, geo.NV), jnp.bfloat16, transforms=_B_TRANSFORMS)),
+        plgpu.SMEM((geo.NC * geo.half, 16, geo.NV), jnp.bfloat16, transforms=_B_TRANSFORMS),
         plgpu.SMEM((geo.xchg_size,), jnp.float32),
         plgpu.Barrier(num_arrivals=1 if geo.outer else qexp_buf.shape[0] + 1),
     ]
@@ -1190,8 +1158,8 @@ class PreparedCall(NamedTuple):
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, wgmma=None, finish=None, key_format=None, value_format=None,
-                 ablate=(), prep=None) -> PreparedCall:
+                 chain_parts=None, wgmma=None, finish=None, key_format=None, ablate=(),
+                 prep=None) -> PreparedCall:
     """Resolves every option (the device's tuned defaults where not given) and builds the
     kernel: a :class:`PreparedCall`. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -1200,21 +1168,17 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
                          f"cfg.kind={cfg.kind!r}")
     outer = cfg.kind == "outerq"
     key_format = key_format or ("bf16" if outer else tuned_defaults().get("key_format", "bf16"))
-    value_format = value_format or ("bf16" if outer else
-                                    tuned_defaults().get("value_format", "bf16"))
-    for name, fmt in (("key_format", key_format), ("value_format", value_format)):
-        if fmt not in KEY_FORMATS:
-            raise ValueError(f"{name}={fmt!r}; choose one of {KEY_FORMATS}")
-        if fmt == "e4m3x2":  # its chains are plgpu.wgmma's
-            if wgmma not in (None, "pallas"):
-                raise ValueError(f"wgmma={wgmma!r}: {name}='e4m3x2' takes wgmma in ('pallas',)")
-            wgmma = "pallas"
+    if key_format not in KEY_FORMATS:
+        raise ValueError(f"key_format={key_format!r}; choose one of {KEY_FORMATS}")
+    if key_format == "e4m3x2":  # its chains are plgpu.wgmma's
+        if wgmma not in (None, "pallas"):
+            raise ValueError(f"wgmma={wgmma!r}: key_format='e4m3x2' takes wgmma in ('pallas',)")
+        wgmma = "pallas"
     if outer:  # options with an InnerQ-only form
         given = dict(query=query, windows=windows, tail=tail, chain_parts=chain_parts,
-                     wgmma=wgmma, key_format=key_format, value_format=value_format)
+                     wgmma=wgmma, key_format=key_format)
         allowed = dict(query=("xla",), windows=("xla", "epilogue"), tail=("mask",),
-                       chain_parts=(1,), wgmma=("pallas",), key_format=("bf16",),
-                       value_format=("bf16",))
+                       chain_parts=(1,), wgmma=("pallas",), key_format=("bf16",))
         for k, v in given.items():
             if v is not None and v not in allowed[k]:
                 raise ValueError(f"{k}={v!r}: the OuterQ kernel takes {k} in {allowed[k]}")
@@ -1256,13 +1220,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     bad = sorted(set(ablate) - set(ABLATIONS))
     if bad:
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
-    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind, key_format, value_format)
+    geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind, key_format)
     geo.validate()
     k_steps = geo.n_ksteps8 if geo.e4m3 else geo.n_ksteps
-    v_steps = 4 if geo.v8 else geo.half
-    if chain_parts not in (1, 2, 4) or chain_parts > min(k_steps, v_steps):
+    if chain_parts not in (1, 2, 4) or chain_parts > min(k_steps, geo.half):
         raise ValueError(f"chain_parts={chain_parts!r}; choose 1, 2 or 4, at most "
-                         f"{min(k_steps, v_steps)} for this geometry")
+                         f"{min(k_steps, geo.half)} for this geometry")
     Tq = cfg.quant_capacity
     n_blocks = max(1, -(-Tq // BT))
     if num_splits is None:
@@ -1354,9 +1317,7 @@ def mgpu_decode_attention(
     H200 its error was 1.6-2.3x lower in six of seven test cases and 2.2x higher in one (MHA,
     G 64: the e4m3 MMAs accumulate with fewer bits), level speed at B 8 / 32k, 2-3% slower
     at B 1 / 128k (benchmarks/KERNEL_NOTES.md, "Round 32"); :func:`query_operands8`, or the
-    query kernel's e4m3 form), ``value_format`` (the same for the value chain, 2-bit InnerQ
-    only: e4m3 value codes against the probabilities stored as an e4m3 hi and lo pair, times
-    2**6; the partial's maximum is stored 6 lower, so that every merge is unchanged).
+    query kernel's e4m3 form).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).

@@ -56,10 +56,6 @@ E4M3_PLAN = ((0, 0x03030303), (1, 0x06060606), (4, 0x03030303), (5, 0x06060606))
 E4M3_FAC = (1.0, 0.5, 1.0, 0.5)  # folded into Qexp: (8 + 2 code) * x/2 = 4x + code * x
 E4M3_OFFSET = 8.0  # every A value is 8 + code * 2**(i % 2): Qexp's own sum times 8 cancels it
 E4M3_TOP = 128.0  # each query head's largest |q * log2 e| is scaled into [TOP / 2, TOP)
-# value_format="e4m3x2": the probabilities (at most 1) are stored times 2**E4M3_P_SHIFT (hi +
-# lo), so the partial's output and sum come out 2**6 too large; the partial's maximum is
-# stored 6 lower, which leaves every merge unchanged
-E4M3_P_SHIFT = 6
 KEY_FORMATS = ("bf16", "e4m3x2")
 
 
@@ -124,7 +120,6 @@ class Geometry:
     BT: int  # tokens per pipeline block
     layout: str = "innerq"  # or "outerq": K grouped along T, V along D (see the module doc)
     key_format: str = "bf16"  # the key chain's operands: "bf16" or "e4m3x2" (E4M3_PLAN)
-    value_format: str = "bf16"  # the value chain's: "bf16" or "e4m3x2" (Pexp8, E4M3_P_SHIFT)
 
     @property
     def outer(self) -> bool:
@@ -162,10 +157,6 @@ class Geometry:
     @property
     def e4m3(self) -> bool:
         return self.key_format == "e4m3x2"
-
-    @property
-    def v8(self) -> bool:
-        return self.value_format == "e4m3x2"
 
     @property
     def n_ksteps8(self) -> int:  # e4m3 K steps (32 channels each): 4 levels per word tile
@@ -275,12 +266,6 @@ class Geometry:
             raise ValueError(
                 f"key_format='e4m3x2' takes 2-bit InnerQ keys (three mantissa bits hold a 2-bit "
                 f"code); got layout={self.layout!r}, bits={self.bits}")
-        if self.value_format not in KEY_FORMATS:
-            raise ValueError(f"value_format={self.value_format!r}; choose one of {KEY_FORMATS}")
-        if self.v8 and (self.outer or self.bits != 2):
-            raise ValueError(
-                f"value_format='e4m3x2' takes 2-bit InnerQ values (three mantissa bits hold a "
-                f"2-bit code); got layout={self.layout!r}, bits={self.bits}")
         if self.outer and self.P != 1:
             raise ValueError(
                 f"the OuterQ kernel needs one token per K row (at least 8 key words per token); "
@@ -328,21 +313,6 @@ class Geometry:
         wr, kk = tau_c // self.cpw, tau_c % self.cpw
         i, j = kk // self.half, kk % self.half
         return j, 8 * (wr % 2) + 2 * (wr // 2) + i
-
-    @staticmethod
-    def pexp8_row(tau_c):
-        """value_format="e4m3x2": (level i, A column a) that meets token tau_c of a V chunk:
-        code k = tau_c % 16 of word row wr = tau_c // 16 sits in byte k // 4 of level k % 4;
-        thread c of the 8-bit register layout holds words 2c + t (columns 16t + 4c + b)."""
-        wr, k = tau_c // 16, tau_c % 16
-        return k % 4, 16 * (wr % 2) + 4 * (wr // 2) + k // 4
-
-    def pexp8_offset(self, ck, i, half, a, col):
-        """Byte offset of the e4m3 Pexp[(ck, i, half)][col, a] (K-major [NV, 32] tiles, hi
-        half 0 and lo half 1, tiled (8, 32) and 32-byte swizzled as Mosaic lays them)."""
-        tile = (ck * 4 + i) * 2 + half
-        byte = ((tile * (self.NV // 8) + col // 8) * 8 + col % 8) * 32 + a
-        return byte ^ (((byte // 128) % (SWIZZLE // 16)) * 16)
 
     def pexp_offset(self, ck, j, a, col):
         """bf16 element offset of Pexp[ck, j][a, col] in the tiled (8, 16), 32-byte-swizzled
@@ -439,6 +409,6 @@ def default_block_tokens(bits: int, G: int, D: int) -> int:
     return max(128, math.lcm(geo.TM, geo.TC))
 
 
-__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_P_SHIFT", "E4M3_TOP", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
+__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_TOP", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
            "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "split_e4m3",
            "unpack_e4m3_reference", "unpack_pair_reference"]

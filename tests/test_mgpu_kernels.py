@@ -268,13 +268,9 @@ def _simulated_programs(geo: Geometry, nq, operands, NS: int, bps: int, program)
     for b in range(B):
         for h in range(H):
             for s in range(NS):
-                if geo.v8:  # e4m3 Pexp: [NC * 4 levels * 2 halves, NV, 32] bytes
-                    pexp = np.ones(geo.NC * 8 * NV * 32, ml_dtypes.float8_e4m3fn)  # poison
-                    blk.zero_fill(ops, pexp.view(ml_dtypes.bfloat16), pexp.size // 2)
-                else:
-                    pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
-                    pexp[:] = 1  # poison: zero_fill must clear it
-                    blk.zero_fill(ops, pexp, pexp.size)
+                pexp = np.zeros(geo.NC * geo.half * 16 * NV, ml_dtypes.bfloat16)
+                pexp[:] = 1  # poison: zero_fill must clear it
+                blk.zero_fill(ops, pexp, pexp.size)
                 xchg = np.full(geo.xchg_size, np.nan, np.float32)
                 o_full, m_cols, l_cols = program(ops, b, h, s, pexp, xchg, blocks(b, h, s))
                 o_out = np.zeros(D * NV, np.float32)
@@ -298,13 +294,6 @@ def _b_logical(geo: Geometry, buf, tile, ncols):
     offsets (what the wgmma reads)."""
     return np.array([[buf[geo.b_offset(tile, a, c, ncols)] for c in range(ncols)]
                      for a in range(16)], np.float32)
-
-
-def _b8_logical(geo: Geometry, buf, ck, i, half):
-    """The logical [32, NV] e4m3 B operand of V chunk ck, level i, hi (0) or lo (1) half,
-    read through the kernel's K-major swizzled offsets (the wgmma reads it transposed)."""
-    return np.array([[buf[geo.pexp8_offset(ck, i, half, a, c)] for a in range(32)]
-                     for c in range(geo.NV)], np.float32).T
 
 
 def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int,
@@ -340,11 +329,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                                + sum(p.mat for p in psums))
             for ck in range(geo.NC):
                 acc_v = blk.v_acc_init(ops, geo, poffs[ck])
-                for lv in md._parts(4, chain_parts) if geo.v8 else ():
-                    for a, i in zip(blk.v_operands8(ops, geo, vw_s, ck, lv), lv):
-                        for half in range(2):
-                            acc_v = simt.wgmma(acc_v, a, _b8_logical(geo, pexp, ck, i, half))
-                for js in md._parts(geo.half, chain_parts) if not geo.v8 else ():
+                for js in md._parts(geo.half, chain_parts):
                     a_v = blk.v_operands(ops, geo, vw_s, ck, js)
                     for a, j in zip(a_v, js):
                         acc_v = simt.wgmma(acc_v, a, _b_logical(geo, pexp, ck * geo.half + j,
@@ -403,7 +388,7 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     B, H, r, D = qp.shape
     geo = Geometry(cfg.bits, cfg.group_size, D, r,
                    opts.get("block_tokens") or md.default_block_tokens(cfg.bits, cfg.group_size, D),
-                   cfg.kind, opts.get("key_format", "bf16"), opts.get("value_format", "bf16"))
+                   cfg.kind, opts.get("key_format", "bf16"))
     geo.validate()
     n_blocks = max(1, -(-cfg.quant_capacity // geo.BT))
     bps = -(-n_blocks // opts["num_splits"])
@@ -1362,44 +1347,6 @@ def test_e4m3_query_operands_split_and_constants():
     np.testing.assert_array_equal(kc[:, :, 3], 0.0)
 
 
-@pytest.mark.parametrize("geo", [g for g in GEOS if g.bits == 2],
-                         ids=lambda g: f"b{g.bits}G{g.G}D{g.D}r{g.n_rep}BT{g.BT}")
-def test_e4m3_value_operand_maps_are_bijective(geo):
-    """value_format="e4m3x2": every token of a V chunk meets one (level, column a), each
-    level's 32 columns once; the K-major swizzled Pexp offsets fill the buffer exactly."""
-    geo = dataclasses.replace(geo, value_format="e4m3x2")
-    geo.validate()
-    rows = [geo.pexp8_row(t) for t in range(geo.TC)]
-    assert sorted(rows) == [(i, a) for i in range(4) for a in range(32)]
-    # level i of a token is its parity's factor (the odd levels hold 8 + 2 code)
-    assert all(i % 2 == t % 2 for t, (i, _) in enumerate(rows))
-    offs = np.array([geo.pexp8_offset(ck, i, h, a, c) for ck in range(geo.NC) for i in range(4)
-                     for h in range(2) for a in range(32) for c in range(geo.NV)])
-    assert np.array_equal(np.sort(offs), np.arange(geo.NC * 8 * geo.NV * 32))
-
-
-@pytest.mark.parametrize("name", [n if n in _E4M3_SIM else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in _E4M3_GRID])
-def test_simulated_e4m3_values_equal_reference(name):
-    """The kernel with e4m3 values, and with e4m3 keys and values (simulated), against the
-    reference: the probabilities' hi and lo pair in the value MMAs, the partial's output
-    and sum 2**6 too large and its maximum stored 6 lower (the XLA merge and the Triton
-    epilogue's both read it so); both formats together more accurate than bf16."""
-    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
-    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
-    qp = _query(cache, Hq)
-    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
-    empty = np.asarray(cache.lengths) == 0
-    outs = _simulated_attention(cache, qp, dict(opts, value_format="e4m3x2"), ("xla", "epilogue"))
-    (both,) = _simulated_attention(cache, qp, dict(opts, key_format="e4m3x2",
-                                                   value_format="e4m3x2"))
-    (bf16,) = _simulated_attention(cache, qp, opts)
-    for out in outs + [both]:
-        assert _rel(out, ref) < TOL
-        np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
-    assert _rel(both, ref) < _rel(bf16, ref)
-
-
 @pytest.mark.parametrize("name", [n if n in _E4M3_SIM else pytest.param(n, marks=pytest.mark.slow)
                                   for n in _E4M3_GRID])
 def test_simulated_e4m3_keys_equal_reference(name):
@@ -1422,32 +1369,26 @@ def test_simulated_e4m3_keys_equal_reference(name):
 
 @pytest.mark.parametrize("name", _E4M3_SIM)
 def test_e4m3_kernel_lowers_to_mosaic_gpu(name):
-    """The kernel with e4m3 keys, values or both lowers (8-bit register operands, the
-    K-major B tiles read transposed, the constants' copy a multiple of 128 bytes)."""
+    """The kernel with e4m3 keys lowers (8-bit register operands, the K-major B tiles read
+    transposed, the constants' copy a multiple of 128 bytes)."""
     cfg, D, Hq, Hkv, lengths, _, opts = GRID[name]
     B = len(lengths)
     layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
     qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", key_format="e4m3x2")
+    f = jax.jit(lambda q, lay, n: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
     from jax.sharding import use_abstract_mesh
-    for fmts in (dict(key_format="e4m3x2"), dict(value_format="e4m3x2"),
-                 dict(key_format="e4m3x2", value_format="e4m3x2")):
-        kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", **fmts)
-        f = jax.jit(lambda q, lay, n, kw=kw: md.mgpu_decode_attention(q, lay, n, cfg, **kw))
-        with use_abstract_mesh(abstract_h200()):  # the Triton query kernel casts to e4m3
-            text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text and "lop3.b32" in text
-        assert text.count("__gpu$xla.gpu.triton") == 2  # the query kernel and the epilogue
-        if "value_format" in fmts:  # the probabilities rounded to e4m3 in the kernel
-            assert "cvt.rn.satfinite.e4m3x2.f32" in text
+    with use_abstract_mesh(abstract_h200()):  # the Triton query kernel casts to e4m3 (sm_89+)
+        text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "lop3.b32" in text
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the query kernel and the epilogue
 
 
 def test_e4m3_keys_reject_what_they_cannot_take():
     for bits, kind in ((4, "innerq"), (2, "outerq")):
         with pytest.raises(ValueError, match="key_format='e4m3x2' takes 2-bit InnerQ"):
             Geometry(bits, 32, 128, 4, 128, kind, "e4m3x2").validate()
-        with pytest.raises(ValueError, match="value_format='e4m3x2' takes 2-bit InnerQ"):
-            Geometry(bits, 32, 128, 4, 128, kind, value_format="e4m3x2").validate()
     with pytest.raises(ValueError, match="key_format='fp8'; choose one of"):
         Geometry(2, 32, 128, 4, 128, key_format="fp8").validate()
     cfg = CacheConfig.innerq(capacity=512)
@@ -1458,38 +1399,28 @@ def test_e4m3_keys_reject_what_they_cannot_take():
     with pytest.raises(ValueError, match="key_format='half'; choose one of"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                  num_splits=1, key_format="half")
-    with pytest.raises(ValueError, match="wgmma='inline': value_format='e4m3x2' takes"):
-        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
-                                 num_splits=1, value_format="e4m3x2", wgmma="inline")
-    outer = CacheConfig.outerq(bits=4, capacity=512)
-    oc = _cache(outer, 1, 1, 64, [100])
-    with pytest.raises(ValueError, match="value_format=.*OuterQ kernel takes"):
-        md.mgpu_decode_attention(_query(oc, 1), oc.layer(0), oc.lengths, outer,
-                                 num_splits=1, value_format="e4m3x2")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", _E4M3_GRID)
 def test_gpu_e4m3_keys_equal_reference(name):
-    """The compiled kernel with e4m3 keys, values and both against the reference, beside
-    the bf16 operands' error on the same inputs (printed; all under the tolerance)."""
+    """The compiled kernel with e4m3 keys against the reference, beside the bf16 keys' error
+    on the same inputs (printed; both under the tolerance)."""
     if _hopper() is None:
         pytest.skip("needs a Hopper GPU (sm_90): Mosaic GPU's CPU interpreter cannot run "
                     "pipelined copies, so the kernel runs only there")
     cfg, _, _, _, _, _, opts = GRID[name]
     cache, qp, ref = _gpu_case(name)
     errs = {}
-    for label, kf, vf in (("keys", "e4m3x2", "bf16"), ("values", "bf16", "e4m3x2"),
-                          ("both", "e4m3x2", "e4m3x2"), ("bf16", "bf16", "bf16")):
-        kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", key_format=kf,
-                  value_format=vf)
+    for fmt in ("e4m3x2", "bf16"):
+        kw = dict(opts, windows="epilogue", wide_copies=True, query="kernel", key_format=fmt)
         out = jax.jit(lambda q, lay, n, kw=kw: md.mgpu_decode_attention(q, lay, n, cfg, **kw))(
             qp, cache.layer(0), cache.lengths)
-        errs[label] = _rel(out, ref)
+        errs[fmt] = _rel(out, ref)
         empty = np.asarray(cache.lengths) == 0
         np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
-    print(f"{name}: rel err " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    assert all(v < TOL for v in errs.values()), errs
+    print(f"{name}: rel err e4m3x2 {errs['e4m3x2']:.2e}, bf16 {errs['bf16']:.2e}")
+    assert errs["e4m3x2"] < TOL and errs["bf16"] < TOL
 
 
 @pytest.mark.parametrize("geo", [Geometry(2, 32, 128, 4, 128, key_format="e4m3x2"),
