@@ -44,23 +44,28 @@ def k_operands(ops, geo: Geometry, kw, steps=None):
 
     kw: the block's key words [BT/P, KW] uint32 (row-major, flat).
     """
-    w, rr, c = ops.w, ops.rr, ops.c
     steps = list(range(geo.n_ksteps)) if steps is None else list(steps)
     regs = {st: {} for st in steps}
+    pairs_of = lambda T: [j for j in range(geo.half) if j * geo.KT + T in regs]  # noqa: E731
+    for mt, rho, T, words in _key_row_words(ops, geo, kw, pairs_of):
+        shifted = {}
+        for j in pairs_of(T):
+            for t in range(2):
+                a = _unpack(ops, words[t], geo.bits, j, shifted)
+                regs[j * geo.KT + T][(mt, t, rho)] = a
+    return [ops.frag("wgmma", (64 * geo.MT, 16), regs[st]) for st in steps]
+
+
+def _key_row_words(ops, geo: Geometry, kw, wanted):
+    """(mt, rho, T, words) for each of the thread's two K rows per M-tile and each word tile T
+    for which ``wanted(T)`` is not empty: its words 8T + 2c and 8T + 2c + 1 of the row (one
+    8-byte load), in the order the chains' unpack consumes them."""
     for mt in range(geo.MT):
         for rho in range(2):
-            row = 64 * mt + 16 * w + rr + 8 * rho
+            row = 64 * mt + 16 * ops.w + ops.rr + 8 * rho
             for T in range(geo.KT):
-                js = [j for j in range(geo.half) if j * geo.KT + T in regs]
-                if not js:
-                    continue
-                words = ops.load(kw, row * geo.KW + 8 * T + 2 * c, "u32", 2)
-                shifted = {}
-                for j in js:
-                    for t in range(2):
-                        a = _unpack(ops, words[t], geo.bits, j, shifted)
-                        regs[j * geo.KT + T][(mt, t, rho)] = a
-    return [ops.frag("wgmma", (64 * geo.MT, 16), regs[st]) for st in steps]
+                if wanted(T):
+                    yield mt, rho, T, ops.load(kw, row * geo.KW + 8 * T + 2 * ops.c, "u32", 2)
 
 
 def k_operands8(ops, geo: Geometry, kw, steps=None):
@@ -71,25 +76,18 @@ def k_operands8(ops, geo: Geometry, kw, steps=None):
     does; level i of each word (one shift, one lop3, E4M3_PLAN) is its register of columns
     16t + 4c .. 16t + 4c + 3 of step 4T + i (:attr:`Geometry.qexp8_tables`).
     """
-    w, rr, c = ops.w, ops.rr, ops.c
     steps = list(range(geo.n_ksteps8)) if steps is None else list(steps)
     regs = {st: {} for st in steps}
-    for mt in range(geo.MT):
-        for rho in range(2):
-            row = 64 * mt + 16 * w + rr + 8 * rho
-            for T in range(geo.KT):
-                levels = [i for i in range(4) if 4 * T + i in regs]
-                if not levels:
-                    continue
-                words = ops.load(kw, row * geo.KW + 8 * T + 2 * c, "u32", 2)
-                for t in range(2):
-                    shifted = {}
-                    for i in levels:
-                        sh, mask = E4M3_PLAN[i]
-                        if sh not in shifted:
-                            shifted[sh] = words[t] >> sh if sh else words[t]
-                        regs[4 * T + i][(mt, t, rho)] = ops.e4m3x4(
-                            ops.and_or(shifted[sh], mask, E4M3_MAGIC))
+    levels_of = lambda T: [i for i in range(4) if 4 * T + i in regs]  # noqa: E731
+    for mt, rho, T, words in _key_row_words(ops, geo, kw, levels_of):
+        for t in range(2):
+            shifted = {}
+            for i in levels_of(T):
+                sh, mask = E4M3_PLAN[i]
+                if sh not in shifted:
+                    shifted[sh] = words[t] >> sh if sh else words[t]
+                regs[4 * T + i][(mt, t, rho)] = ops.e4m3x4(
+                    ops.and_or(shifted[sh], mask, E4M3_MAGIC))
     return [ops.frag("wgmma", (64 * geo.MT, 32), regs[st], dtype="e4m3") for st in steps]
 
 

@@ -40,6 +40,22 @@ from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
 
+def _prologue(q_ref, len_ref, sig_ref, sg_ref, hm_ref, qp_ref, nq_ref, *, cfg: CacheConfig,
+              prep: QueryPrep | None, signs: bool, interpret: bool):
+    """What both query kernels do first: the sequence's quantized-token count (program h 0),
+    q' stored for the gathers and the epilogue, then a barrier (the rows every thread stored,
+    before any thread gathers them)."""
+    h, b = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(h == 0)
+    def _():
+        nq_ref[b] = region_sizes(len_ref[b], cfg).quantized
+
+    qprep.store_prepared(q_ref, sig_ref, sg_ref, hm_ref, qp_ref, prep=prep, cfg=cfg, signs=signs)
+    if not interpret:
+        plgpu.debug_barrier()
+
+
 def _query_kernel(
     q_ref,  # [r, D]: this (sequence, kv head)'s queries (q' in f32, or the model's with prep)
     len_ref,  # [B] int32: tokens in each sequence
@@ -58,15 +74,8 @@ def _query_kernel(
     nq_ref,  # out [B] int32: quantized tokens per sequence (the Mosaic kernel's loop bound)
     *, NK: int, cfg: CacheConfig, prep: QueryPrep | None, signs: bool, interpret: bool,
 ):
-    h, b = pl.program_id(0), pl.program_id(1)
-
-    @pl.when(h == 0)
-    def _():
-        nq_ref[b] = region_sizes(len_ref[b], cfg).quantized
-
-    qprep.store_prepared(q_ref, sig_ref, sg_ref, hm_ref, qp_ref, prep=prep, cfg=cfg, signs=signs)
-    if not interpret:
-        plgpu.debug_barrier()  # the rows every thread stored, before any thread gathers
+    _prologue(q_ref, len_ref, sig_ref, sg_ref, hm_ref, qp_ref, nq_ref, cfg=cfg, prep=prep,
+              signs=signs, interpret=interpret)
     S16, NKp = head_ref.shape
     rows = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (S16, NKp), 1)
@@ -96,15 +105,8 @@ def _query_kernel8(
 ):
     """``key_format="e4m3x2"``: :func:`pallas_kernels.mgpu_decode.query_operands8` in one
     launch (the same values; koff and the sums up to the order of their float32 sums)."""
-    h, b = pl.program_id(0), pl.program_id(1)
-
-    @pl.when(h == 0)
-    def _():
-        nq_ref[b] = region_sizes(len_ref[b], cfg).quantized
-
-    qprep.store_prepared(q_ref, sig_ref, sg_ref, hm_ref, qp_ref, prep=prep, cfg=cfg, signs=signs)
-    if not interpret:
-        plgpu.debug_barrier()
+    _prologue(q_ref, len_ref, sig_ref, sg_ref, hm_ref, qp_ref, nq_ref, cfg=cfg, prep=prep,
+              signs=signs, interpret=interpret)
     NKp, D = colh_ref.shape
     # one power of two per query head (each column takes its head's): the head's largest
     # |q * log2 e| into [TOP / 2, TOP)
