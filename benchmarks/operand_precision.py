@@ -7,8 +7,9 @@ B operands (the query table Qexp and the probabilities Pexp) would then be e4m3 
 as a hi + lo pair (``x = e4m3(x) + e4m3(x - e4m3(x))``, twice the columns). Before any of
 that is built this script measures what it would cost in accuracy, on the CPU:
 
-* the unpack: :func:`e4m3_registers` (three shifts, four masks with the 0x50 exponent) checked
-  against the words' codes (``tests/test_operand_precision.py``);
+* the unpack: the kernel's own (``pallas_kernels.mgpu_geometry.E4M3_PLAN``: shifts 0, 1, 4, 5,
+  masks with the 0x50 exponent), checked against the words' codes in
+  ``tests/test_mgpu_kernels.py``;
 * the operands: the kernel's contract (``quantized_attention_core``'s math over the
   quantized region) in float64 as the reference, and the same math with q and the
   probabilities rounded as each operand format would store them. The codes, scales and zeros
@@ -44,28 +45,7 @@ import numpy as np
 
 E4M3 = ml_dtypes.float8_e4m3fn
 BF16 = ml_dtypes.bfloat16
-EXP8 = 0x50505050  # e4m3 0x50 is 8.0: exponent 10 (bias 7), empty mantissa
 TOL = 1e-2  # the fused kernels' test tolerance (tests/test_mgpu_kernels.py)
-
-
-# ------------------------------------------------------------------ the unpack
-def e4m3_registers(words: np.ndarray) -> np.ndarray:
-    """The four e4m3 A registers of each uint32 word of sixteen 2-bit codes (code i at bits
-    2i, 2i + 1): register k holds codes 4b + k in its bytes b = 0..3, as 8 + code (k even, the
-    code at mantissa bits 0-1) or 8 + 2 code (k odd, at bits 1-2). Shifts 0, 1, 4, 5; one
-    mask-and-or (a lop3 on the GPU) each. Returns uint32 [4, *words.shape]."""
-    w = np.asarray(words, np.uint32)
-    out = []
-    for k, (shift, mask) in enumerate(((0, 0x03030303), (1, 0x06060606),
-                                       (4, 0x03030303), (5, 0x06060606))):
-        out.append(((w >> np.uint32(shift)) & np.uint32(mask)) | np.uint32(EXP8))
-    return np.stack(out)
-
-
-def decode_e4m3_register(regs: np.ndarray) -> np.ndarray:
-    """float64 [..., 4]: the four e4m3 values (bytes 0..3) of each uint32 register."""
-    b = np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))
-    return (b & 0xFF).astype(np.uint8).view(E4M3).astype(np.float64)
 
 
 # ------------------------------------------------------------------ operand formats

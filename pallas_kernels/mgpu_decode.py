@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -68,8 +67,8 @@ from innerq_jax.reference import quantized_attention_core
 from pallas_kernels import mgpu_block as blk
 from pallas_kernels import query_prep as qprep
 from pallas_kernels.device_info import sm_count
-from pallas_kernels.mgpu_geometry import (E4M3_OFFSET, E4M3_TOP, KEY_FORMATS, LOG2E, NEG, SWIZZLE,
-                                          Geometry, default_block_tokens)
+from pallas_kernels.mgpu_geometry import (E4M3_OFFSET, KEY_FORMATS, LOG2E, NEG, SWIZZLE, Geometry,
+                                          default_block_tokens, e4m3_head_scale)
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.window_blocks import WINDOW_HEADS
 
@@ -1036,14 +1035,16 @@ def query_operands8(qp: jax.Array, geo: Geometry):
     codes' +8 offset), the per-group query sums times the column's scale, 1 / the scale
     (applied once per score) and zeros (the copy's 128-byte multiple).
     """
+    if not geo.e4m3:
+        raise ValueError(f"query_operands8 builds the e4m3 keys' operands; the geometry has "
+                         f"key_format={geo.key_format!r} (query_operands builds those)")
     q = qp.astype(jnp.float32) * LOG2E
     head, chan, fac = geo.qexp8_tables
     qh, qg, ok = geo.qsum_tables
     x = q[:, :, head, chan] * fac  # [B, H, n8, NK, 32]
     # one scale per query head (all its columns: a score sums its groups' columns)
     top = jnp.max(jnp.abs(q), axis=-1)  # [B, H, r] (the levels' factors are 1 and 1/2)
-    e = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0)))
-    scale_h = jnp.where(top > 0, jnp.exp2(math.log2(E4M3_TOP) - 1 - e), 1.0)
+    scale_h = e4m3_head_scale(top, jnp)
     scale = jnp.where(ok, scale_h[:, :, qh], 1.0)  # [B, H, NK]
     x = x * scale[:, :, None, :, None]
     # the barriers keep XLA from folding an f32 -> e4m3 -> f32 round trip (excess precision)
@@ -1167,7 +1168,8 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"mgpu_decode_attention implements the InnerQ and OuterQ layouts, got "
                          f"cfg.kind={cfg.kind!r}")
     outer = cfg.kind == "outerq"
-    key_format = key_format or ("bf16" if outer else tuned_defaults().get("key_format", "bf16"))
+    tuned = tuned_defaults()
+    key_format = key_format or ("bf16" if outer else tuned.get("key_format", "bf16"))
     if key_format not in KEY_FORMATS:
         raise ValueError(f"key_format={key_format!r}; choose one of {KEY_FORMATS}")
     if key_format == "e4m3x2":  # its chains are plgpu.wgmma's
@@ -1186,7 +1188,6 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
-    tuned = tuned_defaults()
     BT = block_tokens or tuned["block_tokens"] or default_block_tokens(cfg.bits, cfg.group_size, D)
     stages = num_stages or tuned["num_stages"]
     if explicit_barriers is None:

@@ -96,15 +96,12 @@ def unpack_e4m3_reference(words: np.ndarray, i: int) -> np.ndarray:
     return b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
-def split_e4m3(x):
-    """x -> (hi, lo) in float8_e4m3fn with hi + lo ~ x (rounded to nearest, each): numpy or
-    jax arrays. Near 2**-9 relative error for x in e4m3's normal range."""
-    import ml_dtypes
-    xp = np if isinstance(x, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
-    f8 = ml_dtypes.float8_e4m3fn if xp is np else xp.float8_e4m3fn
-    hi = x.astype(f8)
-    lo = (x - hi.astype(x.dtype)).astype(f8)
-    return hi, lo
+def e4m3_head_scale(top, xp):
+    """The power of two per query head that puts its largest |q * log2 e| (``top``) in
+    [E4M3_TOP / 2, E4M3_TOP); 1 where the head is all zero. ``xp``: numpy or jax.numpy (the
+    XLA query operands and the query kernel both call it)."""
+    e = xp.floor(xp.log2(xp.where(top > 0, top, 1.0)))
+    return xp.where(top > 0, xp.exp2((math.log2(E4M3_TOP) - 1) - e), 1.0)
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -410,5 +407,5 @@ def default_block_tokens(bits: int, G: int, D: int) -> int:
 
 
 __all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_TOP", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
-           "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "split_e4m3",
+           "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "e4m3_head_scale",
            "unpack_e4m3_reference", "unpack_pair_reference"]

@@ -22,7 +22,6 @@ It runs in Pallas interpret mode on the CPU (tests/test_mgpu_kernels.py).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from innerq_jax.config import CacheConfig
 from innerq_jax.layout import region_sizes
 from pallas_kernels import query_prep as qprep
 from pallas_kernels.innerq_blocks import load_q, next_pow2
-from pallas_kernels.mgpu_geometry import E4M3_OFFSET, E4M3_TOP, Geometry
+from pallas_kernels.mgpu_geometry import E4M3_OFFSET, Geometry, e4m3_head_scale
 from pallas_kernels.query_prep import QueryPrep
 from pallas_kernels.triton_ext import call_quietly
 
@@ -112,8 +111,7 @@ def _query_kernel8(
     # |q * log2 e| into [TOP / 2, TOP)
     dcol = jax.lax.broadcasted_iota(jnp.int32, (NKp, D), 1)
     top = jnp.max(jnp.abs(load_q(qp_ref, colh_ref[...], dcol)), axis=1)  # [NKp]
-    e = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0)))
-    scale = jnp.where(top > 0, jnp.exp2((math.log2(E4M3_TOP) - 1) - e), 1.0)
+    scale = e4m3_head_scale(top, jnp)
     c1 = jax.lax.broadcasted_iota(jnp.int32, (NKp,), 0)
     W = head_ref.shape[1]
     rows = jax.lax.broadcasted_iota(jnp.int32, (NKp, W), 0)
@@ -163,12 +161,18 @@ def _tables(geo: Geometry):
             np.repeat(np.pad(ok, (0, NKp - NK))[:, None], geo.G, 1).astype(np.int32))
 
 
+def _kernel_tables(geo: Geometry):
+    """The query kernel's gather tables in its argument order: the e4m3 Qexp's (with each
+    column's head) or the bf16 one's, then the query sums'."""
+    return (*_tables8(geo), *_tables(geo)[3:]) if geo.e4m3 else _tables(geo)
+
+
 @functools.lru_cache(maxsize=32)
 def _build_call(geo: Geometry, cfg: CacheConfig, shapes, prep: QueryPrep | None, signs: bool,
                 interpret: bool):
     B, H = shapes[0][0][:2]
     S16, NK = geo.n_ksteps * 16, geo.NK
-    tables = (*_tables8(geo), *_tables(geo)[3:]) if geo.e4m3 else _tables(geo)
+    tables = _kernel_tables(geo)
     kernel = _query_kernel8 if geo.e4m3 else _query_kernel
     qexp_shape, qexp_dtype = (((2 * geo.n_ksteps8, NK, 32), jnp.float8_e4m3fn) if geo.e4m3
                               else ((S16, NK), jnp.bfloat16))
@@ -216,8 +220,7 @@ def query_operands_kernel(qp: jax.Array, geo: Geometry, layer: QuantLayer, lengt
               *qprep.side_operands(layer, cfg, prep)]
     shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in inputs)
     call = _build_call(geo, cfg, shapes, prep, layer.rot_signs is not None, interpret)
-    tables = [jnp.asarray(t) for t in (_tables8(geo) + _tables(geo)[3:] if geo.e4m3
-                                       else _tables(geo))]
+    tables = [jnp.asarray(t) for t in _kernel_tables(geo)]
     qexp, kconst, q_prepared, nq = call_quietly(call, *inputs, *tables, interpret=interpret)
     if geo.e4m3:
         return qexp.reshape(B, H, 2 * geo.n_ksteps8, geo.NK, 32), kconst, q_prepared, nq

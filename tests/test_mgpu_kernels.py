@@ -1284,6 +1284,8 @@ def test_e4m3_unpack_matches_numpy():
         got = unpack_e4m3_reference(words, i)
         want = 8.0 + codes[:, 4 * np.arange(4) + i] / E4M3_FAC[i]
         np.testing.assert_array_equal(got, want)
+    # every code of the word sits in exactly one (level, byte) slot
+    assert sorted(4 * b + i for i in range(4) for b in range(4)) == list(range(16))
     # the kernel's registers: one 128-token block of random key words, D 128
     geo = Geometry(2, 32, 128, 4, 128, key_format="e4m3x2")
     kw = rng.integers(0, 2**32, size=geo.BT // geo.P * geo.KW, dtype=np.uint64).astype(np.uint32)
@@ -1391,6 +1393,8 @@ def test_e4m3_keys_reject_what_they_cannot_take():
             Geometry(bits, 32, 128, 4, 128, kind, "e4m3x2").validate()
     with pytest.raises(ValueError, match="key_format='fp8'; choose one of"):
         Geometry(2, 32, 128, 4, 128, key_format="fp8").validate()
+    with pytest.raises(ValueError, match="query_operands8 builds the e4m3 keys' operands"):
+        md.query_operands8(jnp.ones((1, 1, 4, 128)), Geometry(2, 32, 128, 4, 128))
     cfg = CacheConfig.innerq(capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
     with pytest.raises(ValueError, match="wgmma='inline': key_format='e4m3x2' takes"):

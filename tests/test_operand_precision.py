@@ -1,5 +1,6 @@
-"""benchmarks/operand_precision.py: the e4m3 unpack's bit trick, the hi + lo operand's error
-bound and the study's attention emulation, each against an independent computation."""
+"""benchmarks/operand_precision.py: the hi + lo operand's error bound and the study's attention
+emulation, each against an independent computation (the e4m3 unpack's bit trick is the
+kernel's, tested in tests/test_mgpu_kernels.py)."""
 
 import sys
 from pathlib import Path
@@ -9,21 +10,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import operand_precision as op  # noqa: E402
-
-
-def test_e4m3_registers_hold_every_code_of_the_word():
-    """Register k of a word holds codes 4b + k in its bytes b, as the e4m3 value 8 + code
-    (k even) or 8 + 2 code (k odd): all sixteen codes, each once, exactly."""
-    words = np.random.default_rng(0).integers(0, 2**32, size=257, dtype=np.uint64).astype(np.uint32)
-    codes = (words[:, None] >> (2 * np.arange(16, dtype=np.uint32))) & 3  # [n, 16], numpy's
-    vals = op.decode_e4m3_register(op.e4m3_registers(words))  # [4, n, 4]
-    for k in range(4):
-        weight = 1 if k % 2 == 0 else 2
-        for b in range(4):
-            np.testing.assert_array_equal(vals[k, :, b], 8.0 + weight * codes[:, 4 * b + k])
-    # every code of the word appears in exactly one (register, byte) slot
-    slots = sorted(4 * b + k for k in range(4) for b in range(4))
-    assert slots == list(range(16))
 
 
 def test_hi_lo_pair_error_is_within_its_bound():
