@@ -1117,7 +1117,8 @@ def trace(log, args, save):
                         ms = time_calls(fn, sets, args.reps, warm_s=args.warm_s)[0]
                         multi, calls = _multi(fn, sets)
                         jax.block_until_ready(multi(calls))
-                        per_dev = trace_runs(lambda: multi(calls), 2, len(calls))
+                        per_dev, host = trace_runs(lambda: multi(calls), 2, len(calls),
+                                                   with_host=True)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         log(f"  {shape.label} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
                         continue
@@ -1127,11 +1128,16 @@ def trace(log, args, save):
                             f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")
                         for op_name, (cnt, ms_) in list(s["by_op"].items())[:6]:
                             log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
+                        for op_name, ms_ in list(s.get("idle_before", {}).items())[:4]:
+                            log(f"      idle {ms_ * 1e3:6.1f} us before {op_name[:80]}")
+                        for op_name, (cnt, ms_) in list(host.items())[:6]:
+                            log(f"      host {ms_ * 1e3:6.1f} us  x{cnt:<5.1f} {op_name[:80]}")
                         out.append({"shape": vars(shape) | {"label": shape.label}, "op": name,
                                     "inputs": label, "n_sets": len(sets), "timed_ms": ms,
                                     "rel_err": err, "bytes": nbytes,
                                     "device": dev, **{k_: s[k_] for k_ in (
-                                        "ops", "kernel_ms", "busy_ms", "span_ms", "by_op")}})
+                                        "ops", "kernel_ms", "busy_ms", "span_ms", "by_op",
+                                        "idle_before") if k_ in s}, "host": host})
                     del sets
             del fn, args0
         del cases, refs, k, v

@@ -10,7 +10,8 @@ create_perfetto_trace=True)`` writes and, for every device process in it
   reduce-scatter / collective-permute (their union);
 * ``span_ms``: first op start to last op end, so ``span - busy`` is the time the
   device waited (launch gaps, host work, waiting on the other device);
-* ``ops``: op count, and the ten costliest op names.
+* ``ops``: op count, and the ten costliest op names;
+* ``idle_before``: per op name, the device's idle time just before that op started.
 
     python benchmarks/trace_summary.py TRACE.json.gz --steps 10
 """
@@ -43,9 +44,10 @@ def _name(e) -> str:
     return str(args.get("hlo_op") or args.get("long_name") or e.get("name", ""))
 
 
-def trace_runs(run, runs: int, steps_per_run: int) -> dict:
+def trace_runs(run, runs: int, steps_per_run: int, with_host: bool = False):
     """``run()`` called ``runs`` times under the jax profiler (then waited for), and
-    :func:`summarize` of that trace per step ({} where no trace file came out)."""
+    :func:`summarize` of that trace per step ({} where no trace file came out); with
+    ``with_host``, (that, :func:`host_summary` of the same trace)."""
     import glob
     import os
     import tempfile
@@ -58,7 +60,10 @@ def trace_runs(run, runs: int, steps_per_run: int) -> dict:
             res = run()
         jax.block_until_ready(res)
     files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-    return summarize(files[0], runs * steps_per_run) if files else {}
+    dev = summarize(files[0], runs * steps_per_run) if files else {}
+    if not with_host:
+        return dev
+    return dev, (host_summary(files[0], runs * steps_per_run) if files else {})
 
 
 def _load(path: str):
@@ -88,6 +93,12 @@ def summarize(path: str, steps: int) -> dict:
         for e in evs:
             by_name[e.get("name", "")[:80]] += float(e["dur"])
             counts[e.get("name", "")[:80]] += 1
+        # the device's idle time just before each op (since the previous op ended), by name
+        idle, end = collections.Counter(), None
+        for (s, t), e in sorted(zip(iv, evs), key=lambda x: x[0]):
+            if end is not None and s > end:
+                idle[e.get("name", "")[:80]] += s - end
+            end = t if end is None else max(end, t)
         out[dev] = dict(
             ops=len(evs) / steps,
             kernel_ms=sum(t - s for s, t in iv) / 1e3 / steps,
@@ -99,6 +110,8 @@ def summarize(path: str, steps: int) -> dict:
             # every op name: [count, ms] per step, costliest first
             by_op={n: [counts[n] / steps, round(d / 1e3 / steps, 5)]
                    for n, d in by_name.most_common()},
+            # every op name the device waited before: ms per step, longest first
+            idle_before={n: round(d / 1e3 / steps, 5) for n, d in idle.most_common()},
         )
     return out
 

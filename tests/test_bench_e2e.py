@@ -107,6 +107,33 @@ def test_host_summary_sums_host_events_and_leaves_devices_out(tmp_path):
     assert list(dev) == ["/device:GPU:0"] and dev["/device:GPU:0"]["ops"] == 0.5
 
 
+def test_summarize_puts_each_idle_gap_on_the_op_that_ends_it(tmp_path):
+    """trace_summary.summarize's idle_before: the device's idle time between one op's end
+    and the next op's start, summed per step under the name of the op that ends the gap;
+    overlapping ops (two streams) leave no gap, and idle + busy is the span."""
+    import gzip
+
+    import trace_summary
+
+    gpu = {"ph": "X", "pid": 2}
+    events = [  # us; two steps of query (3) -> kernel (50) -> epilogue (10)
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        dict(gpu, name="query", ts=0, dur=3), dict(gpu, name="kernel", ts=7, dur=50),
+        dict(gpu, name="epilogue", ts=57, dur=10), dict(gpu, name="side", ts=60, dur=20),
+        dict(gpu, name="query", ts=100, dur=3), dict(gpu, name="kernel", ts=115, dur=50),
+        dict(gpu, name="epilogue", ts=165, dur=10),
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    dev = trace_summary.summarize(str(path), steps=2)["/device:GPU:0"]
+    # gaps: 4 before the first kernel, 12 for the kernel after the second query, 20 before the
+    # second query (the side op, overlapping the first epilogue, ended at 80)
+    assert dev["idle_before"] == {"query": 0.01, "kernel": 0.008}
+    assert list(dev["idle_before"]) == ["query", "kernel"]
+    assert abs(dev["span_ms"] - dev["busy_ms"] - sum(dev["idle_before"].values())) < 1e-9
+
+
 def test_host_overhead_layouts_update_the_same_rows(tmp_path, monkeypatch):
     """host_overhead.py: its check passes every layout's step (one added to row t of each
     random array, nothing else) and fails a step that updates another row; a run writes one

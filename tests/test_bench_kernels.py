@@ -135,6 +135,11 @@ def test_trace_runs_traces_every_run(monkeypatch):
     assert len(runs) == 3 and seen["steps"] == 12
     assert seen["path"].endswith("perfetto_trace.json.gz")
     assert out == {"/device:GPU:0": {"busy_ms": 1.0}}
+    # with_host: the host threads' summary of the same trace beside it
+    monkeypatch.setattr(trace_summary, "host_summary", lambda path, steps: {"p": path, "s": steps})
+    dev, host = trace_summary.trace_runs(lambda: f(x), 2, 4, with_host=True)
+    assert dev == {"/device:GPU:0": {"busy_ms": 1.0}} and host["s"] == 8
+    assert host["p"].endswith("perfetto_trace.json.gz")
 
 
 def test_warm_runs_the_program_until_the_time_is_spent():
