@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 33, fourth H200 call: how much of the timed figure is the timed program's own
+# Round 33, fourth H200 call (prepared; not run in round 33, whose device time ran out): how much of the timed figure is the timed program's own
 # boundary (the gap between timed and device-busy time per call, ~15 us at B 8 / 32k in
 # round 33b's trace; ~13 us inside the call at B 1 / 128k): the dispatch and cuDNN at
 # B 8 / 32k and B 1 / 128k with 32 and then 128 calls per
