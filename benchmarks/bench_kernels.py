@@ -1128,7 +1128,7 @@ def trace(log, args, save):
                             f"span {s['span_ms'] * 1e3:7.1f} us, {s['ops']:.1f} ops per call")
                         for op_name, (cnt, ms_) in list(s["by_op"].items())[:6]:
                             log(f"      {ms_ * 1e3:8.1f} us  x{cnt:<4.1f} {op_name[:90]}")
-                        for op_name, ms_ in list(s.get("idle_before", {}).items())[:4]:
+                        for op_name, ms_ in list(s["idle_before"].items())[:4]:
                             log(f"      idle {ms_ * 1e3:6.1f} us before {op_name[:80]}")
                         for op_name, (cnt, ms_) in list(host.items())[:6]:
                             log(f"      host {ms_ * 1e3:6.1f} us  x{cnt:<5.1f} {op_name[:80]}")
@@ -1137,7 +1137,7 @@ def trace(log, args, save):
                                     "rel_err": err, "bytes": nbytes,
                                     "device": dev, **{k_: s[k_] for k_ in (
                                         "ops", "kernel_ms", "busy_ms", "span_ms", "by_op",
-                                        "idle_before") if k_ in s}, "host": host})
+                                        "idle_before")}, "host": host})
                     del sets
             del fn, args0
         del cases, refs, k, v

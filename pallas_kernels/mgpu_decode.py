@@ -849,20 +849,10 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         # the key chain in kc.chain_parts parts, each waited for before the next one's
         # operands are unpacked (fewer A registers live at once)
         acc_k = k_init() if geo.outer else acc_k_init
-        if geo.e4m3:  # e4m3 codes against the hi and the lo table: two wgmmas per step
-            for stp in _parts(geo.n_ksteps8, kc.chain_parts):
-                a_k = _inline([ref], (k_op_ty,) * len(stp), lambda ops, kw, stp=stp: tuple(
-                    blk.k_operands8(ops, geo, kw, stp)))(kw_s)
-
-                def k_chain8(acc_ref, a_k=a_k, stp=stp):
-                    for a, st in zip(a_k, stp):
-                        for half in range(2):
-                            b_t = qexp_smem.at[2 * st + half].transpose((1, 0))
-                            plgpu.wgmma(acc_ref, a, b_t)
-
-                acc_k = pl.run_state(k_chain8)(plgpu.ACC.init(acc_k))
-        for stp in _parts(geo.n_ksteps, kc.chain_parts) if not geo.e4m3 else ():
-            if kc.wgmma == "inline":
+        # (e4m3 keys: each step's codes against the hi and the lo table, two wgmmas per step)
+        k_operands = blk.k_operands8 if geo.e4m3 else blk.k_operands
+        for stp in _parts(geo.k_steps, kc.chain_parts):
+            if kc.wgmma == "inline":  # bf16 keys only (prepare_call)
                 acc_k = _inline(
                     [_WGMMA, ref, pexp_t, _SPLAT], _sds((64 * geo.MT, geo.NK), jnp.float32, _WGMMA),
                     lambda ops, acc, kw, qx, i, stp=stp: _wgmma_chain(
@@ -870,11 +860,15 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                         _loop_zero(_I(_scalar(i)))))(acc_k, kw_s, qexp_smem, idx[0])
                 continue
             a_k = _inline([ref], (k_op_ty,) * len(stp), lambda ops, kw, stp=stp: tuple(
-                blk.k_operands(ops, geo, kw, stp)))(kw_s)
+                k_operands(ops, geo, kw, stp)))(kw_s)
 
             def k_chain(acc_ref, a_k=a_k, stp=stp):
                 for a, st in zip(a_k, stp):
-                    plgpu.wgmma(acc_ref, a, qexp_smem.at[st])
+                    if geo.e4m3:
+                        for half in range(2):
+                            plgpu.wgmma(acc_ref, a, qexp_smem.at[2 * st + half].transpose((1, 0)))
+                    else:
+                        plgpu.wgmma(acc_ref, a, qexp_smem.at[st])
 
             acc_k = pl.run_state(k_chain)(plgpu.ACC.init(acc_k))
         if geo.outer:
@@ -1223,10 +1217,9 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"ablate={ablate!r}: unknown {bad}; allowed {ABLATIONS}")
     geo = Geometry(cfg.bits, cfg.group_size, D, r, BT, cfg.kind, key_format)
     geo.validate()
-    k_steps = geo.n_ksteps8 if geo.e4m3 else geo.n_ksteps
-    if chain_parts not in (1, 2, 4) or chain_parts > min(k_steps, geo.half):
+    if chain_parts not in (1, 2, 4) or chain_parts > min(geo.k_steps, geo.half):
         raise ValueError(f"chain_parts={chain_parts!r}; choose 1, 2 or 4, at most "
-                         f"{min(k_steps, geo.half)} for this geometry")
+                         f"{min(geo.k_steps, geo.half)} for this geometry")
     Tq = cfg.quant_capacity
     n_blocks = max(1, -(-Tq // BT))
     if num_splits is None:
@@ -1316,8 +1309,8 @@ def mgpu_decode_attention(
     an e4m3 hi and lo part, two wgmmas per 32 channels into one accumulator: half the key
     A registers and, in exact arithmetic, about twice the bf16 table's precision; on the
     H200 its error was 1.6-2.3x lower in six of seven test cases and 2.2x higher in one (MHA,
-    G 64: the e4m3 MMAs accumulate with fewer bits), level speed at B 8 / 32k, 2-3% slower
-    at B 1 / 128k (benchmarks/KERNEL_NOTES.md, "Round 32"); :func:`query_operands8`, or the
+    G 64: the e4m3 MMAs accumulate with fewer bits), level speed at B 8 / 32k, 0-4% slower
+    at B 1 / 128k (benchmarks/KERNEL_NOTES.md, rounds 32 and 33); :func:`query_operands8`, or the
     query kernel's e4m3 form).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange

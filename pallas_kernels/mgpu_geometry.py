@@ -160,6 +160,11 @@ class Geometry:
         return 4 * self.KT
 
     @property
+    def k_steps(self) -> int:
+        """The key chain's K steps in its key format (n_ksteps8 or n_ksteps)."""
+        return self.n_ksteps8 if self.e4m3 else self.n_ksteps
+
+    @property
     def kconst_rows(self) -> int:
         """koff, query sums; with e4m3 keys also 1 / the column's scale and a zero row (the
         copy into shared memory moves a multiple of 128 bytes)."""
@@ -406,6 +411,6 @@ def default_block_tokens(bits: int, G: int, D: int) -> int:
     return max(128, math.lcm(geo.TM, geo.TC))
 
 
-__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_TOP", "E4M3_PLAN", "Geometry", "KEY_FORMATS", "LOG2E",
-           "MAGIC", "NEG", "default_block_tokens", "pair_mask", "pair_plan", "e4m3_head_scale",
-           "unpack_e4m3_reference", "unpack_pair_reference"]
+__all__ = ["E4M3_FAC", "E4M3_MAGIC", "E4M3_OFFSET", "E4M3_TOP", "E4M3_PLAN", "Geometry",
+           "KEY_FORMATS", "LOG2E", "MAGIC", "NEG", "default_block_tokens", "pair_mask",
+           "pair_plan", "e4m3_head_scale", "unpack_e4m3_reference", "unpack_pair_reference"]

@@ -313,15 +313,14 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
         acc_init = blk.k_acc_init(ops, geo, kc)
         for n_valid, (kw_s, ks_s, kz_s, vw_s, vs_s, vz_s) in blocks:
             acc = acc_init
-            if geo.e4m3:  # the hi and the lo table (K-major rows) against the same registers
-                for stp in md._parts(geo.n_ksteps8, chain_parts):
+            for stp in md._parts(geo.k_steps, chain_parts):  # the kernel's parts
+                if geo.e4m3:  # the hi and the lo table (K-major rows) against the same registers
                     for a, st in zip(blk.k_operands8(ops, geo, kw_s, stp), stp):
                         for half in range(2):
                             acc = simt.wgmma(acc, a, qexp[b, h, 2 * st + half].T)
-            for stp in md._parts(geo.n_ksteps, chain_parts) if not geo.e4m3 else ():
-                a_k = blk.k_operands(ops, geo, kw_s, stp)
-                for a, st in zip(a_k, stp):
-                    acc = simt.wgmma(acc, a, qexp[b, h, st])
+                else:
+                    for a, st in zip(blk.k_operands(ops, geo, kw_s, stp), stp):
+                        acc = simt.wgmma(acc, a, qexp[b, h, st])
             m_new, alpha, poffs, psums = blk.softmax_step(
                 ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
                 tail=(vs_s, vz_s) if zero_tail else None)
