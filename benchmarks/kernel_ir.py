@@ -5,7 +5,8 @@ A refactor of the kernel's Python (a helper shared, a loop moved) that leaves ev
 fingerprint unchanged builds the same kernel, so the GPU records of the earlier commit
 still hold for it. The IR is taken as Mosaic GPU hands it to serialization, printed
 without source locations (which name files and lines), for a fixed set of
-configurations (InnerQ default and its structural options, OuterQ at 2 and 4 bits), the
+configurations (InnerQ default and its structural options, the e4m3 keys, OuterQ at 2 and 4
+bits), the
 dump file name (a per-process counter) left out.
 
     PYTHONPATH=$PWD python3 benchmarks/kernel_ir.py          # one line per configuration
@@ -34,6 +35,10 @@ CASES = (
     ("innerq4-G64-D64", CacheConfig.innerq(bits=4, group_size=64, capacity=4096), 64, 9, 3, 2, {}),
     ("innerq2-tailzero-parts2", CacheConfig.innerq(capacity=4096), 128, 8, 2, 2,
      dict(tail="zero", chain_parts=2)),
+    ("innerq2-D128-e4m3", CacheConfig.innerq(capacity=32768), 128, 32, 8, 8,
+     dict(key_format="e4m3x2")),
+    ("innerq2-e4m3-parts2", CacheConfig.innerq(capacity=4096), 128, 8, 2, 2,
+     dict(key_format="e4m3x2", chain_parts=2)),
     ("outerq2-D128", CacheConfig.outerq(capacity=32768), 128, 32, 8, 8, {}),
     ("outerq4-G64-D64", CacheConfig.outerq(bits=4, group_size=64, capacity=4096), 64, 9, 3, 2,
      {}),

@@ -90,14 +90,19 @@ def test_kernel_ir_fingerprint_ignores_locations_and_sees_the_kernel():
     which file built it (no source locations), and a structural option changes it."""
     import kernel_ir
 
-    name, cfg, D, Hq, Hkv, B, opts = kernel_ir.CASES[2]  # the smallest InnerQ case
+    cases = {c[0]: c for c in kernel_ir.CASES}
+    name, cfg, D, Hq, Hkv, B, opts = cases["innerq4-G64-D64"]  # the smallest InnerQ case
     first = kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, opts)
     assert len(first) == 16
     assert kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, opts) == first
     assert kernel_ir.fingerprint(cfg, D, Hq, Hkv, B, dict(opts, tail="zero")) != first
     # the OuterQ layout of the same shape is another kernel
-    outer = kernel_ir.CASES[5]
+    outer = cases["outerq4-G64-D64"]
     assert kernel_ir.fingerprint(*outer[1:]) != first
+    # and the e4m3 keys are another kernel than the bf16 keys of the same shape
+    e4m3 = cases["innerq2-e4m3-parts2"]
+    assert kernel_ir.fingerprint(*e4m3[1:]) != kernel_ir.fingerprint(
+        *e4m3[1:-1], dict(e4m3[-1], key_format="bf16"))
 
 
 def test_kernel_ir_fingerprints_the_triton_epilogue():
