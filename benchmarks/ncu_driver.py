@@ -21,6 +21,8 @@ def main():
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--save", default="", help="build the inputs and save them here (.npz), run nothing")
     ap.add_argument("--load", default="", help="take the inputs from --save's file")
+    ap.add_argument("--options", default="{}",
+                    help="JSON options for the Mosaic GPU kernel (mgpu_decode_attention)")
     a = ap.parse_args()
     from innerq_jax import CacheConfig
     from innerq_jax.cache import QuantLayer
@@ -73,7 +75,10 @@ def main():
         fns["triton"] = jax.jit(lambda qp, layer, n: quantized_decode_attention(qp, layer, n, cfg))
     if "mgpu" in a.kernels:
         from pallas_kernels.mgpu_decode import mgpu_decode_attention
-        fns["mgpu"] = jax.jit(lambda qp, layer, n: mgpu_decode_attention(qp, layer, n, cfg))
+        import json
+
+        opts = json.loads(a.options)
+        fns["mgpu"] = jax.jit(lambda qp, layer, n: mgpu_decode_attention(qp, layer, n, cfg, **opts))
     for name, fn in fns.items():
         lowered = fn.lower(qp, layer, lengths)
         say(f"{name}: lowered")
