@@ -39,6 +39,8 @@ CASES = (
      dict(key_format="e4m3x2")),
     ("innerq2-e4m3-parts2", CacheConfig.innerq(capacity=4096), 128, 8, 2, 2,
      dict(key_format="e4m3x2", chain_parts=2)),
+    ("innerq2-D128-lazy", CacheConfig.innerq(capacity=32768), 128, 32, 8, 8,
+     dict(rescale="lazy", explicit_barriers=True)),
     ("outerq2-D128", CacheConfig.outerq(capacity=32768), 128, 32, 8, 8, {}),
     ("outerq4-G64-D64", CacheConfig.outerq(bits=4, group_size=64, capacity=4096), 64, 9, 3, 2,
      {}),

@@ -20,6 +20,11 @@ The backend provides:
                        layout ("wgmma": index (m_tile, t8, rho)) or its column
                        reduction ("col": index (t8,)); register elements e = 0, 1
   ``barrier()``, ``fence_barrier()`` (async-proxy fence, then barrier)
+  ``greater(a, b)``    a > b of two floats (a boolean; booleans support & and |)
+  ``fence_barrier_any(flag)``   the fence, then a barrier that also ORs ``flag`` over the
+                       warpgroup: every thread gets the same boolean
+  ``cond(pred, if_true, if_false, n)``   a branch on a warpgroup-uniform boolean; each
+                       side returns n floats, the chosen side's are returned
 Integer values support + - * // % & | ^ << >> and comparisons; floats + - *.
 """
 
@@ -27,6 +32,11 @@ from __future__ import annotations
 
 from pallas_kernels.mgpu_geometry import (E4M3_MAGIC, E4M3_PLAN, LOG2E, MAGIC, NEG, Geometry,
                                           pair_mask, pair_plan)
+
+# rescale="lazy": the running maximum is kept while no score of a block passes it by more
+# than this (log2 units), so a block's probabilities stay below 2**16: exact in bf16's and
+# float32's range, and a 32k-token split's sums stay below 2**31
+LAZY_RESCALE = 16.0
 
 
 def _unpack(ops, word, bits: int, j: int, shifted: dict):
@@ -103,7 +113,7 @@ def k_acc_init(ops, geo: Geometry, kconst):
 
 
 def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp,
-                 tail=None):
+                 tail=None, lazy: bool = False):
     """Scores, the block's online-softmax update and the value operands of one block.
 
     acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
@@ -115,11 +125,11 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     [psum_cols per chunk]); poff = sum of the stored Pexp values of a (head, token
     group) column, psum = sum of the bf16-rounded probabilities. ``tail``: the block's
     value scales and zeros (vs, vz) to clear past ``n_valid`` (:func:`zero_tail_groups`),
-    or None.
+    or None. ``lazy``: the running maximum kept while no score passes it by more than
+    :data:`LAZY_RESCALE` (:func:`_lazy_max`; ``rescale="lazy"``), else updated every block.
     """
     w, rr, c = ops.w, ops.rr, ops.c
     P, OWN, ng = geo.P, geo.OWN, geo.ng
-    plan = pair_plan(geo.bits)
     if tail is not None:
         zero_tail_groups(ops, geo, *tail, n_valid)
 
@@ -153,39 +163,12 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
                         s = s * unscale[u]
                     scores[(mt, rho, p, uh)] = ops.where(valid, s, NEG)
 
-    m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
-    first_lane = rr == 0
-
-    # probabilities -> Pexp (bf16 * 2**-e_j at the token's row of pair j) and group sums
-    exps = [e for _, e in plan]
-    for mt in range(geo.MT):
-        ck = (geo.TM * mt) // geo.TC
-        for uh in range(OWN):
-            poff = psum = None
-            for rho in range(2):
-                for p in range(P):
-                    tau_c = geo.TM * (mt % (geo.TC // geo.TM)) + P * (16 * w + rr + 8 * rho) + p
-                    j, a = geo.pexp_row(tau_c)
-                    gt = tau_c // geo.G
-                    down = ops.f32(1.0)
-                    for jj in range(geo.half):  # 2**-e_j for a run-time j
-                        down = ops.where(j == jj, ops.f32(2.0 ** -exps[jj]), down)
-                    up = ops.f32(1.0)
-                    for jj in range(geo.half):
-                        up = ops.where(j == jj, ops.f32(2.0 ** exps[jj]), up)
-                    pv = ops.exp2(scores[(mt, rho, p, uh)] - m_new[uh])
-                    stored = ops.round_bf16(pv * down)  # exactly the value the MMA sees
-                    ops.store(pexp, geo.pexp_offset(ck, j, a, geo.v_col(uh, gt, c)), [stored],
-                              "bf16")
-                    poff = stored if poff is None else poff + stored
-                    pr = stored * up  # the bf16-rounded probability, exactly
-                    psum = pr if psum is None else psum + pr
-            for d in (4, 8, 16):
-                poff = poff + ops.shfl_xor(poff, d)
-                psum = psum + ops.shfl_xor(psum, d)
-            base = geo.xchg_max_size + (((mt * 4 + w) * OWN + uh) * 4 + c) * 2
-            ops.store(xchg, base, [poff, psum], "f32", pred=first_lane)
-    ops.fence_barrier()
+    if not lazy:
+        m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
+        _probabilities(ops, geo, scores, m_new, xchg, pexp)
+        ops.fence_barrier()
+    else:
+        m_new, alpha = _lazy_max(ops, geo, scores, m_cols, xchg, pexp)
 
     poff_cols, psum_cols = [], []
     for ck in range(geo.NC):
@@ -210,6 +193,84 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
 
     m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
     return m_cols_new, alpha_cols, poff_cols, psum_cols
+
+
+def _probabilities(ops, geo: Geometry, scores, m, xchg, pexp):
+    """p = 2**(score - m[uh]) of every owned score: written to Pexp (bf16 * 2**-e_j at the
+    token's row of pair j), and the (head, token group) sums of the stored values and of
+    the bf16-rounded probabilities, reduced over the warp and stored to ``xchg`` for the
+    exchange that follows."""
+    w, rr, c = ops.w, ops.rr, ops.c
+    P, OWN = geo.P, geo.OWN
+    first_lane = rr == 0
+    exps = [e for _, e in pair_plan(geo.bits)]
+    for mt in range(geo.MT):
+        ck = (geo.TM * mt) // geo.TC
+        for uh in range(OWN):
+            poff = psum = None
+            for rho in range(2):
+                for p in range(P):
+                    tau_c = geo.TM * (mt % (geo.TC // geo.TM)) + P * (16 * w + rr + 8 * rho) + p
+                    j, a = geo.pexp_row(tau_c)
+                    gt = tau_c // geo.G
+                    down = ops.f32(1.0)
+                    for jj in range(geo.half):  # 2**-e_j for a run-time j
+                        down = ops.where(j == jj, ops.f32(2.0 ** -exps[jj]), down)
+                    up = ops.f32(1.0)
+                    for jj in range(geo.half):
+                        up = ops.where(j == jj, ops.f32(2.0 ** exps[jj]), up)
+                    pv = ops.exp2(scores[(mt, rho, p, uh)] - m[uh])
+                    stored = ops.round_bf16(pv * down)  # exactly the value the MMA sees
+                    ops.store(pexp, geo.pexp_offset(ck, j, a, geo.v_col(uh, gt, c)), [stored],
+                              "bf16")
+                    poff = stored if poff is None else poff + stored
+                    pr = stored * up  # the bf16-rounded probability, exactly
+                    psum = pr if psum is None else psum + pr
+            for d in (4, 8, 16):
+                poff = poff + ops.shfl_xor(poff, d)
+                psum = psum + ops.shfl_xor(psum, d)
+            base = geo.xchg_max_size + (((mt * 4 + w) * OWN + uh) * 4 + c) * 2
+            ops.store(xchg, base, [poff, psum], "f32", pred=first_lane)
+
+
+def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp):
+    """``rescale="lazy"``: the block's probabilities against the running maximum as it stands,
+    with no reduction before them; the exact block maximum only where some score exceeds
+    it by more than :data:`LAZY_RESCALE` (log2 units: the probabilities then stay below
+    2**LAZY_RESCALE, far inside bf16's and float32's range).
+
+    Every thread tests its own scores; the warpgroup's barrier after the Pexp stores (the
+    one the exchange needs anyway) also ORs the tests (``fence_barrier_any``), so the
+    branch is uniform. Its rare side (a program's first block, whose running maximum is
+    NEG, and any block whose scores jump past the margin) is :func:`_block_max` and the
+    probabilities again at the exact maximum. Returns (m_new, alpha) per owned head: on
+    the common side the running maximum unchanged and alpha 1, so the online softmax's
+    partial (o, m, l) holds o and l relative to an m within LAZY_RESCALE of its true
+    maximum, which every merge takes as it takes any m."""
+    OWN = geo.OWN
+    m_old = [ops.get(m_cols, ((uh * geo.vg) // 2,), (uh * geo.vg) % 2) for uh in range(OWN)]
+    over = None
+    for uh in range(OWN):
+        mx = None
+        for key, v in scores.items():
+            if key[-1] == uh:
+                mx = v if mx is None else ops.maximum(mx, v)
+        o = ops.greater(mx, m_old[uh] + LAZY_RESCALE)
+        over = o if over is None else over | o
+    _probabilities(ops, geo, scores, m_old, xchg, pexp)
+    any_over = ops.fence_barrier_any(over)
+
+    def exact():
+        m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
+        _probabilities(ops, geo, scores, m_new, xchg, pexp)
+        ops.fence_barrier()
+        return [*m_new, *alpha]
+
+    def kept():
+        return [*m_old, *([ops.f32(1.0)] * OWN)]
+
+    res = ops.cond(any_over, exact, kept, 2 * OWN)
+    return res[:OWN], res[OWN:]
 
 
 def _block_max(ops, geo: Geometry, scores, m_cols, xchg):

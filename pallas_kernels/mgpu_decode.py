@@ -79,7 +79,7 @@ try:  # Mosaic GPU's IR builders (present in jaxlib >= 0.11 on every platform)
     mwgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")  # the module
     from jaxlib.mlir import ir
     from jax.experimental.mosaic.gpu.launch_context import OOBFillMode
-    from jaxlib.mlir.dialects import arith, llvm, nvvm, vector
+    from jaxlib.mlir.dialects import arith, llvm, nvvm, scf, vector
 except ImportError as e:  # pragma: no cover
     raise ImportError(
         "pallas_kernels.mgpu_decode needs jax's Mosaic GPU (jax>=0.11.2,<0.12, the range it was "
@@ -164,9 +164,13 @@ WGMMA = ("pallas", "inline")
 # "xla" is the default: on the H200 "kernel" measured 1.6 us faster at B 1 / 128k and 3.5 us
 # slower at B 8 / 32k and B 4 / 32k (benchmarks/KERNEL_NOTES.md, "Round 17")
 FINISH = ("xla", "kernel")
+# how the online softmax keeps its running maximum: "block" (the block's exact maximum,
+# reduced over the warpgroup before its probabilities, every block) or "lazy" (kept while
+# no score passes it by more than mgpu_block.LAZY_RESCALE; the exact path only then)
+RESCALE = ("block", "lazy")
 _OPTIONS = frozenset({"block_tokens", "num_splits", "num_stages", "ctas_per_sm",
                       "explicit_barriers", "pipeline", "windows", "wide_copies", "query", "tail",
-                      "chain_parts", "wgmma", "finish", "key_format"})
+                      "chain_parts", "wgmma", "finish", "key_format", "rescale"})
 
 
 def preferred(cfg: CacheConfig, options=(), device=None, pairs: int | None = None,
@@ -225,6 +229,9 @@ class _B:
 
     def __and__(self, o):
         return _B(arith.andi(self.v, o.v))
+
+    def __or__(self, o):
+        return _B(arith.ori(self.v, o.v))
 
 
 class _I:
@@ -372,6 +379,10 @@ class MlirOps:
         return _F(arith.maximumf(_F._v(a), _F._v(b)))
 
     @staticmethod
+    def greater(a, b):
+        return _B(arith.cmpf(arith.CmpFPredicate.OGT, _F._v(a), _F._v(b)))
+
+    @staticmethod
     def exp2(x):
         f32 = ir.F32Type.get()
         return _F(llvm.inline_asm(f32, [_F._v(x)], "ex2.approx.ftz.f32 $0, $1;", "=f,f"))
@@ -491,6 +502,35 @@ class MlirOps:
             return
         mu.commit_shared()  # fence.proxy.async (Pexp is read by wgmma), then barrier
 
+    def fence_barrier_any(self, flag):
+        """fence_barrier whose barrier also ORs ``flag`` (i1) over the warpgroup (one
+        ``bar.red.or.pred`` on the warpgroup's barrier): the same boolean in every thread."""
+        if self._no_sync:  # timing ablation: no barrier, so the thread's own flag
+            return flag
+        i32 = _i32()
+        nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+        asm = ("{\n .reg .pred pin, pout;\n setp.ne.u32 pin, $1, 0;\n"
+               " bar.red.or.pred pout, $2, 128, pin;\n selp.u32 $0, 1, 0, pout;\n}")
+        r = llvm.inline_asm(i32, [arith.extui(i32, flag.v), mu.warpgroup_barrier_idx(sync=False)],
+                            asm, "=r,r,r", has_side_effects=True)
+        return _B(arith.cmpi(arith.CmpIPredicate.ne, r, _c(0)))
+
+    def cond(self, pred, if_true, if_false, n: int):
+        """``if_true()`` or ``if_false()`` (each n f32 values) on a uniform i1: one scf.if.
+        Pointers first taken inside a side stay local to it."""
+        f32 = ir.F32Type.get()
+        op = scf.IfOp(pred.v, [f32] * n, has_else=True)
+        saved = dict(self._ptrs)
+        for block, fn in ((op.then_block, if_true), (op.else_block, if_false)):
+            self._ptrs = dict(saved)
+            with ir.InsertionPoint(block):
+                vals = fn()
+                if len(vals) != n:
+                    raise AssertionError(f"a side of cond returned {len(vals)} values, not {n}")
+                scf.yield_([_F._v(v) for v in vals])
+        self._ptrs = saved
+        return [_F(r) for r in op.results]
+
     # -------------------------------------------------------------- registers
     @staticmethod
     def frag(kind, shape, regs, dtype="bf16"):
@@ -606,6 +646,7 @@ class KernelConfig:
     tail: str = "mask"  # value scales past a block's valid tokens: "mask" each block, "zero"
     chain_parts: int = 1  # each wgmma chain in this many waited parts (fewer live A registers)
     wgmma: str = "pallas"  # "pallas": plgpu.wgmma per step; "inline": _wgmma_chain
+    rescale: str = "block"  # "block": the running maximum every block; "lazy": _lazy_max
 
 
 _BLOCK_DTYPES = (jnp.uint32, jnp.bfloat16, jnp.bfloat16, jnp.uint32, jnp.bfloat16, jnp.bfloat16)
@@ -794,7 +835,7 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
     def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp, *vs_vz):
         m_new, alpha, poffs, psums = blk.softmax_step(
             ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp,
-            tail=vs_vz if zero_tail else None)
+            tail=vs_vz if zero_tail else None, lazy=kc.rescale == "lazy")
         l_regs = {}
         for t8 in range(NV // 8):
             vals = []
@@ -1153,8 +1194,8 @@ class PreparedCall(NamedTuple):
 def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_tokens=None,
                  num_splits=None, num_stages=None, ctas_per_sm=None, explicit_barriers=None,
                  pipeline=None, windows=None, wide_copies=None, query=None, tail=None,
-                 chain_parts=None, wgmma=None, finish=None, key_format=None, ablate=(),
-                 prep=None) -> PreparedCall:
+                 chain_parts=None, wgmma=None, finish=None, key_format=None, rescale=None,
+                 ablate=(), prep=None) -> PreparedCall:
     """Resolves every option (the device's tuned defaults where not given) and builds the
     kernel: a :class:`PreparedCall`. Options: see :func:`mgpu_decode_attention`."""
     _check_jax_version()
@@ -1172,13 +1213,14 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         wgmma = "pallas"
     if outer:  # options with an InnerQ-only form
         given = dict(query=query, windows=windows, tail=tail, chain_parts=chain_parts,
-                     wgmma=wgmma, key_format=key_format)
+                     wgmma=wgmma, key_format=key_format, rescale=rescale)
         allowed = dict(query=("xla",), windows=("xla", "epilogue"), tail=("mask",),
-                       chain_parts=(1,), wgmma=("pallas",), key_format=("bf16",))
+                       chain_parts=(1,), wgmma=("pallas",), key_format=("bf16",),
+                       rescale=("block",))
         for k, v in given.items():
             if v is not None and v not in allowed[k]:
                 raise ValueError(f"{k}={v!r}: the OuterQ kernel takes {k} in {allowed[k]}")
-        query, tail, chain_parts, wgmma = "xla", "mask", 1, "pallas"
+        query, tail, chain_parts, wgmma, rescale = "xla", "mask", 1, "pallas", "block"
     B, H, r, D = qp.shape
     if layer.k_scale.shape != (B, H, D):
         raise ValueError(f"qp {qp.shape} does not match the cache (k_scale {layer.k_scale.shape})")
@@ -1204,6 +1246,14 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"wgmma={wgmma!r}; choose one of {WGMMA}")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
+    rescale = rescale or tuned.get("rescale", "block")
+    if rescale not in RESCALE:
+        raise ValueError(f"rescale={rescale!r}; choose one of {RESCALE}")
+    if rescale == "lazy" and pipeline == "emit" and not explicit_barriers:
+        # a block's Pexp and exchange stores come before its first barrier: the barrier that
+        # ends the previous block must order them after every thread's reads of that block
+        raise ValueError("rescale='lazy' needs a barrier between blocks: explicit_barriers=True "
+                         "or pipeline='bulk'")
     if windows not in WINDOWS:
         raise ValueError(f"windows={windows!r}; choose one of {WINDOWS}")
     finish = finish or tuned.get("finish", "xla")
@@ -1259,7 +1309,7 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
     kc = KernelConfig(geo, bps, stages, boxes, explicit_barriers=bool(explicit_barriers),
                       pipeline=pipeline, windows="kernel" if windows == "kernel" else "xla",
                       sink=cfg.sink, window=cfg.window, ablate=tuple(ablate), tail=tail,
-                      chain_parts=chain_parts, wgmma=wgmma)
+                      chain_parts=chain_parts, wgmma=wgmma, rescale=rescale)
     call = _build_kernel(kc, B, H, NS)
     operands = (nq, qexp, kconst, *kernel_operands(layer, geo, boxes), qw, wvalid, sk, sv,
                 layer.recent_k, layer.recent_v)
@@ -1311,7 +1361,14 @@ def mgpu_decode_attention(
     H200 its error was 1.6-2.3x lower in six of seven test cases and 2.2x higher in one (MHA,
     G 64: the e4m3 MMAs accumulate with fewer bits), level speed at B 8 / 32k, 0-4% slower
     at B 1 / 128k (benchmarks/KERNEL_NOTES.md, rounds 32 and 33); :func:`query_operands8`, or the
-    query kernel's e4m3 form).
+    query kernel's e4m3 form), ``rescale`` ("block": the online softmax's running maximum
+    is the exact maximum after every block, reduced over the warpgroup (shuffles, an
+    exchange and a barrier) before the block's probabilities; "lazy", InnerQ only: the
+    probabilities are taken against the running maximum as it stands and the exact path
+    runs only in a block where some score passes it by more than
+    ``mgpu_block.LAZY_RESCALE`` (16, log2 units), a program's first block among them; the
+    partials' maxima are then within that margin of the exact ones, which the merge takes as
+    it takes any).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).
@@ -1347,7 +1404,7 @@ def mgpu_decode_attention_reference(qp, layer, lengths, cfg):
     return quantized_attention_core(qp, layer, lengths, cfg)
 
 
-__all__ = ["ABLATIONS", "FINISH", "MlirOps", "QUERY", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
+__all__ = ["ABLATIONS", "FINISH", "MlirOps", "QUERY", "RESCALE", "TAIL", "TUNED", "WGMMA", "block_boxes", "combine_partials", "default_num_splits",
            "kernel_operands", "mgpu_decode_attention", "mgpu_decode_attention_reference",
            "PreparedCall", "preferred", "prepare_call", "query_operands", "query_operands8", "sm_count", "tuned_defaults",
            "window_operands", "window_partial"]

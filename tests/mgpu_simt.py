@@ -39,6 +39,7 @@ class SimOps:
         self.w = tid // 32
         self.rr = lane // 4
         self.c = lane % 4
+        self.branches = []  # cond's choices, in order (tests read which side ran)
 
     # ---------------------------------------------------------------- scalars
     @staticmethod
@@ -52,6 +53,10 @@ class SimOps:
     @staticmethod
     def maximum(a, b):
         return np.maximum(a, b).astype(np.float32)
+
+    @staticmethod
+    def greater(a, b):
+        return np.broadcast_to(np.asarray(a) > np.asarray(b), (N,)).copy()
 
     @staticmethod
     def exp2(x):
@@ -135,6 +140,22 @@ class SimOps:
 
     def fence_barrier(self):
         pass
+
+    @staticmethod
+    def fence_barrier_any(flag):
+        return np.full(N, bool(np.any(flag)))
+
+    def cond(self, pred, if_true, if_false, n):
+        """The side ``pred`` picks; a predicate that differs between threads is an error
+        (the sides hold barriers: a divergent branch would hang the warpgroup)."""
+        p = np.broadcast_to(np.asarray(pred, bool), (N,))
+        if not (p.all() or not p.any()):
+            raise AssertionError("cond on a predicate that is not uniform over the warpgroup")
+        self.branches.append(bool(p[0]))
+        vals = (if_true if p[0] else if_false)()
+        if len(vals) != n:
+            raise AssertionError(f"a side of cond returned {len(vals)} values, not {n}")
+        return [np.broadcast_to(np.asarray(v, np.float32), (N,)).copy() for v in vals]
 
     # -------------------------------------------------------------- registers
     def _coords(self, kind, idx, e, width=2):

@@ -297,7 +297,8 @@ def _b_logical(geo: Geometry, buf, tile, ncols):
 
 
 def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int,
-                    tail: str = "mask", chain_parts: int = 1):
+                    tail: str = "mask", chain_parts: int = 1, rescale: str = "block",
+                    ops_log: list | None = None):
     """The kernel of mgpu_decode._kernel, program by program, with the simulator backend.
 
     Follows the Pallas body step for step: the same block functions, wgmma modelled as a
@@ -311,6 +312,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
         kc = kconst[b, h].reshape(-1).astype(np.float32)
         o_full, m_cols, l_cols = _initial_state(geo)
         acc_init = blk.k_acc_init(ops, geo, kc)
+        first = len(ops.branches)
         for n_valid, (kw_s, ks_s, kz_s, vw_s, vs_s, vz_s) in blocks:
             acc = acc_init
             for stp in md._parts(geo.k_steps, chain_parts):  # the kernel's parts
@@ -323,7 +325,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                         acc = simt.wgmma(acc, a, qexp[b, h, st])
             m_new, alpha, poffs, psums = blk.softmax_step(
                 ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
-                tail=(vs_s, vz_s) if zero_tail else None)
+                tail=(vs_s, vz_s) if zero_tail else None, lazy=rescale == "lazy")
             l_cols = simt.Frag("col", (geo.NV,), l_cols.mat * alpha.mat
                                + sum(p.mat for p in psums))
             for ck in range(geo.NC):
@@ -337,6 +339,8 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                                         alpha if ck == 0 else None,
                                         None if zero_tail else n_valid, ck)
             m_cols = m_new
+        if ops_log is not None:  # the program's lazy-rescale choices, block by block
+            ops_log.append(ops.branches[first:])
         return o_full, m_cols, l_cols
 
     return _simulated_programs(geo, nq, operands, NS, bps, program)
@@ -401,7 +405,8 @@ def _simulated_attention(cache, qp, opts, merges=("xla",)):
     else:
         qexp, kconst = (md.query_operands8 if geo.e4m3 else md.query_operands)(qp, geo)
         o_part, ml_part = simulate_kernel(geo, nq, qexp, kconst, operands, NS, bps,
-                                          opts.get("tail", "mask"), opts.get("chain_parts", 1))
+                                          opts.get("tail", "mask"), opts.get("chain_parts", 1),
+                                          opts.get("rescale", "block"), opts.get("ops_log"))
     o_part, ml_part = jnp.asarray(o_part), jnp.asarray(ml_part)
     outs = []
     for merge in merges:
@@ -652,7 +657,10 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
                            query="kernel", chain_parts=2),
             # each chain one inline block: one fence and commit, descriptors rebuilt per block
             "inline": dict(pipeline="emit", windows="epilogue", wide_copies=True,
-                           query="kernel", wgmma="inline")}
+                           query="kernel", wgmma="inline"),
+            # the running maximum kept until a score passes it by mgpu_block.LAZY_RESCALE
+            "lazy": dict(pipeline="emit", windows="epilogue", wide_copies=True, query="kernel",
+                         explicit_barriers=True, rescale="lazy")}
 
 
 # the copy-box variants differ from their natural-box twins only in the copies' views, and
@@ -661,7 +669,7 @@ VARIANTS = {"emit-xla": dict(pipeline="emit", windows="xla", wide_copies=False, 
 # with -m slow (CI time)
 _LOWER_CASES = [pytest.param(n, v, marks=pytest.mark.slow)
                 if v in ("emit-wide", "epilogue-wide", "kernel-merge", "tail-zero", "chain2",
-                         "bulk-kernel", "inline")
+                         "bulk-kernel", "inline", "lazy")
                 and n != "innerq2-G32-D128-gqa4"
                 else (n, v) for v in VARIANTS for n in GRID]
 
@@ -689,6 +697,8 @@ def test_kernel_lowers_to_mosaic_gpu(name, variant):
     assert "mosaic_gpu" in text
     # the code-pair unpack is one lop3 per register (two LOP3s each when written as & and |)
     assert "lop3.b32" in text
+    # rescale="lazy": the block's test reduced by the exchange's barrier (bar.red.or)
+    assert ("bar.red.or.pred" in text) == (kw.get("rescale") == "lazy")
 
 
 @pytest.mark.parametrize("finish", ["xla", "kernel"])
@@ -724,7 +734,7 @@ def test_rejects_bad_layouts_options_and_block():
     cfg = CacheConfig.outerq(bits=4, capacity=512)
     cache = _cache(cfg, 1, 1, 64, [100])
     for bad in (dict(query="kernel"), dict(windows="kernel"), dict(tail="zero"),
-                dict(chain_parts=2), dict(wgmma="inline")):
+                dict(chain_parts=2), dict(wgmma="inline"), dict(rescale="lazy")):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*OuterQ kernel takes"):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)
@@ -740,10 +750,16 @@ def test_rejects_bad_layouts_options_and_block():
                                  num_splits=1, block_tokens=96)
     for bad in (dict(pipeline="tma"), dict(windows="cpu"), dict(query="numpy"),
                 dict(wide_copies="yes"), dict(tail="clip"), dict(chain_parts=3),
-                dict(wgmma="asm"), dict(ablate=("nothing",)), dict(finish="gpu")):
+                dict(wgmma="asm"), dict(ablate=("nothing",)), dict(finish="gpu"),
+                dict(rescale="never")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
                                      num_splits=1, **bad)
+    # the lazy maximum's stores come before the block's first barrier: it needs one per block
+    with pytest.raises(ValueError, match="rescale='lazy' needs a barrier between blocks"):
+        md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
+                                 num_splits=1, rescale="lazy", explicit_barriers=False,
+                                 pipeline="emit")
     # the finish in the kernel is the epilogue's
     with pytest.raises(ValueError, match="finish='kernel' is the epilogue's.*windows='xla'"):
         md.mgpu_decode_attention(_query(cache, 1), cache.layer(0), cache.lengths, cfg,
@@ -1191,6 +1207,51 @@ def test_merge_takes_column_counts_not_a_power_of_two():
                          n_channel_blocks=8, interpret=True)
     assert out.shape == ref.shape == (2, 2, 12, 128)
     assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["innerq2-G32-D128-gqa4",
+                                  pytest.param("innerq4-G64-D64-smollm", marks=pytest.mark.slow)])
+def test_simulated_kernel_lazy_rescale_equals_reference(name):
+    """rescale="lazy": each program's first block takes the exact side (its running maximum
+    starts at NEG), later blocks of these caches keep the maximum, and the partials merge to
+    the reference as closely as the exact maximum's do."""
+    cfg, D, Hq, Hkv, lengths, appends, opts = GRID[name]
+    cache = _cache(cfg, len(lengths), Hkv, D, lengths, appends)
+    qp = _query(cache, Hq)
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    log = []
+    (lazy,) = _simulated_attention(cache, qp, dict(opts, rescale="lazy", ops_log=log))
+    (exact,) = _simulated_attention(cache, qp, opts)
+    err, err_exact = _rel(lazy, ref), _rel(exact, ref)
+    assert err < TOL and err < 1.5 * err_exact, (err, err_exact)
+    runs = [r for r in log if r]  # one list per program that had blocks
+    assert runs and all(r[0] for r in runs), log
+    assert any(not x for r in runs for x in r[1:]), log
+
+
+def test_simulated_lazy_rescale_takes_the_exact_side_when_scores_jump():
+    """A block whose scores pass the kept maximum by more than LAZY_RESCALE (keys from token
+    420 on shifted along the query's direction: about 40 log2 units higher) takes the exact
+    side mid-program, and the output still equals the reference; with probabilities of up to
+    2**LAZY_RESCALE nothing overflows."""
+    cfg = CacheConfig.innerq(capacity=640)
+    B, Hkv, Hq, D, T = 1, 2, 8, 128, 630
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal(D)
+    u /= np.linalg.norm(u)
+    k = rng.standard_normal((1, B, Hkv, T, D))
+    v = rng.standard_normal((1, B, Hkv, T, D))
+    k[..., 420:, :] += 40.0 * u
+    cache = KVCache.from_prefill(cfg, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
+                                 np.array([T]))
+    q = jnp.asarray(np.broadcast_to(8.0 * u, (B, Hq, D)), jnp.float32)
+    qp = prepare_query(q, cache.layer(0), cfg, 1.0 / math.sqrt(D))
+    ref = quantized_attention_core(qp, cache.layer(0), cache.lengths, cfg)
+    log = []
+    (out,) = _simulated_attention(cache, qp, dict(num_splits=1, rescale="lazy", ops_log=log))
+    assert _rel(out, ref) < TOL
+    # a block kept the maximum, and a later one took the exact side again
+    assert any(not a and b for r in log for a, b in zip(r, r[1:])), log
 
 
 @pytest.mark.parametrize("parts", [2, pytest.param(4, marks=pytest.mark.slow)])
