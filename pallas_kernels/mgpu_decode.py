@@ -125,6 +125,10 @@ def _check_jax_version() -> None:
 # wgmma's latency): results/mgpu_probe_round9*.json, KERNEL_NOTES.md "Round 9". wgmma="inline"
 # (12 registers fewer) and pipeline="bulk" measured level with the default in round 13
 # (results/mgpu_probe_round13.json).
+# ``rescale="lazy"`` (round 34, results/mgpu_probe_round34b.json, two alternated pairs): the
+# kernel alone 0.1086 against 0.1117 ms at B 8 / 32k (the op 0.1247 against 0.1297), level
+# at B 1 / 128k (0.0599 / 0.0600); 168 registers as the default; Nsight Compute: 718 loop
+# instructions per warp and block against 731, 101.2 against 105.2 us.
 # ``ctas_per_sm_outerq``: the OuterQ layout's kernel holds 215 registers per thread (its
 # per-block Qexp and its Pexp of every channel group), so two programs fit an SM: split for
 # two (B 8 / 32k op 0.206 ms against 0.272 at three; results/mgpu_probe_round14d.json).
@@ -135,7 +139,7 @@ def _check_jax_version() -> None:
 TUNED = {
     "NVIDIA H200": dict(block_tokens=128, num_stages=4, ctas_per_sm=3, ctas_per_sm_outerq=2,
                         explicit_barriers=True, pipeline="emit", windows="epilogue",
-                        wide_copies=True, query="kernel",
+                        wide_copies=True, query="kernel", rescale="lazy",
                         preferred=dict(min_pair_tokens=1 << 20),
                         preferred_outerq=dict(min_pair_tokens=1 << 19)),
 }
@@ -1246,10 +1250,12 @@ def prepare_call(qp, layer: QuantLayer, lengths, cfg: CacheConfig, *, block_toke
         raise ValueError(f"wgmma={wgmma!r}; choose one of {WGMMA}")
     if pipeline not in ("emit", "bulk"):
         raise ValueError(f"pipeline={pipeline!r}; choose 'emit' or 'bulk'")
-    rescale = rescale or tuned.get("rescale", "block")
+    barrier_per_block = pipeline == "bulk" or bool(explicit_barriers)
+    if rescale is None:  # the tuned choice where this build has the barrier it needs
+        rescale = tuned.get("rescale", "block") if barrier_per_block else "block"
     if rescale not in RESCALE:
         raise ValueError(f"rescale={rescale!r}; choose one of {RESCALE}")
-    if rescale == "lazy" and pipeline == "emit" and not explicit_barriers:
+    if rescale == "lazy" and not barrier_per_block:
         # a block's Pexp and exchange stores come before its first barrier: the barrier that
         # ends the previous block must order them after every thread's reads of that block
         raise ValueError("rescale='lazy' needs a barrier between blocks: explicit_barriers=True "
@@ -1368,7 +1374,9 @@ def mgpu_decode_attention(
     runs only in a block where some score passes it by more than
     ``mgpu_block.LAZY_RESCALE`` (16, log2 units), a program's first block among them; the
     partials' maxima are then within that margin of the exact ones, which the merge takes as
-    it takes any).
+    it takes any; it needs a barrier ending each block, ``explicit_barriers`` or the bulk
+    pipeline; the H200's default, where that barrier is there: round 34 measured the kernel
+    3% faster at B 8 / 32k, level at B 1 / 128k).
     ``ablate`` (benchmarks only; the output is then wrong):
     "stream" (the copies alone), "keys_only" (no value side), "no_sync" (no exchange
     barriers).

@@ -1229,6 +1229,24 @@ def test_simulated_kernel_lazy_rescale_equals_reference(name):
     assert any(not x for r in runs for x in r[1:]), log
 
 
+def test_tuned_lazy_rescale_only_where_a_barrier_ends_each_block(monkeypatch):
+    """The H200's tuned default (rescale="lazy") applies where each block ends in a barrier
+    (explicit barriers, or the bulk pipeline); without one the kernel keeps the exact
+    maximum, and only an explicit rescale="lazy" there is an error (test above)."""
+    monkeypatch.setattr(md, "tuned_defaults", lambda device=None: dict(md.TUNED["NVIDIA H200"]))
+    cfg, D, Hq, Hkv, lengths, _, _ = GRID["innerq2-G32-D128-gqa4"]
+    B = len(lengths)
+    layer = jax.eval_shape(lambda: KVCache.create(cfg, 1, B, Hkv, D).layer(0))
+    qp = jax.ShapeDtypeStruct((B, Hkv, Hq // Hkv, D), jnp.float32)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    for kw, lazy in ((dict(), True), (dict(explicit_barriers=False), False),
+                     (dict(explicit_barriers=False, pipeline="bulk"), True)):
+        f = jax.jit(lambda q, lay, n, kw=kw: md.mgpu_decode_attention(
+            q, lay, n, cfg, num_splits=2, windows="xla", query="xla", **kw))
+        text = f.trace(qp, layer, lens).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("bar.red.or.pred" in text) == lazy, kw
+
+
 def test_simulated_lazy_rescale_takes_the_exact_side_when_scores_jump():
     """A block whose scores pass the kept maximum by more than LAZY_RESCALE (keys from token
     420 on shifted along the query's direction: about 40 log2 units higher) takes the exact
