@@ -37,7 +37,7 @@ CLASSES = {
     "wgmma and descriptors": ("HGMMA", "WARPGROUP", "R2UR", "UMOV", "UIADD3", "ULOP3", "USHF",
                               "UIMAD", "ULEA", "UISETP", "USEL", "UPRMT", "ULDC", "S2UR",
                               "UPLOP3", "USETMAXREG", "UFLO", "UPOPC", "UBMSK", "UMEMSETS"),
-    "barriers and copies": ("BAR", "SYNCS", "UTMALDG", "UTMASTG", "UBLKCP", "MEMBAR", "FENCE",
+    "barriers and copies": ("BAR", "B2R", "SYNCS", "UTMALDG", "UTMASTG", "UBLKCP", "MEMBAR", "FENCE",
                             "ERRBAR", "CCTL", "DEPBAR", "WARPSYNC", "UCGABAR_ARV",
                             "UCGABAR_WAIT", "ELECT", "UTMACCTL", "UTMAPF"),
     "moves and predicates": ("MOV", "S2R", "CS2R", "PLOP3", "P2R", "R2P", "VOTE", "VOTEU",
@@ -96,7 +96,9 @@ def summarize(header: list[str], rows: list[list[str]], loop_frac: float = 0.5) 
             v = int(float(r[col[f"stall_{reason} (Not Issued)"]] or 0))
             if v:
                 entry["stalls"][reason] += v
-        entry["stalls"]["selected"] += int(float(r[col["stall_selected"]] or 0))
+        selected = int(float(r[col["stall_selected"]] or 0))
+        if selected:
+            entry["stalls"]["selected"] += selected
     classes = {k: {"instructions": round(v["instructions"], 1), "stalls": dict(v["stalls"])}
                for k, v in sorted(by_class.items(), key=lambda kv: -kv[1]["instructions"])}
     stall_tot = collections.Counter()

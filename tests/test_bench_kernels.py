@@ -204,3 +204,49 @@ def test_cfg_variants_take_the_query_dtype_apart_from_the_cache(monkeypatch):
     with pytest.raises(ValueError, match=r"query_dtype='int8'; choose one of"):
         bench_kernels.run_shape(shape, ['cfg_fused@{"query_dtype": "int8"}'], 1, {},
                                 lambda *_: None)
+
+
+def test_ncu_summary_sums_the_loop_by_class_and_reason(tmp_path):
+    """benchmarks/ncu_summary.py on a hand-made source page: the loop is the instructions
+    executed at least half as often as the most executed one, each class counts executions
+    per loop trip, and the not-issued samples (plus "selected") go to the instruction's class;
+    predicates and opcode modifiers do not change the class."""
+    import csv
+    import gzip
+
+    import ncu_summary
+
+    reasons = ["barrier", "short_sb", "selected", "wait"]
+    header = (["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed"]
+              + [f"stall_{r}" for r in reasons] + [f"stall_{r} (Not Issued)" for r in reasons])
+    rows = [  # (source, executions, samples, not-issued samples by reason, selected)
+        ("LDC R1, c[0x0][0x28]", 4, 7, dict(wait=7), 0),  # once per program: not the loop
+        ("@!P0 LOP3.LUT R4, R5, 0x3, R6, 0xea, !PT", 400, 10, dict(wait=4), 6),
+        ("LOP3.LUT R7, R5, 0xc, R6, 0xea, !PT", 400, 3, {}, 3),
+        ("FFMA R8, R7, R9, R8", 400, 12, dict(short_sb=9), 3),
+        ("BAR.SYNC.DEFER_BLOCKING 0x1, 0x80", 400, 5, dict(barrier=5), 0),
+        ("@P1 SHFL.BFLY PT, R10, R8, 0x4, 0x1f", 200, 2, {}, 2),  # half the trips: counted
+        ("EXIT", 190, 1, {}, 1),  # under half: not the loop
+    ]
+    path = tmp_path / "src.csv.gz"
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Kernel Name", "k"])
+        w.writerow(header)
+        for i, (src, n, s, st, sel) in enumerate(rows):
+            all_ = [sel if r == "selected" else st.get(r, 0) for r in reasons]
+            w.writerow([hex(i), src, s, n] + all_ + [st.get(r, 0) for r in reasons])
+    out = ncu_summary.summarize(*ncu_summary.read_source(path))
+    assert out["loop_trip_per_warp"] == 400
+    cls = out["classes"]
+    assert cls["unpack and bit ops"]["instructions"] == 2.0
+    assert cls["unpack and bit ops"]["stalls"] == {"wait": 4, "selected": 9}
+    assert cls["float math"]["stalls"] == {"short_sb": 9, "selected": 3}
+    assert cls["barriers and copies"]["stalls"] == {"barrier": 5}
+    assert cls["shuffles"]["instructions"] == 0.5
+    assert out["loop_instructions_per_warp_and_block"] == 4.5
+    assert out["stalls"]["selected"] == 14 and out["stalls"]["wait"] == 4
+    assert out["loop_share_of_samples"] == round(32 / 40, 3)
+    assert "control flow" not in cls and "moves and predicates" not in cls
+    assert ncu_summary.opcode("@!UP2 UTMALDG.4D [UR8], [UR24]") == "UTMALDG"
+    assert "| loop | 4 |" in ncu_summary.table(out).replace("4.5", "4")  # rounded in the table
