@@ -163,3 +163,30 @@ trace_suite() {
     --reps 5 --options "$3" --shapes "$2" 2>&1 \
     | grep -E "rotating|one set|MISMATCH|FAILED|Error" | tee -a "$LOG"
 }
+
+# ncu_loop NAME OPTIONS_JSON [SECTIONS]: Nsight Compute on one launch of the Mosaic GPU kernel at
+# B 8 / 32k with these options (ncu_driver.py; its inputs saved once per call in
+# /tmp/inputs.npz), the details and source pages as CSV into $OUT/ncu_NAME_{details.csv,
+# source.csv.gz}, and ncu_summary.py's loop by class and stall into $OUT/ncu_NAME_summary.*
+NCU_SECTIONS="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section SourceCounters --section InstructionStats --section ComputeWorkloadAnalysis"
+ncu_loop() {
+  local name=$1 opts=$2 ncu
+  ncu=$(command -v ncu)
+  (
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="--xla_gpu_enable_command_buffer="
+    [ -f /tmp/inputs.npz ] || $PY benchmarks/ncu_driver.py --save /tmp/inputs.npz --kernels none 2>&1 | tail -1 | tee -a "$LOG"
+    export XLA_FLAGS="$XLA_FLAGS --xla_gpu_autotune_level=0"
+    timeout 150 "$ncu" --clock-control none -k "regex:mgpu_decode" --launch-skip 1 --launch-count 1 \
+      ${3:-$NCU_SECTIONS} --import-source yes -f -o "/tmp/ncu_$name" $PY benchmarks/ncu_driver.py \
+      --load /tmp/inputs.npz --kernels mgpu --options "$opts" > "/tmp/ncu_$name.log" 2>&1
+    echo "== ncu $name rc=$? (elapsed $SECONDS s)" | tee -a "$LOG"
+    grep -E "rel err|Error" "/tmp/ncu_$name.log" | tail -2 | tee -a "$LOG"
+    [ -f "/tmp/ncu_$name.ncu-rep" ] || exit 0
+    "$ncu" -i "/tmp/ncu_$name.ncu-rep" --page details --csv > "$OUT/ncu_${name}_details.csv" 2>&1
+    "$ncu" -i "/tmp/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>&1 \
+      | gzip -c > "$OUT/ncu_${name}_source.csv.gz"
+    $PY benchmarks/ncu_summary.py "$OUT/ncu_${name}_source.csv.gz" \
+      --details "$OUT/ncu_${name}_details.csv" --out "$OUT/ncu_${name}_summary" \
+      --title "Mosaic GPU InnerQ kernel, $name, B 8 / 32k (H200, ncu)" 2>&1 | tee -a "$LOG"
+  )
+}
