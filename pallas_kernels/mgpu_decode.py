@@ -28,7 +28,9 @@ Structure (one launch of the Mosaic GPU kernel, plus the work around it):
   flight; ``wide_copies``: each in boxes of rows as wide as divide it); per block
   the key chain (wgmma, A = unpacked codes in registers, tokens on M), the scores
   and the online softmax (maxima exchanged once per block
-  through shared memory), the probabilities written as the B operand ``Pexp`` of
+  through shared memory; with ``rescale="lazy"``, the H200's default, the running
+  maximum is kept while no score passes it by ``mgpu_block.LAZY_RESCALE`` and the
+  exchange of maxima runs only where one does), the probabilities written as the B operand ``Pexp`` of
   the value chain (wgmma, A = unpacked value codes, channels on M), and the
   per-group scale multiply of both in registers. Each program writes its partial
   (o, running max, sum) in its own accumulator-column order;
