@@ -190,3 +190,13 @@ ncu_loop() {
       --title "Mosaic GPU InnerQ kernel, $name, B 8 / 32k (H200, ncu)" 2>&1 | tee -a "$LOG"
   )
 }
+
+# record_and_targets NAME VARIANTS_JSON: every -m gpu test into $OUT/NAME_gpu_tests.txt (skipped
+# with SKIP_TESTS=1), then the two target shapes (B 8 / 32k, B 1 / 128k) with these variants in
+# one process into $OUT/kernels_points_NAME.* (POINTS replaces the shapes, BENCH_S the limit)
+record_and_targets() {
+  local name=$1 variants=$2
+  [ "${SKIP_TESTS:-0}" = 1 ] || every_gpu_test "$OUT/${name}_gpu_tests.txt" 300
+  local points="[[8, 32768, {}, $variants], [1, 131072, {}, $variants]]"
+  kernel_points "_$name" "${POINTS:-$points}" "${BENCH_S:-240}"
+}
