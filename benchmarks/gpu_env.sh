@@ -187,6 +187,7 @@ ncu_loop() {
       | gzip -c > "$OUT/ncu_${name}_source.csv.gz"
     $PY benchmarks/ncu_summary.py "$OUT/ncu_${name}_source.csv.gz" \
       --details "$OUT/ncu_${name}_details.csv" --out "$OUT/ncu_${name}_summary" \
+      --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
       --title "Mosaic GPU InnerQ kernel, $name, B 8 / 32k (H200, ncu)" 2>&1 | tee -a "$LOG"
   )
 }

@@ -3,6 +3,7 @@ the fused decode kernels (Triton, and Mosaic GPU on Hopper) a few times, printin
 after each step (under ncu the benchmark script died with a segfault and no trace)."""
 
 import argparse
+import json
 import math
 
 import jax
@@ -75,8 +76,6 @@ def main():
         fns["triton"] = jax.jit(lambda qp, layer, n: quantized_decode_attention(qp, layer, n, cfg))
     if "mgpu" in a.kernels:
         from pallas_kernels.mgpu_decode import mgpu_decode_attention
-        import json
-
         opts = json.loads(a.options)
         fns["mgpu"] = jax.jit(lambda qp, layer, n: mgpu_decode_attention(qp, layer, n, cfg, **opts))
     for name, fn in fns.items():

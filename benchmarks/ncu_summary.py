@@ -38,14 +38,15 @@ CLASSES = {
                               "UIMAD", "ULEA", "UISETP", "USEL", "UPRMT", "ULDC", "S2UR",
                               "UPLOP3", "USETMAXREG", "UFLO", "UPOPC", "UBMSK", "UMEMSETS"),
     "barriers and copies": ("BAR", "B2R", "SYNCS", "UTMALDG", "UTMASTG", "UBLKCP", "MEMBAR", "FENCE",
-                            "ERRBAR", "CCTL", "DEPBAR", "WARPSYNC", "UCGABAR_ARV",
+                            "ERRBAR", "CCTL", "DEPBAR", "UCGABAR_ARV",
                             "UCGABAR_WAIT", "ELECT", "UTMACCTL", "UTMAPF"),
     "moves and predicates": ("MOV", "S2R", "CS2R", "PLOP3", "P2R", "R2P", "VOTE", "VOTEU",
-                             "MATCH", "NOP", "LDC", "ULDC"),
+                             "MATCH", "NOP", "LDC"),
     "control flow": ("BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "YIELD", "JMP", "BREAK",
                      "WARPSYNC", "BMOV", "NANOSLEEP"),
 }
 _OF = {op: cls for cls, ops in CLASSES.items() for op in ops}
+assert len(_OF) == sum(map(len, CLASSES.values())), "an opcode in two classes"
 
 
 def opcode(sass: str) -> str:
@@ -129,6 +130,9 @@ def read_details(path: Path) -> dict:
     if head is None:
         return out
     name_i, unit_i, val_i = (head.index(k) for k in ("Metric Name", "Metric Unit", "Metric Value"))
+    data = [r for r in rows[rows.index(head) + 1:] if len(r) > val_i]
+    if data and "CC" in head:  # the profiled device's compute capability
+        out["Compute Capability"] = (data[0][head.index("CC")], "")
     for r in rows:
         if len(r) > val_i and r[name_i] in DETAILS:
             out[r[name_i]] = (r[val_i], r[unit_i])
@@ -183,8 +187,13 @@ def main() -> None:
     ap.add_argument("--loop-frac", type=float, default=0.5)
     ap.add_argument("--out", type=Path, help="write OUT.json and OUT.png")
     ap.add_argument("--title", default="fused InnerQ kernel, B 8 / 32k (H200)")
+    ap.add_argument("--device", default=None,
+                    help="the GPU's name (nvidia-smi), recorded in the JSON: ncu's pages name "
+                         "only its index and compute capability")
     a = ap.parse_args()
     summary = summarize(*read_source(a.source), loop_frac=a.loop_frac)
+    if a.device:
+        summary["device"] = a.device
     if a.details:
         summary["details"] = read_details(a.details)
     print(table(summary))

@@ -248,14 +248,10 @@ def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp):
     partial (o, m, l) holds o and l relative to an m within LAZY_RESCALE of its true
     maximum, which every merge takes as it takes any m."""
     OWN = geo.OWN
-    m_old = [ops.get(m_cols, ((uh * geo.vg) // 2,), (uh * geo.vg) % 2) for uh in range(OWN)]
+    m_old = _running_max(ops, geo, m_cols)
     over = None
     for uh in range(OWN):
-        mx = None
-        for key, v in scores.items():
-            if key[-1] == uh:
-                mx = v if mx is None else ops.maximum(mx, v)
-        o = ops.greater(mx, m_old[uh] + LAZY_RESCALE)
+        o = ops.greater(_own_max(ops, scores, uh), m_old[uh] + LAZY_RESCALE)
         over = o if over is None else over | o
     _probabilities(ops, geo, scores, m_old, xchg, pexp)
     any_over = ops.fence_barrier_any(over)
@@ -278,13 +274,10 @@ def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
     the last key the head slot) reduced thread -> warp (shuffles over rr) -> warpgroup
     (shared memory), merged with the running maximum; alpha = 2**(m_old - m_new)."""
     w, rr, c, OWN = ops.w, ops.rr, ops.c, geo.OWN
-    m_old = [ops.get(m_cols, ((uh * geo.vg) // 2,), (uh * geo.vg) % 2) for uh in range(OWN)]
+    m_old = _running_max(ops, geo, m_cols)
     first_lane = rr == 0
     for uh in range(OWN):
-        mx = None
-        for key, v in scores.items():
-            if key[-1] == uh:
-                mx = v if mx is None else ops.maximum(mx, v)
+        mx = _own_max(ops, scores, uh)
         for d in (4, 8, 16):
             mx = ops.maximum(mx, ops.shfl_xor(mx, d))
         ops.store(xchg, (w * OWN + uh) * 4 + c, [mx], "f32", pred=first_lane)
@@ -299,6 +292,20 @@ def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
         m_new.append(mn)
         alpha.append(ops.exp2(m_old[uh] - mn))
     return m_new, alpha
+
+
+def _running_max(ops, geo: Geometry, m_cols):
+    """The running maximum of each owned head, from its "col" array."""
+    return [ops.get(m_cols, ((uh * geo.vg) // 2,), (uh * geo.vg) % 2) for uh in range(geo.OWN)]
+
+
+def _own_max(ops, scores, uh: int):
+    """The largest of this thread's scores of owned head ``uh`` ({(..., uh): score})."""
+    mx = None
+    for key, v in scores.items():
+        if key[-1] == uh:
+            mx = v if mx is None else ops.maximum(mx, v)
+    return mx
 
 
 def _max_cols(ops, geo: Geometry, m_new, alpha):

@@ -250,3 +250,20 @@ def test_ncu_summary_sums_the_loop_by_class_and_reason(tmp_path):
     assert "control flow" not in cls and "moves and predicates" not in cls
     assert ncu_summary.opcode("@!UP2 UTMALDG.4D [UR8], [UR24]") == "UTMALDG"
     assert "| loop | 4 |" in ncu_summary.table(out).replace("4.5", "4")  # rounded in the table
+
+
+def test_ncu_summary_reads_the_details_page(tmp_path):
+    """ncu_summary.read_details: the named metrics with their units, and the profiled device's
+    compute capability from the page's CC column; other metrics are left out."""
+    import ncu_summary
+
+    path = tmp_path / "details.csv"
+    head = ["ID", "Kernel Name", "Device", "CC", "Section Name", "Metric Name", "Metric Unit",
+            "Metric Value"]
+    rows = [["0", "k", "0", "9.0", "SOL", "Duration", "us", "105.15"],
+            ["0", "k", "0", "9.0", "SOL", "Elapsed Cycles", "cycle", "185000"],
+            ["0", "k", "0", "9.0", "Occ", "Registers Per Thread", "register/thread", "168"]]
+    path.write_text("\n".join(",".join(f'"{x}"' for x in r) for r in [head] + rows) + "\n")
+    out = ncu_summary.read_details(path)
+    assert out == {"Compute Capability": ("9.0", ""), "Duration": ("105.15", "us"),
+                   "Registers Per Thread": ("168", "register/thread")}
