@@ -113,7 +113,7 @@ def k_acc_init(ops, geo: Geometry, kconst):
 
 
 def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp,
-                 tail=None, lazy: bool = False):
+                 tail=None, lazy: bool = False, carry=None):
     """Scores, the block's online-softmax update and the value operands of one block.
 
     acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
@@ -122,12 +122,18 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
     m_cols: running max per head, "col" [NV]; n_valid: valid tokens of the block.
     Writes Pexp (bf16, tiled and swizzled) and exchanges block maxima and group sums
     through ``xchg``. Returns (m_new_cols, alpha_cols, [poff_cols per chunk],
-    [psum_cols per chunk]); poff = sum of the stored Pexp values of a (head, token
+    [psum_cols per chunk], carry); poff = sum of the stored Pexp values of a (head, token
     group) column, psum = sum of the bf16-rounded probabilities. ``tail``: the block's
     value scales and zeros (vs, vz) to clear past ``n_valid`` (:func:`zero_tail_groups`),
     or None. ``lazy``: the running maximum kept while no score passes it by more than
     :data:`LAZY_RESCALE` (:func:`_lazy_max`; ``rescale="lazy"``), else updated every block.
+    With ``lazy`` the online softmax's state ``carry`` = (l_cols, o_full) is passed in and
+    comes back already multiplied by alpha (only on the rare side that moves the maximum;
+    the common side leaves it untouched), and alpha_cols is None; otherwise ``carry`` is
+    None and the caller multiplies by alpha_cols.
     """
+    if lazy == (carry is None):
+        raise AssertionError("softmax_step takes the (l, o) carry exactly when lazy")
     w, rr, c = ops.w, ops.rr, ops.c
     P, OWN, ng = geo.P, geo.OWN, geo.ng
     if tail is not None:
@@ -168,7 +174,8 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
         _probabilities(ops, geo, scores, m_new, xchg, pexp)
         ops.fence_barrier()
     else:
-        m_new, alpha = _lazy_max(ops, geo, scores, m_cols, xchg, pexp)
+        m_new, carry = _lazy_max(ops, geo, scores, m_cols, xchg, pexp, carry)
+        alpha = None
 
     poff_cols, psum_cols = [], []
     for ck in range(geo.NC):
@@ -192,7 +199,7 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
         psum_cols.append(ops.frag("col", (geo.NV,), regs_sum, dtype="f32"))
 
     m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
-    return m_cols_new, alpha_cols, poff_cols, psum_cols
+    return m_cols_new, alpha_cols, poff_cols, psum_cols, carry
 
 
 def _probabilities(ops, geo: Geometry, scores, m, xchg, pexp):
@@ -233,7 +240,7 @@ def _probabilities(ops, geo: Geometry, scores, m, xchg, pexp):
             ops.store(xchg, base, [poff, psum], "f32", pred=first_lane)
 
 
-def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp):
+def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp, carry):
     """``rescale="lazy"``: the block's probabilities against the running maximum as it stands,
     with no reduction before them; the exact block maximum only where some score exceeds
     it by more than :data:`LAZY_RESCALE` (log2 units: the probabilities then stay below
@@ -242,11 +249,12 @@ def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp):
     Every thread tests its own scores; the warpgroup's barrier after the Pexp stores (the
     one the exchange needs anyway) also ORs the tests (``fence_barrier_any``), so the
     branch is uniform. Its rare side (a program's first block, whose running maximum is
-    NEG, and any block whose scores jump past the margin) is :func:`_block_max` and the
-    probabilities again at the exact maximum. Returns (m_new, alpha) per owned head: on
-    the common side the running maximum unchanged and alpha 1, so the online softmax's
-    partial (o, m, l) holds o and l relative to an m within LAZY_RESCALE of its true
-    maximum, which every merge takes as it takes any m."""
+    NEG, and any block whose scores jump past the margin) is :func:`_block_max`, the
+    probabilities again at the exact maximum, and the state ``carry`` = (l_cols, o_full)
+    multiplied by alpha = 2**(m_old - m_new). The common side keeps the maximum and leaves
+    the state as it is (alpha would be exactly 1: no multiply at all). Returns (m_new per
+    owned head, carry); the online softmax's partial (o, m, l) holds o and l relative to
+    an m within LAZY_RESCALE of its true maximum, which every merge takes as it takes any m."""
     OWN = geo.OWN
     m_old = _running_max(ops, geo, m_cols)
     over = None
@@ -255,18 +263,46 @@ def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp):
         over = o if over is None else over | o
     _probabilities(ops, geo, scores, m_old, xchg, pexp)
     any_over = ops.fence_barrier_any(over)
+    flat = _carry_values(ops, geo, carry)
 
     def exact():
         m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
         _probabilities(ops, geo, scores, m_new, xchg, pexp)
         ops.fence_barrier()
-        return [*m_new, *alpha]
+        return [*m_new, *(v * alpha[uh] if uh < OWN else v for uh, v in flat)]
 
     def kept():
-        return [*m_old, *([ops.f32(1.0)] * OWN)]
+        return [*m_old, *(v for _, v in flat)]
 
-    res = ops.cond(any_over, exact, kept, 2 * OWN)
-    return res[:OWN], res[OWN:]
+    res = ops.cond(any_over, exact, kept, OWN + len(flat))
+    return res[:OWN], _carry_frags(ops, geo, carry, res[OWN:])
+
+
+def _carry_values(ops, geo: Geometry, carry):
+    """(owned head slot of the column, value) of every register element of the state
+    (l_cols "col" [NV], o_full "wgmma" [D, NV]), in :func:`_carry_frags`' order."""
+    l_cols, o_full = carry
+    out = []
+    for t8 in range(geo.NV // 8):
+        for e in range(2):
+            out.append(((2 * t8 + e) // geo.vg, ops.get(l_cols, (t8,), e)))
+    for mv in range(geo.MV):
+        for t8 in range(geo.NV // 8):
+            for rho in range(2):
+                for e in range(2):
+                    out.append(((2 * t8 + e) // geo.vg, ops.get(o_full, (mv, t8, rho), e)))
+    return out
+
+
+def _carry_frags(ops, geo: Geometry, carry, vals):
+    """The state (l_cols, o_full) rebuilt from :func:`_carry_values`' order."""
+    it = iter(vals)
+    n8 = geo.NV // 8
+    l_regs = {(t8,): (next(it), next(it)) for t8 in range(n8)}
+    o_regs = {(mv, t8, rho): (next(it), next(it))
+              for mv in range(geo.MV) for t8 in range(n8) for rho in range(2)}
+    return (ops.frag("col", (geo.NV,), l_regs, dtype="f32"),
+            ops.frag("wgmma", (geo.D, geo.NV), o_regs, dtype="f32"))
 
 
 def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
@@ -309,18 +345,22 @@ def _own_max(ops, scores, uh: int):
 
 
 def _max_cols(ops, geo: Geometry, m_new, alpha):
-    """m_new and alpha per owned head as "col" arrays over the value columns."""
+    """m_new and alpha per owned head as "col" arrays over the value columns (alpha None:
+    None)."""
     regs_m, regs_a = {}, {}
     for t8 in range(geo.NV // 8):
         vm, va = [], []
         for e in range(2):
             uh = (2 * t8 + e) // geo.vg
             vm.append(m_new[uh] if uh < geo.OWN else ops.f32(NEG))
-            va.append(alpha[uh] if uh < geo.OWN else ops.f32(1.0))
+            if alpha is not None:
+                va.append(alpha[uh] if uh < geo.OWN else ops.f32(1.0))
         regs_m[(t8,)] = tuple(vm)
         regs_a[(t8,)] = tuple(va)
-    return (ops.frag("col", (geo.NV,), regs_m, dtype="f32"),
-            ops.frag("col", (geo.NV,), regs_a, dtype="f32"))
+    m_cols = ops.frag("col", (geo.NV,), regs_m, dtype="f32")
+    if alpha is None:
+        return m_cols, None
+    return m_cols, ops.frag("col", (geo.NV,), regs_a, dtype="f32")
 
 
 def v_operands(ops, geo: Geometry, vw, ck: int, pairs=None):

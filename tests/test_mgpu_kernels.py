@@ -323,11 +323,17 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                 else:
                     for a, st in zip(blk.k_operands(ops, geo, kw_s, stp), stp):
                         acc = simt.wgmma(acc, a, qexp[b, h, st])
-            m_new, alpha, poffs, psums = blk.softmax_step(
+            lazy = rescale == "lazy"  # the state comes back multiplied by alpha: no alpha
+            m_new, alpha, poffs, psums, carry = blk.softmax_step(
                 ops, geo, acc, ks_s, kz_s, kc, m_cols, n_valid, xchg, pexp,
-                tail=(vs_s, vz_s) if zero_tail else None, lazy=rescale == "lazy")
-            l_cols = simt.Frag("col", (geo.NV,), l_cols.mat * alpha.mat
-                               + sum(p.mat for p in psums))
+                tail=(vs_s, vz_s) if zero_tail else None, lazy=lazy,
+                carry=(l_cols, o_full) if lazy else None)
+            if lazy:
+                assert alpha is None
+                l_cols, o_full = carry
+            else:
+                l_cols = simt.Frag("col", (geo.NV,), l_cols.mat * alpha.mat)
+            l_cols = simt.Frag("col", (geo.NV,), l_cols.mat + sum(p.mat for p in psums))
             for ck in range(geo.NC):
                 acc_v = blk.v_acc_init(ops, geo, poffs[ck])
                 for js in md._parts(geo.half, chain_parts):
@@ -336,7 +342,7 @@ def simulate_kernel(geo: Geometry, nq, qexp, kconst, operands, NS: int, bps: int
                         acc_v = simt.wgmma(acc_v, a, _b_logical(geo, pexp, ck * geo.half + j,
                                                                  geo.NV))
                 o_full = blk.v_epilogue(ops, geo, o_full, acc_v, vs_s, vz_s, psums[ck],
-                                        alpha if ck == 0 else None,
+                                        alpha if ck == 0 and not lazy else None,
                                         None if zero_tail else n_valid, ck)
             m_cols = m_new
         if ops_log is not None:  # the program's lazy-rescale choices, block by block
