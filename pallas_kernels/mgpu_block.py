@@ -257,16 +257,17 @@ def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp, carry):
     an m within LAZY_RESCALE of its true maximum, which every merge takes as it takes any m."""
     OWN = geo.OWN
     m_old = _running_max(ops, geo, m_cols)
+    own = [_own_max(ops, scores, uh) for uh in range(OWN)]
     over = None
     for uh in range(OWN):
-        o = ops.greater(_own_max(ops, scores, uh), m_old[uh] + LAZY_RESCALE)
+        o = ops.greater(own[uh], m_old[uh] + LAZY_RESCALE)
         over = o if over is None else over | o
     _probabilities(ops, geo, scores, m_old, xchg, pexp)
     any_over = ops.fence_barrier_any(over)
     flat = _carry_values(ops, geo, carry)
 
     def exact():
-        m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
+        m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg, own)
         _probabilities(ops, geo, scores, m_new, xchg, pexp)
         ops.fence_barrier()
         return [*m_new, *(v * alpha[uh] if uh < OWN else v for uh, v in flat)]
@@ -305,15 +306,16 @@ def _carry_frags(ops, geo: Geometry, carry, vals):
             ops.frag("wgmma", (geo.D, geo.NV), o_regs, dtype="f32"))
 
 
-def _block_max(ops, geo: Geometry, scores, m_cols, xchg):
+def _block_max(ops, geo: Geometry, scores, m_cols, xchg, own=None):
     """(m_new, alpha) per owned head: the block's maximum of ``scores`` ({(..., uh): score},
     the last key the head slot) reduced thread -> warp (shuffles over rr) -> warpgroup
-    (shared memory), merged with the running maximum; alpha = 2**(m_old - m_new)."""
+    (shared memory), merged with the running maximum; alpha = 2**(m_old - m_new). ``own``:
+    the thread's own maxima per head where the caller has them (:func:`_own_max`)."""
     w, rr, c, OWN = ops.w, ops.rr, ops.c, geo.OWN
     m_old = _running_max(ops, geo, m_cols)
     first_lane = rr == 0
     for uh in range(OWN):
-        mx = _own_max(ops, scores, uh)
+        mx = _own_max(ops, scores, uh) if own is None else own[uh]
         for d in (4, 8, 16):
             mx = ops.maximum(mx, ops.shfl_xor(mx, d))
         ops.store(xchg, (w * OWN + uh) * 4 + c, [mx], "f32", pred=first_lane)
