@@ -30,7 +30,8 @@ Structure (one launch of the Mosaic GPU kernel, plus the work around it):
   and the online softmax (maxima exchanged once per block
   through shared memory; with ``rescale="lazy"``, the H200's default, the running
   maximum is kept while no score passes it by ``mgpu_block.LAZY_RESCALE`` and the
-  exchange of maxima runs only where one does), the probabilities written as the B operand ``Pexp`` of
+  exchange of maxima, and the output's and sums' rescale, run only where one does), the
+  probabilities written as the B operand ``Pexp`` of
   the value chain (wgmma, A = unpacked value codes, channels on M), and the
   per-group scale multiply of both in registers. Each program writes its partial
   (o, running max, sum) in its own accumulator-column order;
@@ -130,7 +131,9 @@ def _check_jax_version() -> None:
 # ``rescale="lazy"`` (round 34, results/mgpu_probe_round34b.json, two alternated pairs): the
 # kernel alone 0.1086 against 0.1117 ms at B 8 / 32k (the op 0.1247 against 0.1297), level
 # at B 1 / 128k (0.0599 / 0.0600); 168 registers as the default; Nsight Compute: 718 loop
-# instructions per warp and block against 731, 101.2 against 105.2 us.
+# instructions per warp and block against 731, 101.2 against 105.2 us. Round 35 (no multiply
+# by alpha = 1 on its common side, results/ncu/ncu_round35c_final_summary.json): 700
+# instructions, 98.8 us; the op 0.1238 ms at B 8 / 32k (results/kernels_points_round35b.json).
 # ``ctas_per_sm_outerq``: the OuterQ layout's kernel holds 215 registers per thread (its
 # per-block Qexp and its Pexp of every channel group), so two programs fit an SM: split for
 # two (B 8 / 32k op 0.206 ms against 0.272 at three; results/mgpu_probe_round14d.json).
