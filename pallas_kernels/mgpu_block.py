@@ -112,28 +112,26 @@ def k_acc_init(ops, geo: Geometry, kconst):
     return ops.frag("wgmma", (64 * geo.MT, geo.NK), regs, dtype="f32")
 
 
-def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xchg, pexp,
-                 tail=None, lazy: bool = False, carry=None):
-    """Scores, the block's online-softmax update and the value operands of one block.
+def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, l_cols, o_full, n_valid,
+                 xchg, pexp, tail=None, lazy: bool = False):
+    """Scores and the block's whole online-softmax update, and the value operands of one block.
 
     acc_k: key accumulator [MT*64, NK] (codes dotted with Qexp); ks, kz: the block's
     key scales / zeros [BT, ng] (flat bf16); kconst: [kconst_rows, NK] f32 (koff, qsum; with
     e4m3 keys both scaled per head by a power of two, and the inverse of that scale);
-    m_cols: running max per head, "col" [NV]; n_valid: valid tokens of the block.
+    the state: m_cols running max per head, l_cols running sums ("col" [NV]), o_full the
+    output ("wgmma" [D, NV]); n_valid: valid tokens of the block.
     Writes Pexp (bf16, tiled and swizzled) and exchanges block maxima and group sums
-    through ``xchg``. Returns (m_new_cols, alpha_cols, [poff_cols per chunk],
-    [psum_cols per chunk], carry); poff = sum of the stored Pexp values of a (head, token
-    group) column, psum = sum of the bf16-rounded probabilities. ``tail``: the block's
-    value scales and zeros (vs, vz) to clear past ``n_valid`` (:func:`zero_tail_groups`),
-    or None. ``lazy``: the running maximum kept while no score passes it by more than
-    :data:`LAZY_RESCALE` (:func:`_lazy_max`; ``rescale="lazy"``), else updated every block.
-    With ``lazy`` the online softmax's state ``carry`` = (l_cols, o_full) is passed in and
-    comes back already multiplied by alpha (only on the rare side that moves the maximum;
-    the common side leaves it untouched), and alpha_cols is None; otherwise ``carry`` is
-    None and the caller multiplies by alpha_cols.
+    through ``xchg``. Returns (m_cols, l_cols, o_full, [poff_cols per chunk],
+    [psum_cols per chunk]): the new maximum, l and o multiplied by alpha = 2**(m_old - m_new)
+    and l plus the block's sums (the value epilogue then adds the block's values to o);
+    poff = sum of the stored Pexp values of a (head, token group) column, psum = sum of the
+    bf16-rounded probabilities. ``tail``: the block's value scales and zeros (vs, vz) to
+    clear past ``n_valid`` (:func:`zero_tail_groups`), or None. ``lazy``: the running maximum
+    kept while no score passes it by more than :data:`LAZY_RESCALE` (:func:`_lazy_max`;
+    ``rescale="lazy"``: l and o are multiplied only where the maximum moves), else updated
+    every block.
     """
-    if lazy == (carry is None):
-        raise AssertionError("softmax_step takes the (l, o) carry exactly when lazy")
     w, rr, c = ops.w, ops.rr, ops.c
     P, OWN, ng = geo.P, geo.OWN, geo.ng
     if tail is not None:
@@ -173,9 +171,11 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
         m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg)
         _probabilities(ops, geo, scores, m_new, xchg, pexp)
         ops.fence_barrier()
+        l_cols, o_full = _carry_frags(ops, geo, _rescaled(
+            geo, _carry_values(ops, geo, (l_cols, o_full)), alpha))
     else:
-        m_new, carry = _lazy_max(ops, geo, scores, m_cols, xchg, pexp, carry)
-        alpha = None
+        m_new, (l_cols, o_full) = _lazy_max(ops, geo, scores, m_cols, xchg, pexp,
+                                            (l_cols, o_full))
 
     poff_cols, psum_cols = [], []
     for ck in range(geo.NC):
@@ -198,8 +198,18 @@ def softmax_step(ops, geo: Geometry, acc_k, ks, kz, kconst, m_cols, n_valid, xch
         poff_cols.append(ops.frag("col", (geo.NV,), regs_off, dtype="f32"))
         psum_cols.append(ops.frag("col", (geo.NV,), regs_sum, dtype="f32"))
 
-    m_cols_new, alpha_cols = _max_cols(ops, geo, m_new, alpha)
-    return m_cols_new, alpha_cols, poff_cols, psum_cols, carry
+    m_cols_new, _ = _max_cols(ops, geo, m_new, None)
+    l_regs = {}
+    for t8 in range(geo.NV // 8):
+        vals = []
+        for e in range(2):
+            x = ops.get(l_cols, (t8,), e)
+            for ps in psum_cols:
+                x = x + ops.get(ps, (t8,), e)
+            vals.append(x)
+        l_regs[(t8,)] = tuple(vals)
+    l_new = ops.frag("col", (geo.NV,), l_regs, dtype="f32")
+    return m_cols_new, l_new, o_full, poff_cols, psum_cols
 
 
 def _probabilities(ops, geo: Geometry, scores, m, xchg, pexp):
@@ -270,13 +280,13 @@ def _lazy_max(ops, geo: Geometry, scores, m_cols, xchg, pexp, carry):
         m_new, alpha = _block_max(ops, geo, scores, m_cols, xchg, own)
         _probabilities(ops, geo, scores, m_new, xchg, pexp)
         ops.fence_barrier()
-        return [*m_new, *(v * alpha[uh] if uh < OWN else v for uh, v in flat)]
+        return [*m_new, *_rescaled(geo, flat, alpha)]
 
     def kept():
         return [*m_old, *(v for _, v in flat)]
 
     res = ops.cond(any_over, exact, kept, OWN + len(flat))
-    return res[:OWN], _carry_frags(ops, geo, carry, res[OWN:])
+    return res[:OWN], _carry_frags(ops, geo, res[OWN:])
 
 
 def _carry_values(ops, geo: Geometry, carry):
@@ -295,7 +305,13 @@ def _carry_values(ops, geo: Geometry, carry):
     return out
 
 
-def _carry_frags(ops, geo: Geometry, carry, vals):
+def _rescaled(geo: Geometry, flat, alpha):
+    """The values of :func:`_carry_values` multiplied by their head's alpha (columns past
+    the owned heads unchanged)."""
+    return [v * alpha[uh] if uh < geo.OWN else v for uh, v in flat]
+
+
+def _carry_frags(ops, geo: Geometry, vals):
     """The state (l_cols, o_full) rebuilt from :func:`_carry_values`' order."""
     it = iter(vals)
     n8 = geo.NV // 8
@@ -409,11 +425,10 @@ def zero_tail_groups(ops, geo: Geometry, vs, vz, n_valid):
         ops.store(vz, gg * geo.D + off, zeros, "bf16", pred=ok)
 
 
-def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols, n_valid,
-               ck: int):
-    """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (after alpha * o_full
-    when ``alpha_cols`` is given). vs, vz: the block's value scales / zeros [BT/G, D] (flat
-    bf16). Groups past ``n_valid`` are skipped (their scales may be anything); with
+def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, n_valid, ck: int):
+    """o_full [D, NV] += scale * acc_v + zero * psum for V chunk ck (o_full already
+    multiplied by alpha in :func:`softmax_step`). vs, vz: the block's value scales / zeros
+    [BT/G, D] (flat bf16). Groups past ``n_valid`` are skipped (their scales may be anything); with
     ``n_valid`` None (``tail="zero"``) no mask: their scales must be zero
     (:func:`zero_tail_groups`)."""
     w, rr = ops.w, ops.rr  # a thread's rows are channels 16w + 2rr + (0, 1) of each M-tile
@@ -436,8 +451,6 @@ def v_epilogue(ops, geo: Geometry, o_full, acc_v, vs, vz, psum_cols, alpha_cols,
                 for e in range(2):
                     k = 2 * t8 + e
                     o = ops.get(o_full, (mv, t8, rho), e)
-                    if alpha_cols is not None:
-                        o = o * ops.get(alpha_cols, (t8,), e)
                     if k // ngc < OWN:
                         gt = k % ngc
                         o = (o + sc[(mv, gt, rho)] * ops.get(acc_v, (mv, t8, rho), e)

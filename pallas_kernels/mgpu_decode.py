@@ -836,42 +836,18 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
                else _sds((64 * geo.MT, 16), jnp.bfloat16, _WGMMA))
     v_op_ty = _sds((D, 16), jnp.bfloat16, _WGMMA)
     col_ty = _sds((NV,), jnp.float32, _COL)
-    step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC,
-               col_ty if geo.outer else (col_ty,) * geo.NC)
-    # rescale="lazy": (m, l, poffs, psums, o_full), no alpha
-    lazy_step_ty = (col_ty, col_ty, (col_ty,) * geo.NC, (col_ty,) * geo.NC,
-                    _sds((D, NV), jnp.float32, _WGMMA))
+    # InnerQ's softmax step: (m, l, o_full, poffs, psums); OuterQ's: (m, l, alpha, poffs, zsum)
+    step_ty = (col_ty, col_ty, _sds((D, NV), jnp.float32, _WGMMA), (col_ty,) * geo.NC,
+               (col_ty,) * geo.NC)
+    outer_step_ty = (col_ty, col_ty, col_ty, (col_ty,) * geo.NC, col_ty)
 
     zero_tail = kc.tail == "zero"
 
-    lazy = kc.rescale == "lazy"
-
-    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, n_valid, xchg, pexp, *rest):
-        """The block's softmax step and the sums' update; with the lazy maximum the output
-        o_full (the last of ``rest``) comes in and back, multiplied by alpha on the rare
-        side only, and no alpha is returned (the epilogue multiplies nothing)."""
-        vs_vz, o_full = (rest[:-1], rest[-1]) if lazy else (rest, None)
-        m_new, alpha, poffs, psums, carry = blk.softmax_step(
-            ops, geo, acc_k, ks, kz, kc_, m_cols, _I(_scalar(n_valid)), xchg, pexp,
-            tail=vs_vz if zero_tail else None, lazy=lazy,
-            carry=(l_cols, o_full) if lazy else None)
-        if lazy:
-            l_cols, o_full = carry
-        l_regs = {}
-        for t8 in range(NV // 8):
-            vals = []
-            for e in range(2):
-                x = ops.get(l_cols, (t8,), e)
-                if alpha is not None:
-                    x = x * ops.get(alpha, (t8,), e)
-                for ps in psums:
-                    x = x + ops.get(ps, (t8,), e)
-                vals.append(x)
-            l_regs[(t8,)] = tuple(vals)
-        l_new = ops.frag("col", (NV,), l_regs, "f32")
-        if lazy:
-            return m_new, l_new, tuple(poffs), tuple(psums), o_full
-        return m_new, l_new, alpha, tuple(poffs), tuple(psums)
+    def softmax(ops, acc_k, ks, kz, kc_, m_cols, l_cols, o_full, n_valid, xchg, pexp, *vs_vz):
+        m_new, l_new, o_full, poffs, psums = blk.softmax_step(
+            ops, geo, acc_k, ks, kz, kc_, m_cols, l_cols, o_full, _I(_scalar(n_valid)), xchg,
+            pexp, tail=vs_vz if zero_tail else None, lazy=kc.rescale == "lazy")
+        return m_new, l_new, o_full, tuple(poffs), tuple(psums)
 
     def outer_softmax(ops, acc_k, vs, vz, m_cols, l_cols, n_valid, xchg, pexp):
         m_new, alpha, poffs, psum, zsum = blk.outer_softmax_step(
@@ -941,39 +917,32 @@ def _quantized_program(kc, s, h, b, nq_ref, qexp_ref, kconst_ref, gmem, o_ref, m
         if geo.outer:
             return _outer_values(acc_k, vw_s, vs_s, vz_s, m_cols, l_cols, o_full, n_valid, idx)
         tail_refs = (vs_s, vz_s) if zero_tail else ()
-        o_in, o_types = ((o_full,), [_WGMMA]) if lazy else ((), [])
-        out = _inline(
-            [_WGMMA, ref, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t] + [ref] * len(tail_refs)
-            + o_types, lazy_step_ty if lazy else step_ty, softmax,
-            no_sync="no_sync" in ablate)(
-            acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, n_valid, xchg_smem, pexp_smem,
-            *tail_refs, *o_in)
-        if lazy:  # o_full already multiplied by alpha where the maximum moved
-            (m_new, l_new, poffs, psums, o_full), alpha = out, None
-        else:
-            m_new, l_new, alpha, poffs, psums = out
+        # the online softmax's whole update: o_full comes back multiplied by alpha
+        m_new, l_new, o_full, poffs, psums = _inline(
+            [_WGMMA, ref, ref, ref, _COL, _COL, _WGMMA, _SPLAT, ref, pexp_t]
+            + [ref] * len(tail_refs), step_ty, softmax, no_sync="no_sync" in ablate)(
+            acc_k, ks_s, kz_s, kconst_smem, m_cols, l_cols, o_full, n_valid, xchg_smem,
+            pexp_smem, *tail_refs)
         # tail="mask": groups past n_valid masked in every block; "zero": their scales were
         # zeroed in shared memory by the softmax step (stores predicated off but in the last)
         nv_args, nv_types = ((), []) if zero_tail else ((n_valid,), [_SPLAT])
 
-        def epi(ops, o, a, vs, vz, ps, *rest, ck):
-            al = rest[0] if ck == 0 and alpha is not None else None
-            nv = None if zero_tail else _I(_scalar(rest[-1]))
-            return blk.v_epilogue(ops, geo, o, a, vs, vz, ps, al, nv, ck)
+        def epi(ops, o, a, vs, vz, ps, *nv_, ck):
+            nv = _I(_scalar(nv_[0])) if nv_ else None
+            return blk.v_epilogue(ops, geo, o, a, vs, vz, ps, nv, ck)
 
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
             acc_v = value_chain(poffs[ck], vw_s, ck, idx)
-            al_args, al_types = ((alpha,), [_COL]) if ck == 0 and alpha is not None else ((), [])
             o_full = _inline(
-                [_WGMMA, _WGMMA, ref, ref, _COL] + al_types + nv_types,
+                [_WGMMA, _WGMMA, ref, ref, _COL] + nv_types,
                 _sds((D, NV), jnp.float32, _WGMMA), functools.partial(epi, ck=ck))(
-                o_full, acc_v, vs_s, vz_s, psums[ck], *al_args, *nv_args)
+                o_full, acc_v, vs_s, vz_s, psums[ck], *nv_args)
         return m_new, l_new, o_full
 
     def _outer_values(acc_k, vw_s, vs_s, vz_s, m_cols, l_cols, o_full, n_valid, idx):
         """The OuterQ block after its key chain: softmax step, value chains, epilogue."""
         m_new, l_new, alpha, poffs, zsum = _inline(
-            [_WGMMA, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], step_ty, outer_softmax,
+            [_WGMMA, ref, ref, _COL, _COL, _SPLAT, ref, pexp_t], outer_step_ty, outer_softmax,
             no_sync="no_sync" in ablate)(
             acc_k, vs_s, vz_s, m_cols, l_cols, n_valid, xchg_smem, pexp_smem)
         for ck in range(geo.NC if "keys_only" not in ablate else 0):
